@@ -1,0 +1,19 @@
+//! The ringfeed protobuf contract, and nothing else.
+//!
+//! * `ringfeed/v1/router.proto` — the public `ringfeed.v1.Router` service, exactly as
+//!   PROTOCOL.md numbers it.
+//! * `ringfeed/v1/node.proto` — the internal `ringfeed.v1.Node` service that routers
+//!   (and later peers) use to reach the owner of a key.
+//!
+//! Only this crate touches generated code directly; the other crates import the types
+//! from here.
+
+#![allow(clippy::all)]
+
+/// Package `ringfeed.v1`.
+pub mod v1 {
+    tonic::include_proto!("ringfeed.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every ringfeed proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ringfeed_descriptor");

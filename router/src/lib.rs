@@ -1,0 +1,18 @@
+//! Where a key lives and how an update gets there.
+//!
+//! * [`ring`] — the consistent-hash ring, pure: members → points → owner/successor.
+//! * [`key`] — the routing-key grammar.
+//! * [`membership`] — etcd: a node's registration under a lease, and the watched view
+//!   of the ring (ring version + ring id).
+//! * [`forward`] — pooled channels to nodes; per-owner batching; NOT_OWNER catch-up and
+//!   jittered retries until the caller's deadline.
+//! * [`service`] — the public `ringfeed.v1.Router` gRPC service.
+//!
+//! Nodes use this crate as a library for the ring and membership; the
+//! `ringfeed-router` binary (`src/main.rs`) wires it into a stateless router.
+
+pub mod forward;
+pub mod key;
+pub mod membership;
+pub mod ring;
+pub mod service;

@@ -1,0 +1,555 @@
+//! etcd membership: register a node under a lease, and keep a view of the ring.
+//!
+//! Layout (PROTOCOL.md *etcd layout*): `/ringfeed/{cluster}/nodes/{node_id}` → a JSON
+//! [`Member`] record attached to the node's lease, created only if absent.
+//!
+//! A [`View`] is a ring plus the etcd revision it was read at (the *ring version*).
+//! Views only move forward: the watch task applies membership revisions in order, and
+//! [`Membership::catch_up`] may read the prefix afresh when a caller has seen a newer
+//! version than the watch has delivered so far; events at or below the published
+//! version are folded into the map but never published again.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ring::{Member, MemberState, NodeId, Ring, RingId};
+
+/// How long one etcd request may take before we treat etcd as unreachable.
+const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors of the membership layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("registration cancelled")]
+    Cancelled,
+}
+
+/// Where the cluster's records live and how long a lease lasts.
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// etcd endpoints, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// The cluster name: records live under `/ringfeed/{cluster}/`.
+    pub cluster: String,
+    /// Lease TTL of a node's record; keep-alives go out every TTL/3.
+    pub lease_ttl: Duration,
+}
+
+/// A ring as of an etcd revision.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub ring: Arc<Ring>,
+    /// The etcd revision this view reflects: the ring version.
+    pub version: u64,
+}
+
+impl View {
+    /// Whether this view reflects etcd at `version` or later, or is the ring `id`.
+    pub fn has_seen(&self, version: u64, id: Option<&RingId>) -> bool {
+        self.version >= version || id.is_some_and(|id| id == self.ring.id())
+    }
+}
+
+/// A handle on the cluster's membership: the current view, catch-up, registration.
+#[derive(Clone)]
+pub struct Membership {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    cluster: String,
+    lease_ttl: Duration,
+    views: watch::Sender<Arc<View>>,
+    /// The members as of the last applied revision, shared by the watch task and
+    /// fresh reads.
+    members: std::sync::Mutex<BTreeMap<String, Member>>,
+    /// One fresh read at a time; others wait for its result.
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl Membership {
+    /// Connects to etcd, reads the current ring and starts watching it. The watch runs
+    /// on `tasks` until `shutdown` is cancelled.
+    pub async fn start(
+        config: &MembershipConfig,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Membership, MembershipError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(ETCD_REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_millis(500), ETCD_REQUEST_TIMEOUT)
+            .with_keep_alive_while_idle(true);
+        let client = timed(Client::connect(&config.endpoints, Some(options))).await?;
+        let (views, _) = watch::channel(Arc::new(View { ring: Arc::new(Ring::empty()), version: 0 }));
+        let membership = Membership {
+            inner: Arc::new(Inner {
+                client,
+                cluster: config.cluster.clone(),
+                lease_ttl: config.lease_ttl,
+                views,
+                members: std::sync::Mutex::new(BTreeMap::new()),
+                reading: tokio::sync::Mutex::new(()),
+            }),
+        };
+        membership.read_fresh().await?;
+        let watcher = membership.clone();
+        tasks.spawn(async move { watcher.watch_loop(shutdown).await });
+        Ok(membership)
+    }
+
+    /// The cluster name.
+    pub fn cluster(&self) -> &str {
+        &self.inner.cluster
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<View> {
+        self.inner.views.borrow().clone()
+    }
+
+    /// A receiver that sees every new view.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.inner.views.subscribe()
+    }
+
+    /// Makes sure the view reflects etcd at `version` or later (or is ring `id`),
+    /// reading etcd afresh if the watch has not delivered it soon; gives up at
+    /// `deadline` and returns the view it has.
+    pub async fn catch_up(&self, version: u64, id: Option<&RingId>, deadline: Instant) -> Arc<View> {
+        let mut rx = self.subscribe();
+        loop {
+            let view = rx.borrow_and_update().clone();
+            if view.has_seen(version, id) {
+                return view;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return view;
+            }
+            let wait = Duration::from_millis(50).min(deadline - now);
+            if tokio::time::timeout(wait, rx.changed()).await.is_ok_and(|r| r.is_ok()) {
+                continue;
+            }
+            let _reading = self.inner.reading.lock().await;
+            if self.view().has_seen(version, id) {
+                continue;
+            }
+            if let Err(e) = self.read_fresh().await {
+                tracing::debug!(error = %e, "fresh ring read failed");
+                let now = Instant::now();
+                if now >= deadline {
+                    return self.view();
+                }
+                tokio::time::sleep(Duration::from_millis(100).min(deadline - now)).await;
+            }
+        }
+    }
+
+    fn nodes_prefix(&self) -> String {
+        format!("/ringfeed/{}/nodes/", self.inner.cluster)
+    }
+
+    fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+
+    /// Reads every record and publishes the ring if it is newer than the current view.
+    async fn read_fresh(&self) -> Result<(), MembershipError> {
+        let prefix = self.nodes_prefix();
+        let mut client = self.client();
+        let resp = timed(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut members = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some(member) = parse_record(&prefix, kv.key(), kv.value()) {
+                members.insert(member.id.0.clone(), member);
+            }
+        }
+        let mut map = self.inner.members.lock().expect("members lock poisoned");
+        if to_version(revision) > self.view().version {
+            *map = members;
+            self.publish(&map, to_version(revision));
+        }
+        Ok(())
+    }
+
+    /// Publishes the ring of `members` at `version`, if `version` is newer than the
+    /// current view. Called with the members lock held, so publications are ordered.
+    fn publish(&self, members: &BTreeMap<String, Member>, version: u64) {
+        self.inner.views.send_if_modified(|current| {
+            if version <= current.version {
+                return false;
+            }
+            let ring = Ring::new(members.values().cloned());
+            let ring = if ring.id() == current.ring.id() {
+                current.ring.clone()
+            } else {
+                tracing::info!(
+                    ring_version = version,
+                    ring_id = %ring.id(),
+                    members = ?ring.members().iter().map(|m| (m.id.0.as_str(), m.state.as_str())).collect::<Vec<_>>(),
+                    "new ring"
+                );
+                Arc::new(ring)
+            };
+            *current = Arc::new(View { ring, version });
+            true
+        });
+    }
+
+    async fn watch_loop(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.watch_once() => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "ring watch interrupted; serving on the last ring");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next()) => {}
+            }
+            if self.read_fresh().await.is_ok() {
+                backoff.reset();
+            }
+        }
+    }
+
+    /// Watches the prefix from just after the current view until the stream ends.
+    async fn watch_once(&self) -> Result<(), MembershipError> {
+        let prefix = self.nodes_prefix();
+        let start = i64::try_from(self.view().version).unwrap_or(i64::MAX - 1) + 1;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start)
+            .with_progress_notify();
+        let mut client = self.client();
+        let mut stream = timed(client.watch(prefix.as_str(), Some(options))).await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() {
+                tracing::warn!(reason = resp.cancel_reason(), "ring watch cancelled by etcd");
+                return Ok(());
+            }
+            let revision = to_version(resp.header().map_or(0, |h| h.revision()));
+            let mut map = self.inner.members.lock().expect("members lock poisoned");
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) else { continue };
+                let id = String::from_utf8_lossy(id).into_owned();
+                match event.event_type() {
+                    EventType::Put => match parse_record(&prefix, kv.key(), kv.value()) {
+                        Some(member) => {
+                            map.insert(id, member);
+                        }
+                        None => {
+                            map.remove(&id);
+                        }
+                    },
+                    EventType::Delete => {
+                        map.remove(&id);
+                    }
+                }
+            }
+            self.publish(&map, revision);
+        }
+        Ok(())
+    }
+
+    /// Registers `record` (its incarnation is made here) under a fresh lease and keeps
+    /// it alive on `tasks` until `shutdown`. Waits first for an earlier incarnation's
+    /// record under the same id to expire.
+    pub async fn register(
+        &self,
+        record: Member,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Registration, MembershipError> {
+        let state = Arc::new(LeaseState {
+            lease_id: AtomicU64::new(0),
+            last_ok_sent_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(false),
+            record: std::sync::Mutex::new(record),
+        });
+        let registration = Registration { membership: self.clone(), state };
+        registration.create(&shutdown).await?;
+        let keeper = registration.clone();
+        tasks.spawn(async move { keeper.keep_alive_loop(shutdown).await });
+        Ok(registration)
+    }
+}
+
+/// A node's own record in etcd, kept alive in the background.
+#[derive(Clone)]
+pub struct Registration {
+    membership: Membership,
+    state: Arc<LeaseState>,
+}
+
+struct LeaseState {
+    lease_id: AtomicU64,
+    /// Wall-clock milliseconds at which the last acknowledged keep-alive was sent.
+    last_ok_sent_ms: AtomicU64,
+    /// Whether the last keep-alive round trip succeeded.
+    healthy: AtomicBool,
+    record: std::sync::Mutex<Member>,
+}
+
+impl Registration {
+    /// The record as last written (with its incarnation).
+    pub fn record(&self) -> Member {
+        self.state.record.lock().expect("record lock poisoned").clone()
+    }
+
+    /// Whether the last keep-alive reached etcd.
+    pub fn lease_healthy(&self) -> bool {
+        self.state.healthy.load(Ordering::Relaxed)
+    }
+
+    /// When the last acknowledged keep-alive was sent.
+    pub fn last_keep_alive(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.state.last_ok_sent_ms.load(Ordering::Relaxed))
+    }
+
+    fn key(&self) -> String {
+        let id = self.state.record.lock().expect("record lock poisoned").id.0.clone();
+        format!("{}{}", self.membership.nodes_prefix(), id)
+    }
+
+    /// Creates the record under a new lease and a new incarnation, waiting for any
+    /// record of an earlier incarnation to go first.
+    async fn create(&self, shutdown: &CancellationToken) -> Result<(), MembershipError> {
+        let key = self.key();
+        let ttl = i64::try_from(self.membership.inner.lease_ttl.as_secs().max(1)).unwrap_or(5);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut waited = false;
+        loop {
+            if shutdown.is_cancelled() {
+                return Err(MembershipError::Cancelled);
+            }
+            match self.try_create(&key, ttl).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    if !waited {
+                        tracing::info!(%key, "an earlier incarnation's record is still there; waiting for it to expire");
+                        waited = true;
+                    }
+                    backoff.reset();
+                }
+                Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(MembershipError::Cancelled),
+                _ = tokio::time::sleep(backoff.next()) => {}
+            }
+        }
+    }
+
+    async fn try_create(&self, key: &str, ttl: i64) -> Result<bool, MembershipError> {
+        let mut client = self.membership.client();
+        let sent = now_ms();
+        let lease = timed(client.lease_grant(ttl, None)).await?.id();
+        let record = {
+            let mut record = self.state.record.lock().expect("record lock poisoned");
+            record.incarnation = new_incarnation();
+            serde_json::to_string(&*record).expect("a member record serialises")
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, record, Some(PutOptions::new().with_lease(lease)))]);
+        let created = timed(client.txn(txn)).await?.succeeded();
+        if created {
+            self.state.lease_id.store(lease as u64, Ordering::Relaxed);
+            self.state.last_ok_sent_ms.store(sent, Ordering::Relaxed);
+            self.state.healthy.store(true, Ordering::Relaxed);
+            tracing::info!(%key, lease, "registered");
+        } else {
+            let _ = timed(client.lease_revoke(lease)).await;
+        }
+        Ok(created)
+    }
+
+    /// Sends a keep-alive every TTL/3. If etcd says the lease is gone, registers again
+    /// (a new incarnation); if etcd cannot be reached, keeps trying on the same lease.
+    async fn keep_alive_loop(self, shutdown: CancellationToken) {
+        let period = self.membership.inner.lease_ttl / 3;
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stream = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+            let sent = now_ms();
+            let result = tokio::time::timeout(period.max(Duration::from_millis(300)), async {
+                if stream.is_none() {
+                    let mut client = self.membership.client();
+                    stream = Some(client.lease_keep_alive(lease).await?);
+                }
+                let (keeper, responses) = stream.as_mut().expect("stream was just set");
+                keeper.keep_alive().await?;
+                Ok::<_, etcd_client::Error>(responses.message().await?.map(|r| r.ttl()))
+            })
+            .await;
+            match result {
+                Ok(Ok(Some(ttl))) if ttl > 0 => {
+                    self.state.last_ok_sent_ms.store(sent, Ordering::Relaxed);
+                    self.state.healthy.store(true, Ordering::Relaxed);
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::warn!(lease, "lease expired; registering again under a new incarnation");
+                    self.state.healthy.store(false, Ordering::Relaxed);
+                    stream = None;
+                    if self.create(&shutdown).await.is_err() {
+                        return;
+                    }
+                }
+                other => {
+                    if self.state.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(lease, result = ?other.map(|r| r.map(|_| ())), "keep-alive failed; retrying");
+                    }
+                    stream = None;
+                }
+            }
+        }
+    }
+
+    /// Deletes the record by revoking its lease.
+    pub async fn deregister(&self) -> Result<(), MembershipError> {
+        let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+        let mut client = self.membership.client();
+        timed(client.lease_revoke(lease)).await?;
+        tracing::info!(lease, "deregistered");
+        Ok(())
+    }
+
+    /// Rewrites the record with `state`, under the same lease.
+    pub async fn set_state(&self, state: MemberState) -> Result<(), MembershipError> {
+        let key = self.key();
+        let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+        let record = {
+            let mut record = self.state.record.lock().expect("record lock poisoned");
+            record.state = state;
+            serde_json::to_string(&*record).expect("a member record serialises")
+        };
+        let mut client = self.membership.client();
+        timed(client.put(key, record, Some(PutOptions::new().with_lease(lease)))).await?;
+        Ok(())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.state.record.lock().expect("record lock poisoned").id.clone()
+    }
+}
+
+fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Option<Member> {
+    let id = key.strip_prefix(prefix.as_bytes())?;
+    match serde_json::from_slice::<Member>(value) {
+        Ok(member) if member.id.0.as_bytes() == id && member.points <= crate::ring::MAX_POINTS => Some(member),
+        Ok(_) => {
+            tracing::warn!(key = %String::from_utf8_lossy(key), "member record does not match its key; ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(key = %String::from_utf8_lossy(key), error = %e, "unreadable member record; ignored");
+            None
+        }
+    }
+}
+
+fn to_version(revision: i64) -> u64 {
+    u64::try_from(revision).unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A random incarnation: 16 hex digits.
+fn new_incarnation() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, MembershipError> {
+    match tokio::time::timeout(ETCD_REQUEST_TIMEOUT, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(MembershipError::Timeout(ETCD_REQUEST_TIMEOUT)),
+    }
+}
+
+/// Jittered exponential back-off.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff { base, max, current: base }
+    }
+
+    /// The next pause: uniformly random in [current/2, current], then doubles.
+    pub fn next(&mut self) -> Duration {
+        let ceiling = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = ceiling / 2;
+        half + ceiling.mul_f64(rand::rng().random::<f64>() * 0.5)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.base;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jittered_and_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let pauses: Vec<Duration> = (0..6).map(|_| b.next()).collect();
+        assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
+        for p in &pauses[3..] {
+            assert!(*p >= Duration::from_millis(200) && *p <= Duration::from_millis(400));
+        }
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn records_must_match_their_key() {
+        let prefix = "/ringfeed/c/nodes/";
+        let good = br#"{"id":"n1","incarnation":"x","grpc":"g","http":"h","quic":null,"points":4,"state":"active","version":"0.1.0"}"#;
+        assert!(parse_record(prefix, b"/ringfeed/c/nodes/n1", good).is_some());
+        assert!(parse_record(prefix, b"/ringfeed/c/nodes/n2", good).is_none());
+        assert!(parse_record(prefix, b"/ringfeed/c/nodes/n1", b"{nope").is_none());
+    }
+}

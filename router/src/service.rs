@@ -1,0 +1,110 @@
+//! The public `ringfeed.v1.Router` gRPC service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringfeed_proto::v1::{self as pb, router_server::Router};
+use tonic::{Request, Response, Status};
+
+use crate::forward::{parse_grpc_timeout, publish_result, Forwarder};
+use crate::key;
+use crate::ring::Member;
+
+/// The longest deadline a caller may ask for.
+const MAX_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Serves `Router` from a [`Forwarder`].
+pub struct RouterService {
+    forwarder: Arc<Forwarder>,
+}
+
+impl RouterService {
+    pub fn new(forwarder: Arc<Forwarder>) -> RouterService {
+        RouterService { forwarder }
+    }
+
+    /// The caller's deadline (`grpc-timeout`), or the configured default.
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .unwrap_or(self.forwarder.config().default_deadline)
+            .min(MAX_DEADLINE);
+        // Answer a little before the caller gives up, so it sees our status.
+        Instant::now() + timeout.mul_f64(0.95)
+    }
+}
+
+/// The wire form of a member record.
+pub fn member_pb(m: &Member) -> pb::Member {
+    pb::Member {
+        id: m.id.0.clone(),
+        incarnation: m.incarnation.clone(),
+        grpc: m.grpc.clone(),
+        http: m.http.clone(),
+        quic: m.quic.clone().unwrap_or_default(),
+        points: m.points,
+        state: m.state.as_str().to_owned(),
+        version: m.version.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl Router for RouterService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishReply>, Status> {
+        let deadline = self.deadline(&request);
+        let item = request.into_inner();
+        let result = self.forwarder.publish(vec![item], deadline).await.pop();
+        result.unwrap_or_else(|| Err(Status::internal("no result"))).map(Response::new)
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchReply>, Status> {
+        let deadline = self.deadline(&request);
+        let items = request.into_inner().items;
+        let max = self.forwarder.config().max_batch;
+        if items.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "batch has {} items; the limit is {max}",
+                items.len()
+            )));
+        }
+        let results = self.forwarder.publish(items, deadline).await;
+        Ok(Response::new(pb::PublishBatchReply { results: results.into_iter().map(publish_result).collect() }))
+    }
+
+    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupReply>, Status> {
+        let key = request.into_inner().key;
+        key::validate(&key).map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
+        let view = self.forwarder.membership().view();
+        let owner = view
+            .ring
+            .owner(&key)
+            .ok_or_else(|| Status::unavailable("the ring has no active members"))?;
+        Ok(Response::new(pb::LookupReply {
+            owner: Some(member_pb(owner)),
+            ring_version: view.version,
+            ring_id: view.ring.id().0.clone(),
+        }))
+    }
+
+    async fn get_ring(&self, _request: Request<pb::GetRingRequest>) -> Result<Response<pb::RingReply>, Status> {
+        let view = self.forwarder.membership().view();
+        Ok(Response::new(pb::RingReply {
+            cluster: self.forwarder.membership().cluster().to_owned(),
+            ring_version: view.version,
+            ring_id: view.ring.id().0.clone(),
+            members: view.ring.members().iter().map(member_pb).collect(),
+        }))
+    }
+
+    async fn presence(&self, request: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceReply>, Status> {
+        let deadline = self.deadline(&request);
+        let key = request.into_inner().key;
+        self.forwarder.presence(&key, deadline).await.map(Response::new)
+    }
+}
