@@ -1,1 +1,21 @@
+//! A ringfeed node: holds client connections and the state of the keys it owns.
+//!
+//! * [`config`] — flags and environment, validated before a port is bound.
+//! * [`node`] — shared state, ownership decisions, and following the ring.
+//! * [`keys`] — per-key state: epoch, seq, subscribers with bounded queues.
+//! * [`frames`] — the JSON frames of the client protocol.
+//! * [`http`] — the HTTP listener: WebSocket upgrades, `/v1/route`, `/v1/ring`, health.
+//! * [`ws`] — one WebSocket session.
+//! * [`internal`] — the internal `ringfeed.v1.Node` gRPC service.
+//! * [`run`] — wiring and graceful shutdown.
+//!
+//! Data flows one way: transport → key → subscribers' queues → transport.
 
+pub mod config;
+pub mod frames;
+pub mod http;
+pub mod internal;
+pub mod keys;
+pub mod node;
+pub mod run;
+pub mod ws;

@@ -1,0 +1,181 @@
+//! The node's configuration: flags and environment variables, validated before any port
+//! is bound. Bad configuration exits with status 64 and a message naming the setting.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
+
+/// A ringfeed node: holds connections and per-key state for the keys it owns.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringfeed-node", version)]
+pub struct Config {
+    /// This node's id on the ring (1–64 bytes of A-Z a-z 0-9 . _ -).
+    #[arg(long, env = "RINGFEED_NODE_ID")]
+    pub id: String,
+    /// Cluster name; records live under /ringfeed/{cluster}/.
+    #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "RINGFEED_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd: Vec<String>,
+    /// Address of the HTTP / WebSocket listener (port 0 picks a free one).
+    #[arg(long, env = "RINGFEED_HTTP_LISTEN", default_value = "127.0.0.1:8001")]
+    pub http_listen: SocketAddr,
+    /// Address of the internal gRPC listener (port 0 picks a free one).
+    #[arg(long, env = "RINGFEED_GRPC_LISTEN", default_value = "127.0.0.1:7001")]
+    pub grpc_listen: SocketAddr,
+    /// The HTTP base URL other nodes and clients reach this node at
+    /// (default: http:// and the bound address).
+    #[arg(long, env = "RINGFEED_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
+    /// The host:port routers reach the gRPC service at (default: the bound address).
+    #[arg(long, env = "RINGFEED_ADVERTISE_GRPC")]
+    pub advertise_grpc: Option<String>,
+    /// Lease TTL of this node's record, in seconds (2 or more).
+    #[arg(long, env = "RINGFEED_LEASE_TTL", default_value_t = 5)]
+    pub lease_ttl: u64,
+    /// Virtual nodes of this node on the ring.
+    #[arg(long, env = "RINGFEED_POINTS", default_value_t = DEFAULT_POINTS)]
+    pub points: u32,
+    /// Most client connections held at once (WebSocket); stays under the fd limit.
+    #[arg(long, env = "RINGFEED_MAX_CONNECTIONS", default_value_t = 19_000)]
+    pub max_connections: usize,
+    /// Frames queued per subscriber before it is closed as a slow consumer (4408).
+    #[arg(long, env = "RINGFEED_SUBSCRIBER_QUEUE", default_value_t = 1024)]
+    pub subscriber_queue: usize,
+    /// Largest WebSocket frame (and message) a client may send, in bytes.
+    #[arg(long, env = "RINGFEED_MAX_FRAME", default_value_t = 64 * 1024)]
+    pub max_frame: usize,
+    /// Largest payload of one update, in bytes.
+    #[arg(long, env = "RINGFEED_MAX_PAYLOAD", default_value_t = 64 * 1024)]
+    pub max_payload: usize,
+    /// Most subscribers of one key.
+    #[arg(long, env = "RINGFEED_MAX_SUBSCRIBERS_PER_KEY", default_value_t = 100_000)]
+    pub max_subscribers_per_key: usize,
+    /// Interval of WebSocket control pings; no pong within 1.5× closes the connection.
+    #[arg(long, env = "RINGFEED_HEARTBEAT_MS", default_value_t = 30_000)]
+    pub heartbeat_ms: u64,
+    /// An HTTP request or upgrade not complete within this is dropped.
+    #[arg(long, env = "RINGFEED_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// How long shutdown waits for connections to close before forcing them.
+    #[arg(long, env = "RINGFEED_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
+    pub shutdown_grace_ms: u64,
+    /// Origins allowed for CORS and WebSocket upgrades, comma-separated; `*` allows all.
+    #[arg(long, env = "RINGFEED_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub allowed_origins: Vec<String>,
+}
+
+impl Config {
+    /// Checks every setting; the error names the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(format!("--id {:?}: 1–64 bytes of A-Z a-z 0-9 . _ -", self.id));
+        }
+        if self.cluster.is_empty() || self.cluster.contains('/') {
+            return Err(format!("--cluster {:?} must be non-empty and contain no '/'", self.cluster));
+        }
+        if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
+            return Err("--etcd needs at least one endpoint".into());
+        }
+        if self.lease_ttl < 2 || self.lease_ttl > 3600 {
+            return Err(format!("--lease-ttl {}: between 2 and 3600 seconds", self.lease_ttl));
+        }
+        if self.points == 0 || self.points > MAX_POINTS {
+            return Err(format!("--points {}: between 1 and {MAX_POINTS}", self.points));
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be > 0".into());
+        }
+        if self.subscriber_queue == 0 || self.subscriber_queue > 1 << 20 {
+            return Err(format!("--subscriber-queue {}: between 1 and 1048576", self.subscriber_queue));
+        }
+        if self.max_frame < 1024 || self.max_payload == 0 {
+            return Err("--max-frame must be ≥ 1024 and --max-payload > 0".into());
+        }
+        if self.max_subscribers_per_key == 0 {
+            return Err("--max-subscribers-per-key must be > 0".into());
+        }
+        if self.heartbeat_ms < 100 {
+            return Err(format!("--heartbeat-ms {}: at least 100", self.heartbeat_ms));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err("--handshake-timeout-ms must be > 0".into());
+        }
+        if self.allowed_origins.is_empty() {
+            return Err("--allowed-origins needs at least one origin (or *)".into());
+        }
+        if let Some(http) = &self.advertise_http {
+            if !(http.starts_with("http://") || http.starts_with("https://")) {
+                return Err(format!("--advertise-http {http:?} must start with http:// or https://"));
+            }
+        } else if self.http_listen.ip().is_unspecified() {
+            return Err("--advertise-http is needed when --http-listen is a wildcard address".into());
+        }
+        if self.advertise_grpc.is_none() && self.grpc_listen.ip().is_unspecified() {
+            return Err("--advertise-grpc is needed when --grpc-listen is a wildcard address".into());
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// Whether a browser on `origin` may use this node.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*" || o == origin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        Config::parse_from(["ringfeed-node", "--id", "n1"])
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(base().validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let mut c = base();
+        c.lease_ttl = 1;
+        assert!(c.validate().unwrap_err().contains("--lease-ttl"));
+        let mut c = base();
+        c.id = "n 1".into();
+        assert!(c.validate().unwrap_err().contains("--id"));
+        let mut c = base();
+        c.http_listen = "0.0.0.0:1".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("--advertise-http"));
+        let mut c = base();
+        c.points = 0;
+        assert!(c.validate().unwrap_err().contains("--points"));
+    }
+
+    #[test]
+    fn origins() {
+        let mut c = base();
+        assert!(c.origin_allowed("https://a.example"));
+        c.allowed_origins = vec!["https://a.example".into()];
+        assert!(c.origin_allowed("https://a.example"));
+        assert!(!c.origin_allowed("https://b.example"));
+    }
+}

@@ -1,0 +1,163 @@
+//! JSON frames of the client protocol (PROTOCOL.md *WebSocket frames*).
+//!
+//! Server frames on the fan-out path are written by hand into one buffer, once per
+//! update, and shared by every subscriber; the rest go through serde.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Why a payload was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PayloadError {
+    #[error("payload is {0} bytes; the limit is {1}")]
+    TooLarge(usize, usize),
+    #[error("payload is not valid JSON for content type {0}: {1}")]
+    BadJson(String, String),
+}
+
+/// Whether `content_type` is JSON (`application/json` or `…+json`); empty means JSON.
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.is_empty()
+        || essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+}
+
+/// The `update` frame of `key` at `seq`: JSON payloads go in `data` as they are (after
+/// checking they parse), others in `data_b64` beside `content_type`.
+pub fn update(key: &str, seq: u64, data: &[u8], content_type: &str, max_payload: usize) -> Result<Utf8Bytes, PayloadError> {
+    if data.len() > max_payload {
+        return Err(PayloadError::TooLarge(data.len(), max_payload));
+    }
+    let mut out = String::with_capacity(48 + key.len() + data.len() * 4 / 3);
+    out.push_str(r#"{"type":"update","key":"#);
+    push_json_str(&mut out, key);
+    out.push_str(r#","seq":"#);
+    out.push_str(&seq.to_string());
+    if is_json(content_type) {
+        let text = std::str::from_utf8(data)
+            .map_err(|e| PayloadError::BadJson(content_type.to_owned(), e.to_string()))?;
+        serde_json::from_str::<&RawValue>(text)
+            .map_err(|e| PayloadError::BadJson(display_type(content_type), e.to_string()))?;
+        out.push_str(r#","data":"#);
+        out.push_str(text.trim());
+    } else {
+        out.push_str(r#","data_b64":""#);
+        base64::engine::general_purpose::STANDARD.encode_string(data, &mut out);
+        out.push_str(r#"","content_type":"#);
+        push_json_str(&mut out, content_type);
+    }
+    out.push('}');
+    Ok(Utf8Bytes::from(out))
+}
+
+fn display_type(content_type: &str) -> String {
+    if content_type.is_empty() { "application/json".into() } else { content_type.to_owned() }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("a string serialises"));
+}
+
+/// Frames the server sends, other than `update`.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame<'a> {
+    Welcome { key: &'a str, node: &'a str, epoch: &'a str, seq: u64, heartbeat_ms: u64 },
+    Redirect { url: &'a str, node: &'a str, ring_version: u64 },
+    Ack { id: &'a serde_json::Value, seq: u64 },
+    Nack { id: &'a serde_json::Value, code: &'a str, message: &'a str },
+    Pong,
+    Error { code: &'a str, message: &'a str },
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> Utf8Bytes {
+        Utf8Bytes::from(serde_json::to_string(self).expect("server frames serialise"))
+    }
+}
+
+/// Frames a client may send.
+#[derive(Deserialize, Debug)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientFrame {
+    Publish {
+        data: Box<RawValue>,
+        #[serde(default)]
+        id: serde_json::Value,
+    },
+    Ping,
+}
+
+/// Why a client frame was refused: a code for the `error` frame and a message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Parses one text frame from a client.
+pub fn parse_client(text: &str) -> Result<ClientFrame, FrameError> {
+    serde_json::from_str::<ClientFrame>(text).map_err(|e| {
+        // Tell an unknown type apart from JSON that does not parse.
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Err(_) => FrameError { code: "bad_json", message: format!("frame is not valid JSON: {e}") },
+            Ok(v) => match v.get("type").and_then(|t| t.as_str()) {
+                Some(t) if t != "publish" && t != "ping" => {
+                    FrameError { code: "unknown_type", message: format!("unknown frame type {t:?}") }
+                }
+                None => FrameError { code: "bad_frame", message: "frame has no string \"type\"".into() },
+                Some(_) => FrameError { code: "bad_frame", message: format!("malformed frame: {e}") },
+            },
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_updates_embed_data() {
+        let f = update("user:1", 7, br#" {"a":[1,2]} "#, "application/json", 1024).unwrap();
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"update","key":"user:1","seq":7,"data":{"a":[1,2]}}));
+        let f = update("k", 1, b"3", "", 1024).unwrap();
+        assert_eq!(f.as_str(), r#"{"type":"update","key":"k","seq":1,"data":3}"#);
+        assert!(update("k", 1, b"1", "application/vnd.x+json; charset=utf-8", 8).is_ok());
+    }
+
+    #[test]
+    fn other_types_go_base64() {
+        let f = update("k", 2, &[0, 255], "application/octet-stream", 1024).unwrap();
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["data_b64"], "AP8=");
+        assert_eq!(v["content_type"], "application/octet-stream");
+    }
+
+    #[test]
+    fn bad_payloads_are_refused() {
+        assert!(matches!(update("k", 1, b"{nope", "application/json", 1024), Err(PayloadError::BadJson(..))));
+        assert!(matches!(update("k", 1, b"1 2", "", 1024), Err(PayloadError::BadJson(..))));
+        assert!(matches!(update("k", 1, &[0xff], "", 1024), Err(PayloadError::BadJson(..))));
+        assert_eq!(update("k", 1, b"12345", "", 4), Err(PayloadError::TooLarge(5, 4)));
+    }
+
+    #[test]
+    fn client_frames() {
+        assert!(matches!(parse_client(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping)));
+        match parse_client(r#"{"type":"publish","data":{"x":1},"id":"a1"}"#).unwrap() {
+            ClientFrame::Publish { data, id } => {
+                assert_eq!(data.get(), r#"{"x":1}"#);
+                assert_eq!(id, "a1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_client("nope").unwrap_err().code, "bad_json");
+        assert_eq!(parse_client(r#"{"type":"shout"}"#).unwrap_err().code, "unknown_type");
+        assert_eq!(parse_client(r#"{"kind":1}"#).unwrap_err().code, "bad_frame");
+        assert_eq!(parse_client(r#"{"type":"publish"}"#).unwrap_err().code, "bad_frame");
+    }
+}

@@ -1,0 +1,298 @@
+//! The HTTP listener: WebSocket upgrades, route/ring/health endpoints.
+//!
+//! Connections are accepted by our own loop (bounded, with a header-read timeout and a
+//! graceful stop) and served by hyper with an axum router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use http::{header, HeaderValue, Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use ringfeed_router::key;
+use ringfeed_router::ring::Member;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::node::Node;
+use crate::ws::{self, ConnectParams};
+
+/// Raw TCP connections accepted beyond the client-connection limit, so that a node at
+/// its limit can still answer 503 and serve health checks.
+const ACCEPT_SLACK: usize = 512;
+
+/// An error answer: `{"error": "…"}` with a status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// The axum router of every node.
+pub fn router(node: Arc<Node>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/connect", get(connect))
+        .route("/v1/route", get(route))
+        .route("/v1/ring", get(ring))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(node.clone(), cors))
+        .with_state(node)
+}
+
+/// Accepts connections until shutdown, then lets open requests finish.
+pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+    let app = router(node.clone());
+    let accepted = Arc::new(Semaphore::new(node.config.max_connections + ACCEPT_SLACK));
+    loop {
+        let permit = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            permit = accepted.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = node.shutdown.clone();
+        let handshake_timeout = node.config.handshake_timeout();
+        node.tasks.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// CORS for browsers on other origins (PROTOCOL.md *Browsers*).
+async fn cors(State(node): State<Arc<Node>>, request: Request, next: axum::middleware::Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let preflight = request.method() == Method::OPTIONS;
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let allowed = match &origin {
+        None => None,
+        Some(_) if node.config.allowed_origins.iter().any(|o| o == "*") => Some(HeaderValue::from_static("*")),
+        Some(o) => o.to_str().ok().filter(|o| node.config.origin_allowed(o)).map(|_| o.clone()),
+    };
+    if let Some(value) = allowed {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("ETag, Retry-After"));
+        if preflight {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("Authorization, Content-Type, Last-Event-ID, If-None-Match"),
+            );
+            headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        }
+    }
+    response
+}
+
+/// Parses the query of `/v1/connect` (and friends): `key` is required, `rv` optional.
+fn connect_params(query: Option<&str>) -> Result<ConnectParams, ApiError> {
+    let query = query.unwrap_or("");
+    let mut key = None;
+    let mut rv = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "key" => key = Some(v.into_owned()),
+            "rv" => {
+                rv = Some(v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid rv {v:?}: expected a ring version")))?)
+            }
+            _ => {}
+        }
+    }
+    let key = key.ok_or_else(|| ApiError::bad_request("missing key"))?;
+    Ok(ConnectParams { key, rv, query: Arc::from(query) })
+}
+
+/// `GET /v1/connect`: the WebSocket upgrade. Refusals that need no socket (not an
+/// upgrade, a foreign origin, the connection limit) are HTTP answers; everything about
+/// the key is said on the socket (close 4400, redirect + 4300).
+async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Response {
+    let params = match connect_params(request.uri().query()) {
+        Ok(params) => params,
+        // A missing key is a close 4400 on the socket when it is an upgrade.
+        Err(e) if !is_upgrade(&request) => return e.into_response(),
+        Err(_) => ConnectParams { key: String::new(), rv: None, query: Arc::from("") },
+    };
+    if !is_upgrade(&request) {
+        return ApiError(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade (version 13)".into()).into_response();
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        if !origin.to_str().is_ok_and(|o| node.config.origin_allowed(o)) {
+            return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
+        }
+    }
+    if node.shutdown.is_cancelled() || node.is_draining() {
+        return unavailable("node is draining", 1);
+    }
+    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
+        return unavailable("connection limit reached", 1);
+    };
+    let Some(accept) = request.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+        return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let session_node = node.clone();
+    node.tasks.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => ws::serve(session_node, upgraded, params, permit).await,
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("a valid 101 response")
+}
+
+fn is_upgrade(request: &Request) -> bool {
+    let headers = request.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    request.method() == Method::GET
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+}
+
+/// 503 with `Retry-After`.
+fn unavailable(message: &str, retry_after_s: u32) -> Response {
+    let mut response = ApiError(StatusCode::SERVICE_UNAVAILABLE, message.into()).into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    response
+}
+
+/// The owner's record as `/v1/route` shows it.
+fn owner_json(m: &Member) -> serde_json::Value {
+    json!({ "id": m.id.0, "http": m.http, "ws": m.ws_base(), "quic": m.quic, "grpc": m.grpc })
+}
+
+/// `GET /v1/route?key=K`.
+async fn route(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
+    let params = connect_params(request.uri().query())?;
+    key::validate(&params.key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let view = node.view_for(params.rv, None).await;
+    let owner = view
+        .ring
+        .owner(&params.key)
+        .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the ring has no active members".into()))?;
+    Ok(Json(json!({
+        "key": params.key,
+        "ring_version": view.version,
+        "ring_id": view.ring.id().0,
+        "owner": owner_json(owner),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/ring`.
+async fn ring(State(node): State<Arc<Node>>) -> Response {
+    let view = node.membership.view();
+    Json(json!({
+        "cluster": node.membership.cluster(),
+        "ring_version": view.version,
+        "ring_id": view.ring.id().0,
+        "members": view.ring.members(),
+    }))
+    .into_response()
+}
+
+/// `GET /readyz`: 200 when registered, on the last known ring, not draining.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let view = node.membership.view();
+    let lease_ok = node.registration().is_some_and(|r| r.lease_healthy());
+    let successor = view.ring.members().iter().filter(|m| m.state == ringfeed_router::ring::MemberState::Active).count() > 1;
+    let body = |ready: bool, reason: Option<&str>| {
+        json!({
+            "ready": ready,
+            "reason": reason,
+            "node": node.id.0,
+            "ring_version": view.version,
+            "ring_id": view.ring.id().0,
+            "etcd_lease_ok": lease_ok,
+            "replicated": successor,
+            "keys": node.keys.len(),
+            "connections": node.config.max_connections - node.connections.available_permits(),
+        })
+    };
+    match node.not_ready() {
+        None => Json(body(true, None)).into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, Json(body(false, Some(reason)))).into_response(),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_params_parse() {
+        let p = connect_params(Some("key=user%3A1&rv=7&since=3")).unwrap();
+        assert_eq!((p.key.as_str(), p.rv), ("user:1", Some(7)));
+        assert!(connect_params(Some("rv=7")).is_err());
+        assert!(connect_params(Some("key=a&rv=x")).is_err());
+        assert!(connect_params(None).is_err());
+    }
+}

@@ -1,0 +1,188 @@
+//! The node's shared state, ownership decisions, and its reaction to new rings.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ringfeed_router::membership::{Membership, Registration, View};
+use ringfeed_router::ring::{Member, NodeId, RingId};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::frames::ServerFrame;
+use crate::keys::{Kick, KeyTable};
+
+/// How long a request that carries a newer ring version waits for this node to see it.
+pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
+
+/// WebSocket close code: moved to another node.
+pub const CLOSE_MOVED: u16 = 4300;
+/// WebSocket close code: draining or fenced, owner not known yet.
+pub const CLOSE_UNAVAILABLE: u16 = 4503;
+
+/// Everything the transports and services share.
+pub struct Node {
+    pub id: NodeId,
+    pub config: Config,
+    pub membership: Membership,
+    pub keys: KeyTable,
+    /// One permit per held client connection.
+    pub connections: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    registration: OnceLock<Registration>,
+    draining: AtomicBool,
+}
+
+/// Who owns a key, as this node decided it.
+pub enum Decision {
+    /// This node owns it.
+    Mine(Arc<View>),
+    /// Another member owns it.
+    Elsewhere(Arc<View>, Member),
+    /// The ring has no active member.
+    Nobody(Arc<View>),
+}
+
+impl Node {
+    pub fn new(config: Config, membership: Membership, shutdown: CancellationToken, tasks: TaskTracker) -> Node {
+        Node {
+            id: NodeId(config.id.clone()),
+            keys: KeyTable::new(config.max_payload, config.max_subscribers_per_key),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            membership,
+            shutdown,
+            tasks,
+            registration: OnceLock::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_registration(&self, registration: Registration) {
+        let _ = self.registration.set(registration);
+    }
+
+    pub fn registration(&self) -> Option<&Registration> {
+        self.registration.get()
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Why this node is not ready, if it is not: ready = registered, on the last known
+    /// ring under its own incarnation, not draining.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.is_draining() || self.shutdown.is_cancelled() {
+            return Some("draining");
+        }
+        let Some(registration) = self.registration() else {
+            return Some("not registered yet");
+        };
+        let view = self.membership.view();
+        match view.ring.member(&self.id) {
+            Some(m) if m.incarnation == registration.record().incarnation => None,
+            _ => Some("not on the last known ring"),
+        }
+    }
+
+    /// The view to decide on for a caller that has seen `version` (and `id`): ours,
+    /// after catching up (bounded) when the caller's is newer and a different ring.
+    pub async fn view_for(&self, version: Option<u64>, id: Option<&RingId>) -> Arc<View> {
+        let view = self.membership.view();
+        match version {
+            Some(v) if !view.has_seen(v, id) => {
+                self.membership.catch_up(v, id, Instant::now() + CATCH_UP_BOUND).await
+            }
+            _ => view,
+        }
+    }
+
+    /// Who owns `key` on `view`.
+    pub fn decide(&self, view: Arc<View>, key: &str) -> Decision {
+        match view.ring.owner(key) {
+            Some(owner) if owner.id == self.id => Decision::Mine(view),
+            Some(owner) => {
+                let owner = owner.clone();
+                Decision::Elsewhere(view, owner)
+            }
+            None => Decision::Nobody(view),
+        }
+    }
+
+    /// Follows the ring: on every new ring, keys this node no longer owns are dropped
+    /// and their subscribers sent a `redirect` to the new owner (their state does not
+    /// move yet: hand-off is a later step).
+    pub async fn follow_ring(self: Arc<Self>) {
+        let mut views = self.membership.subscribe();
+        let mut ring_id = views.borrow().ring.id().clone();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = views.changed() => if changed.is_err() { return },
+            }
+            let view = views.borrow_and_update().clone();
+            if *view.ring.id() == ring_id {
+                continue;
+            }
+            ring_id = view.ring.id().clone();
+            // A node that is not on the ring yet (starting) or any more (leaving) keeps
+            // its clients until its own lifecycle moves them.
+            if !view.ring.is_active(&self.id) {
+                continue;
+            }
+            let moved = self.keys.take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
+            let mut clients = 0usize;
+            for (key, state) in moved {
+                let Some(owner) = view.ring.owner(&key) else { continue };
+                for s in state.subscribers {
+                    s.control.kick(redirect_kick(owner, &s.query, view.version));
+                    clients += 1;
+                }
+            }
+            if clients > 0 {
+                tracing::info!(ring_id = %ring_id, clients, "redirected clients of moved keys");
+            }
+        }
+    }
+}
+
+/// The `redirect` frame and close 4300 that send a client to `owner`.
+pub fn redirect_kick(owner: &Member, query: &str, ring_version: u64) -> Kick {
+    let url = redirect_url(&owner.ws_base(), "/v1/connect", query, ring_version);
+    let frame = ServerFrame::Redirect { url: &url, node: &owner.id.0, ring_version }.encode();
+    Kick { frame: Some(frame), code: CLOSE_MOVED, reason: format!("moved to {}", owner.id) }
+}
+
+/// `base` + `path` + `query` with `rv` set to `ring_version` (replacing any `rv`).
+pub fn redirect_url(base: &str, path: &str, query: &str, ring_version: u64) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != "rv" {
+            out.append_pair(&k, &v);
+        }
+    }
+    out.append_pair("rv", &ring_version.to_string());
+    format!("{base}{path}?{}", out.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_urls_replace_rv() {
+        assert_eq!(
+            redirect_url("ws://h:1", "/v1/connect", "key=user%3A1&since=4&rv=2", 9),
+            "ws://h:1/v1/connect?key=user%3A1&since=4&rv=9"
+        );
+        assert_eq!(redirect_url("http://h", "/v1/sse", "", 3), "http://h/v1/sse?rv=3");
+    }
+}

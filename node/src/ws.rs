@@ -1,0 +1,249 @@
+//! One WebSocket client: `welcome`, live updates, client frames, heartbeats, kicks.
+//!
+//! The session owns its socket. Updates reach it through a bounded queue filled by the
+//! key (see [`crate::keys`]); whatever is queued is written in one flush. Someone else
+//! can end the session only through its [`Control`] (slow consumer, redirect).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use ringfeed_router::key::Key;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::frames::{self, ClientFrame, ServerFrame};
+use crate::keys::{ApplyError, Control, Kick, Publish, Subscriber};
+use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
+
+/// Close codes of PROTOCOL.md used here.
+pub const CLOSE_BAD_REQUEST: u16 = 4400;
+pub const CLOSE_TOO_LARGE: u16 = 4413;
+pub const CLOSE_TOO_MANY: u16 = 4429;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Most queued frames written in one flush.
+const MAX_FRAMES_PER_FLUSH: usize = 256;
+
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// What the client asked for in its query.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    pub key: String,
+    pub rv: Option<u64>,
+    /// The raw query, to build redirects from.
+    pub query: Arc<str>,
+}
+
+/// The tungstenite settings of every server-side socket: small explicit buffers and
+/// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages).
+pub fn socket_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Runs one client connection on an upgraded socket until it ends.
+pub async fn serve(node: Arc<Node>, upgraded: Upgraded, params: ConnectParams, permit: OwnedSemaphorePermit) {
+    let socket = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(socket_config(node.config.max_frame)),
+    )
+    .await;
+    let session = Session { node, socket, params };
+    session.run().await;
+    drop(permit);
+}
+
+struct Session {
+    node: Arc<Node>,
+    socket: Socket,
+    params: ConnectParams,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let key = match Key::parse(&self.params.key) {
+            Ok(key) => key,
+            Err(e) => return self.close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}")).await,
+        };
+        let view = self.node.view_for(self.params.rv, None).await;
+        match self.node.decide(view, key.as_str()) {
+            Decision::Mine(_) => {}
+            Decision::Elsewhere(view, owner) => {
+                let kick = redirect_kick(&owner, &self.params.query, view.version);
+                return self.kicked(kick).await;
+            }
+            Decision::Nobody(_) => return self.close(CLOSE_UNAVAILABLE, "no owner known for this key").await,
+        }
+        if self.node.shutdown.is_cancelled() {
+            return self.close(CLOSE_GOING_AWAY, "node shutting down").await;
+        }
+
+        let (tx, rx) = mpsc::channel(self.node.config.subscriber_queue);
+        let control = Control::new();
+        let id = self.node.keys.next_subscriber_id();
+        let subscriber = Subscriber {
+            id,
+            presence_id: format!("c{id}"),
+            query: self.params.query.clone(),
+            tx,
+            control: control.clone(),
+        };
+        let node_id = self.node.id.0.clone();
+        let heartbeat_ms = self.node.config.heartbeat_ms;
+        let welcome = |epoch: &str, seq: u64| {
+            ServerFrame::Welcome { key: key.as_str(), node: &node_id, epoch, seq, heartbeat_ms }.encode()
+        };
+        if let Err(e) = self.node.keys.subscribe(key.as_str(), subscriber, welcome) {
+            return self.close(CLOSE_TOO_MANY, &format!("{e}; retry_after_ms=1000")).await;
+        }
+        // The ring may have changed between the decision and the subscription; the
+        // ring follower only redirects subscribers it can see, so look once more.
+        let view = self.node.membership.view();
+        if let Decision::Elsewhere(view, owner) = self.node.decide(view, key.as_str()) {
+            control.kick(redirect_kick(&owner, &self.params.query, view.version));
+        }
+        tracing::debug!(key = %key, subscriber = id, "subscribed");
+        self.live(&key, rx, &control).await;
+        self.node.keys.unsubscribe(key.as_str(), id);
+    }
+
+    async fn live(&mut self, key: &Key, mut rx: mpsc::Receiver<Utf8Bytes>, control: &Control) {
+        let heartbeat = self.node.config.heartbeat();
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let mut last_pong = Instant::now();
+        let shutdown = self.node.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                kick = control.kicked() => return self.kicked(kick).await,
+                _ = shutdown.cancelled() => return self.close(CLOSE_GOING_AWAY, "node shutting down").await,
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { return };
+                    if self.write_batch(frame, &mut rx).await.is_err() {
+                        return;
+                    }
+                }
+                msg = self.socket.next() => match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Err((code, message)) = self.client_frame(key, &text).await {
+                            return self.error(code, &message).await;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        return self.error("binary_frame", "binary frames are not part of the protocol").await;
+                    }
+                    Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                    Some(Ok(Message::Ping(_))) => {
+                        // tungstenite queued the pong; push it out.
+                        if self.socket.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Ok(Message::Frame(_))) => {}
+                    Some(Err(WsError::Capacity(e))) => {
+                        return self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}")).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "client connection failed");
+                        return self.close(CLOSE_BAD_REQUEST, "protocol error").await;
+                    }
+                },
+                _ = ticks.tick() => {
+                    if last_pong.elapsed() > heartbeat.mul_f64(1.5) {
+                        tracing::debug!("no pong within 1.5 heartbeats; closing");
+                        return self.close(CLOSE_GOING_AWAY, "heartbeat timeout").await;
+                    }
+                    if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is queued, then flushes once.
+    async fn write_batch(&mut self, first: Utf8Bytes, rx: &mut mpsc::Receiver<Utf8Bytes>) -> Result<(), WsError> {
+        self.socket.feed(Message::Text(first)).await?;
+        for _ in 1..MAX_FRAMES_PER_FLUSH {
+            match rx.try_recv() {
+                Ok(frame) => self.socket.feed(Message::Text(frame)).await?,
+                Err(_) => break,
+            }
+        }
+        self.socket.flush().await
+    }
+
+    /// Handles one text frame from the client; an `Err` ends the session.
+    async fn client_frame(&mut self, key: &Key, text: &str) -> Result<(), (&'static str, String)> {
+        let frame = frames::parse_client(text).map_err(|e| (e.code, e.message))?;
+        let reply = match frame {
+            ClientFrame::Ping => ServerFrame::Pong.encode(),
+            ClientFrame::Publish { data, id } => {
+                let publish = Publish {
+                    data: data.get().as_bytes(),
+                    content_type: "application/json",
+                    expected_seq: None,
+                    expected_epoch: "",
+                };
+                match self.publish(key, publish) {
+                    Ok(seq) => ServerFrame::Ack { id: &id, seq }.encode(),
+                    Err((code, message)) => ServerFrame::Nack { id: &id, code, message: &message }.encode(),
+                }
+            }
+        };
+        self.socket.send(Message::Text(reply)).await.map_err(|_| ("io", String::new()))
+    }
+
+    fn publish(&self, key: &Key, publish: Publish<'_>) -> Result<u64, (&'static str, String)> {
+        let view = self.node.membership.view();
+        if !matches!(self.node.decide(view, key.as_str()), Decision::Mine(_)) {
+            return Err(("not_owner", "this node no longer owns the key; reconnect".into()));
+        }
+        match self.node.keys.apply(key.as_str(), publish) {
+            Ok(applied) => Ok(applied.seq),
+            Err(ApplyError::Payload(e)) => Err(("bad_payload", e.to_string())),
+            Err(e @ ApplyError::SeqMismatch { .. }) => Err(("seq_mismatch", e.to_string())),
+        }
+    }
+
+    async fn kicked(&mut self, kick: Kick) {
+        if let Some(frame) = kick.frame {
+            let _ = self.socket.feed(Message::Text(frame)).await;
+        }
+        self.close(kick.code, &kick.reason).await;
+    }
+
+    async fn error(&mut self, code: &str, message: &str) {
+        let frame = ServerFrame::Error { code, message }.encode();
+        let _ = self.socket.feed(Message::Text(frame)).await;
+        self.close(CLOSE_BAD_REQUEST, message).await;
+    }
+
+    /// Sends a close frame with `code` and waits briefly for the client's close.
+    async fn close(&mut self, code: u16, reason: &str) {
+        // Close reasons are limited to 123 bytes.
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(&reason[..end]) };
+        if self.socket.close(Some(frame)).await.is_err() {
+            return;
+        }
+        let drain = async { while let Some(Ok(_)) = self.socket.next().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    }
+}
