@@ -80,15 +80,21 @@ impl ServerFrame<'_> {
 }
 
 /// Frames a client may send.
-#[derive(Deserialize, Debug)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[derive(Debug)]
 pub enum ClientFrame {
-    Publish {
-        data: Box<RawValue>,
-        #[serde(default)]
-        id: serde_json::Value,
-    },
+    Publish { data: Box<RawValue>, id: serde_json::Value },
     Ping,
+}
+
+/// The wire shape of a client frame. (A `RawValue` cannot sit inside an internally
+/// tagged enum, so the tag is read by hand.)
+#[derive(Deserialize)]
+struct RawClientFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    id: serde_json::Value,
 }
 
 /// Why a client frame was refused: a code for the `error` frame and a message.
@@ -100,19 +106,21 @@ pub struct FrameError {
 
 /// Parses one text frame from a client.
 pub fn parse_client(text: &str) -> Result<ClientFrame, FrameError> {
-    serde_json::from_str::<ClientFrame>(text).map_err(|e| {
-        // Tell an unknown type apart from JSON that does not parse.
-        match serde_json::from_str::<serde_json::Value>(text) {
-            Err(_) => FrameError { code: "bad_json", message: format!("frame is not valid JSON: {e}") },
-            Ok(v) => match v.get("type").and_then(|t| t.as_str()) {
-                Some(t) if t != "publish" && t != "ping" => {
-                    FrameError { code: "unknown_type", message: format!("unknown frame type {t:?}") }
-                }
-                None => FrameError { code: "bad_frame", message: "frame has no string \"type\"".into() },
-                Some(_) => FrameError { code: "bad_frame", message: format!("malformed frame: {e}") },
-            },
+    let raw: RawClientFrame<'_> = serde_json::from_str(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            FrameError { code: "bad_json", message: format!("frame is not valid JSON: {e}") }
+        } else {
+            FrameError { code: "bad_frame", message: format!("malformed frame: {e}") }
         }
-    })
+    })?;
+    match &*raw.kind {
+        "ping" => Ok(ClientFrame::Ping),
+        "publish" => match raw.data {
+            Some(data) => Ok(ClientFrame::Publish { data, id: raw.id }),
+            None => Err(FrameError { code: "bad_frame", message: "publish frame has no \"data\"".into() }),
+        },
+        other => Err(FrameError { code: "unknown_type", message: format!("unknown frame type {other:?}") }),
+    }
 }
 
 #[cfg(test)]
