@@ -1,1 +1,251 @@
+//! A Rust client for ringfeed.
+//!
+//! * [`Subscription`] — a WebSocket subscriber to one key that follows `redirect`
+//!   frames (at most [`MAX_REDIRECTS`] hops, as PROTOCOL.md asks of every client).
+//! * [`Frame`] — the server frames, parsed.
+//! * [`publisher`] — a `Router` gRPC client for publishing.
+//!
+//! The `ringfeed` CLI (`src/main.rs`) is built on both.
 
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Redirects followed before giving up.
+pub const MAX_REDIRECTS: usize = 3;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("bad url: {0}")]
+    Url(String),
+    #[error("server closed the connection with {code}: {reason}")]
+    Closed { code: u16, reason: String },
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects,
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// A server frame (PROTOCOL.md *WebSocket frames*).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Frame {
+    Welcome { key: String, node: String, epoch: String, seq: u64, heartbeat_ms: u64 },
+    Update {
+        key: String,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+    },
+    Reset { key: String, epoch: String, seq: u64, reason: String },
+    Redirect { url: String, node: String, ring_version: u64 },
+    Ack { id: serde_json::Value, seq: u64 },
+    Nack { id: serde_json::Value, code: String, message: String },
+    Presence {
+        key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        members: Option<Vec<serde_json::Value>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined: Option<Vec<serde_json::Value>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        left: Option<Vec<serde_json::Value>>,
+    },
+    Pong,
+    Error { code: String, message: String },
+}
+
+/// What a read from the socket produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Frame(Frame),
+    /// The server closed the connection (code 1005 when it gave none).
+    Closed { code: u16, reason: String },
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The WebSocket URL of `/v1/connect` on `base` (`http://…`, `ws://…` or `host:port`).
+pub fn connect_url(base: &str, key: &str, since: Option<(u64, Option<&str>)>) -> String {
+    let base = base.trim_end_matches('/');
+    let base = if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
+        base.to_owned()
+    } else {
+        format!("ws://{base}")
+    };
+    let mut url = url::Url::parse(&format!("{base}/v1/connect")).expect("a ws url");
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("key", key);
+        if let Some((seq, epoch)) = since {
+            q.append_pair("since", &seq.to_string());
+            if let Some(epoch) = epoch {
+                q.append_pair("epoch", epoch);
+            }
+        }
+    }
+    url.to_string()
+}
+
+/// A live subscription to one key on its owner.
+pub struct Subscription {
+    socket: Socket,
+    /// The welcome the owner sent.
+    pub welcome: Frame,
+    /// The URL the subscription finally connected to.
+    pub url: String,
+    /// How many redirects were followed to get here.
+    pub redirects: usize,
+}
+
+impl Subscription {
+    /// Connects to `url` and follows redirects until a `welcome`.
+    pub async fn connect(url: &str) -> Result<Subscription, ClientError> {
+        let mut url = url.to_owned();
+        for redirects in 0..=MAX_REDIRECTS {
+            let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+            match read_event(&mut socket).await? {
+                Event::Frame(welcome @ Frame::Welcome { .. }) => {
+                    return Ok(Subscription { socket, welcome, url, redirects });
+                }
+                Event::Frame(Frame::Redirect { url: next, .. }) => {
+                    let _ = socket.close(None).await;
+                    url = next;
+                }
+                Event::Frame(Frame::Error { code, message }) => {
+                    let closed = read_event(&mut socket).await;
+                    return Err(match closed {
+                        Ok(Event::Closed { code, reason }) => ClientError::Closed { code, reason },
+                        _ => ClientError::Unexpected(format!("error {code}: {message}")),
+                    });
+                }
+                Event::Frame(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                Event::Closed { code, reason } => return Err(ClientError::Closed { code, reason }),
+            }
+        }
+        Err(ClientError::TooManyRedirects)
+    }
+
+    /// The owner's node id, from the welcome.
+    pub fn node(&self) -> &str {
+        match &self.welcome {
+            Frame::Welcome { node, .. } => node,
+            _ => "",
+        }
+    }
+
+    /// The next frame or close.
+    pub async fn next(&mut self) -> Result<Event, ClientError> {
+        read_event(&mut self.socket).await
+    }
+
+    /// The next frame or close, or `Timeout` after `timeout`.
+    pub async fn next_within(&mut self, timeout: Duration) -> Result<Event, ClientError> {
+        tokio::time::timeout(timeout, self.next()).await.map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
+        self.socket.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// Publishes `data` on the subscription's key.
+    pub async fn publish(&mut self, data: &serde_json::Value, id: &str) -> Result<(), ClientError> {
+        let frame = serde_json::json!({"type": "publish", "data": data, "id": id});
+        self.send_text(&frame.to_string()).await
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// Reads until a frame or a close; pings and pongs are answered by tungstenite.
+pub async fn read_event(socket: &mut Socket) -> Result<Event, ClientError> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let frame = serde_json::from_str::<Frame>(text.as_str())
+                    .map_err(|e| ClientError::Unexpected(format!("{e}: {}", text.as_str())))?;
+                return Ok(Event::Frame(frame));
+            }
+            Some(Ok(Message::Close(close))) => {
+                let (code, reason) = close.map_or((1005, String::new()), |c| (u16::from(c.code), c.reason.to_string()));
+                return Ok(Event::Closed { code, reason });
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(Event::Closed { code: 1006, reason: "connection dropped".into() }),
+        }
+    }
+}
+
+/// The numeric value of a close code.
+pub fn close_code(code: CloseCode) -> u16 {
+    u16::from(code)
+}
+
+/// Publishing through a router.
+pub mod publisher {
+    use ringfeed_proto::v1::router_client::RouterClient;
+    use ringfeed_proto::v1::PublishRequest;
+    use tonic::transport::Channel;
+
+    /// Connects a `Router` client to `addr` (`host:port` or `http://host:port`).
+    pub async fn connect(addr: &str) -> Result<RouterClient<Channel>, tonic::transport::Error> {
+        let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        RouterClient::connect(url).await
+    }
+
+    /// A JSON publish of `data` to `key`.
+    pub fn json(key: &str, data: &serde_json::Value) -> PublishRequest {
+        PublishRequest {
+            key: key.to_owned(),
+            data: data.to_string().into_bytes(),
+            content_type: "application/json".into(),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(connect_url("http://h:1", "user:1", None), "ws://h:1/v1/connect?key=user%3A1");
+        assert_eq!(connect_url("h:1/", "k", Some((4, Some("E")))), "ws://h:1/v1/connect?key=k&since=4&epoch=E");
+    }
+
+    #[test]
+    fn frames_parse() {
+        let f: Frame = serde_json::from_str(r#"{"type":"update","key":"k","seq":3,"data":{"a":1}}"#).unwrap();
+        assert!(matches!(f, Frame::Update { seq: 3, .. }));
+        let f: Frame = serde_json::from_str(r#"{"type":"redirect","url":"ws://x","node":"n2","ring_version":9}"#).unwrap();
+        assert!(matches!(f, Frame::Redirect { ring_version: 9, .. }));
+    }
+}
