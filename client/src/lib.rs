@@ -12,8 +12,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Redirects followed before giving up.
@@ -40,7 +41,13 @@ pub enum ClientError {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Frame {
-    Welcome { key: String, node: String, epoch: String, seq: u64, heartbeat_ms: u64 },
+    Welcome {
+        key: String,
+        node: String,
+        epoch: String,
+        seq: u64,
+        heartbeat_ms: u64,
+    },
     Update {
         key: String,
         seq: u64,
@@ -51,10 +58,26 @@ pub enum Frame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content_type: Option<String>,
     },
-    Reset { key: String, epoch: String, seq: u64, reason: String },
-    Redirect { url: String, node: String, ring_version: u64 },
-    Ack { id: serde_json::Value, seq: u64 },
-    Nack { id: serde_json::Value, code: String, message: String },
+    Reset {
+        key: String,
+        epoch: String,
+        seq: u64,
+        reason: String,
+    },
+    Redirect {
+        url: String,
+        node: String,
+        ring_version: u64,
+    },
+    Ack {
+        id: serde_json::Value,
+        seq: u64,
+    },
+    Nack {
+        id: serde_json::Value,
+        code: String,
+        message: String,
+    },
     Presence {
         key: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,7 +88,10 @@ pub enum Frame {
         left: Option<Vec<serde_json::Value>>,
     },
     Pong,
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 /// What a read from the socket produced.
@@ -73,7 +99,10 @@ pub enum Frame {
 pub enum Event {
     Frame(Frame),
     /// The server closed the connection (code 1005 when it gave none).
-    Closed { code: u16, reason: String },
+    Closed {
+        code: u16,
+        reason: String,
+    },
 }
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -123,7 +152,12 @@ impl Subscription {
             let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
             match read_event(&mut socket).await? {
                 Event::Frame(welcome @ Frame::Welcome { .. }) => {
-                    return Ok(Subscription { socket, welcome, url, redirects });
+                    return Ok(Subscription {
+                        socket,
+                        welcome,
+                        url,
+                        redirects,
+                    });
                 }
                 Event::Frame(Frame::Redirect { url: next, .. }) => {
                     let _ = socket.close(None).await;
@@ -158,7 +192,9 @@ impl Subscription {
 
     /// The next frame or close, or `Timeout` after `timeout`.
     pub async fn next_within(&mut self, timeout: Duration) -> Result<Event, ClientError> {
-        tokio::time::timeout(timeout, self.next()).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     /// Sends a text frame as is.
@@ -189,12 +225,23 @@ pub async fn read_event(socket: &mut Socket) -> Result<Event, ClientError> {
                 return Ok(Event::Frame(frame));
             }
             Some(Ok(Message::Close(close))) => {
-                let (code, reason) = close.map_or((1005, String::new()), |c| (u16::from(c.code), c.reason.to_string()));
+                let (code, reason) = close.map_or((1005, String::new()), |c| {
+                    (u16::from(c.code), c.reason.to_string())
+                });
                 return Ok(Event::Closed { code, reason });
             }
             Some(Ok(_)) => continue,
+            Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)))
+            | Some(Err(WsError::Io(_)))
+            | Some(Err(WsError::ConnectionClosed))
+            | Some(Err(WsError::AlreadyClosed))
+            | None => {
+                return Ok(Event::Closed {
+                    code: 1006,
+                    reason: "connection dropped".into(),
+                })
+            }
             Some(Err(e)) => return Err(e.into()),
-            None => return Ok(Event::Closed { code: 1006, reason: "connection dropped".into() }),
         }
     }
 }
@@ -237,15 +284,31 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(connect_url("http://h:1", "user:1", None), "ws://h:1/v1/connect?key=user%3A1");
-        assert_eq!(connect_url("h:1/", "k", Some((4, Some("E")))), "ws://h:1/v1/connect?key=k&since=4&epoch=E");
+        assert_eq!(
+            connect_url("http://h:1", "user:1", None),
+            "ws://h:1/v1/connect?key=user%3A1"
+        );
+        assert_eq!(
+            connect_url("h:1/", "k", Some((4, Some("E")))),
+            "ws://h:1/v1/connect?key=k&since=4&epoch=E"
+        );
     }
 
     #[test]
     fn frames_parse() {
-        let f: Frame = serde_json::from_str(r#"{"type":"update","key":"k","seq":3,"data":{"a":1}}"#).unwrap();
+        let f: Frame =
+            serde_json::from_str(r#"{"type":"update","key":"k","seq":3,"data":{"a":1}}"#).unwrap();
         assert!(matches!(f, Frame::Update { seq: 3, .. }));
-        let f: Frame = serde_json::from_str(r#"{"type":"redirect","url":"ws://x","node":"n2","ring_version":9}"#).unwrap();
-        assert!(matches!(f, Frame::Redirect { ring_version: 9, .. }));
+        let f: Frame = serde_json::from_str(
+            r#"{"type":"redirect","url":"ws://x","node":"n2","ring_version":9}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            f,
+            Frame::Redirect {
+                ring_version: 9,
+                ..
+            }
+        ));
     }
 }

@@ -7,7 +7,11 @@ use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
 use ringfeed_proto::v1::GetRingRequest;
 
 #[derive(Parser)]
-#[command(name = "ringfeed", version, about = "A command-line client for a ringfeed cluster")]
+#[command(
+    name = "ringfeed",
+    version,
+    about = "A command-line client for a ringfeed cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,10 +61,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Subscribe { node, key, count } => subscribe(&node, &key, count).await,
         Command::Publish { router, key, data } => {
-            let value: serde_json::Value =
-                serde_json::from_str(&data).map_err(|e| anyhow::anyhow!("DATA is not JSON: {e}"))?;
+            let value: serde_json::Value = serde_json::from_str(&data)
+                .map_err(|e| anyhow::anyhow!("DATA is not JSON: {e}"))?;
             let mut client = publisher::connect(&router).await?;
-            let reply = client.publish(publisher::json(&key, &value)).await?.into_inner();
+            let reply = client
+                .publish(publisher::json(&key, &value))
+                .await?
+                .into_inner();
             println!(
                 "{}",
                 serde_json::json!({"seq": reply.seq, "epoch": reply.epoch, "node": reply.node,
@@ -71,7 +78,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Ring { router } => {
             let mut client = publisher::connect(&router).await?;
             let ring = client.get_ring(GetRingRequest {}).await?.into_inner();
-            println!("cluster {} ring_version {} ring_id {}", ring.cluster, ring.ring_version, ring.ring_id);
+            println!(
+                "cluster {} ring_version {} ring_id {}",
+                ring.cluster, ring.ring_version, ring.ring_id
+            );
             for m in ring.members {
                 println!("  {} {} http={} grpc={}", m.id, m.state, m.http, m.grpc);
             }
@@ -84,7 +94,11 @@ async fn subscribe(node: &str, key: &str, count: Option<u64>) -> anyhow::Result<
     let mut last: Option<(u64, String)> = None;
     let mut seen = 0u64;
     loop {
-        let url = connect_url(node, key, last.as_ref().map(|(s, e)| (*s, Some(e.as_str()))));
+        let url = connect_url(
+            node,
+            key,
+            last.as_ref().map(|(s, e)| (*s, Some(e.as_str()))),
+        );
         let mut sub = Subscription::connect(&url).await?;
         eprintln!("connected to {} ({})", sub.node(), sub.url);
         if let Frame::Welcome { epoch, seq, .. } = &sub.welcome {

@@ -1,1 +1,637 @@
+//! A harness for end-to-end tests against real etcd and real ringfeed processes.
+//!
+//! [`Cluster::builder`] starts an etcd on its own loopback ports and data directory,
+//! then N `ringfeed-node` processes and a `ringfeed-router`, all with port 0 (each
+//! process prints the addresses it bound). Every process is killed when its handle is
+//! dropped — also when a test panics — and the logs of a failed test are printed.
+//! Waiting is done with [`eventually`], never with a fixed sleep.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ringfeed_proto::v1::router_client::RouterClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// How long a process may take to print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the workspace's binaries are: `$RINGFEED_BIN_DIR`, else next to this test
+/// executable (`target/<profile>/`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("RINGFEED_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace binaries first (`cargo build --workspace --bins`, as scripts/test does) or set RINGFEED_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Ok(Some(v))` or `timeout` passes; the last error is
+/// in the panic message.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("condition not met");
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match check().await {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A free loopback TCP port (bound once, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A real etcd on loopback, with its own data directory.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Result<Etcd> {
+        let mut dir = tempfile::Builder::new()
+            .prefix("ringfeed-etcd-")
+            .tempdir()?;
+        for _attempt in 0..3 {
+            let (client_port, peer_port) = (free_port(), free_port());
+            let mut etcd = Etcd {
+                child: None,
+                endpoint: format!("http://127.0.0.1:{client_port}"),
+                dir,
+                client_port,
+                peer_port,
+            };
+            match etcd.spawn().await {
+                Ok(()) => return Ok(etcd),
+                Err(e) => {
+                    eprintln!("etcd did not start ({e:#}); trying other ports");
+                    dir = tempfile::Builder::new()
+                        .prefix("ringfeed-etcd-")
+                        .tempdir()?;
+                }
+            }
+        }
+        bail!("etcd did not start after 3 attempts")
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--logger=zap", "--log-level=warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start etcd (is etcd-server installed? scripts/test installs it)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("etcd exited with {status}");
+                }
+            }
+            if etcd_client::Client::connect([client.as_str()], None)
+                .await
+                .is_ok()
+            {
+                let mut c = etcd_client::Client::connect([client.as_str()], None).await?;
+                if c.status().await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("etcd not healthy within 15 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops etcd (SIGKILL); its data directory stays for [`Etcd::restart`].
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.spawn().await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+}
+
+/// A running `ringfeed-node`.
+pub struct NodeProc {
+    pub id: String,
+    child: Option<Child>,
+    /// `http://127.0.0.1:port`
+    pub http: String,
+    /// `127.0.0.1:port`
+    pub grpc: String,
+    pub incarnation: String,
+    log: PathBuf,
+    pub started: Instant,
+}
+
+impl NodeProc {
+    /// Kills the process with SIGKILL: no deregistration, no goodbye to clients.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub async fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("node {} is not running", self.id))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("node {} has no pid", self.id))?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!("node {} did not exit within {within:?} of SIGTERM", self.id)
+            }
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The WebSocket URL of `/v1/connect` for `key` on this node.
+    pub fn connect_url(&self, key: &str) -> String {
+        ringfeed_client::connect_url(&self.http, key, None)
+    }
+}
+
+/// A running `ringfeed-router`.
+pub struct RouterProc {
+    child: Option<Child>,
+    /// `127.0.0.1:port`
+    pub grpc: String,
+    log: PathBuf,
+}
+
+/// Builds a [`Cluster`].
+pub struct ClusterBuilder {
+    nodes: usize,
+    lease_ttl: u64,
+    node_args: Vec<String>,
+}
+
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    pub fn lease_ttl(mut self, seconds: u64) -> Self {
+        self.lease_ttl = seconds;
+        self
+    }
+
+    /// Extra flags for every node.
+    pub fn node_args(mut self, args: &[&str]) -> Self {
+        self.node_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub async fn start(self) -> Result<Cluster> {
+        let etcd = Etcd::start().await?;
+        let dir = tempfile::Builder::new()
+            .prefix("ringfeed-cluster-")
+            .tempdir()?;
+        let mut cluster = Cluster {
+            name: "test".into(),
+            lease_ttl: self.lease_ttl,
+            node_args: self.node_args,
+            nodes: Vec::new(),
+            router: None,
+            dir,
+            etcd,
+        };
+        let ids: Vec<String> = (1..=self.nodes).map(|i| format!("n{i}")).collect();
+        let starts = ids.iter().map(|id| cluster.spawn_node(id, &[]));
+        let nodes = futures_util::future::try_join_all(starts).await?;
+        cluster.nodes = nodes;
+        cluster.router = Some(cluster.spawn_router().await?);
+        cluster.converged().await;
+        Ok(cluster)
+    }
+}
+
+/// etcd + nodes + a router, all real processes on loopback.
+pub struct Cluster {
+    pub name: String,
+    pub lease_ttl: u64,
+    node_args: Vec<String>,
+    pub nodes: Vec<NodeProc>,
+    router: Option<RouterProc>,
+    dir: tempfile::TempDir,
+    // Dropped last: nodes and routers go first.
+    pub etcd: Etcd,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            nodes: 3,
+            lease_ttl: 2,
+            node_args: Vec::new(),
+        }
+    }
+
+    /// Waits until the router and every running node are ready and report the same
+    /// ring, with every running node on it.
+    pub async fn converged(&self) {
+        let router = self.router_grpc();
+        let nodes: Vec<(String, String)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| (n.id.clone(), n.http.clone()))
+            .collect();
+        eventually(
+            "the cluster to converge on one ring",
+            Duration::from_secs(15),
+            || {
+                let router = router.clone();
+                let nodes = nodes.clone();
+                async move {
+                    let mut client = connect_router(&router).await?;
+                    let ring = client
+                        .get_ring(ringfeed_proto::v1::GetRingRequest {})
+                        .await?
+                        .into_inner();
+                    let members: Vec<&str> = ring.members.iter().map(|m| m.id.as_str()).collect();
+                    if nodes.iter().any(|(id, _)| !members.contains(&id.as_str())) {
+                        return Ok(None);
+                    }
+                    for (_, http) in &nodes {
+                        let ready = http_json(&format!("{http}/readyz")).await?;
+                        if ready["ready"] != true || ready["ring_id"] != ring.ring_id.as_str() {
+                            return Ok(None);
+                        }
+                    }
+                    Ok(Some(()))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Starts a node `id` with extra `args` and waits for its ready line.
+    pub async fn spawn_node(&self, id: &str, args: &[&str]) -> Result<NodeProc> {
+        let log = self.dir.path().join(format!("{id}.log"));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut child = Command::new(binary("ringfeed-node"))
+            .args([
+                "--id",
+                id,
+                "--cluster",
+                &self.name,
+                "--etcd",
+                &self.etcd.endpoint,
+            ])
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--lease-ttl", &self.lease_ttl.to_string()])
+            .args(&self.node_args)
+            .args(args)
+            .env(
+                "RINGFEED_LOG",
+                std::env::var("RINGFEED_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start ringfeed-node")?;
+        let started = Instant::now();
+        let line = ready_line(&mut child, "ringfeed-node ready", &log).await?;
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("ready line without {name}: {line}"))
+        };
+        Ok(NodeProc {
+            id: id.to_owned(),
+            http: field("http")?,
+            grpc: field("grpc")?,
+            incarnation: field("incarnation")?,
+            child: Some(child),
+            log,
+            started,
+        })
+    }
+
+    /// Starts a node and adds it to [`Cluster::nodes`].
+    pub async fn add_node(&mut self, id: &str) -> Result<&NodeProc> {
+        let node = self.spawn_node(id, &[]).await?;
+        self.nodes.push(node);
+        Ok(self.nodes.last().expect("just pushed"))
+    }
+
+    async fn spawn_router(&self) -> Result<RouterProc> {
+        let log = self.dir.path().join("router.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut child = Command::new(binary("ringfeed-router"))
+            .args([
+                "--cluster",
+                &self.name,
+                "--etcd",
+                &self.etcd.endpoint,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start ringfeed-router")?;
+        let line = ready_line(&mut child, "ringfeed-router ready", &log).await?;
+        let grpc = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .ok_or_else(|| anyhow!("router ready line without grpc: {line}"))?
+            .to_owned();
+        Ok(RouterProc {
+            child: Some(child),
+            grpc,
+            log,
+        })
+    }
+
+    pub fn node(&self, id: &str) -> &NodeProc {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn node_mut(&mut self, id: &str) -> &mut NodeProc {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// The router's gRPC address.
+    pub fn router_grpc(&self) -> String {
+        self.router
+            .as_ref()
+            .map(|r| r.grpc.clone())
+            .expect("router started")
+    }
+
+    /// A `Router` client.
+    pub async fn router(&self) -> Result<RouterClient<Channel>> {
+        connect_router(&self.router_grpc()).await
+    }
+
+    /// The node `/v1/route` names as the owner of `key`, asked of `node`.
+    pub async fn route(&self, node: &NodeProc, key: &str) -> Result<serde_json::Value> {
+        http_json(&format!("{}/v1/route?key={key}", node.http)).await
+    }
+
+    /// `/v1/ring` of `node`.
+    pub async fn ring(&self, node: &NodeProc) -> Result<serde_json::Value> {
+        http_json(&format!("{}/v1/ring", node.http)).await
+    }
+
+    /// Every process's log, for a failed test.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            out.push_str(&format!("===== {} =====\n{}\n", n.id, tail(&n.log(), 60)));
+        }
+        if let Some(r) = &self.router {
+            let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+            out.push_str(&format!("===== router =====\n{}\n", tail(&log, 60)));
+        }
+        out.push_str(&format!(
+            "===== etcd =====\n{}\n",
+            tail(&self.etcd.log(), 20)
+        ));
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        if let Some(r) = self.router.as_mut() {
+            if let Some(child) = r.child.as_mut() {
+                let _ = child.start_kill();
+            }
+        }
+        for n in &mut self.nodes {
+            if let Some(child) = n.child.as_mut() {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn ready_line(child: &mut Child, prefix: &str, log: &Path) -> Result<String> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(START_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.starts_with(prefix) {
+                return Ok::<_, std::io::Error>(Some(line));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    // Keep draining stdout so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    match found {
+        Ok(Ok(Some(line))) => Ok(line),
+        other => {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("no {prefix:?} line ({other:?}); log:\n{}", tail(&log, 40))
+        }
+    }
+}
+
+/// Connects a `Router` client to `addr`.
+pub async fn connect_router(addr: &str) -> Result<RouterClient<Channel>> {
+    Ok(ringfeed_client::publisher::connect(addr).await?)
+}
+
+/// A tiny HTTP/1.1 GET over loopback: status and body.
+pub async fn http_get(url: &str) -> Result<(u16, String)> {
+    http_request(url, &[]).await
+}
+
+/// A GET with extra headers: status and body.
+pub async fn http_request(url: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+    let (status, _, body) = http_request_full(url, headers).await?;
+    Ok((status, body))
+}
+
+/// A GET with extra headers: status, response headers (lower-case names), body.
+pub async fn http_request_full(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Vec<(String, String)>, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("not an http url: {url}"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, headers, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// GET `url` and parse the body as JSON (any status).
+pub async fn http_json(url: &str) -> Result<serde_json::Value> {
+    let (status, body) = http_get(url).await?;
+    serde_json::from_str(&body).with_context(|| format!("{url} answered {status} with {body:?}"))
+}

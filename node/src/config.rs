@@ -18,7 +18,12 @@ pub struct Config {
     #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
     pub cluster: String,
     /// etcd endpoints, comma-separated.
-    #[arg(long, env = "RINGFEED_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "RINGFEED_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub etcd: Vec<String>,
     /// Address of the HTTP / WebSocket listener (port 0 picks a free one).
     #[arg(long, env = "RINGFEED_HTTP_LISTEN", default_value = "127.0.0.1:8001")]
@@ -52,7 +57,11 @@ pub struct Config {
     #[arg(long, env = "RINGFEED_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub max_payload: usize,
     /// Most subscribers of one key.
-    #[arg(long, env = "RINGFEED_MAX_SUBSCRIBERS_PER_KEY", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "RINGFEED_MAX_SUBSCRIBERS_PER_KEY",
+        default_value_t = 100_000
+    )]
     pub max_subscribers_per_key: usize,
     /// Interval of WebSocket control pings; no pong within 1.5× closes the connection.
     #[arg(long, env = "RINGFEED_HEARTBEAT_MS", default_value_t = 30_000)]
@@ -64,7 +73,12 @@ pub struct Config {
     #[arg(long, env = "RINGFEED_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
     /// Origins allowed for CORS and WebSocket upgrades, comma-separated; `*` allows all.
-    #[arg(long, env = "RINGFEED_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "*")]
+    #[arg(
+        long,
+        env = "RINGFEED_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
     pub allowed_origins: Vec<String>,
 }
 
@@ -73,27 +87,45 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.id.is_empty()
             || self.id.len() > 64
-            || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         {
-            return Err(format!("--id {:?}: 1–64 bytes of A-Z a-z 0-9 . _ -", self.id));
+            return Err(format!(
+                "--id {:?}: 1–64 bytes of A-Z a-z 0-9 . _ -",
+                self.id
+            ));
         }
         if self.cluster.is_empty() || self.cluster.contains('/') {
-            return Err(format!("--cluster {:?} must be non-empty and contain no '/'", self.cluster));
+            return Err(format!(
+                "--cluster {:?} must be non-empty and contain no '/'",
+                self.cluster
+            ));
         }
         if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
             return Err("--etcd needs at least one endpoint".into());
         }
         if self.lease_ttl < 2 || self.lease_ttl > 3600 {
-            return Err(format!("--lease-ttl {}: between 2 and 3600 seconds", self.lease_ttl));
+            return Err(format!(
+                "--lease-ttl {}: between 2 and 3600 seconds",
+                self.lease_ttl
+            ));
         }
         if self.points == 0 || self.points > MAX_POINTS {
-            return Err(format!("--points {}: between 1 and {MAX_POINTS}", self.points));
+            return Err(format!(
+                "--points {}: between 1 and {MAX_POINTS}",
+                self.points
+            ));
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be > 0".into());
         }
         if self.subscriber_queue == 0 || self.subscriber_queue > 1 << 20 {
-            return Err(format!("--subscriber-queue {}: between 1 and 1048576", self.subscriber_queue));
+            return Err(format!(
+                "--subscriber-queue {}: between 1 and 1048576",
+                self.subscriber_queue
+            ));
         }
         if self.max_frame < 1024 || self.max_payload == 0 {
             return Err("--max-frame must be ≥ 1024 and --max-payload > 0".into());
@@ -102,7 +134,10 @@ impl Config {
             return Err("--max-subscribers-per-key must be > 0".into());
         }
         if self.heartbeat_ms < 100 {
-            return Err(format!("--heartbeat-ms {}: at least 100", self.heartbeat_ms));
+            return Err(format!(
+                "--heartbeat-ms {}: at least 100",
+                self.heartbeat_ms
+            ));
         }
         if self.handshake_timeout_ms == 0 {
             return Err("--handshake-timeout-ms must be > 0".into());
@@ -112,13 +147,19 @@ impl Config {
         }
         if let Some(http) = &self.advertise_http {
             if !(http.starts_with("http://") || http.starts_with("https://")) {
-                return Err(format!("--advertise-http {http:?} must start with http:// or https://"));
+                return Err(format!(
+                    "--advertise-http {http:?} must start with http:// or https://"
+                ));
             }
         } else if self.http_listen.ip().is_unspecified() {
-            return Err("--advertise-http is needed when --http-listen is a wildcard address".into());
+            return Err(
+                "--advertise-http is needed when --http-listen is a wildcard address".into(),
+            );
         }
         if self.advertise_grpc.is_none() && self.grpc_listen.ip().is_unspecified() {
-            return Err("--advertise-grpc is needed when --grpc-listen is a wildcard address".into());
+            return Err(
+                "--advertise-grpc is needed when --grpc-listen is a wildcard address".into(),
+            );
         }
         Ok(())
     }

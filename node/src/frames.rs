@@ -27,7 +27,13 @@ pub fn is_json(content_type: &str) -> bool {
 
 /// The `update` frame of `key` at `seq`: JSON payloads go in `data` as they are (after
 /// checking they parse), others in `data_b64` beside `content_type`.
-pub fn update(key: &str, seq: u64, data: &[u8], content_type: &str, max_payload: usize) -> Result<Utf8Bytes, PayloadError> {
+pub fn update(
+    key: &str,
+    seq: u64,
+    data: &[u8],
+    content_type: &str,
+    max_payload: usize,
+) -> Result<Utf8Bytes, PayloadError> {
     if data.len() > max_payload {
         return Err(PayloadError::TooLarge(data.len(), max_payload));
     }
@@ -54,7 +60,11 @@ pub fn update(key: &str, seq: u64, data: &[u8], content_type: &str, max_payload:
 }
 
 fn display_type(content_type: &str) -> String {
-    if content_type.is_empty() { "application/json".into() } else { content_type.to_owned() }
+    if content_type.is_empty() {
+        "application/json".into()
+    } else {
+        content_type.to_owned()
+    }
 }
 
 fn push_json_str(out: &mut String, s: &str) {
@@ -65,12 +75,32 @@ fn push_json_str(out: &mut String, s: &str) {
 #[derive(Serialize, Debug)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerFrame<'a> {
-    Welcome { key: &'a str, node: &'a str, epoch: &'a str, seq: u64, heartbeat_ms: u64 },
-    Redirect { url: &'a str, node: &'a str, ring_version: u64 },
-    Ack { id: &'a serde_json::Value, seq: u64 },
-    Nack { id: &'a serde_json::Value, code: &'a str, message: &'a str },
+    Welcome {
+        key: &'a str,
+        node: &'a str,
+        epoch: &'a str,
+        seq: u64,
+        heartbeat_ms: u64,
+    },
+    Redirect {
+        url: &'a str,
+        node: &'a str,
+        ring_version: u64,
+    },
+    Ack {
+        id: &'a serde_json::Value,
+        seq: u64,
+    },
+    Nack {
+        id: &'a serde_json::Value,
+        code: &'a str,
+        message: &'a str,
+    },
     Pong,
-    Error { code: &'a str, message: &'a str },
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
 }
 
 impl ServerFrame<'_> {
@@ -82,7 +112,10 @@ impl ServerFrame<'_> {
 /// Frames a client may send.
 #[derive(Debug)]
 pub enum ClientFrame {
-    Publish { data: Box<RawValue>, id: serde_json::Value },
+    Publish {
+        data: Box<RawValue>,
+        id: serde_json::Value,
+    },
     Ping,
 }
 
@@ -108,18 +141,30 @@ pub struct FrameError {
 pub fn parse_client(text: &str) -> Result<ClientFrame, FrameError> {
     let raw: RawClientFrame<'_> = serde_json::from_str(text).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            FrameError { code: "bad_json", message: format!("frame is not valid JSON: {e}") }
+            FrameError {
+                code: "bad_json",
+                message: format!("frame is not valid JSON: {e}"),
+            }
         } else {
-            FrameError { code: "bad_frame", message: format!("malformed frame: {e}") }
+            FrameError {
+                code: "bad_frame",
+                message: format!("malformed frame: {e}"),
+            }
         }
     })?;
     match &*raw.kind {
         "ping" => Ok(ClientFrame::Ping),
         "publish" => match raw.data {
             Some(data) => Ok(ClientFrame::Publish { data, id: raw.id }),
-            None => Err(FrameError { code: "bad_frame", message: "publish frame has no \"data\"".into() }),
+            None => Err(FrameError {
+                code: "bad_frame",
+                message: "publish frame has no \"data\"".into(),
+            }),
         },
-        other => Err(FrameError { code: "unknown_type", message: format!("unknown frame type {other:?}") }),
+        other => Err(FrameError {
+            code: "unknown_type",
+            message: format!("unknown frame type {other:?}"),
+        }),
     }
 }
 
@@ -131,9 +176,15 @@ mod tests {
     fn json_updates_embed_data() {
         let f = update("user:1", 7, br#" {"a":[1,2]} "#, "application/json", 1024).unwrap();
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"update","key":"user:1","seq":7,"data":{"a":[1,2]}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"update","key":"user:1","seq":7,"data":{"a":[1,2]}})
+        );
         let f = update("k", 1, b"3", "", 1024).unwrap();
-        assert_eq!(f.as_str(), r#"{"type":"update","key":"k","seq":1,"data":3}"#);
+        assert_eq!(
+            f.as_str(),
+            r#"{"type":"update","key":"k","seq":1,"data":3}"#
+        );
         assert!(update("k", 1, b"1", "application/vnd.x+json; charset=utf-8", 8).is_ok());
     }
 
@@ -147,15 +198,30 @@ mod tests {
 
     #[test]
     fn bad_payloads_are_refused() {
-        assert!(matches!(update("k", 1, b"{nope", "application/json", 1024), Err(PayloadError::BadJson(..))));
-        assert!(matches!(update("k", 1, b"1 2", "", 1024), Err(PayloadError::BadJson(..))));
-        assert!(matches!(update("k", 1, &[0xff], "", 1024), Err(PayloadError::BadJson(..))));
-        assert_eq!(update("k", 1, b"12345", "", 4), Err(PayloadError::TooLarge(5, 4)));
+        assert!(matches!(
+            update("k", 1, b"{nope", "application/json", 1024),
+            Err(PayloadError::BadJson(..))
+        ));
+        assert!(matches!(
+            update("k", 1, b"1 2", "", 1024),
+            Err(PayloadError::BadJson(..))
+        ));
+        assert!(matches!(
+            update("k", 1, &[0xff], "", 1024),
+            Err(PayloadError::BadJson(..))
+        ));
+        assert_eq!(
+            update("k", 1, b"12345", "", 4),
+            Err(PayloadError::TooLarge(5, 4))
+        );
     }
 
     #[test]
     fn client_frames() {
-        assert!(matches!(parse_client(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping)));
+        assert!(matches!(
+            parse_client(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping)
+        ));
         match parse_client(r#"{"type":"publish","data":{"x":1},"id":"a1"}"#).unwrap() {
             ClientFrame::Publish { data, id } => {
                 assert_eq!(data.get(), r#"{"x":1}"#);
@@ -164,8 +230,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(parse_client("nope").unwrap_err().code, "bad_json");
-        assert_eq!(parse_client(r#"{"type":"shout"}"#).unwrap_err().code, "unknown_type");
+        assert_eq!(
+            parse_client(r#"{"type":"shout"}"#).unwrap_err().code,
+            "unknown_type"
+        );
         assert_eq!(parse_client(r#"{"kind":1}"#).unwrap_err().code, "bad_frame");
-        assert_eq!(parse_client(r#"{"type":"publish"}"#).unwrap_err().code, "bad_frame");
+        assert_eq!(
+            parse_client(r#"{"type":"publish"}"#).unwrap_err().code,
+            "bad_frame"
+        );
     }
 }

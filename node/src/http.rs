@@ -108,7 +108,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
 }
 
 /// CORS for browsers on other origins (PROTOCOL.md *Browsers*).
-async fn cors(State(node): State<Arc<Node>>, request: Request, next: axum::middleware::Next) -> Response {
+async fn cors(
+    State(node): State<Arc<Node>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let preflight = request.method() == Method::OPTIONS;
     let mut response = if preflight {
@@ -118,21 +122,38 @@ async fn cors(State(node): State<Arc<Node>>, request: Request, next: axum::middl
     };
     let allowed = match &origin {
         None => None,
-        Some(_) if node.config.allowed_origins.iter().any(|o| o == "*") => Some(HeaderValue::from_static("*")),
-        Some(o) => o.to_str().ok().filter(|o| node.config.origin_allowed(o)).map(|_| o.clone()),
+        Some(_) if node.config.allowed_origins.iter().any(|o| o == "*") => {
+            Some(HeaderValue::from_static("*"))
+        }
+        Some(o) => o
+            .to_str()
+            .ok()
+            .filter(|o| node.config.origin_allowed(o))
+            .map(|_| o.clone()),
     };
     if let Some(value) = allowed {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
         headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("ETag, Retry-After"));
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("ETag, Retry-After"),
+        );
         if preflight {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
             headers.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("Authorization, Content-Type, Last-Event-ID, If-None-Match"),
+                HeaderValue::from_static(
+                    "Authorization, Content-Type, Last-Event-ID, If-None-Match",
+                ),
             );
-            headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
         }
     }
     response
@@ -147,13 +168,19 @@ fn connect_params(query: Option<&str>) -> Result<ConnectParams, ApiError> {
         match &*k {
             "key" => key = Some(v.into_owned()),
             "rv" => {
-                rv = Some(v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid rv {v:?}: expected a ring version")))?)
+                rv = Some(v.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid rv {v:?}: expected a ring version"))
+                })?)
             }
             _ => {}
         }
     }
     let key = key.ok_or_else(|| ApiError::bad_request("missing key"))?;
-    Ok(ConnectParams { key, rv, query: Arc::from(query) })
+    Ok(ConnectParams {
+        key,
+        rv,
+        query: Arc::from(query),
+    })
 }
 
 /// `GET /v1/connect`: the WebSocket upgrade. Refusals that need no socket (not an
@@ -164,10 +191,18 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         Ok(params) => params,
         // A missing key is a close 4400 on the socket when it is an upgrade.
         Err(e) if !is_upgrade(&request) => return e.into_response(),
-        Err(_) => ConnectParams { key: String::new(), rv: None, query: Arc::from("") },
+        Err(_) => ConnectParams {
+            key: String::new(),
+            rv: None,
+            query: Arc::from(""),
+        },
     };
     if !is_upgrade(&request) {
-        return ApiError(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade (version 13)".into()).into_response();
+        return ApiError(
+            StatusCode::UPGRADE_REQUIRED,
+            "expected a WebSocket upgrade (version 13)".into(),
+        )
+        .into_response();
     }
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         if !origin.to_str().is_ok_and(|o| node.config.origin_allowed(o)) {
@@ -180,7 +215,11 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     let Ok(permit) = node.connections.clone().try_acquire_owned() else {
         return unavailable("connection limit reached", 1);
     };
-    let Some(accept) = request.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+    let Some(accept) = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
         return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
@@ -213,13 +252,17 @@ fn is_upgrade(request: &Request) -> bool {
     request.method() == Method::GET
         && has(header::CONNECTION, "upgrade")
         && has(header::UPGRADE, "websocket")
-        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13")
 }
 
 /// 503 with `Retry-After`.
 fn unavailable(message: &str, retry_after_s: u32) -> Response {
     let mut response = ApiError(StatusCode::SERVICE_UNAVAILABLE, message.into()).into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     response
 }
 
@@ -233,10 +276,12 @@ async fn route(State(node): State<Arc<Node>>, request: Request) -> Result<Respon
     let params = connect_params(request.uri().query())?;
     key::validate(&params.key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
     let view = node.view_for(params.rv, None).await;
-    let owner = view
-        .ring
-        .owner(&params.key)
-        .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the ring has no active members".into()))?;
+    let owner = view.ring.owner(&params.key).ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ring has no active members".into(),
+        )
+    })?;
     Ok(Json(json!({
         "key": params.key,
         "ring_version": view.version,
@@ -262,7 +307,13 @@ async fn ring(State(node): State<Arc<Node>>) -> Response {
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let view = node.membership.view();
     let lease_ok = node.registration().is_some_and(|r| r.lease_healthy());
-    let successor = view.ring.members().iter().filter(|m| m.state == ringfeed_router::ring::MemberState::Active).count() > 1;
+    let successor = view
+        .ring
+        .members()
+        .iter()
+        .filter(|m| m.state == ringfeed_router::ring::MemberState::Active)
+        .count()
+        > 1;
     let body = |ready: bool, reason: Option<&str>| {
         json!({
             "ready": ready,
@@ -278,10 +329,13 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     };
     match node.not_ready() {
         None => Json(body(true, None)).into_response(),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, Json(body(false, Some(reason)))).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(body(false, Some(reason))),
+        )
+            .into_response(),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -54,30 +54,46 @@ impl NodeService {
                 replicated: false,
             }),
             Err(ApplyError::Payload(e)) => error(Code::InvalidArgument, e.to_string()),
-            Err(e @ ApplyError::SeqMismatch { .. }) => error(Code::FailedPrecondition, e.to_string()),
+            Err(e @ ApplyError::SeqMismatch { .. }) => {
+                error(Code::FailedPrecondition, e.to_string())
+            }
         }
     }
 }
 
 fn error(code: Code, message: String) -> deliver_result::Result {
-    deliver_result::Result::Error(pb::Error { code: code as u32, message })
+    deliver_result::Result::Error(pb::Error {
+        code: code as u32,
+        message,
+    })
 }
 
 fn ring_ref(view: &View) -> pb::RingRef {
-    pb::RingRef { ring_version: view.version, ring_id: view.ring.id().0.clone() }
+    pb::RingRef {
+        ring_version: view.version,
+        ring_id: view.ring.id().0.clone(),
+    }
 }
 
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
-    async fn deliver(&self, request: Request<pb::DeliverRequest>) -> Result<Response<pb::DeliverReply>, Status> {
+    async fn deliver(
+        &self,
+        request: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverReply>, Status> {
         let request = request.into_inner();
         let view = self.view(request.ring.as_ref()).await;
         let results = request
             .items
             .iter()
-            .map(|item| pb::DeliverResult { result: Some(self.apply(&view, item)) })
+            .map(|item| pb::DeliverResult {
+                result: Some(self.apply(&view, item)),
+            })
             .collect();
-        Ok(Response::new(pb::DeliverReply { results, ring: Some(ring_ref(&view)) }))
+        Ok(Response::new(pb::DeliverReply {
+            results,
+            ring: Some(ring_ref(&view)),
+        }))
     }
 
     async fn key_presence(
@@ -85,7 +101,8 @@ impl node_server::Node for NodeService {
         request: Request<pb::KeyPresenceRequest>,
     ) -> Result<Response<pb::KeyPresenceReply>, Status> {
         let request = request.into_inner();
-        key::validate(&request.key).map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
+        key::validate(&request.key)
+            .map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
         let view = self.view(request.ring.as_ref()).await;
         let result = match self.node.decide(view.clone(), &request.key) {
             Decision::Mine(_) => key_presence_reply::Result::Ok(pb::PresenceReply {
@@ -94,6 +111,8 @@ impl node_server::Node for NodeService {
             }),
             _ => key_presence_reply::Result::NotOwner(ring_ref(&view)),
         };
-        Ok(Response::new(pb::KeyPresenceReply { result: Some(result) }))
+        Ok(Response::new(pb::KeyPresenceReply {
+            result: Some(result),
+        }))
     }
 }

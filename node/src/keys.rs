@@ -29,7 +29,12 @@ pub enum ApplyError {
     #[error(transparent)]
     Payload(#[from] PayloadError),
     #[error("expected seq {expected} in epoch {expected_epoch:?}, but the key is at seq {seq} in epoch {epoch}")]
-    SeqMismatch { expected: u64, expected_epoch: String, seq: u64, epoch: String },
+    SeqMismatch {
+        expected: u64,
+        expected_epoch: String,
+        seq: u64,
+        epoch: String,
+    },
 }
 
 /// A publish as the key sees it.
@@ -74,7 +79,10 @@ pub struct Control {
 
 impl Control {
     pub fn new() -> Arc<Control> {
-        Arc::new(Control { kick: Mutex::new(None), notify: Notify::new() })
+        Arc::new(Control {
+            kick: Mutex::new(None),
+            notify: Notify::new(),
+        })
     }
 
     /// Asks the connection to close; the first kick wins.
@@ -119,7 +127,11 @@ pub struct KeyState {
 
 impl KeyState {
     fn new() -> KeyState {
-        KeyState { epoch: new_epoch(), seq: 0, subscribers: Vec::new() }
+        KeyState {
+            epoch: new_epoch(),
+            seq: 0,
+            subscribers: Vec::new(),
+        }
     }
 }
 
@@ -161,7 +173,11 @@ impl KeyTable {
     }
 
     fn existing(&self, key: &str) -> Option<Entry> {
-        self.shard(key).lock().expect("shard lock poisoned").get(key).cloned()
+        self.shard(key)
+            .lock()
+            .expect("shard lock poisoned")
+            .get(key)
+            .cloned()
     }
 
     /// A fresh subscriber id.
@@ -174,7 +190,8 @@ impl KeyTable {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
         if let Some(expected) = publish.expected_seq {
-            let epoch_ok = publish.expected_epoch.is_empty() || publish.expected_epoch == state.epoch;
+            let epoch_ok =
+                publish.expected_epoch.is_empty() || publish.expected_epoch == state.epoch;
             if !epoch_ok || expected != state.seq {
                 return Err(ApplyError::SeqMismatch {
                     expected,
@@ -185,25 +202,37 @@ impl KeyTable {
             }
         }
         let seq = state.seq + 1;
-        let frame = frames::update(key, seq, publish.data, publish.content_type, self.max_payload)?;
+        let frame = frames::update(
+            key,
+            seq,
+            publish.data,
+            publish.content_type,
+            self.max_payload,
+        )?;
         state.seq = seq;
         let mut delivered = 0u32;
-        state.subscribers.retain(|s| match s.tx.try_send(frame.clone()) {
-            Ok(()) => {
-                delivered += 1;
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                s.control.kick(Kick {
-                    frame: None,
-                    code: CLOSE_SLOW_CONSUMER,
-                    reason: "slow consumer".into(),
-                });
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
-        Ok(Applied { seq, epoch: state.epoch.clone(), delivered })
+        state
+            .subscribers
+            .retain(|s| match s.tx.try_send(frame.clone()) {
+                Ok(()) => {
+                    delivered += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.control.kick(Kick {
+                        frame: None,
+                        code: CLOSE_SLOW_CONSUMER,
+                        reason: "slow consumer".into(),
+                    });
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        Ok(Applied {
+            seq,
+            epoch: state.epoch.clone(),
+            delivered,
+        })
     }
 
     /// Adds a subscriber to `key`, and queues `welcome(epoch, seq)` for it first, so
@@ -228,14 +257,25 @@ impl KeyTable {
     /// Removes subscriber `id` of `key`, if it is still there.
     pub fn unsubscribe(&self, key: &str, id: u64) {
         if let Some(entry) = self.existing(key) {
-            entry.lock().expect("key lock poisoned").subscribers.retain(|s| s.id != id);
+            entry
+                .lock()
+                .expect("key lock poisoned")
+                .subscribers
+                .retain(|s| s.id != id);
         }
     }
 
     /// The presence ids of every subscriber of `key`.
     pub fn presence(&self, key: &str) -> Vec<String> {
         self.existing(key)
-            .map(|e| e.lock().expect("key lock poisoned").subscribers.iter().map(|s| s.presence_id.clone()).collect())
+            .map(|e| {
+                e.lock()
+                    .expect("key lock poisoned")
+                    .subscribers
+                    .iter()
+                    .map(|s| s.presence_id.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -248,7 +288,10 @@ impl KeyTable {
             let keys: Vec<String> = shard.keys().filter(|k| moved(k)).cloned().collect();
             for key in keys {
                 if let Some(entry) = shard.remove(&key) {
-                    let state = std::mem::replace(&mut *entry.lock().expect("key lock poisoned"), KeyState::new());
+                    let state = std::mem::replace(
+                        &mut *entry.lock().expect("key lock poisoned"),
+                        KeyState::new(),
+                    );
                     taken.push((key, state));
                 }
             }
@@ -258,7 +301,10 @@ impl KeyTable {
 
     /// How many keys are held.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().expect("shard lock poisoned").len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().expect("shard lock poisoned").len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -270,7 +316,9 @@ impl KeyTable {
 pub fn new_epoch() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut rng = rand::rng();
-    (0..16).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..16)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 #[cfg(test)]
@@ -278,10 +326,18 @@ mod tests {
     use super::*;
 
     fn publish(data: &[u8]) -> Publish<'_> {
-        Publish { data, content_type: "", expected_seq: None, expected_epoch: "" }
+        Publish {
+            data,
+            content_type: "",
+            expected_seq: None,
+            expected_epoch: "",
+        }
     }
 
-    fn subscriber(table: &KeyTable, queue: usize) -> (Subscriber, mpsc::Receiver<Utf8Bytes>, Arc<Control>) {
+    fn subscriber(
+        table: &KeyTable,
+        queue: usize,
+    ) -> (Subscriber, mpsc::Receiver<Utf8Bytes>, Arc<Control>) {
         let (tx, rx) = mpsc::channel(queue);
         let control = Control::new();
         let s = Subscriber {
@@ -298,14 +354,17 @@ mod tests {
     fn seqs_count_from_one_and_reach_subscribers_in_order() {
         let table = KeyTable::new(1024, 10);
         let (s, mut rx, _) = subscriber(&table, 16);
-        table.subscribe("k", s, |_, seq| Utf8Bytes::from(format!("welcome {seq}"))).unwrap();
+        table
+            .subscribe("k", s, |_, seq| Utf8Bytes::from(format!("welcome {seq}")))
+            .unwrap();
         for i in 1..=3u64 {
             let a = table.apply("k", publish(b"1")).unwrap();
             assert_eq!((a.seq, a.delivered), (i, 1));
         }
         assert_eq!(rx.try_recv().unwrap().as_str(), "welcome 0");
         for i in 1..=3 {
-            let v: serde_json::Value = serde_json::from_str(rx.try_recv().unwrap().as_str()).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(rx.try_recv().unwrap().as_str()).unwrap();
             assert_eq!(v["seq"], i);
         }
     }
@@ -315,12 +374,21 @@ mod tests {
         let table = KeyTable::new(1024, 10);
         let (slow, _slow_rx, slow_control) = subscriber(&table, 2);
         let (fast, mut fast_rx, _) = subscriber(&table, 64);
-        table.subscribe("k", slow, |_, _| Utf8Bytes::from("w")).unwrap();
-        table.subscribe("k", fast, |_, _| Utf8Bytes::from("w")).unwrap();
+        table
+            .subscribe("k", slow, |_, _| Utf8Bytes::from("w"))
+            .unwrap();
+        table
+            .subscribe("k", fast, |_, _| Utf8Bytes::from("w"))
+            .unwrap();
         for _ in 0..5 {
             table.apply("k", publish(b"1")).unwrap();
         }
-        let kick = slow_control.kick.lock().unwrap().clone().expect("slow subscriber kicked");
+        let kick = slow_control
+            .kick
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("slow subscriber kicked");
         assert_eq!(kick.code, CLOSE_SLOW_CONSUMER);
         assert_eq!(table.presence("k").len(), 1);
         let mut got = 0;
@@ -334,12 +402,28 @@ mod tests {
     fn compare_and_set() {
         let table = KeyTable::new(1024, 10);
         table.apply("k", publish(b"1")).unwrap();
-        let ok = Publish { expected_seq: Some(1), ..publish(b"2") };
+        let ok = Publish {
+            expected_seq: Some(1),
+            ..publish(b"2")
+        };
         assert_eq!(table.apply("k", ok).unwrap().seq, 2);
-        let stale = Publish { expected_seq: Some(1), ..publish(b"3") };
-        assert!(matches!(table.apply("k", stale), Err(ApplyError::SeqMismatch { seq: 2, .. })));
-        let other_epoch = Publish { expected_seq: Some(2), expected_epoch: "nope", ..publish(b"3") };
-        assert!(matches!(table.apply("k", other_epoch), Err(ApplyError::SeqMismatch { .. })));
+        let stale = Publish {
+            expected_seq: Some(1),
+            ..publish(b"3")
+        };
+        assert!(matches!(
+            table.apply("k", stale),
+            Err(ApplyError::SeqMismatch { seq: 2, .. })
+        ));
+        let other_epoch = Publish {
+            expected_seq: Some(2),
+            expected_epoch: "nope",
+            ..publish(b"3")
+        };
+        assert!(matches!(
+            table.apply("k", other_epoch),
+            Err(ApplyError::SeqMismatch { .. })
+        ));
     }
 
     #[test]
@@ -355,8 +439,13 @@ mod tests {
         let table = KeyTable::new(4, 1);
         let (a, _ra, _) = subscriber(&table, 2);
         let (b, _rb, _) = subscriber(&table, 2);
-        table.subscribe("k", a, |_, _| Utf8Bytes::from("w")).unwrap();
-        assert_eq!(table.subscribe("k", b, |_, _| Utf8Bytes::from("w")), Err(SubscribeError::TooManySubscribers(1)));
+        table
+            .subscribe("k", a, |_, _| Utf8Bytes::from("w"))
+            .unwrap();
+        assert_eq!(
+            table.subscribe("k", b, |_, _| Utf8Bytes::from("w")),
+            Err(SubscribeError::TooManySubscribers(1))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::frames::ServerFrame;
-use crate::keys::{Kick, KeyTable};
+use crate::keys::{KeyTable, Kick};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
@@ -47,7 +47,12 @@ pub enum Decision {
 }
 
 impl Node {
-    pub fn new(config: Config, membership: Membership, shutdown: CancellationToken, tasks: TaskTracker) -> Node {
+    pub fn new(
+        config: Config,
+        membership: Membership,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Node {
         Node {
             id: NodeId(config.id.clone()),
             keys: KeyTable::new(config.max_payload, config.max_subscribers_per_key),
@@ -99,7 +104,9 @@ impl Node {
         let view = self.membership.view();
         match version {
             Some(v) if !view.has_seen(v, id) => {
-                self.membership.catch_up(v, id, Instant::now() + CATCH_UP_BOUND).await
+                self.membership
+                    .catch_up(v, id, Instant::now() + CATCH_UP_BOUND)
+                    .await
             }
             _ => view,
         }
@@ -138,10 +145,14 @@ impl Node {
             if !view.ring.is_active(&self.id) {
                 continue;
             }
-            let moved = self.keys.take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
+            let moved = self
+                .keys
+                .take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
             let mut clients = 0usize;
             for (key, state) in moved {
-                let Some(owner) = view.ring.owner(&key) else { continue };
+                let Some(owner) = view.ring.owner(&key) else {
+                    continue;
+                };
                 for s in state.subscribers {
                     s.control.kick(redirect_kick(owner, &s.query, view.version));
                     clients += 1;
@@ -157,8 +168,17 @@ impl Node {
 /// The `redirect` frame and close 4300 that send a client to `owner`.
 pub fn redirect_kick(owner: &Member, query: &str, ring_version: u64) -> Kick {
     let url = redirect_url(&owner.ws_base(), "/v1/connect", query, ring_version);
-    let frame = ServerFrame::Redirect { url: &url, node: &owner.id.0, ring_version }.encode();
-    Kick { frame: Some(frame), code: CLOSE_MOVED, reason: format!("moved to {}", owner.id) }
+    let frame = ServerFrame::Redirect {
+        url: &url,
+        node: &owner.id.0,
+        ring_version,
+    }
+    .encode();
+    Kick {
+        frame: Some(frame),
+        code: CLOSE_MOVED,
+        reason: format!("moved to {}", owner.id),
+    }
 }
 
 /// `base` + `path` + `query` with `rv` set to `ring_version` (replacing any `rv`).
@@ -183,6 +203,9 @@ mod tests {
             redirect_url("ws://h:1", "/v1/connect", "key=user%3A1&since=4&rv=2", 9),
             "ws://h:1/v1/connect?key=user%3A1&since=4&rv=9"
         );
-        assert_eq!(redirect_url("http://h", "/v1/sse", "", 3), "http://h/v1/sse?rv=3");
+        assert_eq!(
+            redirect_url("http://h", "/v1/sse", "", 3),
+            "http://h/v1/sse?rv=3"
+        );
     }
 }

@@ -16,12 +16,23 @@ use crate::node::Node;
 
 /// Runs a node on bound listeners until `shutdown` is cancelled, then: stop accepting,
 /// deregister, close every client with 1001, wait up to the grace period.
-pub async fn run(config: Config, http: TcpListener, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    http: TcpListener,
+    grpc: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let http_addr = http.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
-    let advertise_http = config.advertise_http.clone().unwrap_or_else(|| format!("http://{http_addr}"));
-    let advertise_grpc = config.advertise_grpc.clone().unwrap_or_else(|| grpc_addr.to_string());
+    let advertise_http = config
+        .advertise_http
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let advertise_grpc = config
+        .advertise_grpc
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
 
     let membership = Membership::start(
         &MembershipConfig {
@@ -44,12 +55,18 @@ pub async fn run(config: Config, http: TcpListener, grpc: TcpListener, shutdown:
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let grace = config.shutdown_grace();
-    let node = Arc::new(Node::new(config, membership.clone(), shutdown.clone(), tasks.clone()));
+    let node = Arc::new(Node::new(
+        config,
+        membership.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
     tasks.spawn(crate::http::serve(node.clone(), http));
     let grpc_stop = shutdown.clone();
-    let service = NodeServer::new(NodeService::new(node.clone())).max_decoding_message_size(256 * 1024 * 1024);
+    let service = NodeServer::new(NodeService::new(node.clone()))
+        .max_decoding_message_size(256 * 1024 * 1024);
     tasks.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
         let served = tonic::transport::Server::builder()
@@ -91,7 +108,10 @@ pub async fn run(config: Config, http: TcpListener, grpc: TcpListener, shutdown:
     lease_stop.cancel();
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(?grace, "connections still open after the grace period; closing them");
+        tracing::warn!(
+            ?grace,
+            "connections still open after the grace period; closing them"
+        );
     }
     Ok(())
 }

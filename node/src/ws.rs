@@ -53,14 +53,23 @@ pub fn socket_config(max_frame: usize) -> WebSocketConfig {
 }
 
 /// Runs one client connection on an upgraded socket until it ends.
-pub async fn serve(node: Arc<Node>, upgraded: Upgraded, params: ConnectParams, permit: OwnedSemaphorePermit) {
+pub async fn serve(
+    node: Arc<Node>,
+    upgraded: Upgraded,
+    params: ConnectParams,
+    permit: OwnedSemaphorePermit,
+) {
     let socket = WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         Role::Server,
         Some(socket_config(node.config.max_frame)),
     )
     .await;
-    let session = Session { node, socket, params };
+    let session = Session {
+        node,
+        socket,
+        params,
+    };
     session.run().await;
     drop(permit);
 }
@@ -75,7 +84,11 @@ impl Session {
     async fn run(mut self) {
         let key = match Key::parse(&self.params.key) {
             Ok(key) => key,
-            Err(e) => return self.close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}")).await,
+            Err(e) => {
+                return self
+                    .close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))
+                    .await
+            }
         };
         let view = self.node.view_for(self.params.rv, None).await;
         match self.node.decide(view, key.as_str()) {
@@ -84,7 +97,11 @@ impl Session {
                 let kick = redirect_kick(&owner, &self.params.query, view.version);
                 return self.kicked(kick).await;
             }
-            Decision::Nobody(_) => return self.close(CLOSE_UNAVAILABLE, "no owner known for this key").await,
+            Decision::Nobody(_) => {
+                return self
+                    .close(CLOSE_UNAVAILABLE, "no owner known for this key")
+                    .await
+            }
         }
         if self.node.shutdown.is_cancelled() {
             return self.close(CLOSE_GOING_AWAY, "node shutting down").await;
@@ -103,10 +120,19 @@ impl Session {
         let node_id = self.node.id.0.clone();
         let heartbeat_ms = self.node.config.heartbeat_ms;
         let welcome = |epoch: &str, seq: u64| {
-            ServerFrame::Welcome { key: key.as_str(), node: &node_id, epoch, seq, heartbeat_ms }.encode()
+            ServerFrame::Welcome {
+                key: key.as_str(),
+                node: &node_id,
+                epoch,
+                seq,
+                heartbeat_ms,
+            }
+            .encode()
         };
         if let Err(e) = self.node.keys.subscribe(key.as_str(), subscriber, welcome) {
-            return self.close(CLOSE_TOO_MANY, &format!("{e}; retry_after_ms=1000")).await;
+            return self
+                .close(CLOSE_TOO_MANY, &format!("{e}; retry_after_ms=1000"))
+                .await;
         }
         // The ring may have changed between the decision and the subscription; the
         // ring follower only redirects subscribers it can see, so look once more.
@@ -121,7 +147,8 @@ impl Session {
 
     async fn live(&mut self, key: &Key, mut rx: mpsc::Receiver<Utf8Bytes>, control: &Control) {
         let heartbeat = self.node.config.heartbeat();
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         let mut last_pong = Instant::now();
         let shutdown = self.node.shutdown.clone();
         loop {
@@ -175,7 +202,11 @@ impl Session {
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
-    async fn write_batch(&mut self, first: Utf8Bytes, rx: &mut mpsc::Receiver<Utf8Bytes>) -> Result<(), WsError> {
+    async fn write_batch(
+        &mut self,
+        first: Utf8Bytes,
+        rx: &mut mpsc::Receiver<Utf8Bytes>,
+    ) -> Result<(), WsError> {
         self.socket.feed(Message::Text(first)).await?;
         for _ in 1..MAX_FRAMES_PER_FLUSH {
             match rx.try_recv() {
@@ -200,17 +231,28 @@ impl Session {
                 };
                 match self.publish(key, publish) {
                     Ok(seq) => ServerFrame::Ack { id: &id, seq }.encode(),
-                    Err((code, message)) => ServerFrame::Nack { id: &id, code, message: &message }.encode(),
+                    Err((code, message)) => ServerFrame::Nack {
+                        id: &id,
+                        code,
+                        message: &message,
+                    }
+                    .encode(),
                 }
             }
         };
-        self.socket.send(Message::Text(reply)).await.map_err(|_| ("io", String::new()))
+        self.socket
+            .send(Message::Text(reply))
+            .await
+            .map_err(|_| ("io", String::new()))
     }
 
     fn publish(&self, key: &Key, publish: Publish<'_>) -> Result<u64, (&'static str, String)> {
         let view = self.node.membership.view();
         if !matches!(self.node.decide(view, key.as_str()), Decision::Mine(_)) {
-            return Err(("not_owner", "this node no longer owns the key; reconnect".into()));
+            return Err((
+                "not_owner",
+                "this node no longer owns the key; reconnect".into(),
+            ));
         }
         match self.node.keys.apply(key.as_str(), publish) {
             Ok(applied) => Ok(applied.seq),
@@ -239,7 +281,10 @@ impl Session {
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(&reason[..end]) };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from(&reason[..end]),
+        };
         if self.socket.close(Some(frame)).await.is_err() {
             return;
         }

@@ -37,7 +37,11 @@ pub struct ForwardConfig {
 
 impl Default for ForwardConfig {
     fn default() -> Self {
-        ForwardConfig { max_payload: 64 * 1024, max_batch: 1000, default_deadline: Duration::from_secs(10) }
+        ForwardConfig {
+            max_payload: 64 * 1024,
+            max_batch: 1000,
+            default_deadline: Duration::from_secs(10),
+        }
     }
 }
 
@@ -50,7 +54,11 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(membership: Membership, config: ForwardConfig) -> Forwarder {
-        Forwarder { membership, config, channels: Mutex::new(HashMap::new()) }
+        Forwarder {
+            membership,
+            config,
+            channels: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn config(&self) -> &ForwardConfig {
@@ -80,7 +88,8 @@ impl Forwarder {
 
     /// Checks one item against the per-request limits and fills in its idempotency key.
     fn prepare(&self, item: &mut pb::PublishRequest) -> Result<(), Status> {
-        key::validate(&item.key).map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
+        key::validate(&item.key)
+            .map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
         if item.data.len() > self.config.max_payload {
             return Err(Status::invalid_argument(format!(
                 "payload is {} bytes; the limit is {}",
@@ -96,8 +105,13 @@ impl Forwarder {
 
     /// Delivers every item to its owner, in parallel per owner, until each one is
     /// answered or `deadline` passes. Results come in the order of `items`.
-    pub async fn publish(&self, mut items: Vec<pb::PublishRequest>, deadline: Instant) -> Vec<Result<pb::PublishReply, Status>> {
-        let mut results: Vec<Option<Result<pb::PublishReply, Status>>> = Vec::with_capacity(items.len());
+    pub async fn publish(
+        &self,
+        mut items: Vec<pb::PublishRequest>,
+        deadline: Instant,
+    ) -> Vec<Result<pb::PublishReply, Status>> {
+        let mut results: Vec<Option<Result<pb::PublishReply, Status>>> =
+            Vec::with_capacity(items.len());
         let mut pending = Vec::new();
         for (i, item) in items.iter_mut().enumerate() {
             match self.prepare(item) {
@@ -117,7 +131,10 @@ impl Forwarder {
                 self.membership.catch_up(version, Some(&id), deadline).await;
             }
             let view = self.membership.view();
-            let ring_ref = pb::RingRef { ring_version: view.version, ring_id: view.ring.id().0.clone() };
+            let ring_ref = pb::RingRef {
+                ring_version: view.version,
+                ring_id: view.ring.id().0.clone(),
+            };
 
             let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
             let mut unowned = Vec::new();
@@ -141,7 +158,11 @@ impl Forwarder {
                     let reply = match client {
                         Ok(mut client) => {
                             let mut request = tonic::Request::new(request);
-                            request.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+                            request.set_timeout(
+                                deadline
+                                    .saturating_duration_since(Instant::now())
+                                    .max(Duration::from_millis(1)),
+                            );
                             client.deliver(request).await.map(|r| r.into_inner())
                         }
                         Err(status) => Err(status),
@@ -159,20 +180,25 @@ impl Forwarder {
                         for (i, result) in indices.into_iter().zip(reply.results) {
                             match result.result {
                                 Some(deliver_result::Result::Ok(ok)) => results[i] = Some(Ok(ok)),
-                                Some(deliver_result::Result::Error(e)) => results[i] = Some(Err(error_status(e))),
+                                Some(deliver_result::Result::Error(e)) => {
+                                    results[i] = Some(Err(error_status(e)))
+                                }
                                 Some(deliver_result::Result::NotOwner(r)) => {
                                     note_behind(&mut behind, r);
                                     retry.push(i);
                                 }
                                 None => {
-                                    results[i] = Some(Err(Status::internal("node sent an empty result")))
+                                    results[i] =
+                                        Some(Err(Status::internal("node sent an empty result")))
                                 }
                             }
                         }
                     }
                     Ok(_) => {
                         for i in indices {
-                            results[i] = Some(Err(Status::internal("node answered a different number of items")));
+                            results[i] = Some(Err(Status::internal(
+                                "node answered a different number of items",
+                            )));
                         }
                     }
                     Err(status) if retryable(&status) => {
@@ -208,7 +234,9 @@ impl Forwarder {
             }
         }
         for i in pending {
-            results[i] = Some(Err(Status::unavailable(format!("{last_error} before the deadline"))));
+            results[i] = Some(Err(Status::unavailable(format!(
+                "{last_error} before the deadline"
+            ))));
         }
         results
             .into_iter()
@@ -217,7 +245,11 @@ impl Forwarder {
     }
 
     /// The exact presence list of `key`, from its owner.
-    pub async fn presence(&self, key: &str, deadline: Instant) -> Result<pb::PresenceReply, Status> {
+    pub async fn presence(
+        &self,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<pb::PresenceReply, Status> {
         key::validate(key).map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         let mut behind: Option<(u64, RingId)> = None;
@@ -231,11 +263,18 @@ impl Forwarder {
             };
             let mut client = self.client(&owner.grpc)?;
             let request = pb::KeyPresenceRequest {
-                ring: Some(pb::RingRef { ring_version: view.version, ring_id: view.ring.id().0.clone() }),
+                ring: Some(pb::RingRef {
+                    ring_version: view.version,
+                    ring_id: view.ring.id().0.clone(),
+                }),
                 key: key.to_owned(),
             };
             let mut request = tonic::Request::new(request);
-            request.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            request.set_timeout(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            );
             match client.key_presence(request).await {
                 Ok(reply) => match reply.into_inner().result {
                     Some(key_presence_reply::Result::Ok(ok)) => return Ok(ok),
@@ -244,9 +283,17 @@ impl Forwarder {
                 },
                 Err(status) if retryable(&status) => {
                     if Instant::now() >= deadline {
-                        return Err(Status::unavailable(format!("owner unreachable: {}", status.message())));
+                        return Err(Status::unavailable(format!(
+                            "owner unreachable: {}",
+                            status.message()
+                        )));
                     }
-                    tokio::time::sleep(backoff.next().min(deadline.saturating_duration_since(Instant::now()))).await;
+                    tokio::time::sleep(
+                        backoff
+                            .next()
+                            .min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
                 Err(status) => return Err(status),
             }
@@ -267,7 +314,11 @@ fn note_behind(behind: &mut Option<(u64, RingId)>, ring: pb::RingRef) {
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
     )
 }
 
@@ -278,7 +329,10 @@ pub fn error_status(e: pb::Error) -> Status {
 
 /// The per-item error of a `Status`, for `PublishBatch`.
 pub fn status_error(status: &Status) -> pb::Error {
-    pb::Error { code: status.code() as u32, message: status.message().to_owned() }
+    pb::Error {
+        code: status.code() as u32,
+        message: status.message().to_owned(),
+    }
 }
 
 /// A `PublishResult` from an item's outcome.

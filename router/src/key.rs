@@ -73,7 +73,13 @@ mod tests {
 
     #[test]
     fn accepts_the_grammar() {
-        for ok in ["user:42", "doc:roadmap", "a", "A-Z_a.z@x/y", &"k".repeat(256)] {
+        for ok in [
+            "user:42",
+            "doc:roadmap",
+            "a",
+            "A-Z_a.z@x/y",
+            &"k".repeat(256),
+        ] {
             assert!(Key::parse(ok).is_ok(), "{ok}");
         }
     }

@@ -22,7 +22,12 @@ struct Config {
     #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
     cluster: String,
     /// etcd endpoints, comma-separated.
-    #[arg(long, env = "RINGFEED_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "RINGFEED_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd: Vec<String>,
     /// Address the gRPC service listens on (port 0 picks a free one).
     #[arg(long, env = "RINGFEED_LISTEN", default_value = "127.0.0.1:7000")]
@@ -41,7 +46,10 @@ struct Config {
 impl Config {
     fn validate(&self) -> Result<(), String> {
         if self.cluster.is_empty() || self.cluster.contains('/') {
-            return Err(format!("--cluster {:?} must be non-empty and contain no '/'", self.cluster));
+            return Err(format!(
+                "--cluster {:?} must be non-empty and contain no '/'",
+                self.cluster
+            ));
         }
         if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
             return Err("--etcd needs at least one endpoint".into());
@@ -60,7 +68,8 @@ impl Config {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -83,7 +92,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let membership = Membership::start(
-        &MembershipConfig { endpoints: config.etcd.clone(), cluster: config.cluster.clone(), lease_ttl: Duration::from_secs(5) },
+        &MembershipConfig {
+            endpoints: config.etcd.clone(),
+            cluster: config.cluster.clone(),
+            lease_ttl: Duration::from_secs(5),
+        },
         &tasks,
         shutdown.clone(),
     )

@@ -96,7 +96,10 @@ impl Membership {
             .with_keep_alive(Duration::from_millis(500), ETCD_REQUEST_TIMEOUT)
             .with_keep_alive_while_idle(true);
         let client = timed(Client::connect(&config.endpoints, Some(options))).await?;
-        let (views, _) = watch::channel(Arc::new(View { ring: Arc::new(Ring::empty()), version: 0 }));
+        let (views, _) = watch::channel(Arc::new(View {
+            ring: Arc::new(Ring::empty()),
+            version: 0,
+        }));
         let membership = Membership {
             inner: Arc::new(Inner {
                 client,
@@ -131,7 +134,12 @@ impl Membership {
     /// Makes sure the view reflects etcd at `version` or later (or is ring `id`),
     /// reading etcd afresh if the watch has not delivered it soon; gives up at
     /// `deadline` and returns the view it has.
-    pub async fn catch_up(&self, version: u64, id: Option<&RingId>, deadline: Instant) -> Arc<View> {
+    pub async fn catch_up(
+        &self,
+        version: u64,
+        id: Option<&RingId>,
+        deadline: Instant,
+    ) -> Arc<View> {
         let mut rx = self.subscribe();
         loop {
             let view = rx.borrow_and_update().clone();
@@ -143,7 +151,10 @@ impl Membership {
                 return view;
             }
             let wait = Duration::from_millis(50).min(deadline - now);
-            if tokio::time::timeout(wait, rx.changed()).await.is_ok_and(|r| r.is_ok()) {
+            if tokio::time::timeout(wait, rx.changed())
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
                 continue;
             }
             let _reading = self.inner.reading.lock().await;
@@ -173,7 +184,8 @@ impl Membership {
     async fn read_fresh(&self) -> Result<(), MembershipError> {
         let prefix = self.nodes_prefix();
         let mut client = self.client();
-        let resp = timed(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
+        let resp =
+            timed(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut members = BTreeMap::new();
         for kv in resp.kvs() {
@@ -246,14 +258,19 @@ impl Membership {
         let mut stream = timed(client.watch(prefix.as_str(), Some(options))).await?;
         while let Some(resp) = stream.message().await? {
             if resp.canceled() {
-                tracing::warn!(reason = resp.cancel_reason(), "ring watch cancelled by etcd");
+                tracing::warn!(
+                    reason = resp.cancel_reason(),
+                    "ring watch cancelled by etcd"
+                );
                 return Ok(());
             }
             let revision = to_version(resp.header().map_or(0, |h| h.revision()));
             let mut map = self.inner.members.lock().expect("members lock poisoned");
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
-                let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) else { continue };
+                let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) else {
+                    continue;
+                };
                 let id = String::from_utf8_lossy(id).into_owned();
                 match event.event_type() {
                     EventType::Put => match parse_record(&prefix, kv.key(), kv.value()) {
@@ -289,7 +306,10 @@ impl Membership {
             healthy: AtomicBool::new(false),
             record: std::sync::Mutex::new(record),
         });
-        let registration = Registration { membership: self.clone(), state };
+        let registration = Registration {
+            membership: self.clone(),
+            state,
+        };
         registration.create(&shutdown).await?;
         let keeper = registration.clone();
         tasks.spawn(async move { keeper.keep_alive_loop(shutdown).await });
@@ -316,7 +336,11 @@ struct LeaseState {
 impl Registration {
     /// The record as last written (with its incarnation).
     pub fn record(&self) -> Member {
-        self.state.record.lock().expect("record lock poisoned").clone()
+        self.state
+            .record
+            .lock()
+            .expect("record lock poisoned")
+            .clone()
     }
 
     /// Whether the last keep-alive reached etcd.
@@ -330,7 +354,14 @@ impl Registration {
     }
 
     fn key(&self) -> String {
-        let id = self.state.record.lock().expect("record lock poisoned").id.0.clone();
+        let id = self
+            .state
+            .record
+            .lock()
+            .expect("record lock poisoned")
+            .id
+            .0
+            .clone();
         format!("{}{}", self.membership.nodes_prefix(), id)
     }
 
@@ -374,7 +405,11 @@ impl Registration {
         };
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, record, Some(PutOptions::new().with_lease(lease)))]);
+            .and_then([TxnOp::put(
+                key,
+                record,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
         let created = timed(client.txn(txn)).await?.succeeded();
         if created {
             self.state.lease_id.store(lease as u64, Ordering::Relaxed);
@@ -417,7 +452,10 @@ impl Registration {
                     self.state.healthy.store(true, Ordering::Relaxed);
                 }
                 Ok(Ok(Some(_))) => {
-                    tracing::warn!(lease, "lease expired; registering again under a new incarnation");
+                    tracing::warn!(
+                        lease,
+                        "lease expired; registering again under a new incarnation"
+                    );
                     self.state.healthy.store(false, Ordering::Relaxed);
                     stream = None;
                     if self.create(&shutdown).await.is_err() {
@@ -459,14 +497,21 @@ impl Registration {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.state.record.lock().expect("record lock poisoned").id.clone()
+        self.state
+            .record
+            .lock()
+            .expect("record lock poisoned")
+            .id
+            .clone()
     }
 }
 
 fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Option<Member> {
     let id = key.strip_prefix(prefix.as_bytes())?;
     match serde_json::from_slice::<Member>(value) {
-        Ok(member) if member.id.0.as_bytes() == id && member.points <= crate::ring::MAX_POINTS => Some(member),
+        Ok(member) if member.id.0.as_bytes() == id && member.points <= crate::ring::MAX_POINTS => {
+            Some(member)
+        }
         Ok(_) => {
             tracing::warn!(key = %String::from_utf8_lossy(key), "member record does not match its key; ignored");
             None
@@ -512,7 +557,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff { base, max, current: base }
+        Backoff {
+            base,
+            max,
+            current: base,
+        }
     }
 
     /// The next pause: uniformly random in [current/2, current], then doubles.

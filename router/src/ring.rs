@@ -117,7 +117,12 @@ impl Ring {
         points.sort_unstable();
         let (hashes, owners) = points.into_iter().unzip();
         let id = ring_id(&members);
-        Ring { members, hashes, owners, id }
+        Ring {
+            members,
+            hashes,
+            owners,
+            id,
+        }
     }
 
     /// The ring with no members.
@@ -144,7 +149,8 @@ impl Ring {
 
     /// Whether `id` owns any keys (has a record and is active).
     pub fn is_active(&self, id: &NodeId) -> bool {
-        self.member(id).is_some_and(|m| m.state == MemberState::Active)
+        self.member(id)
+            .is_some_and(|m| m.state == MemberState::Active)
     }
 
     /// The owner of `key`, or `None` on a ring without active members.

@@ -53,11 +53,16 @@ pub fn member_pb(m: &Member) -> pb::Member {
 
 #[tonic::async_trait]
 impl Router for RouterService {
-    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishReply>, Status> {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishReply>, Status> {
         let deadline = self.deadline(&request);
         let item = request.into_inner();
         let result = self.forwarder.publish(vec![item], deadline).await.pop();
-        result.unwrap_or_else(|| Err(Status::internal("no result"))).map(Response::new)
+        result
+            .unwrap_or_else(|| Err(Status::internal("no result")))
+            .map(Response::new)
     }
 
     async fn publish_batch(
@@ -74,10 +79,15 @@ impl Router for RouterService {
             )));
         }
         let results = self.forwarder.publish(items, deadline).await;
-        Ok(Response::new(pb::PublishBatchReply { results: results.into_iter().map(publish_result).collect() }))
+        Ok(Response::new(pb::PublishBatchReply {
+            results: results.into_iter().map(publish_result).collect(),
+        }))
     }
 
-    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupReply>, Status> {
+    async fn lookup(
+        &self,
+        request: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupReply>, Status> {
         let key = request.into_inner().key;
         key::validate(&key).map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
         let view = self.forwarder.membership().view();
@@ -92,7 +102,10 @@ impl Router for RouterService {
         }))
     }
 
-    async fn get_ring(&self, _request: Request<pb::GetRingRequest>) -> Result<Response<pb::RingReply>, Status> {
+    async fn get_ring(
+        &self,
+        _request: Request<pb::GetRingRequest>,
+    ) -> Result<Response<pb::RingReply>, Status> {
         let view = self.forwarder.membership().view();
         Ok(Response::new(pb::RingReply {
             cluster: self.forwarder.membership().cluster().to_owned(),
@@ -102,9 +115,15 @@ impl Router for RouterService {
         }))
     }
 
-    async fn presence(&self, request: Request<pb::PresenceRequest>) -> Result<Response<pb::PresenceReply>, Status> {
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceReply>, Status> {
         let deadline = self.deadline(&request);
         let key = request.into_inner().key;
-        self.forwarder.presence(&key, deadline).await.map(Response::new)
+        self.forwarder
+            .presence(&key, deadline)
+            .await
+            .map(Response::new)
     }
 }
