@@ -1,0 +1,44 @@
+# Shared by scripts/cluster, scripts/test and scripts/bench. Source it; do not run it.
+
+# Installs what the build and the tests need, if missing: etcd (Debian's etcd-server),
+# protoc (protobuf-compiler; etcd-client compiles its protos), curl, and cargo-nextest.
+ensure_deps() {
+  local need=()
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+  command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  if ((${#need[@]})); then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "installing ${need[*]} from Debian…" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+  fi
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest…" >&2
+    cargo install cargo-nextest --locked >&2
+  fi
+}
+
+# A free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()' 2>/dev/null \
+    || echo $((20000 + RANDOM % 20000))
+}
+
+# wait_for_line FILE PREFIX SECONDS: prints the first line of FILE starting with PREFIX.
+wait_for_line() {
+  local file=$1 prefix=$2 deadline=$((SECONDS + $3))
+  while ((SECONDS < deadline)); do
+    if [ -f "$file" ]; then
+      local line
+      line=$(grep -m1 "^$prefix" "$file" || true)
+      if [ -n "$line" ]; then
+        echo "$line"
+        return 0
+      fi
+    fi
+    sleep 0.1
+  done
+  return 1
+}
