@@ -28,7 +28,9 @@ fn member(id: &str) -> Member {
 fn main() {
     let json_path = std::env::args().skip_while(|a| a != "--json").nth(1);
     let mut rng = rand::rng();
-    let keys: Vec<String> = (0..KEYS).map(|_| format!("user:{:016x}", rng.random::<u64>())).collect();
+    let keys: Vec<String> = (0..KEYS)
+        .map(|_| format!("user:{:016x}", rng.random::<u64>()))
+        .collect();
     let five: Vec<Member> = (1..=5).map(|i| member(&format!("n{i}"))).collect();
     let ring5 = Ring::new(five.clone());
     let ring6 = Ring::new(five.into_iter().chain([member("n6")]));
@@ -72,7 +74,10 @@ fn main() {
     for (id, n) in per_node {
         println!("  {id}: {n} keys ({:.3} of mean)", *n as f64 / mean);
     }
-    println!("  max/mean keys per node : {max_over_mean:.3}   (bar ≤ 1.10: {})", verdict(met_balance));
+    println!(
+        "  max/mean keys per node : {max_over_mean:.3}   (bar ≤ 1.10: {})",
+        verdict(met_balance)
+    );
     println!(
         "  moved when n6 joins    : {:.4} = {:.3} × 1/6, {} moved between old nodes   (bar 1/6 ± 10%: {})",
         moved_share,
@@ -80,7 +85,10 @@ fn main() {
         moved_elsewhere,
         verdict(met_moved)
     );
-    println!("  owner lookup           : {best:.1} ns (best of {rounds})   (bar ≤ 100 ns: {})", verdict(met_lookup));
+    println!(
+        "  owner lookup           : {best:.1} ns (best of {rounds})   (bar ≤ 100 ns: {})",
+        verdict(met_lookup)
+    );
 
     if let Some(path) = json_path {
         let report = serde_json::json!({
@@ -93,11 +101,16 @@ fn main() {
             "bar": {"max_over_mean": 1.10, "moved_share": [1.0 / 6.0 * 0.9, 1.0 / 6.0 * 1.1], "lookup_ns": 100},
             "met": met_balance && met_moved && met_lookup,
         });
-        std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json")).expect("write report");
+        std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json"))
+            .expect("write report");
         println!("  wrote {path}");
     }
 }
 
 fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
 }
