@@ -224,7 +224,7 @@ impl Forwarder {
                 break;
             }
             if transport_failure {
-                let pause = backoff.next().min(deadline - now);
+                let pause = backoff.next_pause().min(deadline - now);
                 let mut ring = self.membership.subscribe();
                 // A new ring may name a new owner: do not sleep through it.
                 tokio::select! {
@@ -290,7 +290,7 @@ impl Forwarder {
                     }
                     tokio::time::sleep(
                         backoff
-                            .next()
+                            .next_pause()
                             .min(deadline.saturating_duration_since(Instant::now())),
                     )
                     .await;

@@ -238,7 +238,7 @@ impl Membership {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = tokio::time::sleep(backoff.next_pause()) => {}
             }
             if self.read_fresh().await.is_ok() {
                 backoff.reset();
@@ -389,7 +389,7 @@ impl Registration {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Err(MembershipError::Cancelled),
-                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = tokio::time::sleep(backoff.next_pause()) => {}
             }
         }
     }
@@ -565,7 +565,7 @@ impl Backoff {
     }
 
     /// The next pause: uniformly random in [current/2, current], then doubles.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_pause(&mut self) -> Duration {
         let ceiling = self.current;
         self.current = (self.current * 2).min(self.max);
         let half = ceiling / 2;
@@ -584,13 +584,13 @@ mod tests {
     #[test]
     fn backoff_grows_jittered_and_capped() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let pauses: Vec<Duration> = (0..6).map(|_| b.next()).collect();
+        let pauses: Vec<Duration> = (0..6).map(|_| b.next_pause()).collect();
         assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
         for p in &pauses[3..] {
             assert!(*p >= Duration::from_millis(200) && *p <= Duration::from_millis(400));
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_pause() <= Duration::from_millis(100));
     }
 
     #[test]
