@@ -63,6 +63,18 @@ pub struct Config {
         default_value_t = 100_000
     )]
     pub max_subscribers_per_key: usize,
+    /// Updates kept per key for resume (count)…
+    #[arg(long, env = "RINGFEED_HISTORY_LEN", default_value_t = 1000)]
+    pub history_len: usize,
+    /// …and bytes of encoded frames.
+    #[arg(long, env = "RINGFEED_HISTORY_BYTES", default_value_t = 1024 * 1024)]
+    pub history_bytes: usize,
+    /// Idempotency keys remembered per key: those of its last N updates.
+    #[arg(long, env = "RINGFEED_IDEMPOTENCY_WINDOW", default_value_t = 1000)]
+    pub idempotency_window: usize,
+    /// Interval of SSE heartbeat comments.
+    #[arg(long, env = "RINGFEED_SSE_HEARTBEAT_MS", default_value_t = 15_000)]
+    pub sse_heartbeat_ms: u64,
     /// Interval of WebSocket control pings; no pong within 1.5× closes the connection.
     #[arg(long, env = "RINGFEED_HEARTBEAT_MS", default_value_t = 30_000)]
     pub heartbeat_ms: u64,
@@ -133,6 +145,30 @@ impl Config {
         if self.max_subscribers_per_key == 0 {
             return Err("--max-subscribers-per-key must be > 0".into());
         }
+        if self.history_len == 0 || self.history_len > 1_000_000 {
+            return Err(format!(
+                "--history-len {}: between 1 and 1000000",
+                self.history_len
+            ));
+        }
+        if self.history_bytes < self.max_payload.min(1024) {
+            return Err(format!(
+                "--history-bytes {}: at least 1024",
+                self.history_bytes
+            ));
+        }
+        if self.idempotency_window > 1_000_000 {
+            return Err(format!(
+                "--idempotency-window {}: at most 1000000",
+                self.idempotency_window
+            ));
+        }
+        if self.sse_heartbeat_ms < 100 {
+            return Err(format!(
+                "--sse-heartbeat-ms {}: at least 100",
+                self.sse_heartbeat_ms
+            ));
+        }
         if self.heartbeat_ms < 100 {
             return Err(format!(
                 "--heartbeat-ms {}: at least 100",
@@ -162,6 +198,17 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The bounds of every key's state.
+    pub fn key_limits(&self) -> crate::keys::Limits {
+        crate::keys::Limits {
+            max_payload: self.max_payload,
+            max_subscribers: self.max_subscribers_per_key,
+            history_len: self.history_len,
+            history_bytes: self.history_bytes,
+            idempotency_window: self.idempotency_window,
+        }
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -48,7 +48,15 @@ pub fn update(
         serde_json::from_str::<&RawValue>(text)
             .map_err(|e| PayloadError::BadJson(display_type(content_type), e.to_string()))?;
         out.push_str(r#","data":"#);
-        out.push_str(text.trim());
+        // Outside strings a raw CR or LF can only be whitespace (inside one it would not be
+        // valid JSON), so blanking them keeps the value and keeps every frame one line —
+        // which SSE's `data:` lines need.
+        let text = text.trim();
+        if text.contains(['\n', '\r']) {
+            out.push_str(&text.replace(['\n', '\r'], " "));
+        } else {
+            out.push_str(text);
+        }
     } else {
         out.push_str(r#","data_b64":""#);
         base64::engine::general_purpose::STANDARD.encode_string(data, &mut out);
@@ -57,6 +65,15 @@ pub fn update(
     }
     out.push('}');
     Ok(Utf8Bytes::from(out))
+}
+
+/// The seq of an `update` frame made by [`update`], read without parsing the payload.
+pub fn update_seq(frame: &str) -> Option<u64> {
+    let rest = frame.strip_prefix(r#"{"type":"update","key":""#)?;
+    // Keys hold no quote, so the first `","seq":` ends the key.
+    let (_, rest) = rest.split_once(r#"","seq":"#)?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
 }
 
 fn display_type(content_type: &str) -> String {
@@ -180,12 +197,23 @@ mod tests {
             v,
             serde_json::json!({"type":"update","key":"user:1","seq":7,"data":{"a":[1,2]}})
         );
+        let f = update("k", 1, b"{\"a\":\r\n 1}", "", 1024).unwrap();
+        assert!(!f.as_str().contains(['\n', '\r']));
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["data"]["a"], 1);
         let f = update("k", 1, b"3", "", 1024).unwrap();
         assert_eq!(
             f.as_str(),
             r#"{"type":"update","key":"k","seq":1,"data":3}"#
         );
         assert!(update("k", 1, b"1", "application/vnd.x+json; charset=utf-8", 8).is_ok());
+    }
+
+    #[test]
+    fn update_seqs_read_back() {
+        let f = update("a:b", 42, b"{\"seq\":1}", "", 1024).unwrap();
+        assert_eq!(update_seq(f.as_str()), Some(42));
+        assert_eq!(update_seq(r#"{"type":"presence"}"#), None);
     }
 
     #[test]

@@ -21,8 +21,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::node::Node;
-use crate::ws::{self, ConnectParams};
+use crate::node::{redirect_url, Node};
+use crate::params::ClientQuery;
+use crate::ws;
 
 /// Raw TCP connections accepted beyond the client-connection limit, so that a node at
 /// its limit can still answer 503 and serve health checks.
@@ -48,6 +49,8 @@ impl IntoResponse for ApiError {
 pub fn router(node: Arc<Node>) -> axum::Router {
     axum::Router::new()
         .route("/v1/connect", get(connect))
+        .route("/v1/sse", get(crate::sse::sse))
+        .route("/v1/poll", get(crate::poll::poll))
         .route("/v1/route", get(route))
         .route("/v1/ring", get(ring))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -159,44 +162,12 @@ async fn cors(
     response
 }
 
-/// Parses the query of `/v1/connect` (and friends): `key` is required, `rv` optional.
-fn connect_params(query: Option<&str>) -> Result<ConnectParams, ApiError> {
-    let query = query.unwrap_or("");
-    let mut key = None;
-    let mut rv = None;
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        match &*k {
-            "key" => key = Some(v.into_owned()),
-            "rv" => {
-                rv = Some(v.parse::<u64>().map_err(|_| {
-                    ApiError::bad_request(format!("invalid rv {v:?}: expected a ring version"))
-                })?)
-            }
-            _ => {}
-        }
-    }
-    let key = key.ok_or_else(|| ApiError::bad_request("missing key"))?;
-    Ok(ConnectParams {
-        key,
-        rv,
-        query: Arc::from(query),
-    })
-}
-
 /// `GET /v1/connect`: the WebSocket upgrade. Refusals that need no socket (not an
 /// upgrade, a foreign origin, the connection limit) are HTTP answers; everything about
 /// the key is said on the socket (close 4400, redirect + 4300).
 async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Response {
-    let params = match connect_params(request.uri().query()) {
-        Ok(params) => params,
-        // A missing key is a close 4400 on the socket when it is an upgrade.
-        Err(e) if !is_upgrade(&request) => return e.into_response(),
-        Err(_) => ConnectParams {
-            key: String::new(),
-            rv: None,
-            query: Arc::from(""),
-        },
-    };
+    // A bad parameter is said on the socket (4400) once upgraded.
+    let query = ClientQuery::parse(request.uri().query());
     if !is_upgrade(&request) {
         return ApiError(
             StatusCode::UPGRADE_REQUIRED,
@@ -226,7 +197,7 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     let session_node = node.clone();
     node.tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => ws::serve(session_node, upgraded, params, permit).await,
+            Ok(upgraded) => ws::serve(session_node, upgraded, query, permit).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
@@ -258,11 +229,21 @@ fn is_upgrade(request: &Request) -> bool {
 }
 
 /// 503 with `Retry-After`.
-fn unavailable(message: &str, retry_after_s: u32) -> Response {
+pub fn unavailable(message: &str, retry_after_s: u32) -> Response {
     let mut response = ApiError(StatusCode::SERVICE_UNAVAILABLE, message.into()).into_response();
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    response
+}
+
+/// 307 to the same `path` and query on `base` (the owner's HTTP URL), with `rv` set.
+pub fn redirect_307(base: &str, path: &str, query: &str, ring_version: u64) -> Response {
+    let location = redirect_url(base, path, query, ring_version);
+    let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
     response
 }
 
@@ -273,17 +254,20 @@ fn owner_json(m: &Member) -> serde_json::Value {
 
 /// `GET /v1/route?key=K`.
 async fn route(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
-    let params = connect_params(request.uri().query())?;
-    key::validate(&params.key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
-    let view = node.view_for(params.rv, None).await;
-    let owner = view.ring.owner(&params.key).ok_or_else(|| {
+    let query = ClientQuery::parse(request.uri().query()).map_err(ApiError::bad_request)?;
+    let key = query
+        .key
+        .ok_or_else(|| ApiError::bad_request("missing key"))?;
+    key::validate(&key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let view = node.view_for(query.rv, None).await;
+    let owner = view.ring.owner(&key).ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "the ring has no active members".into(),
         )
     })?;
     Ok(Json(json!({
-        "key": params.key,
+        "key": key,
         "ring_version": view.version,
         "ring_id": view.ring.id().0,
         "owner": owner_json(owner),
@@ -334,19 +318,5 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
             Json(body(false, Some(reason))),
         )
             .into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_params_parse() {
-        let p = connect_params(Some("key=user%3A1&rv=7&since=3")).unwrap();
-        assert_eq!((p.key.as_str(), p.rv), ("user:1", Some(7)));
-        assert!(connect_params(Some("rv=7")).is_err());
-        assert!(connect_params(Some("key=a&rv=x")).is_err());
-        assert!(connect_params(None).is_err());
     }
 }

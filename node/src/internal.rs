@@ -44,6 +44,7 @@ impl NodeService {
             content_type: &item.content_type,
             expected_seq: item.expected_seq,
             expected_epoch: &item.expected_epoch,
+            idempotency_key: &item.idempotency_key,
         };
         match self.node.keys.apply(&item.key, publish) {
             Ok(applied) => deliver_result::Result::Ok(pb::PublishReply {
@@ -53,7 +54,9 @@ impl NodeService {
                 delivered: applied.delivered,
                 replicated: false,
             }),
-            Err(ApplyError::Payload(e)) => error(Code::InvalidArgument, e.to_string()),
+            Err(e @ (ApplyError::Payload(_) | ApplyError::IdempotencyKeyTooLong(_))) => {
+                error(Code::InvalidArgument, e.to_string())
+            }
             Err(e @ ApplyError::SeqMismatch { .. }) => {
                 error(Code::FailedPrecondition, e.to_string())
             }

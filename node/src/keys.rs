@@ -1,19 +1,26 @@
-//! Per-key state on the owner: epoch, seq and subscribers.
+//! Per-key state on the owner: the log (epoch, seq, a bounded buffer of recent updates,
+//! the idempotency window), the subscribers, and exact presence.
 //!
-//! Each key's state sits behind its own short `std::sync::Mutex`: a publish assigns the
-//! next seq, encodes the frame once and offers it to every subscriber's bounded queue
-//! with `try_send`, all under the lock and without awaiting. Holding the lock across
-//! "assign seq → enqueue" is what makes every subscriber see seqs in order, and a new
-//! subscriber's `welcome` seq line up exactly with the first update it is sent.
-//! A full queue never blocks the key: that subscriber is kicked with 4408.
+//! Each key's state sits behind its own short `std::sync::Mutex`, and nothing awaits
+//! while holding it. A publish assigns the next seq, encodes the frame once, appends it
+//! to the buffer and offers it to every subscriber's bounded queue with `try_send` —
+//! all under the lock. That is what gives the guarantees: every subscriber sees seqs in
+//! order, and a new subscriber's welcome, replay and first live update line up exactly
+//! (the replay snapshot and the registration happen under the same lock). A full queue
+//! never blocks the key: that subscriber is kicked with 4408 and resumes with `since`.
+//!
+//! (DESIGN.md suggests one task per key as the single writer. A mutex held only for
+//! synchronous work gives the same ordering without a channel hop and a task per key;
+//! the replication step that needs awaiting comes with its own ordering, later.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
-use tokio::sync::{mpsc, Notify};
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::frames::{self, PayloadError};
@@ -23,11 +30,41 @@ const SHARDS: usize = 64;
 /// WebSocket close code: slow consumer.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4408;
 
+/// The longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The bounds of every key's state.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_payload: usize,
+    pub max_subscribers: usize,
+    /// Updates kept for resume, at most…
+    pub history_len: usize,
+    /// …and at most this many bytes of encoded frames.
+    pub history_bytes: usize,
+    /// Idempotency keys remembered per key (those of the last N updates).
+    pub idempotency_window: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: 64 * 1024,
+            max_subscribers: 100_000,
+            history_len: 1000,
+            history_bytes: 1024 * 1024,
+            idempotency_window: 1000,
+        }
+    }
+}
+
 /// Why a publish was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
     Payload(#[from] PayloadError),
+    #[error("idempotency key is {0} bytes; the limit is {MAX_IDEMPOTENCY_KEY}")]
+    IdempotencyKeyTooLong(usize),
     #[error("expected seq {expected} in epoch {expected_epoch:?}, but the key is at seq {seq} in epoch {epoch}")]
     SeqMismatch {
         expected: u64,
@@ -38,12 +75,14 @@ pub enum ApplyError {
 }
 
 /// A publish as the key sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Publish<'a> {
     pub data: &'a [u8],
     pub content_type: &'a str,
     pub expected_seq: Option<u64>,
     pub expected_epoch: &'a str,
+    /// Empty: no idempotency.
+    pub idempotency_key: &'a str,
 }
 
 /// What an applied publish did.
@@ -52,6 +91,8 @@ pub struct Applied {
     pub seq: u64,
     pub epoch: String,
     pub delivered: u32,
+    /// A retry of an update already in the log: nothing was delivered again.
+    pub duplicate: bool,
 }
 
 /// Why a subscription was refused.
@@ -59,6 +100,72 @@ pub struct Applied {
 pub enum SubscribeError {
     #[error("key has {0} subscribers, the limit")]
     TooManySubscribers(usize),
+}
+
+/// Where a client wants to continue from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    /// `None`: read `since` in the current epoch.
+    pub epoch: Option<String>,
+}
+
+/// Why a `since` cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// Updates after `since` have left the buffer.
+    HistoryGap,
+    /// `since` belongs to another epoch.
+    EpochChanged,
+    /// `since` is beyond the key's seq.
+    SeqAhead,
+}
+
+impl ResetReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::HistoryGap => "history_gap",
+            ResetReason::EpochChanged => "epoch_changed",
+            ResetReason::SeqAhead => "seq_ahead",
+        }
+    }
+}
+
+/// A `reset`: the stream continues after `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reset {
+    pub reason: ResetReason,
+    pub seq: u64,
+}
+
+impl Reset {
+    pub fn frame(&self, key: &str, epoch: &str) -> Utf8Bytes {
+        let frame = json!({"type": "reset", "key": key, "epoch": epoch, "seq": self.seq, "reason": self.reason.as_str()});
+        Utf8Bytes::from(frame.to_string())
+    }
+}
+
+/// What the log can tell a reader who has seen up to `since`.
+#[derive(Debug, Clone)]
+pub struct Catchup {
+    pub epoch: String,
+    /// The key's latest seq.
+    pub seq: u64,
+    pub reset: Option<Reset>,
+    /// Update frames after `since` (or after the reset's seq), oldest first.
+    pub updates: Vec<Utf8Bytes>,
+    /// The position the reader continues from after these updates.
+    pub position: u64,
+}
+
+/// What a new subscriber is sent before live updates, in this order: `welcome`, the
+/// reset if any, the replay, then the presence list if asked for.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub catchup: Catchup,
+    /// The `since` a replay follows from, when the client gave one that is served.
+    pub replay_from: Option<u64>,
+    pub presence: Option<Utf8Bytes>,
 }
 
 /// How a connection is told to close by someone other than itself.
@@ -70,7 +177,7 @@ pub struct Kick {
     pub reason: String,
 }
 
-/// The side of a connection that others can reach: its queue and its kick switch.
+/// The side of a connection that others can reach: its kick switch.
 #[derive(Debug)]
 pub struct Control {
     kick: Mutex<Option<Kick>>,
@@ -111,10 +218,37 @@ pub struct Subscriber {
     pub id: u64,
     /// Who it is for presence: the ticket's subject, or a connection id.
     pub presence_id: String,
+    /// Whether it is sent `presence` frames.
+    pub wants_presence: bool,
     /// The query it connected with, to build its redirect.
     pub query: Arc<str>,
     pub tx: mpsc::Sender<Utf8Bytes>,
     pub control: Arc<Control>,
+}
+
+impl Subscriber {
+    /// Queues `frame`; a full queue kicks the subscriber as a slow consumer.
+    fn offer(&self, frame: &Utf8Bytes) -> bool {
+        match self.tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.control.kick(Kick {
+                    frame: None,
+                    code: CLOSE_SLOW_CONSUMER,
+                    reason: "slow consumer".into(),
+                });
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// One logged update.
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    frame: Utf8Bytes,
 }
 
 /// One key's state.
@@ -122,7 +256,15 @@ pub struct Subscriber {
 pub struct KeyState {
     pub epoch: String,
     pub seq: u64,
+    log: VecDeque<Entry>,
+    log_bytes: usize,
+    idempotency: HashMap<String, u64>,
+    idempotency_order: VecDeque<String>,
     pub subscribers: Vec<Subscriber>,
+    /// Connections per presence id.
+    present: HashMap<String, usize>,
+    /// The latest seq, for long polls waiting on the key.
+    changes: watch::Sender<u64>,
 }
 
 impl KeyState {
@@ -130,39 +272,135 @@ impl KeyState {
         KeyState {
             epoch: new_epoch(),
             seq: 0,
+            log: VecDeque::new(),
+            log_bytes: 0,
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
             subscribers: Vec::new(),
+            present: HashMap::new(),
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    /// What a reader at `resume` has missed (at most `max` updates).
+    fn catchup(&self, resume: Option<&Resume>, max: usize) -> Catchup {
+        let mut out = Catchup {
+            epoch: self.epoch.clone(),
+            seq: self.seq,
+            reset: None,
+            updates: Vec::new(),
+            position: self.seq,
+        };
+        let Some(resume) = resume else { return out };
+        if resume.epoch.as_deref().is_some_and(|e| e != self.epoch) {
+            out.reset = Some(Reset {
+                reason: ResetReason::EpochChanged,
+                seq: self.seq,
+            });
+            return out;
+        }
+        if resume.since > self.seq {
+            out.reset = Some(Reset {
+                reason: ResetReason::SeqAhead,
+                seq: self.seq,
+            });
+            return out;
+        }
+        let first = self.log.front().map_or(self.seq + 1, |e| e.seq);
+        let mut from = resume.since;
+        if from + 1 < first {
+            // Part of what was asked for is gone: say so, then give what is left.
+            out.reset = Some(Reset {
+                reason: ResetReason::HistoryGap,
+                seq: first - 1,
+            });
+            from = first - 1;
+        }
+        let skip = usize::try_from(from + 1 - first).unwrap_or(usize::MAX);
+        out.updates = self
+            .log
+            .iter()
+            .skip(skip)
+            .take(max)
+            .map(|e| e.frame.clone())
+            .collect();
+        out.position = from + out.updates.len() as u64;
+        out
+    }
+
+    fn append(&mut self, seq: u64, frame: Utf8Bytes, idempotency_key: &str, limits: &Limits) {
+        self.log_bytes += frame.len();
+        self.log.push_back(Entry { seq, frame });
+        while self.log.len() > limits.history_len
+            || (self.log_bytes > limits.history_bytes && self.log.len() > 1)
+        {
+            if let Some(old) = self.log.pop_front() {
+                self.log_bytes -= old.frame.len();
+            }
+        }
+        if !idempotency_key.is_empty() && limits.idempotency_window > 0 {
+            self.idempotency.insert(idempotency_key.to_owned(), seq);
+            self.idempotency_order.push_back(idempotency_key.to_owned());
+            while self.idempotency_order.len() > limits.idempotency_window {
+                if let Some(old) = self.idempotency_order.pop_front() {
+                    self.idempotency.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn presence_frame(&self, key: &str) -> Utf8Bytes {
+        let mut ids: Vec<&String> = self.present.keys().collect();
+        ids.sort();
+        let members: Vec<_> = ids.into_iter().map(|id| json!({"id": id})).collect();
+        Utf8Bytes::from(json!({"type": "presence", "key": key, "members": members}).to_string())
+    }
+
+    fn announce(&self, key: &str, joined: &[&str], left: &[&str], except: u64) {
+        let to_json = |ids: &[&str]| ids.iter().map(|id| json!({"id": id})).collect::<Vec<_>>();
+        let frame = Utf8Bytes::from(
+            json!({"type": "presence", "key": key, "joined": to_json(joined), "left": to_json(left)}).to_string(),
+        );
+        for s in self
+            .subscribers
+            .iter()
+            .filter(|s| s.wants_presence && s.id != except)
+        {
+            s.offer(&frame);
         }
     }
 }
 
-type Entry = Arc<Mutex<KeyState>>;
+type KeyRef = Arc<Mutex<KeyState>>;
 
 /// Every key this node holds state for.
 pub struct KeyTable {
-    shards: Vec<Mutex<HashMap<String, Entry>>>,
+    shards: Vec<Mutex<HashMap<String, KeyRef>>>,
     hasher: RandomState,
     next_subscriber: AtomicU64,
-    max_payload: usize,
-    max_subscribers: usize,
+    limits: Limits,
 }
 
 impl KeyTable {
-    pub fn new(max_payload: usize, max_subscribers: usize) -> KeyTable {
+    pub fn new(limits: Limits) -> KeyTable {
         KeyTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             next_subscriber: AtomicU64::new(1),
-            max_payload,
-            max_subscribers,
+            limits,
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, KeyRef>> {
         let h = self.hasher.hash_one(key) as usize;
         &self.shards[h % SHARDS]
     }
 
-    fn entry(&self, key: &str) -> Entry {
+    fn entry(&self, key: &str) -> KeyRef {
         let mut shard = self.shard(key).lock().expect("shard lock poisoned");
         if let Some(e) = shard.get(key) {
             return e.clone();
@@ -172,7 +410,7 @@ impl KeyTable {
         e
     }
 
-    fn existing(&self, key: &str) -> Option<Entry> {
+    fn existing(&self, key: &str) -> Option<KeyRef> {
         self.shard(key)
             .lock()
             .expect("shard lock poisoned")
@@ -185,10 +423,27 @@ impl KeyTable {
         self.next_subscriber.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Applies a publish: next seq, one encoded frame, offered to every subscriber.
+    /// Applies a publish: a retry of a remembered idempotency key answers with the
+    /// original seq; otherwise the next seq, one encoded frame, logged and offered to
+    /// every subscriber.
     pub fn apply(&self, key: &str, publish: Publish<'_>) -> Result<Applied, ApplyError> {
+        if publish.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApplyError::IdempotencyKeyTooLong(
+                publish.idempotency_key.len(),
+            ));
+        }
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
+        if !publish.idempotency_key.is_empty() {
+            if let Some(&seq) = state.idempotency.get(publish.idempotency_key) {
+                return Ok(Applied {
+                    seq,
+                    epoch: state.epoch.clone(),
+                    delivered: 0,
+                    duplicate: true,
+                });
+            }
+        }
         if let Some(expected) = publish.expected_seq {
             let epoch_ok =
                 publish.expected_epoch.is_empty() || publish.expected_epoch == state.epoch;
@@ -207,76 +462,108 @@ impl KeyTable {
             seq,
             publish.data,
             publish.content_type,
-            self.max_payload,
+            self.limits.max_payload,
         )?;
         state.seq = seq;
-        let mut delivered = 0u32;
-        state
-            .subscribers
-            .retain(|s| match s.tx.try_send(frame.clone()) {
-                Ok(()) => {
-                    delivered += 1;
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.control.kick(Kick {
-                        frame: None,
-                        code: CLOSE_SLOW_CONSUMER,
-                        reason: "slow consumer".into(),
-                    });
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            });
+        let delivered = state.subscribers.iter().filter(|s| s.offer(&frame)).count();
+        state.append(seq, frame, publish.idempotency_key, &self.limits);
+        state.changes.send_replace(seq);
         Ok(Applied {
             seq,
             epoch: state.epoch.clone(),
-            delivered,
+            delivered: u32::try_from(delivered).unwrap_or(u32::MAX),
+            duplicate: false,
         })
     }
 
-    /// Adds a subscriber to `key`, and queues `welcome(epoch, seq)` for it first, so
-    /// that the welcome's seq and the first update it sees line up exactly.
+    /// Adds a subscriber to `key` and returns what it is sent before live updates.
+    /// The snapshot and the registration happen under the key's lock, so the replay
+    /// and the live updates neither overlap nor leave a gap.
     pub fn subscribe(
         &self,
         key: &str,
         subscriber: Subscriber,
-        welcome: impl FnOnce(&str, u64) -> Utf8Bytes,
-    ) -> Result<(), SubscribeError> {
+        resume: Option<&Resume>,
+    ) -> Result<Start, SubscribeError> {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
-        if state.subscribers.len() >= self.max_subscribers {
+        if state.subscribers.len() >= self.limits.max_subscribers {
             return Err(SubscribeError::TooManySubscribers(state.subscribers.len()));
         }
-        // The queue is new and empty, so this cannot fail for lack of room.
-        let _ = subscriber.tx.try_send(welcome(&state.epoch, state.seq));
+        let catchup = state.catchup(resume, usize::MAX);
+        let replay_from = match (&catchup.reset, resume) {
+            (None, Some(r)) => Some(r.since),
+            _ => None,
+        };
+        let count = state
+            .present
+            .entry(subscriber.presence_id.clone())
+            .or_insert(0);
+        *count += 1;
+        let first_of_id = *count == 1;
+        if first_of_id {
+            state.announce(key, &[&subscriber.presence_id], &[], subscriber.id);
+        }
+        let presence = subscriber.wants_presence.then(|| state.presence_frame(key));
         state.subscribers.push(subscriber);
-        Ok(())
+        Ok(Start {
+            catchup,
+            replay_from,
+            presence,
+        })
     }
 
-    /// Removes subscriber `id` of `key`, if it is still there.
+    /// Removes subscriber `id` of `key`, if it is still there, and tells the others
+    /// who left.
     pub fn unsubscribe(&self, key: &str, id: u64) {
-        if let Some(entry) = self.existing(key) {
-            entry
-                .lock()
-                .expect("key lock poisoned")
-                .subscribers
-                .retain(|s| s.id != id);
+        let Some(entry) = self.existing(key) else {
+            return;
+        };
+        let mut state = entry.lock().expect("key lock poisoned");
+        let Some(at) = state.subscribers.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let gone = state.subscribers.swap_remove(at);
+        let last_of_id = match state.present.get_mut(&gone.presence_id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                state.present.remove(&gone.presence_id);
+                true
+            }
+            None => false,
+        };
+        if last_of_id {
+            state.announce(key, &[], &[&gone.presence_id], id);
         }
     }
 
-    /// The presence ids of every subscriber of `key`.
+    /// What a reader at `resume` has missed, at most `max` updates, and a receiver
+    /// that changes when the key's seq does (for long polls).
+    pub fn read(&self, key: &str, resume: &Resume, max: usize) -> (Catchup, watch::Receiver<u64>) {
+        let entry = self.entry(key);
+        let state = entry.lock().expect("key lock poisoned");
+        (state.catchup(Some(resume), max), state.changes.subscribe())
+    }
+
+    /// The latest `(epoch, seq)` of `key`.
+    pub fn position(&self, key: &str) -> (String, u64) {
+        let entry = self.entry(key);
+        let state = entry.lock().expect("key lock poisoned");
+        (state.epoch.clone(), state.seq)
+    }
+
+    /// The presence ids of every connection of `key`, sorted, each once.
     pub fn presence(&self, key: &str) -> Vec<String> {
-        self.existing(key)
-            .map(|e| {
-                e.lock()
-                    .expect("key lock poisoned")
-                    .subscribers
-                    .iter()
-                    .map(|s| s.presence_id.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(entry) = self.existing(key) else {
+            return Vec::new();
+        };
+        let state = entry.lock().expect("key lock poisoned");
+        let mut ids: Vec<String> = state.present.keys().cloned().collect();
+        ids.sort();
+        ids
     }
 
     /// Removes every key for which `moved` returns true, and returns them with their
@@ -312,6 +599,19 @@ impl KeyTable {
     }
 }
 
+/// Removes its subscriber from its key when dropped, however the connection ends.
+pub struct SubscriptionGuard {
+    pub table: Arc<crate::node::Node>,
+    pub key: String,
+    pub id: u64,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.table.keys.unsubscribe(&self.key, self.id);
+    }
+}
+
 /// A new epoch: 16 random URL-safe characters, never containing `:`.
 pub fn new_epoch() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -321,6 +621,15 @@ pub fn new_epoch() -> String {
         .collect()
 }
 
+/// Whether `epoch` could be one of ours: 1–64 URL-safe characters.
+pub fn valid_epoch(epoch: &str) -> bool {
+    !epoch.is_empty()
+        && epoch.len() <= 64
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,21 +637,22 @@ mod tests {
     fn publish(data: &[u8]) -> Publish<'_> {
         Publish {
             data,
-            content_type: "",
-            expected_seq: None,
-            expected_epoch: "",
+            ..Default::default()
         }
     }
 
     fn subscriber(
         table: &KeyTable,
         queue: usize,
+        presence: Option<&str>,
     ) -> (Subscriber, mpsc::Receiver<Utf8Bytes>, Arc<Control>) {
         let (tx, rx) = mpsc::channel(queue);
         let control = Control::new();
+        let id = table.next_subscriber_id();
         let s = Subscriber {
-            id: table.next_subscriber_id(),
-            presence_id: "c".into(),
+            id,
+            presence_id: presence.map_or_else(|| format!("c{id}"), str::to_owned),
+            wants_presence: presence.is_some(),
             query: Arc::from("key=k"),
             tx,
             control: control.clone(),
@@ -350,36 +660,249 @@ mod tests {
         (s, rx, control)
     }
 
+    fn seq_of(frame: &Utf8Bytes) -> u64 {
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        v["seq"].as_u64().unwrap()
+    }
+
+    fn table(history_len: usize) -> KeyTable {
+        KeyTable::new(Limits {
+            history_len,
+            ..Limits::default()
+        })
+    }
+
     #[test]
     fn seqs_count_from_one_and_reach_subscribers_in_order() {
-        let table = KeyTable::new(1024, 10);
-        let (s, mut rx, _) = subscriber(&table, 16);
-        table
-            .subscribe("k", s, |_, seq| Utf8Bytes::from(format!("welcome {seq}")))
-            .unwrap();
+        let table = table(100);
+        let (s, mut rx, _) = subscriber(&table, 16, None);
+        let start = table.subscribe("k", s, None).unwrap();
+        assert_eq!((start.catchup.seq, start.catchup.updates.len()), (0, 0));
         for i in 1..=3u64 {
             let a = table.apply("k", publish(b"1")).unwrap();
-            assert_eq!((a.seq, a.delivered), (i, 1));
+            assert_eq!((a.seq, a.delivered, a.duplicate), (i, 1, false));
         }
-        assert_eq!(rx.try_recv().unwrap().as_str(), "welcome 0");
         for i in 1..=3 {
-            let v: serde_json::Value =
-                serde_json::from_str(rx.try_recv().unwrap().as_str()).unwrap();
-            assert_eq!(v["seq"], i);
+            assert_eq!(seq_of(&rx.try_recv().unwrap()), i);
         }
     }
 
     #[test]
+    fn resume_replays_exactly_what_was_missed() {
+        let table = table(100);
+        for _ in 0..10 {
+            table.apply("k", publish(b"1")).unwrap();
+        }
+        let epoch = table.position("k").0;
+        let (s, _rx, _) = subscriber(&table, 16, None);
+        let start = table
+            .subscribe(
+                "k",
+                s,
+                Some(&Resume {
+                    since: 6,
+                    epoch: Some(epoch),
+                }),
+            )
+            .unwrap();
+        assert!(start.catchup.reset.is_none());
+        assert_eq!(start.replay_from, Some(6));
+        let seqs: Vec<u64> = start.catchup.updates.iter().map(seq_of).collect();
+        assert_eq!(seqs, vec![7, 8, 9, 10]);
+        // since without epoch reads the current epoch.
+        let (s, _rx, _) = subscriber(&table, 16, None);
+        let start = table
+            .subscribe(
+                "k",
+                s,
+                Some(&Resume {
+                    since: 10,
+                    epoch: None,
+                }),
+            )
+            .unwrap();
+        assert!(start.catchup.updates.is_empty() && start.catchup.reset.is_none());
+    }
+
+    #[test]
+    fn resets_say_why() {
+        let table = table(5);
+        for _ in 0..10 {
+            table.apply("k", publish(b"1")).unwrap();
+        }
+        let epoch = table.position("k").0;
+        let (c, _) = table.read(
+            "k",
+            &Resume {
+                since: 2,
+                epoch: Some(epoch.clone()),
+            },
+            100,
+        );
+        assert_eq!(
+            c.reset,
+            Some(Reset {
+                reason: ResetReason::HistoryGap,
+                seq: 5
+            })
+        );
+        assert_eq!(
+            c.updates.iter().map(seq_of).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9, 10]
+        );
+        assert_eq!(c.position, 10);
+        let (c, _) = table.read(
+            "k",
+            &Resume {
+                since: 11,
+                epoch: Some(epoch),
+            },
+            100,
+        );
+        assert_eq!(
+            c.reset,
+            Some(Reset {
+                reason: ResetReason::SeqAhead,
+                seq: 10
+            })
+        );
+        let (c, _) = table.read(
+            "k",
+            &Resume {
+                since: 3,
+                epoch: Some("other".into()),
+            },
+            100,
+        );
+        assert_eq!(
+            c.reset,
+            Some(Reset {
+                reason: ResetReason::EpochChanged,
+                seq: 10
+            })
+        );
+        assert!(c.updates.is_empty());
+        let frame = c.reset.unwrap().frame("k", &c.epoch);
+        assert!(frame.as_str().contains(r#""reason":"epoch_changed""#));
+    }
+
+    #[test]
+    fn the_buffer_is_bounded_by_bytes_too() {
+        let table = KeyTable::new(Limits {
+            history_bytes: 200,
+            ..Limits::default()
+        });
+        for _ in 0..20 {
+            table.apply("k", publish(b"\"0123456789\"")).unwrap();
+        }
+        let (c, _) = table.read(
+            "k",
+            &Resume {
+                since: 0,
+                epoch: None,
+            },
+            100,
+        );
+        assert_eq!(
+            c.reset.as_ref().map(|r| r.reason),
+            Some(ResetReason::HistoryGap)
+        );
+        let bytes: usize = c.updates.iter().map(|f| f.len()).sum();
+        assert!(bytes <= 200 && !c.updates.is_empty(), "{bytes}");
+    }
+
+    #[test]
+    fn idempotent_retries_return_the_original_and_deliver_nothing() {
+        let table = table(100);
+        let (s, mut rx, _) = subscriber(&table, 16, None);
+        table.subscribe("k", s, None).unwrap();
+        let first = table
+            .apply(
+                "k",
+                Publish {
+                    idempotency_key: "x",
+                    ..publish(b"1")
+                },
+            )
+            .unwrap();
+        let again = table
+            .apply(
+                "k",
+                Publish {
+                    idempotency_key: "x",
+                    ..publish(b"1")
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (again.seq, again.delivered, again.duplicate),
+            (first.seq, 0, true)
+        );
+        assert_eq!(seq_of(&rx.try_recv().unwrap()), 1);
+        assert!(rx.try_recv().is_err());
+        let long = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
+        assert!(table
+            .apply(
+                "k",
+                Publish {
+                    idempotency_key: &long,
+                    ..publish(b"1")
+                }
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn the_idempotency_window_is_bounded() {
+        let table = KeyTable::new(Limits {
+            idempotency_window: 2,
+            ..Limits::default()
+        });
+        for id in ["a", "b", "c"] {
+            table
+                .apply(
+                    "k",
+                    Publish {
+                        idempotency_key: id,
+                        ..publish(b"1")
+                    },
+                )
+                .unwrap();
+        }
+        // "a" fell out of the window: a retry applies again.
+        assert!(
+            !table
+                .apply(
+                    "k",
+                    Publish {
+                        idempotency_key: "a",
+                        ..publish(b"1")
+                    }
+                )
+                .unwrap()
+                .duplicate
+        );
+        assert!(
+            table
+                .apply(
+                    "k",
+                    Publish {
+                        idempotency_key: "c",
+                        ..publish(b"1")
+                    }
+                )
+                .unwrap()
+                .duplicate
+        );
+    }
+
+    #[test]
     fn a_full_queue_kicks_only_that_subscriber() {
-        let table = KeyTable::new(1024, 10);
-        let (slow, _slow_rx, slow_control) = subscriber(&table, 2);
-        let (fast, mut fast_rx, _) = subscriber(&table, 64);
-        table
-            .subscribe("k", slow, |_, _| Utf8Bytes::from("w"))
-            .unwrap();
-        table
-            .subscribe("k", fast, |_, _| Utf8Bytes::from("w"))
-            .unwrap();
+        let table = table(100);
+        let (slow, _slow_rx, slow_control) = subscriber(&table, 2, None);
+        let (fast, mut fast_rx, _) = subscriber(&table, 64, None);
+        table.subscribe("k", slow, None).unwrap();
+        table.subscribe("k", fast, None).unwrap();
         for _ in 0..5 {
             table.apply("k", publish(b"1")).unwrap();
         }
@@ -390,17 +913,16 @@ mod tests {
             .clone()
             .expect("slow subscriber kicked");
         assert_eq!(kick.code, CLOSE_SLOW_CONSUMER);
-        assert_eq!(table.presence("k").len(), 1);
         let mut got = 0;
         while fast_rx.try_recv().is_ok() {
             got += 1;
         }
-        assert_eq!(got, 6);
+        assert_eq!(got, 5);
     }
 
     #[test]
     fn compare_and_set() {
-        let table = KeyTable::new(1024, 10);
+        let table = table(100);
         table.apply("k", publish(b"1")).unwrap();
         let ok = Publish {
             expected_seq: Some(1),
@@ -428,7 +950,10 @@ mod tests {
 
     #[test]
     fn refused_payloads_take_no_seq() {
-        let table = KeyTable::new(4, 10);
+        let table = KeyTable::new(Limits {
+            max_payload: 4,
+            ..Limits::default()
+        });
         assert!(table.apply("k", publish(b"{bad")).is_err());
         assert!(table.apply("k", publish(b"123456")).is_err());
         assert_eq!(table.apply("k", publish(b"1")).unwrap().seq, 1);
@@ -436,29 +961,69 @@ mod tests {
 
     #[test]
     fn subscriber_limit() {
-        let table = KeyTable::new(4, 1);
-        let (a, _ra, _) = subscriber(&table, 2);
-        let (b, _rb, _) = subscriber(&table, 2);
-        table
-            .subscribe("k", a, |_, _| Utf8Bytes::from("w"))
-            .unwrap();
+        let table = KeyTable::new(Limits {
+            max_subscribers: 1,
+            ..Limits::default()
+        });
+        let (a, _ra, _) = subscriber(&table, 2, None);
+        let (b, _rb, _) = subscriber(&table, 2, None);
+        table.subscribe("k", a, None).unwrap();
         assert_eq!(
-            table.subscribe("k", b, |_, _| Utf8Bytes::from("w")),
-            Err(SubscribeError::TooManySubscribers(1))
+            table.subscribe("k", b, None).unwrap_err(),
+            SubscribeError::TooManySubscribers(1)
         );
+    }
+
+    #[test]
+    fn presence_is_exact_and_announced() {
+        let table = table(10);
+        let (a, mut ra, _) = subscriber(&table, 16, Some("alice"));
+        let start = table.subscribe("k", a, None).unwrap();
+        assert!(start
+            .presence
+            .unwrap()
+            .as_str()
+            .contains(r#""members":[{"id":"alice"}]"#));
+        let (b1, _rb1, _) = subscriber(&table, 16, Some("bob"));
+        let b1_id = b1.id;
+        let (b2, _rb2, _) = subscriber(&table, 16, Some("bob"));
+        let b2_id = b2.id;
+        table.subscribe("k", b1, None).unwrap();
+        table.subscribe("k", b2, None).unwrap();
+        assert_eq!(table.presence("k"), vec!["alice", "bob"]);
+        let joined = ra.try_recv().unwrap();
+        assert!(
+            joined.as_str().contains(r#""joined":[{"id":"bob"}]"#),
+            "{}",
+            joined.as_str()
+        );
+        assert!(
+            ra.try_recv().is_err(),
+            "bob's second connection is not a second join"
+        );
+        table.unsubscribe("k", b1_id);
+        assert!(ra.try_recv().is_err(), "bob is still there");
+        table.unsubscribe("k", b2_id);
+        assert!(ra
+            .try_recv()
+            .unwrap()
+            .as_str()
+            .contains(r#""left":[{"id":"bob"}]"#));
+        assert_eq!(table.presence("k"), vec!["alice"]);
     }
 
     #[test]
     fn epochs_are_url_safe_and_distinct() {
         let a = new_epoch();
         assert_eq!(a.len(), 16);
-        assert!(!a.contains(':'));
+        assert!(valid_epoch(&a));
+        assert!(!valid_epoch("a:b") && !valid_epoch(""));
         assert_ne!(a, new_epoch());
     }
 
     #[test]
     fn take_where_removes_moved_keys() {
-        let table = KeyTable::new(64, 10);
+        let table = table(10);
         table.apply("a", publish(b"1")).unwrap();
         table.apply("b", publish(b"1")).unwrap();
         let taken = table.take_where(|k| k == "a");

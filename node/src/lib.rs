@@ -5,7 +5,11 @@
 //! * [`keys`] — per-key state: epoch, seq, subscribers with bounded queues.
 //! * [`frames`] — the JSON frames of the client protocol.
 //! * [`http`] — the HTTP listener: WebSocket upgrades, `/v1/route`, `/v1/ring`, health.
+//! * [`params`] — the query parameters of the client endpoints.
+//! * [`session`] — what every transport does for a client: place, subscribe, resume.
 //! * [`ws`] — one WebSocket session.
+//! * [`sse`] — Server-Sent Events (`/v1/sse`).
+//! * [`poll`] — long polling (`/v1/poll`).
 //! * [`internal`] — the internal `ringfeed.v1.Node` gRPC service.
 //! * [`run`] — wiring and graceful shutdown.
 //!
@@ -17,5 +21,9 @@ pub mod http;
 pub mod internal;
 pub mod keys;
 pub mod node;
+pub mod params;
+pub mod poll;
 pub mod run;
+pub mod session;
+pub mod sse;
 pub mod ws;

@@ -55,7 +55,7 @@ impl Node {
     ) -> Node {
         Node {
             id: NodeId(config.id.clone()),
-            keys: KeyTable::new(config.max_payload, config.max_subscribers_per_key),
+            keys: KeyTable::new(config.key_limits()),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             config,
             membership,

@@ -18,8 +18,10 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::frames::{self, ClientFrame, ServerFrame};
-use crate::keys::{ApplyError, Control, Kick, Publish, Subscriber};
+use crate::keys::{ApplyError, Control, Kick, Publish, Start};
 use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
+use crate::params::ClientQuery;
+use crate::session::{self, Placement};
 
 /// Close codes of PROTOCOL.md used here.
 pub const CLOSE_BAD_REQUEST: u16 = 4400;
@@ -31,15 +33,6 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 const MAX_FRAMES_PER_FLUSH: usize = 256;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
-
-/// What the client asked for in its query.
-#[derive(Debug, Clone)]
-pub struct ConnectParams {
-    pub key: String,
-    pub rv: Option<u64>,
-    /// The raw query, to build redirects from.
-    pub query: Arc<str>,
-}
 
 /// The tungstenite settings of every server-side socket: small explicit buffers and
 /// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages).
@@ -56,7 +49,7 @@ pub fn socket_config(max_frame: usize) -> WebSocketConfig {
 pub async fn serve(
     node: Arc<Node>,
     upgraded: Upgraded,
-    params: ConnectParams,
+    query: Result<ClientQuery, String>,
     permit: OwnedSemaphorePermit,
 ) {
     let socket = WebSocketStream::from_raw_socket(
@@ -65,87 +58,98 @@ pub async fn serve(
         Some(socket_config(node.config.max_frame)),
     )
     .await;
-    let session = Session {
-        node,
-        socket,
-        params,
-    };
-    session.run().await;
+    let mut session = Session { node, socket };
+    match query {
+        Ok(query) => session.run(query).await,
+        Err(message) => session.close(CLOSE_BAD_REQUEST, &message).await,
+    }
     drop(permit);
 }
 
 struct Session {
     node: Arc<Node>,
     socket: Socket,
-    params: ConnectParams,
 }
 
 impl Session {
-    async fn run(mut self) {
-        let key = match Key::parse(&self.params.key) {
+    async fn run(&mut self, query: ClientQuery) {
+        let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
             Ok(key) => key,
+            Err(e) if query.key.is_none() => {
+                return self
+                    .close(CLOSE_BAD_REQUEST, &format!("missing key ({e})"))
+                    .await
+            }
             Err(e) => {
                 return self
                     .close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))
                     .await
             }
         };
-        let view = self.node.view_for(self.params.rv, None).await;
-        match self.node.decide(view, key.as_str()) {
-            Decision::Mine(_) => {}
-            Decision::Elsewhere(view, owner) => {
-                let kick = redirect_kick(&owner, &self.params.query, view.version);
-                return self.kicked(kick).await;
+        match session::place(&self.node, &key, query.rv).await {
+            Placement::Here => {}
+            Placement::Moved { owner, version } => {
+                return self
+                    .kicked(redirect_kick(&owner, &query.raw, version))
+                    .await
             }
-            Decision::Nobody(_) => {
+            Placement::Unknown => {
                 return self
                     .close(CLOSE_UNAVAILABLE, "no owner known for this key")
                     .await
             }
         }
-        if self.node.shutdown.is_cancelled() {
-            return self.close(CLOSE_GOING_AWAY, "node shutting down").await;
+        if self.node.shutdown.is_cancelled() || self.node.is_draining() {
+            return self.close(CLOSE_UNAVAILABLE, "node draining").await;
         }
-
-        let (tx, rx) = mpsc::channel(self.node.config.subscriber_queue);
-        let control = Control::new();
-        let id = self.node.keys.next_subscriber_id();
-        let subscriber = Subscriber {
-            id,
-            presence_id: format!("c{id}"),
-            query: self.params.query.clone(),
-            tx,
-            control: control.clone(),
-        };
-        let node_id = self.node.id.0.clone();
-        let heartbeat_ms = self.node.config.heartbeat_ms;
-        let welcome = |epoch: &str, seq: u64| {
-            ServerFrame::Welcome {
-                key: key.as_str(),
-                node: &node_id,
-                epoch,
-                seq,
-                heartbeat_ms,
+        let resume = query.resume();
+        let mut sub = match session::subscribe(
+            &self.node,
+            &key,
+            query.raw.clone(),
+            resume.as_ref(),
+            query.presence,
+        ) {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "subscription refused");
+                return self.close(CLOSE_TOO_MANY, "retry_after_ms=1000").await;
             }
-            .encode()
         };
-        if let Err(e) = self.node.keys.subscribe(key.as_str(), subscriber, welcome) {
-            return self
-                .close(CLOSE_TOO_MANY, &format!("{e}; retry_after_ms=1000"))
-                .await;
+        tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
+        if self.send_start(&key, &sub.start).await.is_err() {
+            return;
         }
-        // The ring may have changed between the decision and the subscription; the
-        // ring follower only redirects subscribers it can see, so look once more.
-        let view = self.node.membership.view();
-        if let Decision::Elsewhere(view, owner) = self.node.decide(view, key.as_str()) {
-            control.kick(redirect_kick(&owner, &self.params.query, view.version));
-        }
-        tracing::debug!(key = %key, subscriber = id, "subscribed");
-        self.live(&key, rx, &control).await;
-        self.node.keys.unsubscribe(key.as_str(), id);
+        let control = sub.control.clone();
+        self.live(&key, &mut sub.rx, &control).await;
     }
 
-    async fn live(&mut self, key: &Key, mut rx: mpsc::Receiver<Utf8Bytes>, control: &Control) {
+    /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
+    async fn send_start(&mut self, key: &Key, start: &Start) -> Result<(), WsError> {
+        let c = &start.catchup;
+        let welcome = ServerFrame::Welcome {
+            key: key.as_str(),
+            node: &self.node.id.0,
+            epoch: &c.epoch,
+            seq: c.seq,
+            heartbeat_ms: self.node.config.heartbeat_ms,
+        };
+        self.socket.feed(Message::Text(welcome.encode())).await?;
+        if let Some(reset) = &c.reset {
+            self.socket
+                .feed(Message::Text(reset.frame(key.as_str(), &c.epoch)))
+                .await?;
+        }
+        for frame in &c.updates {
+            self.socket.feed(Message::Text(frame.clone())).await?;
+        }
+        if let Some(presence) = &start.presence {
+            self.socket.feed(Message::Text(presence.clone())).await?;
+        }
+        self.socket.flush().await
+    }
+
+    async fn live(&mut self, key: &Key, rx: &mut mpsc::Receiver<Utf8Bytes>, control: &Control) {
         let heartbeat = self.node.config.heartbeat();
         let mut ticks =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -158,7 +162,7 @@ impl Session {
                 _ = shutdown.cancelled() => return self.close(CLOSE_GOING_AWAY, "node shutting down").await,
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return };
-                    if self.write_batch(frame, &mut rx).await.is_err() {
+                    if self.write_batch(frame, rx).await.is_err() {
                         return;
                     }
                 }
@@ -223,11 +227,16 @@ impl Session {
         let reply = match frame {
             ClientFrame::Ping => ServerFrame::Pong.encode(),
             ClientFrame::Publish { data, id } => {
+                let idempotency_key = match &id {
+                    serde_json::Value::Null => String::new(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
                 let publish = Publish {
                     data: data.get().as_bytes(),
                     content_type: "application/json",
-                    expected_seq: None,
-                    expected_epoch: "",
+                    idempotency_key: &idempotency_key,
+                    ..Publish::default()
                 };
                 match self.publish(key, publish) {
                     Ok(seq) => ServerFrame::Ack { id: &id, seq }.encode(),
@@ -258,6 +267,7 @@ impl Session {
             Ok(applied) => Ok(applied.seq),
             Err(ApplyError::Payload(e)) => Err(("bad_payload", e.to_string())),
             Err(e @ ApplyError::SeqMismatch { .. }) => Err(("seq_mismatch", e.to_string())),
+            Err(e @ ApplyError::IdempotencyKeyTooLong(_)) => Err(("bad_id", e.to_string())),
         }
     }
 

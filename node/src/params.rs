@@ -1,0 +1,149 @@
+//! The query parameters of the client endpoints (`/v1/connect`, `/v1/sse`, `/v1/poll`,
+//! `/v1/route`). A malformed value is refused with a message that names it.
+
+use std::sync::Arc;
+
+use crate::keys::{valid_epoch, Resume};
+
+/// The longest `wait` of a long poll, in seconds.
+pub const MAX_WAIT_S: u64 = 60;
+/// `wait` when a long poll gives none.
+pub const DEFAULT_WAIT_S: u64 = 25;
+
+/// What a client asked for.
+#[derive(Debug, Clone, Default)]
+pub struct ClientQuery {
+    /// Not validated yet: transports answer a bad key in their own way.
+    pub key: Option<String>,
+    pub since: Option<u64>,
+    pub epoch: Option<String>,
+    /// The ring version of the node that redirected the client here.
+    pub rv: Option<u64>,
+    pub presence: bool,
+    pub wait: Option<u64>,
+    /// The raw query, to build redirects from.
+    pub raw: Arc<str>,
+}
+
+impl ClientQuery {
+    /// Parses `query`; the error names the parameter.
+    pub fn parse(query: Option<&str>) -> Result<ClientQuery, String> {
+        let raw = query.unwrap_or("");
+        let mut q = ClientQuery {
+            raw: Arc::from(raw),
+            ..ClientQuery::default()
+        };
+        for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+            match &*k {
+                "key" => q.key = Some(v.into_owned()),
+                "since" => q.since = Some(number("since", &v)?),
+                "rv" => q.rv = Some(number("rv", &v)?),
+                "wait" => {
+                    let wait = number("wait", &v)?;
+                    if wait > MAX_WAIT_S {
+                        return Err(format!("invalid wait {wait}: at most {MAX_WAIT_S} seconds"));
+                    }
+                    q.wait = Some(wait);
+                }
+                "epoch" => {
+                    if !valid_epoch(&v) {
+                        return Err(format!(
+                            "invalid epoch {v:?}: 1–64 characters of A-Z a-z 0-9 - _"
+                        ));
+                    }
+                    q.epoch = Some(v.into_owned());
+                }
+                "presence" => {
+                    q.presence = match &*v {
+                        "1" | "true" => true,
+                        "0" | "false" | "" => false,
+                        other => return Err(format!("invalid presence {other:?}: 1 or 0")),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+
+    /// Where the client continues from, if it said.
+    pub fn resume(&self) -> Option<Resume> {
+        self.since.map(|since| Resume {
+            since,
+            epoch: self.epoch.clone(),
+        })
+    }
+}
+
+/// Parses a `Last-Event-ID` (`{epoch}:{seq}`).
+pub fn last_event_id(value: &str) -> Result<Resume, String> {
+    let (epoch, seq) = value
+        .split_once(':')
+        .ok_or_else(|| format!("invalid Last-Event-ID {value:?}: expected epoch:seq"))?;
+    if !valid_epoch(epoch) {
+        return Err(format!("invalid Last-Event-ID {value:?}: bad epoch"));
+    }
+    Ok(Resume {
+        since: number("Last-Event-ID seq", seq)?,
+        epoch: Some(epoch.to_owned()),
+    })
+}
+
+fn number(name: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse::<u64>()
+        .map_err(|_| format!("invalid {name} {value:?}: expected a non-negative integer"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_names_bad_values() {
+        let q = ClientQuery::parse(Some(
+            "key=user%3A1&since=4&epoch=Ab-_9&rv=7&presence=1&wait=0",
+        ))
+        .unwrap();
+        assert_eq!(q.key.as_deref(), Some("user:1"));
+        assert_eq!(
+            (q.since, q.rv, q.wait, q.presence),
+            (Some(4), Some(7), Some(0), true)
+        );
+        assert_eq!(
+            q.resume(),
+            Some(Resume {
+                since: 4,
+                epoch: Some("Ab-_9".into())
+            })
+        );
+        for (bad, name) in [
+            ("since=-1", "since"),
+            ("since=x", "since"),
+            ("epoch=a:b", "epoch"),
+            ("epoch=", "epoch"),
+            ("wait=61", "wait"),
+            ("wait=1.5", "wait"),
+            ("rv=z", "rv"),
+            ("presence=maybe", "presence"),
+        ] {
+            let e = ClientQuery::parse(Some(bad)).unwrap_err();
+            assert!(e.contains(name), "{bad}: {e}");
+        }
+        assert!(ClientQuery::parse(None).unwrap().key.is_none());
+    }
+
+    #[test]
+    fn last_event_ids() {
+        assert_eq!(
+            last_event_id("E1:42").unwrap(),
+            Resume {
+                since: 42,
+                epoch: Some("E1".into())
+            }
+        );
+        assert!(last_event_id("42").is_err());
+        assert!(last_event_id("E1:x").is_err());
+        assert!(last_event_id(":4").is_err());
+    }
+}

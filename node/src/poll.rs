@@ -1,0 +1,121 @@
+//! `GET /v1/poll`: long polling. Answers as soon as any update after `since` exists
+//! (or a `reset` is due), else with an empty list after `wait` seconds. `wait=0` is a
+//! plain poll with `ETag: "{epoch}:{seq}"` and 304 on a matching `If-None-Match`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use ringfeed_router::key::Key;
+
+use crate::http::{redirect_307, unavailable, ApiError};
+use crate::keys::{Catchup, Resume};
+use crate::node::Node;
+use crate::params::{ClientQuery, DEFAULT_WAIT_S};
+use crate::session::{self, Placement};
+
+/// `GET /v1/poll?key=K&since=S[&epoch=E][&wait=SECONDS]`.
+pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
+    let query = ClientQuery::parse(request.uri().query()).map_err(ApiError::bad_request)?;
+    let key = Key::parse(
+        query
+            .key
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_request("missing key"))?,
+    )
+    .map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let since = query
+        .since
+        .ok_or_else(|| ApiError::bad_request("missing since (use since=0 the first time)"))?;
+    let wait = Duration::from_secs(query.wait.unwrap_or(DEFAULT_WAIT_S));
+    match session::place(&node, &key, query.rv).await {
+        Placement::Here => {}
+        Placement::Moved { owner, version } => {
+            return Ok(redirect_307(&owner.http, "/v1/poll", &query.raw, version))
+        }
+        Placement::Unknown => return Ok(unavailable("no owner known for this key", 1)),
+    }
+    let resume = Resume {
+        since,
+        epoch: query.epoch.clone(),
+    };
+    let max = node.keys.limits().history_len.max(1);
+
+    if wait.is_zero() {
+        let (catchup, _) = node.keys.read(key.as_str(), &resume, max);
+        let etag = format!("\"{}:{}\"", catchup.epoch, catchup.seq);
+        let unchanged = request
+            .headers()
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        let mut response = if unchanged {
+            StatusCode::NOT_MODIFIED.into_response()
+        } else {
+            answer(&key, &catchup)
+        };
+        if let Ok(value) = HeaderValue::from_str(&etag) {
+            response.headers_mut().insert(header::ETAG, value);
+        }
+        return Ok(response);
+    }
+
+    // A waiting poll holds a connection: it counts against the limit.
+    let Ok(_permit) = node.connections.clone().try_acquire_owned() else {
+        return Ok(unavailable("connection limit reached", 1));
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (catchup, mut changes) = node.keys.read(key.as_str(), &resume, max);
+        if catchup.reset.is_some() || !catchup.updates.is_empty() {
+            return Ok(answer(&key, &catchup));
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() {
+                // The key's state was replaced (it moved): answer with what we know.
+                return Ok(answer(&key, &catchup));
+            },
+            _ = tokio::time::sleep_until(deadline) => return Ok(answer(&key, &catchup)),
+            _ = node.shutdown.cancelled() => return Ok(answer(&key, &catchup)),
+        }
+    }
+}
+
+/// `{"key","epoch","updates":[…],"seq"}`, a `reset` frame leading `updates` when one
+/// is due; `seq` is the position to poll from next.
+fn answer(key: &Key, catchup: &Catchup) -> Response {
+    let mut body =
+        String::with_capacity(64 + catchup.updates.iter().map(|f| f.len() + 1).sum::<usize>());
+    body.push_str(r#"{"key":""#);
+    body.push_str(key.as_str());
+    body.push_str(r#"","epoch":""#);
+    body.push_str(&catchup.epoch);
+    body.push_str(r#"","updates":["#);
+    let mut first = true;
+    if let Some(reset) = &catchup.reset {
+        body.push_str(reset.frame(key.as_str(), &catchup.epoch).as_str());
+        first = false;
+    }
+    for frame in &catchup.updates {
+        if !first {
+            body.push(',');
+        }
+        body.push_str(frame.as_str());
+        first = false;
+    }
+    body.push_str(r#"],"seq":"#);
+    body.push_str(&catchup.position.to_string());
+    body.push('}');
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

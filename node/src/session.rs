@@ -1,0 +1,85 @@
+//! What every transport does for one client, whatever the wire: decide who owns the
+//! key, subscribe with a bounded queue (resuming from `since`), and keep the
+//! subscription removed from its key however the connection ends.
+
+use std::sync::Arc;
+
+use ringfeed_router::key::Key;
+use ringfeed_router::ring::Member;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::keys::{Control, Resume, Start, SubscribeError, Subscriber, SubscriptionGuard};
+use crate::node::{redirect_kick, Decision, Node};
+
+/// Where a client should be.
+pub enum Placement {
+    /// Here: this node owns the key.
+    Here,
+    /// At `owner`, as of ring version `version`.
+    Moved { owner: Member, version: u64 },
+    /// Nowhere known: the ring has no active member.
+    Unknown,
+}
+
+/// Decides where a client of `key`, redirected here at ring version `rv`, belongs.
+pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
+    let view = node.view_for(rv, None).await;
+    match node.decide(view, key.as_str()) {
+        Decision::Mine(_) => Placement::Here,
+        Decision::Elsewhere(view, owner) => Placement::Moved {
+            owner,
+            version: view.version,
+        },
+        Decision::Nobody(_) => Placement::Unknown,
+    }
+}
+
+/// A live subscription: what to send first, the queue of what follows, the kick
+/// switch, and the guard that unsubscribes on drop.
+pub struct Subscription {
+    pub start: Start,
+    pub rx: mpsc::Receiver<Utf8Bytes>,
+    pub control: Arc<Control>,
+    pub id: u64,
+    _guard: SubscriptionGuard,
+}
+
+/// Subscribes a client of `key` on this node.
+pub fn subscribe(
+    node: &Arc<Node>,
+    key: &Key,
+    query: Arc<str>,
+    resume: Option<&Resume>,
+    wants_presence: bool,
+) -> Result<Subscription, SubscribeError> {
+    let (tx, rx) = mpsc::channel(node.config.subscriber_queue);
+    let control = Control::new();
+    let id = node.keys.next_subscriber_id();
+    let subscriber = Subscriber {
+        id,
+        presence_id: format!("c{id}"),
+        wants_presence,
+        query: query.clone(),
+        tx,
+        control: control.clone(),
+    };
+    let start = node.keys.subscribe(key.as_str(), subscriber, resume)?;
+    let guard = SubscriptionGuard {
+        table: node.clone(),
+        key: key.as_str().to_owned(),
+        id,
+    };
+    // The ring may have changed between the decision and the subscription; the ring
+    // follower only redirects subscribers it can see, so look once more.
+    if let Decision::Elsewhere(view, owner) = node.decide(node.membership.view(), key.as_str()) {
+        control.kick(redirect_kick(&owner, &query, view.version));
+    }
+    Ok(Subscription {
+        start,
+        rx,
+        control,
+        id,
+        _guard: guard,
+    })
+}

@@ -1,0 +1,175 @@
+//! `GET /v1/sse`: Server-Sent Events. Every frame is one event whose `data:` is the
+//! frame's JSON and whose `id:` is `{epoch}:{seq}` — for an update its seq, for
+//! `welcome` and `reset` the position the stream continues from — so an EventSource
+//! resumes exactly where it was with `Last-Event-ID` (which wins over `since`/`epoch`).
+//! A comment line goes out every heartbeat; a kick (slow consumer, moved) ends the
+//! stream, and the browser's reconnect lands on the owner through a 307.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{header, HeaderValue, StatusCode};
+use ringfeed_router::key::Key;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::frames::{self, ServerFrame};
+use crate::http::{redirect_307, unavailable, ApiError};
+use crate::node::Node;
+use crate::params::{last_event_id, ClientQuery};
+use crate::session::{self, Placement, Subscription};
+
+/// Most queued frames put into one chunk of the response body.
+const MAX_EVENTS_PER_CHUNK: usize = 256;
+
+/// `GET /v1/sse?key=K[&since=S&epoch=E]`.
+pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
+    let query = ClientQuery::parse(request.uri().query()).map_err(ApiError::bad_request)?;
+    let key = Key::parse(
+        query
+            .key
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_request("missing key"))?,
+    )
+    .map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let resume = match request.headers().get("last-event-id") {
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("invalid Last-Event-ID"))?;
+            Some(last_event_id(value).map_err(ApiError::bad_request)?)
+        }
+        None => query.resume(),
+    };
+    match session::place(&node, &key, query.rv).await {
+        Placement::Here => {}
+        Placement::Moved { owner, version } => {
+            return Ok(redirect_307(&owner.http, "/v1/sse", &query.raw, version))
+        }
+        Placement::Unknown => return Ok(unavailable("no owner known for this key", 1)),
+    }
+    if node.shutdown.is_cancelled() || node.is_draining() {
+        return Ok(unavailable("node is draining", 1));
+    }
+    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
+        return Ok(unavailable("connection limit reached", 1));
+    };
+    let sub = match session::subscribe(&node, &key, query.raw.clone(), resume.as_ref(), false) {
+        Ok(sub) => sub,
+        Err(e) => return Ok(unavailable(&e.to_string(), 1)),
+    };
+    let first = start_events(&node, &key, &sub);
+    let stream = EventStream {
+        node: node.clone(),
+        sub,
+        first: Some(first),
+        _permit: permit,
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(
+        stream,
+        EventStream::next_chunk,
+    ));
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// `welcome`, the reset, the replay — as one chunk.
+fn start_events(node: &Node, key: &Key, sub: &Subscription) -> Bytes {
+    let c = &sub.start.catchup;
+    let mut out = BytesMut::new();
+    let welcome = ServerFrame::Welcome {
+        key: key.as_str(),
+        node: &node.id.0,
+        epoch: &c.epoch,
+        seq: c.seq,
+        heartbeat_ms: node.config.sse_heartbeat_ms,
+    }
+    .encode();
+    // The welcome's id is where the stream continues from: `since` when a replay
+    // follows, else the seq it reports (or the reset's, when one follows).
+    let welcome_at = sub
+        .start
+        .replay_from
+        .or(c.reset.as_ref().map(|r| r.seq))
+        .unwrap_or(c.seq);
+    event(&mut out, &c.epoch, Some(welcome_at), &welcome);
+    if let Some(reset) = &c.reset {
+        event(
+            &mut out,
+            &c.epoch,
+            Some(reset.seq),
+            &reset.frame(key.as_str(), &c.epoch),
+        );
+    }
+    for frame in &c.updates {
+        event(
+            &mut out,
+            &c.epoch,
+            frames::update_seq(frame.as_str()),
+            frame,
+        );
+    }
+    out.freeze()
+}
+
+fn event(out: &mut BytesMut, epoch: &str, seq: Option<u64>, frame: &Utf8Bytes) {
+    if let Some(seq) = seq {
+        out.put_slice(b"id: ");
+        out.put_slice(epoch.as_bytes());
+        out.put_u8(b':');
+        out.put_slice(seq.to_string().as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_slice(b"data: ");
+    out.put_slice(frame.as_str().as_bytes());
+    out.put_slice(b"\n\n");
+}
+
+struct EventStream {
+    node: Arc<Node>,
+    sub: Subscription,
+    first: Option<Bytes>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl EventStream {
+    /// The next chunk of the body: queued events (coalesced), a heartbeat comment, or
+    /// the end of the stream on a kick or shutdown.
+    async fn next_chunk(mut self) -> Option<(Result<Bytes, Infallible>, EventStream)> {
+        if let Some(first) = self.first.take() {
+            return Some((Ok(first), self));
+        }
+        let heartbeat = Duration::from_millis(self.node.config.sse_heartbeat_ms);
+        let epoch = self.sub.start.catchup.epoch.clone();
+        tokio::select! {
+            biased;
+            _ = self.sub.control.kicked() => None,
+            _ = self.node.shutdown.cancelled() => None,
+            frame = self.sub.rx.recv() => {
+                let frame = frame?;
+                let mut out = BytesMut::new();
+                event(&mut out, &epoch, frames::update_seq(frame.as_str()), &frame);
+                for _ in 1..MAX_EVENTS_PER_CHUNK {
+                    match self.sub.rx.try_recv() {
+                        Ok(frame) => event(&mut out, &epoch, frames::update_seq(frame.as_str()), &frame),
+                        Err(_) => break,
+                    }
+                }
+                Some((Ok(out.freeze()), self))
+            }
+            _ = tokio::time::sleep(heartbeat) => Some((Ok(Bytes::from_static(b": heartbeat\n\n")), self)),
+        }
+    }
+}
