@@ -216,7 +216,10 @@ impl Subscription {
 }
 
 /// Reads until a frame or a close; pings and pongs are answered by tungstenite.
-pub async fn read_event(socket: &mut Socket) -> Result<Event, ClientError> {
+pub async fn read_event<S>(socket: &mut WebSocketStream<S>) -> Result<Event, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match socket.next().await {
             Some(Ok(Message::Text(text))) => {

@@ -635,3 +635,179 @@ pub async fn http_json(url: &str) -> Result<serde_json::Value> {
     let (status, body) = http_get(url).await?;
     serde_json::from_str(&body).with_context(|| format!("{url} answered {status} with {body:?}"))
 }
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// A streaming SSE reader over a raw HTTP/1.1 connection that follows 307s.
+pub struct SseStream {
+    reader: BufReader<tokio::net::TcpStream>,
+    chunked: bool,
+    text: String,
+    done: bool,
+    /// The URL the stream finally came from.
+    pub url: String,
+    /// Heartbeat comments seen so far.
+    pub comments: usize,
+}
+
+impl SseStream {
+    /// Opens `url` (with `Last-Event-ID` if given), following up to 3 redirects.
+    /// A non-200 answer is an error carrying its status and body.
+    pub async fn open(url: &str, last_event_id: Option<&str>) -> Result<SseStream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut url = url.to_owned();
+        for _ in 0..=3 {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| anyhow!("not an http url: {url}"))?;
+            let (host, path) = rest
+                .split_once('/')
+                .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+            let mut stream = tokio::net::TcpStream::connect(host).await?;
+            let mut request =
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n");
+            if let Some(id) = last_event_id {
+                request.push_str(&format!("Last-Event-ID: {id}\r\n"));
+            }
+            request.push_str("\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            let mut reader = BufReader::new(stream);
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await? == 0 {
+                    bail!("{url}: connection closed in the response head");
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim_end().to_owned());
+            }
+            let status: u16 = head
+                .first()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("{url}: no status line"))?;
+            let header = |name: &str| {
+                head.iter().skip(1).find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| v.trim().to_owned())
+                })
+            };
+            if status == 307 {
+                url = header("location").ok_or_else(|| anyhow!("307 without Location"))?;
+                continue;
+            }
+            if status != 200 {
+                let mut body = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), reader.read_to_string(&mut body))
+                        .await;
+                bail!("{url} answered {status}: {body}");
+            }
+            let chunked =
+                header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+            return Ok(SseStream {
+                reader,
+                chunked,
+                text: String::new(),
+                done: false,
+                url,
+                comments: 0,
+            });
+        }
+        bail!("more than 3 redirects")
+    }
+
+    /// The next event, or `None` when the server ended the stream.
+    pub async fn next_event(&mut self) -> Result<Option<SseEvent>> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    id: None,
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(id) = line.strip_prefix("id: ") {
+                        event.id = Some(id.to_owned());
+                        any = true;
+                    } else if let Some(data) = line.strip_prefix("data: ") {
+                        event.data.push_str(data);
+                        any = true;
+                    } else if line.starts_with(':') {
+                        self.comments += 1;
+                    }
+                }
+                if any {
+                    return Ok(Some(event));
+                }
+            }
+            if self.done {
+                return Ok(None);
+            }
+            if self.chunked {
+                let mut size = String::new();
+                if self.reader.read_line(&mut size).await? == 0 {
+                    self.done = true;
+                    continue;
+                }
+                let n = usize::from_str_radix(size.trim(), 16)
+                    .with_context(|| format!("bad chunk size {size:?}"))?;
+                if n == 0 {
+                    self.done = true;
+                    continue;
+                }
+                let mut chunk = vec![0u8; n + 2];
+                self.reader.read_exact(&mut chunk).await?;
+                chunk.truncate(n);
+                self.text.push_str(&String::from_utf8(chunk)?);
+            } else {
+                let mut buf = [0u8; 8192];
+                let n = self.reader.read(&mut buf).await?;
+                if n == 0 {
+                    self.done = true;
+                } else {
+                    self.text.push_str(std::str::from_utf8(&buf[..n])?);
+                }
+            }
+        }
+    }
+
+    /// The next event within `timeout`.
+    pub async fn next_within(&mut self, timeout: Duration) -> Result<Option<SseEvent>> {
+        tokio::time::timeout(timeout, self.next_event())
+            .await
+            .map_err(|_| anyhow!("no SSE event within {timeout:?}"))?
+    }
+}
+
+/// A GET that follows up to 3 redirects: status, headers, body.
+pub async fn http_follow(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Vec<(String, String)>, String)> {
+    let mut url = url.to_owned();
+    for _ in 0..=3 {
+        let (status, head, body) = http_request_full(&url, headers).await?;
+        if status == 307 {
+            url = head
+                .iter()
+                .find(|(k, _)| k == "location")
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| anyhow!("307 without Location"))?;
+            continue;
+        }
+        return Ok((status, head, body));
+    }
+    bail!("more than 3 redirects")
+}

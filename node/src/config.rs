@@ -56,6 +56,11 @@ pub struct Config {
     /// Largest payload of one update, in bytes.
     #[arg(long, env = "RINGFEED_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub max_payload: usize,
+    /// SO_SNDBUF of client sockets in bytes; 0 leaves it to the kernel's autotuning.
+    /// A small buffer costs less kernel memory per idle connection and makes a client
+    /// that stops reading show up as a slow consumer sooner.
+    #[arg(long, env = "RINGFEED_SOCKET_SEND_BUFFER", default_value_t = 0)]
+    pub socket_send_buffer: usize,
     /// Most subscribers of one key.
     #[arg(
         long,

@@ -85,6 +85,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
             },
         };
         let _ = stream.set_nodelay(true);
+        if node.config.socket_send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream)
+                .set_send_buffer_size(node.config.socket_send_buffer);
+        }
         let service = TowerToHyperService::new(app.clone());
         let shutdown = node.shutdown.clone();
         let handshake_timeout = node.config.handshake_timeout();

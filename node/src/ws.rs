@@ -5,7 +5,6 @@
 //! can end the session only through its [`Control`] (slow consumer, redirect).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
@@ -28,6 +27,9 @@ pub const CLOSE_BAD_REQUEST: u16 = 4400;
 pub const CLOSE_TOO_LARGE: u16 = 4413;
 pub const CLOSE_TOO_MANY: u16 = 4429;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// How long a close waits for the client to take the close frame and answer.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most queued frames written in one flush.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
@@ -151,52 +153,61 @@ impl Session {
 
     async fn live(&mut self, key: &Key, rx: &mut mpsc::Receiver<Utf8Bytes>, control: &Control) {
         let heartbeat = self.node.config.heartbeat();
-        let mut ticks =
+        let silence = heartbeat.mul_f64(1.5);
+        let mut pings =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-        let mut last_pong = Instant::now();
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Anything the client sends proves it alive; nothing for 1.5 heartbeats ends it.
+        let dead_at = tokio::time::sleep(silence);
+        tokio::pin!(dead_at);
         let shutdown = self.node.shutdown.clone();
         loop {
             tokio::select! {
                 biased;
                 kick = control.kicked() => return self.kicked(kick).await,
                 _ = shutdown.cancelled() => return self.close(CLOSE_GOING_AWAY, "node shutting down").await,
+                () = &mut dead_at => {
+                    tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
+                    return self.close(CLOSE_GOING_AWAY, "heartbeat timeout").await;
+                }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return };
-                    if self.write_batch(frame, rx).await.is_err() {
-                        return;
+                    // A client that stops reading must not keep its session from
+                    // noticing the kick that its full queue causes.
+                    tokio::select! {
+                        written = self.write_batch(frame, rx) => if written.is_err() { return },
+                        kick = control.kicked() => return self.kicked(kick).await,
                     }
                 }
-                msg = self.socket.next() => match msg {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Err((code, message)) = self.client_frame(key, &text).await {
-                            return self.error(code, &message).await;
+                msg = self.socket.next() => {
+                    dead_at.as_mut().reset(tokio::time::Instant::now() + silence);
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err((code, message)) = self.client_frame(key, &text).await {
+                                return self.error(code, &message).await;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            return self.error("binary_frame", "binary frames are not part of the protocol").await;
+                        }
+                        Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {}
+                        Some(Ok(Message::Ping(_))) => {
+                            // tungstenite queued the pong; push it out.
+                            if self.socket.flush().await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None => return,
+                        Some(Err(WsError::Capacity(e))) => {
+                            return self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}")).await;
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "client connection failed");
+                            return self.close(CLOSE_BAD_REQUEST, "protocol error").await;
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        return self.error("binary_frame", "binary frames are not part of the protocol").await;
-                    }
-                    Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
-                    Some(Ok(Message::Ping(_))) => {
-                        // tungstenite queued the pong; push it out.
-                        if self.socket.flush().await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None => return,
-                    Some(Ok(Message::Frame(_))) => {}
-                    Some(Err(WsError::Capacity(e))) => {
-                        return self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}")).await;
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "client connection failed");
-                        return self.close(CLOSE_BAD_REQUEST, "protocol error").await;
-                    }
-                },
-                _ = ticks.tick() => {
-                    if last_pong.elapsed() > heartbeat.mul_f64(1.5) {
-                        tracing::debug!("no pong within 1.5 heartbeats; closing");
-                        return self.close(CLOSE_GOING_AWAY, "heartbeat timeout").await;
-                    }
+                }
+                _ = pings.tick() => {
                     if self.socket.send(Message::Ping(Default::default())).await.is_err() {
                         return;
                     }
@@ -295,10 +306,12 @@ impl Session {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from(&reason[..end]),
         };
-        if self.socket.close(Some(frame)).await.is_err() {
-            return;
-        }
-        let drain = async { while let Some(Ok(_)) = self.socket.next().await {} };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+        // A client that does not read cannot be waited for forever.
+        let goodbye = async {
+            if self.socket.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = self.socket.next().await {}
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
     }
 }

@@ -1,10 +1,10 @@
-//! End-to-end tests: real etcd, real `ringfeed-node` and `ringfeed-router` processes,
-//! real sockets. Run one at a time (see `.config/nextest.toml`).
+//! Routing: every node sends a client to the owner; publishes reach it; the ring
+//! follows joins and crashes; bad input is refused without disturbing anyone.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use futures_util::{SinkExt, StreamExt};
 use ringfeed_client::{publisher, Event, Frame, Subscription};
 use ringfeed_cluster_tests::{eventually, http_get, Cluster};
@@ -15,40 +15,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
-/// Every test's bound, beyond which it fails rather than hangs.
-const TEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a test waits for one expected frame.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn bounded<F: std::future::Future<Output = Result<()>>>(test: F) {
-    match tokio::time::timeout(TEST_TIMEOUT, test).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{e:#}"),
-        Err(_) => panic!("test did not finish within {TEST_TIMEOUT:?}"),
-    }
-}
-
-/// The owner of `key` by the router's `Lookup`.
-async fn owner_of(cluster: &Cluster, key: &str) -> Result<String> {
-    let mut router = cluster.router().await?;
-    let reply = router
-        .lookup(LookupRequest { key: key.into() })
-        .await?
-        .into_inner();
-    Ok(reply.owner.ok_or_else(|| anyhow!("no owner"))?.id)
-}
-
-/// The next frame, which must be an update: `(seq, data)`.
-async fn next_update(sub: &mut Subscription) -> Result<(u64, serde_json::Value)> {
-    match sub.next_within(FRAME_TIMEOUT).await? {
-        Event::Frame(Frame::Update { seq, data, .. }) => Ok((seq, data.unwrap_or_default())),
-        other => Err(anyhow!("expected an update, got {other:?}")),
-    }
-}
-
-fn welcome_node(sub: &Subscription) -> String {
-    sub.node().to_owned()
-}
+use crate::{bounded, next_update, owner_of, welcome_node, FRAME_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_sends_a_client_to_the_same_owner() {

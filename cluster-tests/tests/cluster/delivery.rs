@@ -1,0 +1,722 @@
+//! Delivery guarantees on the owner: resume without gaps over WebSocket, SSE and
+//! long-poll; resets that say why; slow consumers; heartbeats; idempotency and CAS;
+//! bad input on the client endpoints.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Result};
+use futures_util::StreamExt;
+use rand::Rng;
+use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
+use ringfeed_cluster_tests::{http_follow, http_request_full, Cluster, SseStream};
+use ringfeed_proto::v1::{PresenceRequest, PublishBatchRequest, PublishRequest};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::{bounded, next_update, owner_of, FRAME_TIMEOUT};
+
+const UPDATES: u64 = 1000;
+
+/// Publishes `n` updates `{"n": i}` to `key` through the router, one call each.
+fn spawn_publisher(
+    cluster: &Cluster,
+    key: &str,
+    n: u64,
+) -> tokio::task::JoinHandle<Result<String>> {
+    let router = cluster.router_grpc();
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let mut client = ringfeed_cluster_tests::connect_router(&router).await?;
+        let mut epoch = String::new();
+        for i in 1..=n {
+            let reply = client
+                .publish(publisher::json(&key, &json!({"n": i})))
+                .await?
+                .into_inner();
+            ensure!(reply.seq == i, "publish {i} got seq {}", reply.seq);
+            epoch = reply.epoch;
+        }
+        Ok(epoch)
+    })
+}
+
+/// Five distinct random points in 1..n at which a client drops its connection.
+fn drop_points(n: u64) -> BTreeSet<u64> {
+    let mut rng = rand::rng();
+    let mut points = BTreeSet::new();
+    while points.len() < 5 {
+        points.insert(rng.random_range(1..n));
+    }
+    points
+}
+
+fn check_exactly_once(seqs: &[u64], n: u64) -> Result<()> {
+    let expected: Vec<u64> = (1..=n).collect();
+    if seqs != expected.as_slice() {
+        let missing: Vec<u64> = expected
+            .iter()
+            .filter(|s| !seqs.contains(s))
+            .copied()
+            .take(10)
+            .collect();
+        bail!(
+            "got {} updates, missing {missing:?}…, first out of order at {:?}",
+            seqs.len(),
+            seqs.windows(2).position(|w| w[1] != w[0] + 1)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_without_gaps_over_websocket_sse_and_long_poll() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(2).start().await?;
+        let entry = cluster.nodes[0].http.clone();
+
+        // WebSocket: reconnect with since + epoch at five random points.
+        let key = "resume:ws";
+        let points = drop_points(UPDATES);
+        let mut sub = Subscription::connect(&connect_url(&entry, key, None)).await?;
+        let Frame::Welcome { epoch, seq: 0, .. } = sub.welcome.clone() else {
+            bail!("welcome {:?}", sub.welcome)
+        };
+        let publisher = spawn_publisher(&cluster, key, UPDATES);
+        let mut seqs = Vec::new();
+        let mut reconnects = 0;
+        while seqs.last().copied().unwrap_or(0) < UPDATES {
+            let (seq, data) = next_update(&mut sub).await?;
+            ensure!(data == json!({"n": seq}), "seq {seq} carried {data}");
+            seqs.push(seq);
+            if points.contains(&seq) {
+                sub.close().await;
+                sub = Subscription::connect(&connect_url(&entry, key, Some((seq, Some(&epoch)))))
+                    .await?;
+                reconnects += 1;
+            }
+        }
+        assert_eq!(publisher.await??, epoch);
+        check_exactly_once(&seqs, UPDATES)?;
+        assert_eq!(reconnects, 5);
+        eprintln!(
+            "ws: {} updates exactly once across {reconnects} reconnects at {points:?}",
+            seqs.len()
+        );
+
+        // SSE: reconnect with Last-Event-ID (through the non-owner's 307 when there is one).
+        let key = "resume:sse";
+        let points = drop_points(UPDATES);
+        let sse_url = format!("{entry}/v1/sse?key={key}");
+        let mut stream = SseStream::open(&sse_url, None).await?;
+        let welcome = stream
+            .next_within(FRAME_TIMEOUT)
+            .await?
+            .ok_or_else(|| anyhow!("no welcome"))?;
+        let welcome_json: serde_json::Value = serde_json::from_str(&welcome.data)?;
+        ensure!(welcome_json["type"] == "welcome", "{welcome:?}");
+        let epoch = welcome_json["epoch"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(welcome.id, Some(format!("{epoch}:0")));
+        let publisher = spawn_publisher(&cluster, key, UPDATES);
+        let mut seqs = Vec::new();
+        let mut last_id = welcome.id.clone();
+        while seqs.last().copied().unwrap_or(0) < UPDATES {
+            let event = stream
+                .next_within(FRAME_TIMEOUT)
+                .await?
+                .ok_or_else(|| anyhow!("stream ended"))?;
+            let frame: serde_json::Value = serde_json::from_str(&event.data)?;
+            if frame["type"] == "welcome" {
+                continue;
+            }
+            ensure!(frame["type"] == "update", "unexpected {frame}");
+            let seq = frame["seq"].as_u64().unwrap_or_default();
+            ensure!(
+                event.id == Some(format!("{epoch}:{seq}")),
+                "event id {:?} for seq {seq}",
+                event.id
+            );
+            seqs.push(seq);
+            last_id = event.id.clone();
+            if points.contains(&seq) {
+                stream = SseStream::open(&sse_url, last_id.as_deref()).await?;
+            }
+        }
+        publisher.await??;
+        check_exactly_once(&seqs, UPDATES)?;
+        eprintln!(
+            "sse: {} updates exactly once across 5 reconnects (last id {last_id:?})",
+            seqs.len()
+        );
+
+        // Long poll: every answer is a reconnect; some are plain polls (wait=0).
+        let key = "resume:poll";
+        let publisher = spawn_publisher(&cluster, key, UPDATES);
+        let (mut since, mut epoch) = (0u64, None::<String>);
+        let mut seqs = Vec::new();
+        let mut rng = rand::rng();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while since < UPDATES {
+            ensure!(Instant::now() < deadline, "long poll stalled at {since}");
+            let wait = if rng.random_bool(0.2) { 0 } else { 5 };
+            let mut url = format!("{entry}/v1/poll?key={key}&since={since}&wait={wait}");
+            if let Some(e) = &epoch {
+                url.push_str(&format!("&epoch={e}"));
+            }
+            let (status, _, body) = http_follow(&url, &[]).await?;
+            ensure!(status == 200, "{url}: {status} {body}");
+            let answer: serde_json::Value = serde_json::from_str(&body)?;
+            epoch = answer["epoch"].as_str().map(str::to_owned);
+            for frame in answer["updates"]
+                .as_array()
+                .ok_or_else(|| anyhow!("no updates in {answer}"))?
+            {
+                ensure!(frame["type"] == "update", "unexpected {frame}");
+                seqs.push(frame["seq"].as_u64().unwrap_or_default());
+            }
+            since = answer["seq"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no seq in {answer}"))?;
+        }
+        publisher.await??;
+        check_exactly_once(&seqs, UPDATES)?;
+        eprintln!("poll: {} updates exactly once", seqs.len());
+        Ok(())
+    })
+    .await;
+}
+
+/// Reads frames until one satisfies `want`, failing on anything else but `welcome`.
+async fn expect_frame(
+    sub: &mut Subscription,
+    what: &str,
+    want: impl Fn(&Frame) -> bool,
+) -> Result<Frame> {
+    match sub.next_within(FRAME_TIMEOUT).await? {
+        Event::Frame(f) if want(&f) => Ok(f),
+        other => bail!("expected {what}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_say_why_and_live_updates_follow() {
+    bounded(async {
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .node_args(&["--history-len", "10"])
+            .start()
+            .await?;
+        let entry = cluster.nodes[0].http.clone();
+        let key = "reset:1";
+        let mut router = cluster.router().await?;
+        let mut epoch = String::new();
+        for i in 1..=30u64 {
+            epoch = router
+                .publish(publisher::json(key, &json!(i)))
+                .await?
+                .into_inner()
+                .epoch;
+        }
+        let mut seq = 30u64;
+
+        // An evicted since: history_gap, what is left (21..30), then live.
+        let mut sub =
+            Subscription::connect(&connect_url(&entry, key, Some((5, Some(&epoch))))).await?;
+        assert!(
+            matches!(&sub.welcome, Frame::Welcome { seq: 30, .. }),
+            "{:?}",
+            sub.welcome
+        );
+        let reset = expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
+        assert_eq!(
+            reset,
+            Frame::Reset {
+                key: key.into(),
+                epoch: epoch.clone(),
+                seq: 20,
+                reason: "history_gap".into()
+            }
+        );
+        for expected in 21..=30 {
+            assert_eq!(next_update(&mut sub).await?.0, expected);
+        }
+        seq += 1;
+        router.publish(publisher::json(key, &json!(seq))).await?;
+        assert_eq!(next_update(&mut sub).await?.0, seq);
+
+        // A since beyond the current seq: seq_ahead, then live.
+        let mut sub =
+            Subscription::connect(&connect_url(&entry, key, Some((100, Some(&epoch))))).await?;
+        let reset = expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
+        assert_eq!(
+            reset,
+            Frame::Reset {
+                key: key.into(),
+                epoch: epoch.clone(),
+                seq,
+                reason: "seq_ahead".into()
+            }
+        );
+        seq += 1;
+        router.publish(publisher::json(key, &json!(seq))).await?;
+        assert_eq!(next_update(&mut sub).await?.0, seq);
+
+        // A foreign epoch: epoch_changed, then live.
+        let mut sub =
+            Subscription::connect(&connect_url(&entry, key, Some((3, Some("someOtherEpoch")))))
+                .await?;
+        let reset = expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
+        assert_eq!(
+            reset,
+            Frame::Reset {
+                key: key.into(),
+                epoch: epoch.clone(),
+                seq,
+                reason: "epoch_changed".into()
+            }
+        );
+        seq += 1;
+        router.publish(publisher::json(key, &json!(seq))).await?;
+        assert_eq!(next_update(&mut sub).await?.0, seq);
+
+        // The same over long poll (reset leads `updates`) and SSE (Last-Event-ID).
+        let (status, _, body) = http_follow(
+            &format!("{entry}/v1/poll?key={key}&since=5&epoch={epoch}&wait=0"),
+            &[],
+        )
+        .await?;
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body)?;
+        let updates = answer["updates"].as_array().cloned().unwrap_or_default();
+        assert_eq!(updates[0]["reason"], "history_gap", "{answer}");
+        assert_eq!(updates.len(), 11);
+        assert_eq!(answer["seq"], seq);
+        let mut stream = SseStream::open(
+            &format!("{entry}/v1/sse?key={key}"),
+            Some("someOtherEpoch:3"),
+        )
+        .await?;
+        let welcome = stream
+            .next_within(FRAME_TIMEOUT)
+            .await?
+            .ok_or_else(|| anyhow!("no welcome"))?;
+        assert_eq!(welcome.id, Some(format!("{epoch}:{seq}")));
+        let reset = stream
+            .next_within(FRAME_TIMEOUT)
+            .await?
+            .ok_or_else(|| anyhow!("no reset"))?;
+        assert_eq!(reset.id, Some(format!("{epoch}:{seq}")));
+        assert!(reset.data.contains("epoch_changed"), "{reset:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_4408_and_resumes_without_loss() {
+    bounded(async {
+        const N: u64 = 5000;
+        const FAST: usize = 100;
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .node_args(&["--subscriber-queue", "256", "--socket-send-buffer", "16384", "--history-len", "100000", "--history-bytes", "268435456"])
+            .start()
+            .await?;
+        let key = "slow:1";
+        let owner = cluster.node(&owner_of(&cluster, key).await?).http.clone();
+        let url = connect_url(&owner, key, None);
+
+        // The slow one: a small receive buffer, and it stops reading after its welcome.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let stream = socket.connect(owner.trim_start_matches("http://").parse()?).await?;
+        let (mut slow, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
+        let welcome = ringfeed_client::read_event(&mut slow).await?;
+        let Event::Frame(Frame::Welcome { epoch, .. }) = welcome else { bail!("{welcome:?}") };
+
+        let mut fast = Vec::new();
+        for _ in 0..FAST {
+            fast.push(Subscription::connect(&url).await?);
+        }
+        let readers: Vec<_> = fast
+            .into_iter()
+            .map(|mut sub| {
+                tokio::spawn(async move {
+                    let mut next = 1;
+                    while next <= N {
+                        let (seq, _) = next_update(&mut sub).await?;
+                        ensure!(seq == next, "fast subscriber got {seq}, expected {next}");
+                        next += 1;
+                    }
+                    Ok::<_, anyhow::Error>(Instant::now())
+                })
+            })
+            .collect();
+
+        let payload = "x".repeat(100);
+        let mut router = cluster.router().await?;
+        let started = Instant::now();
+        for batch in 0..N / 100 {
+            let items = (0..100).map(|i| publisher::json(key, &json!({"i": batch * 100 + i, "pad": payload}))).collect();
+            router.publish_batch(PublishBatchRequest { items }).await?;
+        }
+        let published_in = started.elapsed();
+        let mut slowest = Duration::ZERO;
+        for reader in readers {
+            slowest = slowest.max(reader.await??.duration_since(started));
+        }
+        eprintln!(
+            "published {N} updates in {published_in:?}; all {FAST} fast subscribers had all of them after {slowest:?} ({:.0} updates/s each)",
+            N as f64 / slowest.as_secs_f64()
+        );
+
+        // Now the slow one reads: what it had, then 4408.
+        let mut seqs = Vec::new();
+        let closed = loop {
+            match tokio::time::timeout(FRAME_TIMEOUT, ringfeed_client::read_event(&mut slow)).await?? {
+                Event::Frame(Frame::Update { seq, .. }) => seqs.push(seq),
+                Event::Frame(other) => bail!("slow consumer got {other:?}"),
+                Event::Closed { code, reason } => break (code, reason),
+            }
+        };
+        assert_eq!(closed.0, 4408, "{closed:?}");
+        let had = seqs.len() as u64;
+        ensure!(had < N, "the slow consumer was never behind");
+        eprintln!("slow consumer closed with {closed:?} after {had} updates");
+        // It resumes from its last seq and has every update.
+        let last = seqs.last().copied().unwrap_or(0);
+        let mut sub = Subscription::connect(&connect_url(&owner, key, Some((last, Some(&epoch))))).await?;
+        while seqs.last().copied().unwrap_or(0) < N {
+            seqs.push(next_update(&mut sub).await?.0);
+        }
+        check_exactly_once(&seqs, N)?;
+        Ok(())
+    })
+    .await;
+}
+
+/// A raw WebSocket client that never answers pings: frames as (opcode, payload).
+async fn raw_ws(http: &str, key: &str) -> Result<tokio::net::TcpStream> {
+    let host = http.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let request = format!(
+        "GET /v1/connect?key={key} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await?;
+        head.push(byte[0]);
+    }
+    ensure!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(stream)
+}
+
+/// Reads one unmasked server frame: (opcode, payload).
+async fn raw_frame(stream: &mut tokio::net::TcpStream) -> Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 2];
+    if stream.read_exact(&mut head).await.is_err() {
+        return Ok(None);
+    }
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b).await?;
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b).await?;
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; usize::try_from(len)?];
+    stream.read_exact(&mut payload).await?;
+    Ok(Some((head[0] & 0x0f, payload)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_dropped_within_one_and_a_half_heartbeats() {
+    bounded(async {
+        let heartbeat = Duration::from_millis(400);
+        let cluster = Cluster::builder().nodes(1).node_args(&["--heartbeat-ms", "400"]).start().await?;
+        let node = &cluster.nodes[0];
+
+        let mut dead = raw_ws(&node.http, "hb:1").await?;
+        let connected = Instant::now();
+        let mut pings = 0;
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(5), raw_frame(&mut dead)).await?? {
+                Some((0x9, _)) => pings += 1,
+                Some((0x8, payload)) => break Some(payload),
+                Some(_) => {}
+                None => break None,
+            }
+        };
+        let dropped_after = connected.elapsed();
+        eprintln!("silent peer: {pings} ping(s), dropped after {dropped_after:?} (heartbeat {heartbeat:?})");
+        assert!(pings >= 1, "the server pinged before giving up");
+        let code = close.as_ref().filter(|p| p.len() >= 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
+        assert_eq!(code, Some(1001));
+        assert!(dropped_after <= heartbeat.mul_f64(1.5) + Duration::from_millis(250), "took {dropped_after:?}");
+
+        // A client that answers pings (tungstenite does) stays for many heartbeats.
+        let mut alive = Subscription::connect(&node.connect_url("hb:2")).await?;
+        let until = Instant::now() + heartbeat * 4;
+        while Instant::now() < until {
+            match alive.next_within(heartbeat * 4).await {
+                Err(ringfeed_client::ClientError::Timeout) => break,
+                Ok(Event::Closed { code, reason }) => bail!("a live client was closed: {code} {reason}"),
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+        let mut router = cluster.router().await?;
+        router.publish(publisher::json("hb:2", &json!("still"))).await?;
+        assert_eq!(next_update(&mut alive).await?.1, json!("still"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_apply_once_and_compare_and_set_reports_the_current_seq() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(2).start().await?;
+        let key = "idem:1";
+        let mut sub = Subscription::connect(&cluster.nodes[0].connect_url(key)).await?;
+        let mut router = cluster.router().await?;
+        let request = |data: serde_json::Value, id: &str| PublishRequest {
+            idempotency_key: id.into(),
+            ..publisher::json(key, &data)
+        };
+
+        let first = router
+            .publish(request(json!("once"), "order-1"))
+            .await?
+            .into_inner();
+        let retry = router
+            .publish(request(json!("once"), "order-1"))
+            .await?
+            .into_inner();
+        assert_eq!((first.seq, first.delivered), (1, 1));
+        assert_eq!(
+            (retry.seq, retry.epoch.as_str(), retry.delivered),
+            (1, first.epoch.as_str(), 0)
+        );
+        let batch = PublishBatchRequest {
+            items: vec![
+                request(json!("once"), "order-1"),
+                request(json!("twice"), "order-2"),
+            ],
+        };
+        let results = router.publish_batch(batch).await?.into_inner().results;
+        let seqs: Vec<u64> = results
+            .iter()
+            .filter_map(|r| match &r.result {
+                Some(ringfeed_proto::v1::publish_result::Result::Ok(ok)) => Some(ok.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+        assert_eq!(next_update(&mut sub).await?, (1, json!("once")));
+        assert_eq!(next_update(&mut sub).await?, (2, json!("twice")));
+
+        // Client publishes: `id` is the idempotency key; the sender gets the update too.
+        for _ in 0..2 {
+            sub.publish(&json!("from-client"), "c-1").await?;
+            let ack = expect_frame(&mut sub, "ack", |f| {
+                matches!(f, Frame::Ack { .. } | Frame::Update { .. })
+            })
+            .await?;
+            match ack {
+                Frame::Ack { id, seq } => assert_eq!((id, seq), (json!("c-1"), 3)),
+                Frame::Update { seq, .. } => {
+                    assert_eq!(seq, 3);
+                    let ack =
+                        expect_frame(&mut sub, "ack", |f| matches!(f, Frame::Ack { .. })).await?;
+                    assert_eq!(
+                        ack,
+                        Frame::Ack {
+                            id: json!("c-1"),
+                            seq: 3
+                        }
+                    );
+                }
+                _ => unreachable!(),
+            }
+        }
+        sub.publish(&json!("next"), "c-2").await?;
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match sub.next_within(FRAME_TIMEOUT).await? {
+                Event::Frame(f @ (Frame::Ack { .. } | Frame::Update { .. })) => got.push(f),
+                other => bail!("{other:?}"),
+            }
+        }
+        assert!(
+            got.iter()
+                .any(|f| matches!(f, Frame::Update { seq: 4, .. })),
+            "one update per distinct id: {got:?}"
+        );
+
+        // Compare-and-set.
+        let cas = |seq: u64, epoch: &str| PublishRequest {
+            expected_seq: Some(seq),
+            expected_epoch: epoch.into(),
+            ..publisher::json(key, &json!("cas"))
+        };
+        let ok = router.publish(cas(4, &first.epoch)).await?.into_inner();
+        assert_eq!(ok.seq, 5);
+        let status = router
+            .publish(cas(4, &first.epoch))
+            .await
+            .expect_err("stale CAS refused");
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(
+            status.message().contains("seq 5") && status.message().contains(&first.epoch),
+            "{}",
+            status.message()
+        );
+        let status = router
+            .publish(cas(5, "otherEpoch"))
+            .await
+            .expect_err("foreign epoch refused");
+        assert_eq!(status.code(), Code::FailedPrecondition);
+
+        // Presence from the owner: the one subscriber.
+        let presence = router
+            .presence(PresenceRequest { key: key.into() })
+            .await?
+            .into_inner();
+        assert_eq!(presence.members.len(), 1, "{presence:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_input_gets_its_answer_and_the_node_keeps_serving() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(1).node_args(&["--handshake-timeout-ms", "1000"]).start().await?;
+        let node = &cluster.nodes[0];
+        let http = node.http.clone();
+
+        // Malformed parameters: 400 with a JSON body naming them.
+        let cases = [
+            ("/v1/sse?key=k&since=x", vec![], "since"),
+            ("/v1/sse?key=k&epoch=a:b", vec![], "epoch"),
+            ("/v1/sse?key=k", vec![("Last-Event-ID", "garbage")], "Last-Event-ID"),
+            ("/v1/sse?since=1", vec![], "key"),
+            ("/v1/poll?key=k&since=0&wait=61", vec![], "wait"),
+            ("/v1/poll?key=k&since=0&wait=soon", vec![], "wait"),
+            ("/v1/poll?key=k", vec![], "since"),
+            ("/v1/poll?key=bad%20key&since=0", vec![], "key"),
+        ];
+        for (path, headers, needle) in cases {
+            let (status, _, body) = http_request_full(&format!("{http}{path}"), &headers).await?;
+            assert_eq!(status, 400, "{path}: {body}");
+            let error: serde_json::Value = serde_json::from_str(&body)?;
+            let message = error["error"].as_str().unwrap_or_default();
+            assert!(message.contains(needle), "{path}: {message}");
+        }
+        // Over WebSocket the same is a close 4400 that says which.
+        match Subscription::connect(&format!("{}/v1/connect?key=k&since=x", http.replace("http://", "ws://"))).await {
+            Err(ringfeed_client::ClientError::Closed { code: 4400, reason }) => assert!(reason.contains("since"), "{reason}"),
+            other => bail!("since=x over WebSocket: {:?}", other.map(|_| ())),
+        }
+
+        // 1,000 connections that never finish their handshake are dropped after the
+        // handshake timeout, while everyone else is served.
+        let host = http.trim_start_matches("http://").to_owned();
+        let mut stalled = Vec::new();
+        for i in 0..1000 {
+            let mut s = tokio::net::TcpStream::connect(&host).await?;
+            if i % 2 == 0 {
+                s.write_all(b"GET /v1/connect?key=stall HTTP/1.1\r\nHost: x\r\n").await?;
+            }
+            stalled.push(s);
+        }
+        let opened = Instant::now();
+        let mut sub = Subscription::connect(&node.connect_url("calm:1")).await?;
+        let mut router = cluster.router().await?;
+        router.publish(publisher::json("calm:1", &json!("served"))).await?;
+        assert_eq!(next_update(&mut sub).await?.1, json!("served"));
+        let served_in = opened.elapsed();
+        let drops = futures_util::stream::iter(stalled)
+            .map(|mut s| async move {
+                let mut buf = [0u8; 256];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return Ok::<_, anyhow::Error>(Instant::now()),
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .buffer_unordered(1000)
+            .collect::<Vec<_>>()
+            .await;
+        let mut last = opened;
+        for d in drops {
+            last = last.max(d?);
+        }
+        let all_dropped = last.duration_since(opened);
+        eprintln!("1000 stalled handshakes dropped within {all_dropped:?}; a normal client was served after {served_in:?}");
+        assert!(all_dropped < Duration::from_secs(5), "took {all_dropped:?}");
+        router.publish(publisher::json("calm:1", &json!("after"))).await?;
+        assert_eq!(next_update(&mut sub).await?.1, json!("after"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_answer_503_before_the_upgrade() {
+    bounded(async {
+        let cluster = Cluster::builder()
+            .nodes(1)
+            .node_args(&["--max-connections", "20"])
+            .start()
+            .await?;
+        let node = &cluster.nodes[0];
+        let mut held = Vec::new();
+        for i in 0..20 {
+            held.push(Subscription::connect(&node.connect_url(&format!("limit:{i}"))).await?);
+        }
+        match tokio_tungstenite::connect_async(node.connect_url("limit:x")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+                assert!(response.headers().contains_key("retry-after"));
+            }
+            other => bail!("over the limit: {:?}", other.map(|_| ())),
+        }
+        let (status, head, _) = http_request_full(
+            &format!("{}/v1/poll?key=limit:1&since=0&wait=1", node.http),
+            &[],
+        )
+        .await?;
+        assert_eq!(status, 503);
+        assert!(head.iter().any(|(k, _)| k == "retry-after"));
+        // Health checks still answer, and a freed slot is usable again.
+        let (status, _, _) = http_request_full(&format!("{}/healthz", node.http), &[]).await?;
+        assert_eq!(status, 200);
+        held.pop().expect("held").close().await;
+        ringfeed_cluster_tests::eventually("a freed slot", Duration::from_secs(5), || {
+            let url = node.connect_url("limit:again");
+            async move { Ok(Subscription::connect(&url).await.ok().map(|_| ())) }
+        })
+        .await;
+        Ok(())
+    })
+    .await;
+}

@@ -1,0 +1,47 @@
+//! End-to-end tests: real etcd, real `ringfeed-node` and `ringfeed-router` processes,
+//! real sockets. One test binary; `.config/nextest.toml` runs the tests one at a time.
+
+mod delivery;
+mod routing;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use ringfeed_client::{Event, Frame, Subscription};
+use ringfeed_cluster_tests::Cluster;
+use ringfeed_proto::v1::LookupRequest;
+
+/// Every test's bound, beyond which it fails rather than hangs.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a test waits for one expected frame.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn bounded<F: std::future::Future<Output = Result<()>>>(test: F) {
+    match tokio::time::timeout(TEST_TIMEOUT, test).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e:#}"),
+        Err(_) => panic!("test did not finish within {TEST_TIMEOUT:?}"),
+    }
+}
+
+/// The owner of `key` by the router's `Lookup`.
+pub async fn owner_of(cluster: &Cluster, key: &str) -> Result<String> {
+    let mut router = cluster.router().await?;
+    let reply = router
+        .lookup(LookupRequest { key: key.into() })
+        .await?
+        .into_inner();
+    Ok(reply.owner.ok_or_else(|| anyhow!("no owner"))?.id)
+}
+
+/// The next frame, which must be an update: `(seq, data)`.
+pub async fn next_update(sub: &mut Subscription) -> Result<(u64, serde_json::Value)> {
+    match sub.next_within(FRAME_TIMEOUT).await? {
+        Event::Frame(Frame::Update { seq, data, .. }) => Ok((seq, data.unwrap_or_default())),
+        other => Err(anyhow!("expected an update, got {other:?}")),
+    }
+}
+
+pub fn welcome_node(sub: &Subscription) -> String {
+    sub.node().to_owned()
+}
