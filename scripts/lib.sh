@@ -42,3 +42,23 @@ wait_for_line() {
   done
   return 1
 }
+
+# Installs what the browser tests need, if missing: Debian's Chromium and the Node.js
+# driver package (playwright-core, pinned in cluster-tests/browser/package-lock.json).
+ensure_browser_deps() {
+  local need=()
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
+  if ((${#need[@]})); then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "installing ${need[*]} from Debian…" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+  fi
+  if [ ! -d cluster-tests/browser/node_modules/playwright-core ]; then
+    echo "installing the browser driver (npm ci)…" >&2
+    (cd cluster-tests/browser && npm ci --no-audit --no-fund >&2)
+  fi
+}

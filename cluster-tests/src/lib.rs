@@ -811,3 +811,35 @@ pub async fn http_follow(
     }
     bail!("more than 3 redirects")
 }
+
+/// Serves `html` at `/` (any path) on a loopback port of its own — a page of another
+/// origin than every node. Returns its base URL; the server stops when the test's
+/// runtime does.
+pub async fn serve_page(html: &'static str) -> Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                // Read the head, then answer whatever was asked with the page.
+                while reader.read_line(&mut line).await.is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+                let _ = reader.get_mut().write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// The folder of the browser tests' Node.js driver (`cluster-tests/browser`).
+pub fn browser_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser")
+}

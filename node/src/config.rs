@@ -80,6 +80,10 @@ pub struct Config {
     /// Interval of SSE heartbeat comments.
     #[arg(long, env = "RINGFEED_SSE_HEARTBEAT_MS", default_value_t = 15_000)]
     pub sse_heartbeat_ms: u64,
+    /// Ends an SSE stream after this long (0: never), so that browsers reconnect —
+    /// with `Last-Event-ID`, losing nothing — and long-lived streams rebalance.
+    #[arg(long, env = "RINGFEED_SSE_MAX_STREAM_MS", default_value_t = 0)]
+    pub sse_max_stream_ms: u64,
     /// Interval of WebSocket control pings; no pong within 1.5× closes the connection.
     #[arg(long, env = "RINGFEED_HEARTBEAT_MS", default_value_t = 30_000)]
     pub heartbeat_ms: u64,

@@ -24,6 +24,9 @@ use crate::node::Node;
 use crate::params::{last_event_id, ClientQuery};
 use crate::session::{self, Placement, Subscription};
 
+/// The reconnection delay the stream asks EventSource to use (the SSE `retry:` field).
+const RETRY_MS: u64 = 1000;
+
 /// Most queued frames put into one chunk of the response body.
 const MAX_EVENTS_PER_CHUNK: usize = 256;
 
@@ -64,10 +67,14 @@ pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Resp
         Err(e) => return Ok(unavailable(&e.to_string(), 1)),
     };
     let first = start_events(&node, &key, &sub);
+    let ends_at = (node.config.sse_max_stream_ms > 0).then(|| {
+        tokio::time::Instant::now() + Duration::from_millis(node.config.sse_max_stream_ms)
+    });
     let stream = EventStream {
         node: node.clone(),
         sub,
         first: Some(first),
+        ends_at,
         _permit: permit,
     };
     let body = Body::from_stream(futures_util::stream::unfold(
@@ -89,6 +96,7 @@ pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Resp
 fn start_events(node: &Node, key: &Key, sub: &Subscription) -> Bytes {
     let c = &sub.start.catchup;
     let mut out = BytesMut::new();
+    out.put_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
     let welcome = ServerFrame::Welcome {
         key: key.as_str(),
         node: &node.id.0,
@@ -141,6 +149,8 @@ struct EventStream {
     node: Arc<Node>,
     sub: Subscription,
     first: Option<Bytes>,
+    /// When the stream is ended for the client to reconnect, if ever.
+    ends_at: Option<tokio::time::Instant>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -157,6 +167,7 @@ impl EventStream {
             biased;
             _ = self.sub.control.kicked() => None,
             _ = self.node.shutdown.cancelled() => None,
+            _ = sleep_until_opt(self.ends_at) => None,
             frame = self.sub.rx.recv() => {
                 let frame = frame?;
                 let mut out = BytesMut::new();
@@ -171,5 +182,13 @@ impl EventStream {
             }
             _ = tokio::time::sleep(heartbeat) => Some((Ok(Bytes::from_static(b": heartbeat\n\n")), self)),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

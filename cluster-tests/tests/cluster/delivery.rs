@@ -720,3 +720,99 @@ async fn connection_limits_answer_503_before_the_upgrade() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eventsource_in_chromium_follows_a_307_across_origins_and_resumes_without_a_gap() {
+    bounded(async {
+        const N: u64 = 300;
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .node_args(&["--sse-max-stream-ms", "1500"])
+            .start()
+            .await?;
+        let mut key = String::new();
+        for i in 0.. {
+            key = format!("browser:{i}");
+            if owner_of(&cluster, &key).await? == "n2" {
+                break;
+            }
+        }
+        // The page comes from its own origin; its EventSource points at n1, which does
+        // not own the key and answers 307 to n2, a third origin.
+        let page =
+            ringfeed_cluster_tests::serve_page(include_str!("../../browser/sse.html")).await?;
+        let src = format!("{}/v1/sse?key={key}", cluster.node("n1").http);
+        let page_url = format!("{page}/?src={}", url_escape(&src));
+        let driver = tokio::process::Command::new("node")
+            .arg("sse.mjs")
+            .args([page_url.as_str(), &N.to_string(), "60000"])
+            .current_dir(ringfeed_cluster_tests::browser_dir())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                anyhow!(
+                    "cannot run node (scripts/test installs Node.js packages and Chromium): {e}"
+                )
+            })?;
+
+        let mut router = cluster.router().await?;
+        ringfeed_cluster_tests::eventually(
+            "the browser to subscribe",
+            Duration::from_secs(30),
+            || {
+                let mut router = router.clone();
+                let key = key.clone();
+                async move {
+                    let presence = router.presence(PresenceRequest { key }).await?.into_inner();
+                    Ok((!presence.members.is_empty()).then_some(()))
+                }
+            },
+        )
+        .await;
+        // Spread the updates over several of the server's 1.5 s stream lifetimes.
+        let mut ticks = tokio::time::interval(Duration::from_millis(15));
+        for i in 1..=N {
+            ticks.tick().await;
+            let reply = router
+                .publish(publisher::json(&key, &json!({"n": i})))
+                .await?
+                .into_inner();
+            ensure!(reply.node == "n2" && reply.seq == i, "{reply:?}");
+        }
+        let output =
+            tokio::time::timeout(Duration::from_secs(90), driver.wait_with_output()).await??;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        ensure!(
+            output.status.success(),
+            "browser driver failed ({}): {stdout}",
+            output.status
+        );
+        let state: serde_json::Value = serde_json::from_str(stdout.trim())?;
+        let seqs: Vec<u64> = state["seqs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        eprintln!(
+            "chromium: {} updates, {} opens, {} resets",
+            seqs.len(),
+            state["opens"],
+            state["resets"]
+        );
+        check_exactly_once(&seqs, N)?;
+        assert!(
+            state["opens"].as_u64().unwrap_or(0) >= 2,
+            "the server closed the stream and the browser came back: {state}"
+        );
+        assert_eq!(state["resets"], 0);
+        Ok(())
+    })
+    .await;
+}
+
+/// Percent-encodes a URL for use as a query value.
+fn url_escape(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
