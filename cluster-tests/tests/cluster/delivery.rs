@@ -473,13 +473,11 @@ async fn a_peer_that_stops_answering_pings_is_dropped_within_one_and_a_half_hear
 
         // A client that answers pings (tungstenite does) stays for many heartbeats.
         let mut alive = Subscription::connect(&node.connect_url("hb:2")).await?;
-        let until = Instant::now() + heartbeat * 4;
-        while Instant::now() < until {
-            match alive.next_within(heartbeat * 4).await {
-                Err(ringfeed_client::ClientError::Timeout) => break,
-                Ok(Event::Closed { code, reason }) => bail!("a live client was closed: {code} {reason}"),
-                other => bail!("unexpected {other:?}"),
-            }
+        // Nothing but pings (answered by tungstenite) for four heartbeats.
+        match alive.next_within(heartbeat * 4).await {
+            Err(ringfeed_client::ClientError::Timeout) => {}
+            Ok(Event::Closed { code, reason }) => bail!("a live client was closed: {code} {reason}"),
+            other => bail!("unexpected {other:?}"),
         }
         let mut router = cluster.router().await?;
         router.publish(publisher::json("hb:2", &json!("still"))).await?;
