@@ -1,5 +1,15 @@
 # Shared by scripts/cluster, scripts/test and scripts/bench. Source it; do not run it.
 
+# apt_install PKG…: installs Debian packages (none given: does nothing).
+apt_install() {
+  (($#)) || return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing $* from Debian…" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
 # Installs what the build and the tests need, if missing: etcd (Debian's etcd-server),
 # protoc (protobuf-compiler; etcd-client compiles its protos), curl, and cargo-nextest.
 ensure_deps() {
@@ -7,13 +17,7 @@ ensure_deps() {
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
   command -v curl >/dev/null 2>&1 || need+=(curl)
-  if ((${#need[@]})); then
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    echo "installing ${need[*]} from Debian…" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-  fi
+  apt_install "${need[@]}"
   if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest…" >&2
     cargo install cargo-nextest --locked >&2
@@ -50,13 +54,7 @@ ensure_browser_deps() {
   [ -x /usr/bin/chromium ] || need+=(chromium)
   command -v node >/dev/null 2>&1 || need+=(nodejs)
   command -v npm >/dev/null 2>&1 || need+=(npm)
-  if ((${#need[@]})); then
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    echo "installing ${need[*]} from Debian…" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-  fi
+  apt_install "${need[@]}"
   if [ ! -d cluster-tests/browser/node_modules/playwright-core ]; then
     echo "installing the browser driver (npm ci)…" >&2
     (cd cluster-tests/browser && npm ci --no-audit --no-fund >&2)

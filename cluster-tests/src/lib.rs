@@ -115,10 +115,7 @@ impl Etcd {
 
     async fn spawn(&mut self) -> Result<()> {
         let data = self.dir.path().join("data");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))?;
+        let log = append_to(&self.dir.path().join("etcd.log"))?;
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new("etcd")
@@ -362,10 +359,7 @@ impl Cluster {
     /// Starts a node `id` with extra `args` and waits for its ready line.
     pub async fn spawn_node(&self, id: &str, args: &[&str]) -> Result<NodeProc> {
         let log = self.dir.path().join(format!("{id}.log"));
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+        let stderr = append_to(&log)?;
         let mut child = Command::new(binary("ringfeed-node"))
             .args([
                 "--id",
@@ -421,10 +415,7 @@ impl Cluster {
 
     async fn spawn_router(&self) -> Result<RouterProc> {
         let log = self.dir.path().join("router.log");
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+        let stderr = append_to(&log)?;
         let mut child = Command::new(binary("ringfeed-router"))
             .args([
                 "--cluster",
@@ -523,6 +514,13 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 fn tail(text: &str, lines: usize) -> String {

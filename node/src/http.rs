@@ -14,7 +14,7 @@ use axum::Json;
 use http::{header, HeaderValue, Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use ringfeed_router::key;
+use ringfeed_router::key::{self, Key};
 use ringfeed_router::ring::Member;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::node::{redirect_url, Node};
 use crate::params::ClientQuery;
+use crate::session::{self, Placement};
 use crate::ws;
 
 /// Raw TCP connections accepted beyond the client-connection limit, so that a node at
@@ -249,6 +250,35 @@ pub fn redirect_307(base: &str, path: &str, query: &str, ring_version: u64) -> R
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
+}
+
+/// The query and key of a plain-HTTP client request (`/v1/sse`, `/v1/poll`); a bad
+/// one is a 400 naming the problem.
+pub fn client_request(request: &Request) -> Result<(ClientQuery, Key), ApiError> {
+    let query = ClientQuery::parse(request.uri().query()).map_err(ApiError::bad_request)?;
+    let raw = query
+        .key
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("missing key"))?;
+    let key = Key::parse(raw).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    Ok((query, key))
+}
+
+/// `None` when this node owns `key`; otherwise the answer that sends the client on:
+/// a 307 to the same `path` on the owner, or a 503 when no owner is known.
+pub async fn elsewhere(
+    node: &Node,
+    key: &Key,
+    query: &ClientQuery,
+    path: &str,
+) -> Option<Response> {
+    match session::place(node, key, query.rv).await {
+        Placement::Here => None,
+        Placement::Moved { owner, version } => {
+            Some(redirect_307(&owner.http, path, &query.raw, version))
+        }
+        Placement::Unknown => Some(unavailable("no owner known for this key", 1)),
+    }
 }
 
 /// The owner's record as `/v1/route` shows it.

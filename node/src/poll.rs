@@ -11,32 +11,20 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
-use crate::http::{redirect_307, unavailable, ApiError};
+use crate::http::{client_request, elsewhere, unavailable, ApiError};
 use crate::keys::{Catchup, Resume};
 use crate::node::Node;
-use crate::params::{ClientQuery, DEFAULT_WAIT_S};
-use crate::session::{self, Placement};
+use crate::params::DEFAULT_WAIT_S;
 
 /// `GET /v1/poll?key=K&since=S[&epoch=E][&wait=SECONDS]`.
 pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
-    let query = ClientQuery::parse(request.uri().query()).map_err(ApiError::bad_request)?;
-    let key = Key::parse(
-        query
-            .key
-            .as_deref()
-            .ok_or_else(|| ApiError::bad_request("missing key"))?,
-    )
-    .map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let (query, key) = client_request(&request)?;
     let since = query
         .since
         .ok_or_else(|| ApiError::bad_request("missing since (use since=0 the first time)"))?;
     let wait = Duration::from_secs(query.wait.unwrap_or(DEFAULT_WAIT_S));
-    match session::place(&node, &key, query.rv).await {
-        Placement::Here => {}
-        Placement::Moved { owner, version } => {
-            return Ok(redirect_307(&owner.http, "/v1/poll", &query.raw, version))
-        }
-        Placement::Unknown => return Ok(unavailable("no owner known for this key", 1)),
+    if let Some(answer) = elsewhere(&node, &key, &query, "/v1/poll").await {
+        return Ok(answer);
     }
     let resume = Resume {
         since,

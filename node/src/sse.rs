@@ -19,10 +19,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::frames::{self, ServerFrame};
-use crate::http::{redirect_307, unavailable, ApiError};
+use crate::http::{client_request, elsewhere, unavailable, ApiError};
 use crate::node::Node;
-use crate::params::{last_event_id, ClientQuery};
-use crate::session::{self, Placement, Subscription};
+use crate::params::last_event_id;
+use crate::session::{self, Subscription};
 
 /// The reconnection delay the stream asks EventSource to use (the SSE `retry:` field).
 const RETRY_MS: u64 = 1000;
@@ -32,14 +32,7 @@ const MAX_EVENTS_PER_CHUNK: usize = 256;
 
 /// `GET /v1/sse?key=K[&since=S&epoch=E]`.
 pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
-    let query = ClientQuery::parse(request.uri().query()).map_err(ApiError::bad_request)?;
-    let key = Key::parse(
-        query
-            .key
-            .as_deref()
-            .ok_or_else(|| ApiError::bad_request("missing key"))?,
-    )
-    .map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let (query, key) = client_request(&request)?;
     let resume = match request.headers().get("last-event-id") {
         Some(value) => {
             let value = value
@@ -49,12 +42,8 @@ pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Resp
         }
         None => query.resume(),
     };
-    match session::place(&node, &key, query.rv).await {
-        Placement::Here => {}
-        Placement::Moved { owner, version } => {
-            return Ok(redirect_307(&owner.http, "/v1/sse", &query.raw, version))
-        }
-        Placement::Unknown => return Ok(unavailable("no owner known for this key", 1)),
+    if let Some(answer) = elsewhere(&node, &key, &query, "/v1/sse").await {
+        return Ok(answer);
     }
     if node.shutdown.is_cancelled() || node.is_draining() {
         return Ok(unavailable("node is draining", 1));

@@ -16,3 +16,16 @@ pub mod key;
 pub mod membership;
 pub mod ring;
 pub mod service;
+
+/// Logs to stderr, filtered by `RINGFEED_LOG` (default `info`), in colour only on a
+/// terminal. For the binaries.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

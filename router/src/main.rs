@@ -66,14 +66,7 @@ impl Config {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    ringfeed_router::init_tracing();
     let config = Config::parse();
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-router: bad configuration: {e}");

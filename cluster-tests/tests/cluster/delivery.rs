@@ -248,40 +248,28 @@ async fn resets_say_why_and_live_updates_follow() {
         router.publish(publisher::json(key, &json!(seq))).await?;
         assert_eq!(next_update(&mut sub).await?.0, seq);
 
-        // A since beyond the current seq: seq_ahead, then live.
-        let mut sub =
-            Subscription::connect(&connect_url(&entry, key, Some((100, Some(&epoch))))).await?;
-        let reset = expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
-        assert_eq!(
-            reset,
-            Frame::Reset {
-                key: key.into(),
-                epoch: epoch.clone(),
-                seq,
-                reason: "seq_ahead".into()
-            }
-        );
-        seq += 1;
-        router.publish(publisher::json(key, &json!(seq))).await?;
-        assert_eq!(next_update(&mut sub).await?.0, seq);
-
-        // A foreign epoch: epoch_changed, then live.
-        let mut sub =
-            Subscription::connect(&connect_url(&entry, key, Some((3, Some("someOtherEpoch")))))
-                .await?;
-        let reset = expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
-        assert_eq!(
-            reset,
-            Frame::Reset {
-                key: key.into(),
-                epoch: epoch.clone(),
-                seq,
-                reason: "epoch_changed".into()
-            }
-        );
-        seq += 1;
-        router.publish(publisher::json(key, &json!(seq))).await?;
-        assert_eq!(next_update(&mut sub).await?.0, seq);
+        // A since beyond the current seq, or in a foreign epoch: the reason, then live.
+        for (since, their_epoch, reason) in [
+            (100, epoch.as_str(), "seq_ahead"),
+            (3, "someOtherEpoch", "epoch_changed"),
+        ] {
+            let url = connect_url(&entry, key, Some((since, Some(their_epoch))));
+            let mut sub = Subscription::connect(&url).await?;
+            let reset =
+                expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
+            assert_eq!(
+                reset,
+                Frame::Reset {
+                    key: key.into(),
+                    epoch: epoch.clone(),
+                    seq,
+                    reason: reason.into()
+                }
+            );
+            seq += 1;
+            router.publish(publisher::json(key, &json!(seq))).await?;
+            assert_eq!(next_update(&mut sub).await?.0, seq);
+        }
 
         // The same over long poll (reset leads `updates`) and SSE (Last-Event-ID).
         let (status, _, body) = http_follow(
