@@ -8,8 +8,9 @@ use ringfeed_router::membership::View;
 use ringfeed_router::ring::RingId;
 use tonic::{Code, Request, Response, Status};
 
-use crate::keys::{ApplyError, Publish};
+use crate::keys::{ApplyError, KeySnapshot, Publish};
 use crate::node::{Decision, Node};
+use crate::replication::{self, entry_from_pb, PublishError};
 
 /// Serves `Node` for one node.
 pub struct NodeService {
@@ -32,13 +33,14 @@ impl NodeService {
         }
     }
 
-    fn apply(&self, view: &Arc<View>, item: &pb::PublishRequest) -> deliver_result::Result {
+    async fn apply(&self, view: &Arc<View>, item: &pb::PublishRequest) -> deliver_result::Result {
         if let Err(e) = key::validate(&item.key) {
             return error(Code::InvalidArgument, format!("invalid key: {e}"));
         }
         if !matches!(self.node.decide(view.clone(), &item.key), Decision::Mine(_)) {
             return deliver_result::Result::NotOwner(ring_ref(view));
         }
+        self.node.promote_if_due(&item.key, view);
         let publish = Publish {
             data: &item.data,
             content_type: &item.content_type,
@@ -46,19 +48,23 @@ impl NodeService {
             expected_epoch: &item.expected_epoch,
             idempotency_key: &item.idempotency_key,
         };
-        match self.node.keys.apply(&item.key, publish) {
-            Ok(applied) => deliver_result::Result::Ok(pb::PublishReply {
+        let wait = item.ack() == pb::Ack::Replicated;
+        match replication::publish(&self.node, view, &item.key, publish, wait).await {
+            Ok((applied, replicated)) => deliver_result::Result::Ok(pb::PublishReply {
                 seq: applied.seq,
                 epoch: applied.epoch,
                 node: self.node.id.0.clone(),
                 delivered: applied.delivered,
-                replicated: false,
+                replicated,
             }),
-            Err(e @ (ApplyError::Payload(_) | ApplyError::IdempotencyKeyTooLong(_))) => {
-                error(Code::InvalidArgument, e.to_string())
-            }
-            Err(e @ ApplyError::SeqMismatch { .. }) => {
+            Err(PublishError::Apply(
+                e @ (ApplyError::Payload(_) | ApplyError::IdempotencyKeyTooLong(_)),
+            )) => error(Code::InvalidArgument, e.to_string()),
+            Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. })) => {
                 error(Code::FailedPrecondition, e.to_string())
+            }
+            Err(e @ (PublishError::Apply(ApplyError::InFlight) | PublishError::Moved)) => {
+                error(Code::Unavailable, e.to_string())
             }
         }
     }
@@ -86,11 +92,12 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<pb::DeliverReply>, Status> {
         let request = request.into_inner();
         let view = self.view(request.ring.as_ref()).await;
-        let results = request
-            .items
-            .iter()
-            .map(|item| pb::DeliverResult {
-                result: Some(self.apply(&view, item)),
+        let applies = request.items.iter().map(|item| self.apply(&view, item));
+        let results = futures_util::future::join_all(applies)
+            .await
+            .into_iter()
+            .map(|result| pb::DeliverResult {
+                result: Some(result),
             })
             .collect();
         Ok(Response::new(pb::DeliverReply {
@@ -116,6 +123,56 @@ impl node_server::Node for NodeService {
         };
         Ok(Response::new(pb::KeyPresenceReply {
             result: Some(result),
+        }))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<pb::ReplicateReply>, Status> {
+        let request = request.into_inner();
+        let view = self.view(request.ring.as_ref()).await;
+        let from = request.from;
+        // Fencing by the replica: only the owner in our own view may write.
+        let owns = |key: &str| view.ring.owner(key).is_some_and(|o| o.id.0 == from);
+        let mut refused = Vec::new();
+        for snapshot in request.snapshots {
+            if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
+                refused.push(snapshot.key);
+                continue;
+            }
+            let key = snapshot.key;
+            let state = KeySnapshot {
+                epoch: snapshot.epoch.clone(),
+                seq: snapshot.seq,
+                entries: snapshot
+                    .entries
+                    .into_iter()
+                    .filter_map(entry_from_pb)
+                    .collect(),
+                idempotency: snapshot
+                    .idempotency
+                    .into_iter()
+                    .map(|r| (r.id, r.seq))
+                    .collect(),
+            };
+            self.node.replicas.snapshot(&key, &from, state);
+        }
+        for entry in request.entries {
+            if key::validate(&entry.key).is_err() || !owns(&entry.key) {
+                if !refused.contains(&entry.key) {
+                    refused.push(entry.key);
+                }
+                continue;
+            }
+            let (key, epoch) = (entry.key.clone(), entry.epoch.clone());
+            if let Some(entry) = entry_from_pb(entry) {
+                self.node.replicas.entry(&key, &from, &epoch, entry);
+            }
+        }
+        Ok(Response::new(pb::ReplicateReply {
+            refused,
+            ring: Some(ring_ref(&view)),
         }))
     }
 }

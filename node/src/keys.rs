@@ -13,14 +13,14 @@
 //! synchronous work gives the same ordering without a channel hop and a task per key;
 //! the replication step that needs awaiting comes with its own ordering, later.)
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 use serde_json::json;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::frames::{self, PayloadError};
@@ -65,6 +65,8 @@ pub enum ApplyError {
     Payload(#[from] PayloadError),
     #[error("idempotency key is {0} bytes; the limit is {MAX_IDEMPOTENCY_KEY}")]
     IdempotencyKeyTooLong(usize),
+    #[error("an update with this idempotency key is still being replicated; retry")]
+    InFlight,
     #[error("expected seq {expected} in epoch {expected_epoch:?}, but the key is at seq {seq} in epoch {epoch}")]
     SeqMismatch {
         expected: u64,
@@ -251,11 +253,72 @@ struct Entry {
     frame: Utf8Bytes,
 }
 
+/// An update given a seq, waiting for the successor to hold it.
+#[derive(Debug)]
+struct Pending {
+    frame: Utf8Bytes,
+    idempotency_key: String,
+    acked: bool,
+    /// Told the number of subscribers it reached, once shown.
+    done: Option<oneshot::Sender<u32>>,
+}
+
+/// One update as it travels to a replica.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub frame: Utf8Bytes,
+    pub idempotency_key: String,
+}
+
+/// A key's whole state as its replica needs it.
+#[derive(Debug, Clone)]
+pub struct KeySnapshot {
+    pub epoch: String,
+    /// The seq subscribers have seen.
+    pub seq: u64,
+    /// The buffered history, then the entries still in flight, in seq order.
+    pub entries: Vec<LogEntry>,
+    /// The idempotency window, oldest first.
+    pub idempotency: Vec<(String, u64)>,
+}
+
+/// What must go to the successor after staging an update.
+#[derive(Debug)]
+pub enum ToReplica {
+    /// Nothing: the replica already has everything else, or there is no successor.
+    Nothing,
+    /// This entry, to the successor the key's replica lives at.
+    Entry((String, String), String, LogEntry),
+    /// The successor changed: the whole key, to the new one.
+    Snapshot((String, String), KeySnapshot),
+}
+
+/// A staged publish.
+#[derive(Debug)]
+pub enum Staged {
+    /// A retry of an update already shown: the original seq, nothing delivered.
+    Duplicate(Applied),
+    /// Given a seq; shown once the successor holds it (at once without successor).
+    Waiting {
+        applied: Applied,
+        to_replica: ToReplica,
+        done: oneshot::Receiver<u32>,
+    },
+}
+
 /// One key's state.
 #[derive(Debug)]
 pub struct KeyState {
     pub epoch: String,
+    /// The last seq shown to subscribers: every update up to it is held by the
+    /// successor too (the high watermark).
     pub seq: u64,
+    /// The last seq given out; `seq+1..=next` wait in `pending` for the successor.
+    next: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// The successor (id, incarnation) that holds this key's replica, if any.
+    replica_at: Option<(String, String)>,
     log: VecDeque<Entry>,
     log_bytes: usize,
     idempotency: HashMap<String, u64>,
@@ -272,6 +335,9 @@ impl KeyState {
         KeyState {
             epoch: new_epoch(),
             seq: 0,
+            next: 0,
+            pending: BTreeMap::new(),
+            replica_at: None,
             log: VecDeque::new(),
             log_bytes: 0,
             idempotency: HashMap::new(),
@@ -280,6 +346,112 @@ impl KeyState {
             present: HashMap::new(),
             changes: watch::Sender::new(0),
         }
+    }
+
+    /// Shows every pending update the successor holds, in seq order, up to the first
+    /// that it does not.
+    fn advance(&mut self, limits: &Limits) {
+        let mut moved = false;
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() != self.seq + 1 || !entry.get().acked {
+                break;
+            }
+            let (seq, p) = entry.remove_entry();
+            let delivered = self
+                .subscribers
+                .iter()
+                .filter(|s| s.offer(&p.frame))
+                .count();
+            self.seq = seq;
+            self.append(seq, p.frame, &p.idempotency_key, limits);
+            if let Some(done) = p.done {
+                let _ = done.send(u32::try_from(delivered).unwrap_or(u32::MAX));
+            }
+            moved = true;
+        }
+        if moved {
+            self.changes.send_replace(self.seq);
+        }
+    }
+
+    /// The whole key for a new replica: history, window, and what is in flight.
+    fn snapshot(&self) -> KeySnapshot {
+        let seq_of: HashMap<u64, &str> = self
+            .idempotency
+            .iter()
+            .map(|(k, &s)| (s, k.as_str()))
+            .collect();
+        let mut entries: Vec<LogEntry> = self
+            .log
+            .iter()
+            .map(|e| LogEntry {
+                seq: e.seq,
+                frame: e.frame.clone(),
+                idempotency_key: seq_of
+                    .get(&e.seq)
+                    .map_or_else(String::new, |k| (*k).to_owned()),
+            })
+            .collect();
+        entries.extend(self.pending.iter().map(|(&seq, p)| LogEntry {
+            seq,
+            frame: p.frame.clone(),
+            idempotency_key: p.idempotency_key.clone(),
+        }));
+        let idempotency = self
+            .idempotency_order
+            .iter()
+            .filter_map(|k| self.idempotency.get(k).map(|&s| (k.clone(), s)))
+            .collect();
+        KeySnapshot {
+            epoch: self.epoch.clone(),
+            seq: self.seq,
+            entries,
+            idempotency,
+        }
+    }
+
+    /// Points the key's replica at `successor`; what the new one must be sent.
+    fn replicate_to(&mut self, successor: Option<(String, String)>, limits: &Limits) -> ToReplica {
+        if self.replica_at == successor {
+            return ToReplica::Nothing;
+        }
+        self.replica_at = successor.clone();
+        match successor {
+            Some(to) => ToReplica::Snapshot(to, self.snapshot()),
+            None => {
+                // Nobody to wait for: show what was waiting.
+                for p in self.pending.values_mut() {
+                    p.acked = true;
+                }
+                self.advance(limits);
+                ToReplica::Nothing
+            }
+        }
+    }
+
+    /// A key's state rebuilt from its replica, for its new owner: same epoch, and the
+    /// longest run of entries without a gap.
+    fn promoted(replica: Replica, limits: &Limits) -> KeyState {
+        let mut state = KeyState::new();
+        state.epoch = replica.epoch;
+        let mut expected = None;
+        for (seq, (frame, idempotency_key)) in replica.entries {
+            if expected.is_some_and(|e| e != seq) {
+                break;
+            }
+            state.append(seq, frame, &idempotency_key, limits);
+            state.seq = seq;
+            expected = Some(seq + 1);
+        }
+        for (id, seq) in replica.idempotency {
+            if seq <= state.seq && !state.idempotency.contains_key(&id) {
+                state.idempotency.insert(id.clone(), seq);
+                state.idempotency_order.push_back(id);
+            }
+        }
+        state.next = state.seq;
+        state.changes.send_replace(state.seq);
+        state
     }
 
     /// What a reader at `resume` has missed (at most `max` updates).
@@ -423,10 +595,16 @@ impl KeyTable {
         self.next_subscriber.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Applies a publish: a retry of a remembered idempotency key answers with the
-    /// original seq; otherwise the next seq, one encoded frame, logged and offered to
-    /// every subscriber.
-    pub fn apply(&self, key: &str, publish: Publish<'_>) -> Result<Applied, ApplyError> {
+    /// Stages a publish: a retry of a remembered idempotency key answers with the
+    /// original seq; otherwise the update gets the next seq and waits until the
+    /// successor (`successor`: id and incarnation, `None` without one) holds it — only
+    /// then is it logged and shown to subscribers, in seq order.
+    pub fn stage(
+        &self,
+        key: &str,
+        publish: Publish<'_>,
+        successor: Option<(String, String)>,
+    ) -> Result<Staged, ApplyError> {
         if publish.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApplyError::IdempotencyKeyTooLong(
                 publish.idempotency_key.len(),
@@ -436,27 +614,34 @@ impl KeyTable {
         let mut state = entry.lock().expect("key lock poisoned");
         if !publish.idempotency_key.is_empty() {
             if let Some(&seq) = state.idempotency.get(publish.idempotency_key) {
-                return Ok(Applied {
+                return Ok(Staged::Duplicate(Applied {
                     seq,
                     epoch: state.epoch.clone(),
                     delivered: 0,
                     duplicate: true,
-                });
+                }));
+            }
+            if state
+                .pending
+                .values()
+                .any(|p| p.idempotency_key == publish.idempotency_key)
+            {
+                return Err(ApplyError::InFlight);
             }
         }
         if let Some(expected) = publish.expected_seq {
             let epoch_ok =
                 publish.expected_epoch.is_empty() || publish.expected_epoch == state.epoch;
-            if !epoch_ok || expected != state.seq {
+            if !epoch_ok || expected != state.next {
                 return Err(ApplyError::SeqMismatch {
                     expected,
                     expected_epoch: publish.expected_epoch.to_owned(),
-                    seq: state.seq,
+                    seq: state.next,
                     epoch: state.epoch.clone(),
                 });
             }
         }
-        let seq = state.seq + 1;
+        let seq = state.next + 1;
         let frame = frames::update(
             key,
             seq,
@@ -464,16 +649,142 @@ impl KeyTable {
             publish.content_type,
             self.limits.max_payload,
         )?;
-        state.seq = seq;
-        let delivered = state.subscribers.iter().filter(|s| s.offer(&frame)).count();
-        state.append(seq, frame, publish.idempotency_key, &self.limits);
-        state.changes.send_replace(seq);
-        Ok(Applied {
+        state.next = seq;
+        let (done_tx, done) = oneshot::channel();
+        let log_entry = LogEntry {
+            seq,
+            frame: frame.clone(),
+            idempotency_key: publish.idempotency_key.to_owned(),
+        };
+        state.pending.insert(
+            seq,
+            Pending {
+                frame,
+                idempotency_key: publish.idempotency_key.to_owned(),
+                acked: false,
+                done: Some(done_tx),
+            },
+        );
+        let to_replica = match state.replicate_to(successor, &self.limits) {
+            ToReplica::Nothing => match state.replica_at.clone() {
+                Some(to) => ToReplica::Entry(to, state.epoch.clone(), log_entry),
+                None => {
+                    // No successor: nothing to wait for.
+                    if let Some(p) = state.pending.get_mut(&seq) {
+                        p.acked = true;
+                    }
+                    state.advance(&self.limits);
+                    ToReplica::Nothing
+                }
+            },
+            snapshot => snapshot,
+        };
+        let applied = Applied {
             seq,
             epoch: state.epoch.clone(),
-            delivered: u32::try_from(delivered).unwrap_or(u32::MAX),
+            delivered: 0,
             duplicate: false,
+        };
+        Ok(Staged::Waiting {
+            applied,
+            to_replica,
+            done,
         })
+    }
+
+    /// Successor `by` holds `seq` of `key` in `epoch`: show what can be shown. An
+    /// answer from a node that is no longer the key's successor does not count: the
+    /// new one has been sent the key whole and answers for it.
+    pub fn replicated(&self, key: &str, epoch: &str, seq: u64, by: &(String, String)) {
+        let Some(entry) = self.existing(key) else {
+            return;
+        };
+        let mut state = entry.lock().expect("key lock poisoned");
+        if state.epoch != epoch || state.replica_at.as_ref() != Some(by) {
+            return;
+        }
+        if let Some(p) = state.pending.get_mut(&seq) {
+            p.acked = true;
+        }
+        state.advance(&self.limits);
+    }
+
+    /// The replica refused the key's updates (it does not see this node as the owner):
+    /// nothing in flight will be shown; their callers are told to retry.
+    pub fn abort_pending(&self, key: &str) {
+        let Some(entry) = self.existing(key) else {
+            return;
+        };
+        let mut state = entry.lock().expect("key lock poisoned");
+        state.pending.clear();
+        state.next = state.seq;
+        state.replica_at = None;
+    }
+
+    /// Points `key`'s replica at `successor`; what the new one must be sent.
+    pub fn replicate_to(&self, key: &str, successor: Option<(String, String)>) -> ToReplica {
+        let Some(entry) = self.existing(key) else {
+            return ToReplica::Nothing;
+        };
+        let mut state = entry.lock().expect("key lock poisoned");
+        state.replicate_to(successor, &self.limits)
+    }
+
+    /// Forgets where `key`'s replica lives, so that the next look sends it whole.
+    pub fn forget_replica(&self, key: &str) {
+        if let Some(entry) = self.existing(key) {
+            entry.lock().expect("key lock poisoned").replica_at = None;
+        }
+    }
+
+    /// Every key held, for a walk over them.
+    pub fn keys(&self) -> Vec<String> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .expect("shard lock poisoned")
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Installs `replica` as the state of `key` (this node is its new owner). Returns
+    /// the subscribers that had connected to a fresh state meanwhile, to be sent back
+    /// so they resume in the promoted epoch; `None` when the key already has history
+    /// here and the replica is not used.
+    pub fn promote(&self, key: &str, replica: Replica) -> Option<Vec<Subscriber>> {
+        let entry = self.entry(key);
+        let mut state = entry.lock().expect("key lock poisoned");
+        if state.next > 0 {
+            return None;
+        }
+        let mut promoted = KeyState::promoted(replica, &self.limits);
+        while promoted.idempotency_order.len() > self.limits.idempotency_window {
+            if let Some(old) = promoted.idempotency_order.pop_front() {
+                promoted.idempotency.remove(&old);
+            }
+        }
+        let fresh = std::mem::replace(&mut *state, promoted);
+        Some(fresh.subscribers)
+    }
+
+    /// Applies a publish with no successor to wait for (tests).
+    #[cfg(test)]
+    pub fn apply(&self, key: &str, publish: Publish<'_>) -> Result<Applied, ApplyError> {
+        match self.stage(key, publish, None)? {
+            Staged::Duplicate(applied) => Ok(applied),
+            Staged::Waiting {
+                mut applied,
+                mut done,
+                ..
+            } => {
+                applied.delivered = done.try_recv().expect("shown at once without successor");
+                Ok(applied)
+            }
+        }
     }
 
     /// Adds a subscriber to `key` and returns what it is sent before live updates.
@@ -596,6 +907,132 @@ impl KeyTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The copy of another node's key that this node holds as its successor.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// The owner that sent it.
+    pub owner: String,
+    pub epoch: String,
+    /// seq → (frame, idempotency key), bounded like a log.
+    entries: BTreeMap<u64, (Utf8Bytes, String)>,
+    bytes: usize,
+    idempotency: Vec<(String, u64)>,
+}
+
+/// The replicas this node holds for keys it does not own.
+pub struct Replicas {
+    map: Mutex<HashMap<String, Replica>>,
+    limits: Limits,
+}
+
+impl Replicas {
+    pub fn new(limits: Limits) -> Replicas {
+        Replicas {
+            map: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// Takes a whole key from `owner`. A snapshot of the epoch already held keeps the
+    /// entries that overtook it.
+    pub fn snapshot(&self, key: &str, owner: &str, snapshot: KeySnapshot) {
+        let mut map = self.map.lock().expect("replicas lock poisoned");
+        let replica = map.entry(key.to_owned()).or_insert_with(|| Replica {
+            owner: owner.to_owned(),
+            epoch: snapshot.epoch.clone(),
+            entries: BTreeMap::new(),
+            bytes: 0,
+            idempotency: Vec::new(),
+        });
+        if replica.epoch != snapshot.epoch {
+            replica.entries.clear();
+            replica.bytes = 0;
+        }
+        replica.owner = owner.to_owned();
+        replica.epoch = snapshot.epoch;
+        replica.idempotency = snapshot.idempotency;
+        for e in snapshot.entries {
+            insert_entry(replica, e, &self.limits);
+        }
+    }
+
+    /// Takes one entry from `owner`.
+    pub fn entry(&self, key: &str, owner: &str, epoch: &str, entry: LogEntry) {
+        let mut map = self.map.lock().expect("replicas lock poisoned");
+        let replica = map.entry(key.to_owned()).or_insert_with(|| Replica {
+            owner: owner.to_owned(),
+            epoch: epoch.to_owned(),
+            entries: BTreeMap::new(),
+            bytes: 0,
+            idempotency: Vec::new(),
+        });
+        if replica.epoch != epoch {
+            replica.entries.clear();
+            replica.bytes = 0;
+            replica.idempotency.clear();
+            replica.epoch = epoch.to_owned();
+        }
+        replica.owner = owner.to_owned();
+        if !entry.idempotency_key.is_empty() {
+            replica
+                .idempotency
+                .push((entry.idempotency_key.clone(), entry.seq));
+            let excess = replica
+                .idempotency
+                .len()
+                .saturating_sub(self.limits.idempotency_window);
+            replica.idempotency.drain(..excess);
+        }
+        insert_entry(replica, entry, &self.limits);
+    }
+
+    /// Every replica's key and owner.
+    pub fn owners(&self) -> Vec<(String, String)> {
+        let map = self.map.lock().expect("replicas lock poisoned");
+        map.iter()
+            .map(|(k, r)| (k.clone(), r.owner.clone()))
+            .collect()
+    }
+
+    /// The owner of `key`'s replica, if one is held.
+    pub fn owner_of(&self, key: &str) -> Option<String> {
+        self.map
+            .lock()
+            .expect("replicas lock poisoned")
+            .get(key)
+            .map(|r| r.owner.clone())
+    }
+
+    pub fn take(&self, key: &str) -> Option<Replica> {
+        self.map.lock().expect("replicas lock poisoned").remove(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("replicas lock poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn insert_entry(replica: &mut Replica, entry: LogEntry, limits: &Limits) {
+    if let Some((old, _)) = replica
+        .entries
+        .insert(entry.seq, (entry.frame.clone(), entry.idempotency_key))
+    {
+        replica.bytes -= old.len();
+    }
+    replica.bytes += entry.frame.len();
+    while replica.entries.len() > limits.history_len
+        || (replica.bytes > limits.history_bytes && replica.entries.len() > 1)
+    {
+        if let Some((_, (frame, _))) = replica.entries.pop_first() {
+            replica.bytes -= frame.len();
+        }
     }
 }
 

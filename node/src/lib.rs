@@ -10,6 +10,7 @@
 //! * [`ws`] — one WebSocket session.
 //! * [`sse`] — Server-Sent Events (`/v1/sse`).
 //! * [`poll`] — long polling (`/v1/poll`).
+//! * [`replication`] — owner → successor replication with a high watermark.
 //! * [`internal`] — the internal `ringfeed.v1.Node` gRPC service.
 //! * [`run`] — wiring and graceful shutdown.
 //!
@@ -23,6 +24,7 @@ pub mod keys;
 pub mod node;
 pub mod params;
 pub mod poll;
+pub mod replication;
 pub mod run;
 pub mod session;
 pub mod sse;

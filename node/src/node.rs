@@ -12,7 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::frames::ServerFrame;
-use crate::keys::{KeyTable, Kick};
+use crate::keys::{KeyTable, Kick, Replicas};
+use crate::replication::{successor_of, Replication};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
@@ -28,6 +29,9 @@ pub struct Node {
     pub config: Config,
     pub membership: Membership,
     pub keys: KeyTable,
+    /// Copies of other owners' keys, held as their successor.
+    pub replicas: Replicas,
+    pub replication: Replication,
     /// One permit per held client connection.
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -56,6 +60,8 @@ impl Node {
         Node {
             id: NodeId(config.id.clone()),
             keys: KeyTable::new(config.key_limits()),
+            replicas: Replicas::new(config.key_limits()),
+            replication: Replication::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             config,
             membership,
@@ -161,7 +167,75 @@ impl Node {
             if clients > 0 {
                 tracing::info!(ring_id = %ring_id, clients, "redirected clients of moved keys");
             }
+            self.promote_orphans(&view);
+            // Every key whose successor changed is sent whole to the new one (or, with
+            // no successor left, shows what was waiting for the old one).
+            for key in self.keys.keys() {
+                let to_replica = self.keys.replicate_to(&key, successor_of(&view, &key));
+                self.replication.dispatch(&self, &key, to_replica);
+            }
         }
+    }
+
+    /// Promotes the replicas this node holds whose owner has left the ring and whose
+    /// key it now owns (same epoch, same seq); drops the replicas of keys that another
+    /// live node now owns while their old owner is gone.
+    fn promote_orphans(self: &Arc<Self>, view: &View) {
+        let mut promoted = 0usize;
+        for (key, owner) in self.replicas.owners() {
+            if view.ring.is_active(&NodeId(owner.clone())) {
+                continue;
+            }
+            match view.ring.owner(&key) {
+                Some(o) if o.id == self.id => {
+                    if self.promote(&key, view) {
+                        promoted += 1;
+                    }
+                }
+                _ => {
+                    self.replicas.take(&key);
+                }
+            }
+        }
+        if promoted > 0 {
+            tracing::info!(
+                ring_version = view.version,
+                keys = promoted,
+                "promoted replicas of a departed owner"
+            );
+        }
+    }
+
+    /// Promotes `key`'s replica if its owner has left and this node owns the key now.
+    /// Called before a key is used, so a client or publish that arrives before the ring
+    /// follower gets there still finds the key's history.
+    pub fn promote_if_due(self: &Arc<Self>, key: &str, view: &View) {
+        let Some(owner) = self.replicas.owner_of(key) else {
+            return;
+        };
+        if !view.ring.is_active(&NodeId(owner))
+            && view.ring.owner(key).is_some_and(|o| o.id == self.id)
+        {
+            self.promote(key, view);
+        }
+    }
+
+    fn promote(self: &Arc<Self>, key: &str, view: &View) -> bool {
+        let Some(replica) = self.replicas.take(key) else {
+            return false;
+        };
+        let Some(early) = self.keys.promote(key, replica) else {
+            return false;
+        };
+        // Clients that reached a fresh state before the promotion reconnect into it.
+        if let Some(me) = view.ring.member(&self.id) {
+            for s in early {
+                s.control.kick(redirect_kick(me, &s.query, view.version));
+            }
+        }
+        let to_replica = self.keys.replicate_to(key, successor_of(view, key));
+        self.replication.dispatch(self, key, to_replica);
+        true
     }
 }
 

@@ -26,6 +26,7 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
     if let Some(answer) = elsewhere(&node, &key, &query, "/v1/poll").await {
         return Ok(answer);
     }
+    node.promote_if_due(key.as_str(), &node.membership.view());
     let resume = Resume {
         since,
         epoch: query.epoch.clone(),

@@ -53,6 +53,7 @@ pub fn subscribe(
     resume: Option<&Resume>,
     wants_presence: bool,
 ) -> Result<Subscription, SubscribeError> {
+    node.promote_if_due(key.as_str(), &node.membership.view());
     let (tx, rx) = mpsc::channel(node.config.subscriber_queue);
     let control = Control::new();
     let id = node.keys.next_subscriber_id();

@@ -20,6 +20,7 @@ use crate::frames::{self, ClientFrame, ServerFrame};
 use crate::keys::{ApplyError, Control, Kick, Publish, Start};
 use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
+use crate::replication::{self, PublishError};
 use crate::session::{self, Placement};
 
 /// Close codes of PROTOCOL.md used here.
@@ -30,6 +31,9 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// How long a close waits for the client to take the close frame and answer.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a client's publish may wait for its replica.
+const CLIENT_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most queued frames written in one flush.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
@@ -249,7 +253,7 @@ impl Session {
                     idempotency_key: &idempotency_key,
                     ..Publish::default()
                 };
-                match self.publish(key, publish) {
+                match Self::publish(self.node.clone(), key, publish).await {
                     Ok(seq) => ServerFrame::Ack { id: &id, seq }.encode(),
                     Err((code, message)) => ServerFrame::Nack {
                         id: &id,
@@ -266,19 +270,39 @@ impl Session {
             .map_err(|_| ("io", String::new()))
     }
 
-    fn publish(&self, key: &Key, publish: Publish<'_>) -> Result<u64, (&'static str, String)> {
-        let view = self.node.membership.view();
-        if !matches!(self.node.decide(view, key.as_str()), Decision::Mine(_)) {
+    /// A client's publish, through the key's log like any other: answered once the
+    /// successor holds it (bounded by [`CLIENT_PUBLISH_TIMEOUT`]).
+    async fn publish(
+        node: Arc<Node>,
+        key: &Key,
+        publish: Publish<'_>,
+    ) -> Result<u64, (&'static str, String)> {
+        let view = node.membership.view();
+        if !matches!(node.decide(view.clone(), key.as_str()), Decision::Mine(_)) {
             return Err((
                 "not_owner",
                 "this node no longer owns the key; reconnect".into(),
             ));
         }
-        match self.node.keys.apply(key.as_str(), publish) {
-            Ok(applied) => Ok(applied.seq),
-            Err(ApplyError::Payload(e)) => Err(("bad_payload", e.to_string())),
-            Err(e @ ApplyError::SeqMismatch { .. }) => Err(("seq_mismatch", e.to_string())),
-            Err(e @ ApplyError::IdempotencyKeyTooLong(_)) => Err(("bad_id", e.to_string())),
+        let published = replication::publish(&node, &view, key.as_str(), publish, true);
+        match tokio::time::timeout(CLIENT_PUBLISH_TIMEOUT, published).await {
+            Err(_) => Err((
+                "timeout",
+                "the update was not replicated in time; retry with the same id".into(),
+            )),
+            Ok(Ok((applied, _))) => Ok(applied.seq),
+            Ok(Err(PublishError::Apply(ApplyError::Payload(e)))) => {
+                Err(("bad_payload", e.to_string()))
+            }
+            Ok(Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. }))) => {
+                Err(("seq_mismatch", e.to_string()))
+            }
+            Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyKeyTooLong(_)))) => {
+                Err(("bad_id", e.to_string()))
+            }
+            Ok(Err(e @ (PublishError::Apply(ApplyError::InFlight) | PublishError::Moved))) => {
+                Err(("retry", e.to_string()))
+            }
         }
     }
 

@@ -1,0 +1,354 @@
+//! Owner → successor replication, with a high watermark.
+//!
+//! A publish is staged on its key (it gets a seq), sent to the key's successor, and
+//! shown to subscribers — and answered with `ack=replicated` — only once the successor
+//! holds it ([`KeyTable::replicated`](crate::keys::KeyTable::replicated) shows updates in
+//! seq order, up to the first one not yet held). So a subscriber never sees what the
+//! replica lacks, and a promoted replica never reuses a seq for different data.
+//!
+//! Each successor gets one pipe: a bounded queue drained by one task that batches what
+//! is queued into one `Replicate` call at a time, retrying with jittered back-off while
+//! the successor is on the ring but unreachable (the entries wait; the guarantee is
+//! never lowered). When the successor leaves the ring, the keys it held are sent whole
+//! to their new successors by the ring follower.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
+use ringfeed_router::membership::{Backoff, View};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::keys::{Applied, ApplyError, KeySnapshot, LogEntry, Publish, Staged, ToReplica};
+use crate::node::Node;
+
+/// Jobs queued per successor before publishes wait for room.
+const PIPE_CAPACITY: usize = 65_536;
+/// Most jobs in one `Replicate` call.
+const MAX_BATCH: usize = 1024;
+/// How long one `Replicate` call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A successor: node id and incarnation.
+pub type Successor = (String, String);
+
+/// What goes down a pipe.
+#[derive(Debug)]
+pub enum Job {
+    Entry {
+        key: String,
+        epoch: String,
+        entry: LogEntry,
+    },
+    Snapshot {
+        key: String,
+        snapshot: KeySnapshot,
+    },
+}
+
+/// Why a publish did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("the key moved while its update was being replicated; retry")]
+    Moved,
+}
+
+/// The pipes to every successor this node replicates to.
+#[derive(Default)]
+pub struct Replication {
+    pipes: Mutex<HashMap<Successor, mpsc::Sender<Job>>>,
+}
+
+impl Replication {
+    /// Queues `job` for `to`, starting its pipe if needed. A successor that is no
+    /// longer on the ring gets nothing: the ring follower re-sends the key whole.
+    fn send(&self, node: &Arc<Node>, to: &Successor, job: Job) {
+        let tx = {
+            let mut pipes = self.pipes.lock().expect("pipes lock poisoned");
+            match pipes.get(to) {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let view = node.membership.view();
+                    let Some(member) = view
+                        .ring
+                        .member(&ringfeed_router::ring::NodeId(to.0.clone()))
+                    else {
+                        return;
+                    };
+                    if member.incarnation != to.1 {
+                        return;
+                    }
+                    let (tx, rx) = mpsc::channel(PIPE_CAPACITY);
+                    node.tasks
+                        .spawn(pipe(node.clone(), to.clone(), member.grpc.clone(), rx));
+                    pipes.insert(to.clone(), tx.clone());
+                    tx
+                }
+            }
+        };
+        let key = match &job {
+            Job::Entry { key, .. } | Job::Snapshot { key, .. } => key.clone(),
+        };
+        if tx.try_send(job).is_err() {
+            // Full (or closing): make the key's next publish send it whole instead.
+            tracing::warn!(successor = %to.0, %key, "replication queue full");
+            node.keys.forget_replica(&key);
+        }
+    }
+
+    /// Sends what staging said the replica needs.
+    pub fn dispatch(&self, node: &Arc<Node>, key: &str, to_replica: ToReplica) {
+        match to_replica {
+            ToReplica::Nothing => {}
+            ToReplica::Entry(to, epoch, entry) => {
+                self.send(
+                    node,
+                    &to,
+                    Job::Entry {
+                        key: key.to_owned(),
+                        epoch,
+                        entry,
+                    },
+                );
+            }
+            ToReplica::Snapshot(to, snapshot) => {
+                self.send(
+                    node,
+                    &to,
+                    Job::Snapshot {
+                        key: key.to_owned(),
+                        snapshot,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The successor of `key` on `view` as (id, incarnation), if any.
+pub fn successor_of(view: &View, key: &str) -> Option<Successor> {
+    view.ring
+        .successor(key)
+        .map(|m| (m.id.0.clone(), m.incarnation.clone()))
+}
+
+/// Publishes through `key`'s log on this node (its owner on `view`): stage, send to
+/// the successor, and — when `wait` — wait until it is shown. Returns what was applied
+/// and whether a successor holds it.
+pub async fn publish(
+    node: &Arc<Node>,
+    view: &View,
+    key: &str,
+    publish: Publish<'_>,
+    wait: bool,
+) -> Result<(Applied, bool), PublishError> {
+    let successor = successor_of(view, key);
+    let replicated = successor.is_some();
+    match node.keys.stage(key, publish, successor) {
+        Err(ApplyError::InFlight) => {
+            // A retry of an update in flight: make sure it is on its way, then retry.
+            let to = successor_of(view, key);
+            let to_replica = node.keys.replicate_to(key, to);
+            node.replication.dispatch(node, key, to_replica);
+            Err(ApplyError::InFlight.into())
+        }
+        Err(e) => Err(e.into()),
+        Ok(Staged::Duplicate(applied)) => Ok((applied, replicated)),
+        Ok(Staged::Waiting {
+            mut applied,
+            to_replica,
+            done,
+        }) => {
+            node.replication.dispatch(node, key, to_replica);
+            if wait {
+                applied.delivered = done.await.map_err(|_| PublishError::Moved)?;
+            }
+            Ok((applied, replicated))
+        }
+    }
+}
+
+/// Drains one successor's queue: batch, call, retry until it lands or the successor
+/// leaves the ring.
+async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiver<Job>) {
+    let client = match tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) {
+        Ok(endpoint) => NodeClient::new(
+            endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .connect_lazy(),
+        ),
+        Err(e) => {
+            tracing::error!(%grpc, error = %e, "bad successor address");
+            return;
+        }
+    };
+    let shutdown = node.shutdown.clone();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            job = rx.recv() => match job { Some(job) => job, None => return },
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if !deliver_batch(&node, &to, client.clone(), &batch).await {
+            // The successor left the ring: its keys go whole to their new successors
+            // (the ring follower does that for every key; these are re-sent now).
+            node.replication
+                .pipes
+                .lock()
+                .expect("pipes lock poisoned")
+                .remove(&to);
+            rx.close();
+            while let Ok(job) = rx.try_recv() {
+                batch.push(job);
+            }
+            resend(&node, batch);
+            return;
+        }
+    }
+}
+
+/// Calls `Replicate` until the batch lands (true) or `to` is no longer on the ring (false).
+async fn deliver_batch(
+    node: &Arc<Node>,
+    to: &Successor,
+    mut client: NodeClient<Channel>,
+    batch: &[Job],
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    let mut views = node.membership.subscribe();
+    loop {
+        let view = node.membership.view();
+        let present = view
+            .ring
+            .member(&ringfeed_router::ring::NodeId(to.0.clone()))
+            .is_some_and(|m| m.incarnation == to.1);
+        if !present {
+            return false;
+        }
+        let request = request(node, &view, batch);
+        let mut call = tonic::Request::new(request);
+        call.set_timeout(CALL_TIMEOUT);
+        match client.replicate(call).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                settle(node, to, batch, &reply.refused);
+                return true;
+            }
+            Err(status) => {
+                tracing::debug!(successor = %to.0, %status, "replicate failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_pause()) => {}
+                    _ = views.changed() => {}
+                    _ = node.shutdown.cancelled() => return true,
+                }
+            }
+        }
+    }
+}
+
+fn request(node: &Node, view: &View, batch: &[Job]) -> pb::ReplicateRequest {
+    let mut request = pb::ReplicateRequest {
+        ring: Some(pb::RingRef {
+            ring_version: view.version,
+            ring_id: view.ring.id().0.clone(),
+        }),
+        from: node.id.0.clone(),
+        snapshots: Vec::new(),
+        entries: Vec::new(),
+    };
+    for job in batch {
+        match job {
+            Job::Entry { key, epoch, entry } => request.entries.push(entry_pb(key, epoch, entry)),
+            Job::Snapshot { key, snapshot } => request.snapshots.push(pb::ReplicaSnapshot {
+                key: key.clone(),
+                epoch: snapshot.epoch.clone(),
+                seq: snapshot.seq,
+                entries: snapshot
+                    .entries
+                    .iter()
+                    .map(|e| entry_pb(key, &snapshot.epoch, e))
+                    .collect(),
+                idempotency: snapshot
+                    .idempotency
+                    .iter()
+                    .map(|(id, seq)| pb::IdempotencyRecord {
+                        id: id.clone(),
+                        seq: *seq,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+    request
+}
+
+fn entry_pb(key: &str, epoch: &str, entry: &LogEntry) -> pb::ReplicaEntry {
+    pb::ReplicaEntry {
+        key: key.to_owned(),
+        epoch: epoch.to_owned(),
+        seq: entry.seq,
+        frame: entry.frame.as_str().as_bytes().to_vec(),
+        idempotency_key: entry.idempotency_key.clone(),
+    }
+}
+
+/// The successor holds the batch but for `refused` keys: show what it holds; abort
+/// what it refused (their callers retry on the right owner).
+fn settle(node: &Node, to: &Successor, batch: &[Job], refused: &[String]) {
+    for key in refused {
+        tracing::info!(%key, "successor refused replication: it does not see this node as the owner");
+        node.keys.abort_pending(key);
+    }
+    for job in batch {
+        match job {
+            Job::Entry { key, epoch, entry } if !refused.contains(key) => {
+                node.keys.replicated(key, epoch, entry.seq, to)
+            }
+            Job::Snapshot { key, snapshot } if !refused.contains(key) => {
+                for e in &snapshot.entries {
+                    node.keys.replicated(key, &snapshot.epoch, e.seq, to);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Re-sends the keys of jobs whose successor left, whole, to their current successors.
+fn resend(node: &Arc<Node>, batch: Vec<Job>) {
+    let view = node.membership.view();
+    let mut keys: Vec<String> = batch
+        .into_iter()
+        .map(|job| match job {
+            Job::Entry { key, .. } | Job::Snapshot { key, .. } => key,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        let to_replica = node.keys.replicate_to(&key, successor_of(&view, &key));
+        node.replication.dispatch(node, &key, to_replica);
+    }
+}
+
+/// Turns a wire entry back into a log entry; `None` if its frame is not UTF-8.
+pub fn entry_from_pb(entry: pb::ReplicaEntry) -> Option<LogEntry> {
+    let frame = String::from_utf8(entry.frame).ok()?;
+    Some(LogEntry {
+        seq: entry.seq,
+        frame: frame.into(),
+        idempotency_key: entry.idempotency_key,
+    })
+}
