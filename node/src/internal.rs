@@ -63,9 +63,10 @@ impl NodeService {
             Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. })) => {
                 error(Code::FailedPrecondition, e.to_string())
             }
-            Err(e @ (PublishError::Apply(ApplyError::InFlight) | PublishError::Moved)) => {
-                error(Code::Unavailable, e.to_string())
-            }
+            Err(
+                e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
+                | PublishError::Moved),
+            ) => error(Code::Unavailable, e.to_string()),
         }
     }
 }

@@ -67,6 +67,8 @@ pub enum ApplyError {
     IdempotencyKeyTooLong(usize),
     #[error("an update with this idempotency key is still being replicated; retry")]
     InFlight,
+    #[error("the key moved to another node; retry")]
+    Moved,
     #[error("expected seq {expected} in epoch {expected_epoch:?}, but the key is at seq {seq} in epoch {epoch}")]
     SeqMismatch {
         expected: u64,
@@ -102,6 +104,8 @@ pub struct Applied {
 pub enum SubscribeError {
     #[error("key has {0} subscribers, the limit")]
     TooManySubscribers(usize),
+    #[error("the key moved to another node")]
+    Moved,
 }
 
 /// Where a client wants to continue from.
@@ -317,8 +321,12 @@ pub struct KeyState {
     /// The last seq given out; `seq+1..=next` wait in `pending` for the successor.
     next: u64,
     pending: BTreeMap<u64, Pending>,
-    /// The successor (id, incarnation) that holds this key's replica, if any.
+    /// The successor (id, incarnation) that holds this key's replica, if any, and the
+    /// ring version that named it: an older view never moves it back.
     replica_at: Option<(String, String)>,
+    replica_version: u64,
+    /// The key moved away: whoever still holds this state must not use it.
+    retired: bool,
     log: VecDeque<Entry>,
     log_bytes: usize,
     idempotency: HashMap<String, u64>,
@@ -338,6 +346,8 @@ impl KeyState {
             next: 0,
             pending: BTreeMap::new(),
             replica_at: None,
+            replica_version: 0,
+            retired: false,
             log: VecDeque::new(),
             log_bytes: 0,
             idempotency: HashMap::new(),
@@ -411,10 +421,16 @@ impl KeyState {
     }
 
     /// Points the key's replica at `successor`; what the new one must be sent.
-    fn replicate_to(&mut self, successor: Option<(String, String)>, limits: &Limits) -> ToReplica {
-        if self.replica_at == successor {
+    fn replicate_to(
+        &mut self,
+        successor: Option<(String, String)>,
+        version: u64,
+        limits: &Limits,
+    ) -> ToReplica {
+        if self.replica_at == successor || version < self.replica_version {
             return ToReplica::Nothing;
         }
+        self.replica_version = version;
         self.replica_at = successor.clone();
         match successor {
             Some(to) => ToReplica::Snapshot(to, self.snapshot()),
@@ -599,11 +615,13 @@ impl KeyTable {
     /// original seq; otherwise the update gets the next seq and waits until the
     /// successor (`successor`: id and incarnation, `None` without one) holds it — only
     /// then is it logged and shown to subscribers, in seq order.
+    /// (`version`: the ring version that named the successor.)
     pub fn stage(
         &self,
         key: &str,
         publish: Publish<'_>,
         successor: Option<(String, String)>,
+        version: u64,
     ) -> Result<Staged, ApplyError> {
         if publish.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApplyError::IdempotencyKeyTooLong(
@@ -612,6 +630,9 @@ impl KeyTable {
         }
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
+        if state.retired {
+            return Err(ApplyError::Moved);
+        }
         if !publish.idempotency_key.is_empty() {
             if let Some(&seq) = state.idempotency.get(publish.idempotency_key) {
                 return Ok(Staged::Duplicate(Applied {
@@ -665,7 +686,7 @@ impl KeyTable {
                 done: Some(done_tx),
             },
         );
-        let to_replica = match state.replicate_to(successor, &self.limits) {
+        let to_replica = match state.replicate_to(successor, version, &self.limits) {
             ToReplica::Nothing => match state.replica_at.clone() {
                 Some(to) => ToReplica::Entry(to, state.epoch.clone(), log_entry),
                 None => {
@@ -722,18 +743,25 @@ impl KeyTable {
     }
 
     /// Points `key`'s replica at `successor`; what the new one must be sent.
-    pub fn replicate_to(&self, key: &str, successor: Option<(String, String)>) -> ToReplica {
+    pub fn replicate_to(
+        &self,
+        key: &str,
+        successor: Option<(String, String)>,
+        version: u64,
+    ) -> ToReplica {
         let Some(entry) = self.existing(key) else {
             return ToReplica::Nothing;
         };
         let mut state = entry.lock().expect("key lock poisoned");
-        state.replicate_to(successor, &self.limits)
+        state.replicate_to(successor, version, &self.limits)
     }
 
     /// Forgets where `key`'s replica lives, so that the next look sends it whole.
     pub fn forget_replica(&self, key: &str) {
         if let Some(entry) = self.existing(key) {
-            entry.lock().expect("key lock poisoned").replica_at = None;
+            let mut state = entry.lock().expect("key lock poisoned");
+            state.replica_at = None;
+            state.replica_version = 0;
         }
     }
 
@@ -755,12 +783,19 @@ impl KeyTable {
     /// the subscribers that had connected to a fresh state meanwhile, to be sent back
     /// so they resume in the promoted epoch; `None` when the key already has history
     /// here and the replica is not used.
-    pub fn promote(&self, key: &str, replica: Replica) -> Option<Vec<Subscriber>> {
+    /// The replica is taken (`take`) only under the key's lock, once it is clear that
+    /// it will be used, so two callers cannot race one of them into a fresh epoch.
+    pub fn promote(
+        &self,
+        key: &str,
+        take: impl FnOnce() -> Option<Replica>,
+    ) -> Option<Vec<Subscriber>> {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
-        if state.next > 0 {
+        if state.next > 0 || state.retired {
             return None;
         }
+        let replica = take()?;
         let mut promoted = KeyState::promoted(replica, &self.limits);
         while promoted.idempotency_order.len() > self.limits.idempotency_window {
             if let Some(old) = promoted.idempotency_order.pop_front() {
@@ -774,7 +809,7 @@ impl KeyTable {
     /// Applies a publish with no successor to wait for (tests).
     #[cfg(test)]
     pub fn apply(&self, key: &str, publish: Publish<'_>) -> Result<Applied, ApplyError> {
-        match self.stage(key, publish, None)? {
+        match self.stage(key, publish, None, 0)? {
             Staged::Duplicate(applied) => Ok(applied),
             Staged::Waiting {
                 mut applied,
@@ -798,6 +833,9 @@ impl KeyTable {
     ) -> Result<Start, SubscribeError> {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
+        if state.retired {
+            return Err(SubscribeError::Moved);
+        }
         if state.subscribers.len() >= self.limits.max_subscribers {
             return Err(SubscribeError::TooManySubscribers(state.subscribers.len()));
         }
@@ -877,20 +915,24 @@ impl KeyTable {
         ids
     }
 
-    /// Removes every key for which `moved` returns true, and returns them with their
-    /// state, so that the caller can redirect their subscribers.
-    pub fn take_where(&self, mut moved: impl FnMut(&str) -> bool) -> Vec<(String, KeyState)> {
+    /// Removes every key for which `moved` returns true and returns their subscribers,
+    /// so that the caller can redirect them. The state is retired in place: anyone who
+    /// still holds it sees that and does not use it. What was in flight is dropped (its
+    /// callers are told to retry, and land on the new owner).
+    pub fn take_where(
+        &self,
+        mut moved: impl FnMut(&str) -> bool,
+    ) -> Vec<(String, Vec<Subscriber>)> {
         let mut taken = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().expect("shard lock poisoned");
             let keys: Vec<String> = shard.keys().filter(|k| moved(k)).cloned().collect();
             for key in keys {
                 if let Some(entry) = shard.remove(&key) {
-                    let state = std::mem::replace(
-                        &mut *entry.lock().expect("key lock poisoned"),
-                        KeyState::new(),
-                    );
-                    taken.push((key, state));
+                    let mut state = entry.lock().expect("key lock poisoned");
+                    state.retired = true;
+                    state.pending.clear();
+                    taken.push((key, std::mem::take(&mut state.subscribers)));
                 }
             }
         }
@@ -936,8 +978,7 @@ impl Replicas {
         }
     }
 
-    /// Takes a whole key from `owner`. A snapshot of the epoch already held keeps the
-    /// entries that overtook it.
+    /// Takes a whole key from `owner`, replacing what was held.
     pub fn snapshot(&self, key: &str, owner: &str, snapshot: KeySnapshot) {
         let mut map = self.map.lock().expect("replicas lock poisoned");
         let replica = map.entry(key.to_owned()).or_insert_with(|| Replica {
@@ -947,10 +988,10 @@ impl Replicas {
             bytes: 0,
             idempotency: Vec::new(),
         });
-        if replica.epoch != snapshot.epoch {
-            replica.entries.clear();
-            replica.bytes = 0;
-        }
+        // A snapshot is the whole key as the owner has it: nothing the replica held
+        // beyond it (entries whose callers were told to retry) survives.
+        replica.entries.clear();
+        replica.bytes = 0;
         replica.owner = owner.to_owned();
         replica.epoch = snapshot.epoch;
         replica.idempotency = snapshot.idempotency;
@@ -1466,6 +1507,7 @@ mod tests {
         let taken = table.take_where(|k| k == "a");
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].0, "a");
+        assert!(taken[0].1.is_empty());
         assert_eq!(table.len(), 1);
     }
 }

@@ -155,11 +155,11 @@ impl Node {
                 .keys
                 .take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
             let mut clients = 0usize;
-            for (key, state) in moved {
+            for (key, subscribers) in moved {
                 let Some(owner) = view.ring.owner(&key) else {
                     continue;
                 };
-                for s in state.subscribers {
+                for s in subscribers {
                     s.control.kick(redirect_kick(owner, &s.query, view.version));
                     clients += 1;
                 }
@@ -171,15 +171,16 @@ impl Node {
             // Every key whose successor changed is sent whole to the new one (or, with
             // no successor left, shows what was waiting for the old one).
             for key in self.keys.keys() {
-                let to_replica = self.keys.replicate_to(&key, successor_of(&view, &key));
+                let to_replica =
+                    self.keys
+                        .replicate_to(&key, successor_of(&view, &key), view.version);
                 self.replication.dispatch(&self, &key, to_replica);
             }
         }
     }
 
     /// Promotes the replicas this node holds whose owner has left the ring and whose
-    /// key it now owns (same epoch, same seq); drops the replicas of keys that another
-    /// live node now owns while their old owner is gone.
+    /// key it now owns (same epoch, same seq).
     fn promote_orphans(self: &Arc<Self>, view: &View) {
         let mut promoted = 0usize;
         for (key, owner) in self.replicas.owners() {
@@ -192,9 +193,9 @@ impl Node {
                         promoted += 1;
                     }
                 }
-                _ => {
-                    self.replicas.take(&key);
-                }
+                // Another live node owns it now; this copy may be the only one left, so it
+                // stays until that owner's successor is sent the key whole.
+                _ => {}
             }
         }
         if promoted > 0 {
@@ -221,10 +222,7 @@ impl Node {
     }
 
     fn promote(self: &Arc<Self>, key: &str, view: &View) -> bool {
-        let Some(replica) = self.replicas.take(key) else {
-            return false;
-        };
-        let Some(early) = self.keys.promote(key, replica) else {
+        let Some(early) = self.keys.promote(key, || self.replicas.take(key)) else {
             return false;
         };
         // Clients that reached a fresh state before the promotion reconnect into it.
@@ -233,7 +231,9 @@ impl Node {
                 s.control.kick(redirect_kick(me, &s.query, view.version));
             }
         }
-        let to_replica = self.keys.replicate_to(key, successor_of(view, key));
+        let to_replica = self
+            .keys
+            .replicate_to(key, successor_of(view, key), view.version);
         self.replication.dispatch(self, key, to_replica);
         true
     }

@@ -90,9 +90,7 @@ impl Replication {
                 }
             }
         };
-        let key = match &job {
-            Job::Entry { key, .. } | Job::Snapshot { key, .. } => key.clone(),
-        };
+        let key = job_key(&job).to_owned();
         if tx.try_send(job).is_err() {
             // Full (or closing): make the key's next publish send it whole instead.
             tracing::warn!(successor = %to.0, %key, "replication queue full");
@@ -129,6 +127,12 @@ impl Replication {
     }
 }
 
+fn job_key(job: &Job) -> &str {
+    match job {
+        Job::Entry { key, .. } | Job::Snapshot { key, .. } => key,
+    }
+}
+
 /// The successor of `key` on `view` as (id, incarnation), if any.
 pub fn successor_of(view: &View, key: &str) -> Option<Successor> {
     view.ring
@@ -148,11 +152,11 @@ pub async fn publish(
 ) -> Result<(Applied, bool), PublishError> {
     let successor = successor_of(view, key);
     let replicated = successor.is_some();
-    match node.keys.stage(key, publish, successor) {
+    match node.keys.stage(key, publish, successor, view.version) {
         Err(ApplyError::InFlight) => {
             // A retry of an update in flight: make sure it is on its way, then retry.
             let to = successor_of(view, key);
-            let to_replica = node.keys.replicate_to(key, to);
+            let to_replica = node.keys.replicate_to(key, to, view.version);
             node.replication.dispatch(node, key, to_replica);
             Err(ApplyError::InFlight.into())
         }
@@ -240,7 +244,10 @@ async fn deliver_batch(
         let request = request(node, &view, batch);
         let mut call = tonic::Request::new(request);
         call.set_timeout(CALL_TIMEOUT);
-        match client.replicate(call).await {
+        let answer = tokio::time::timeout(CALL_TIMEOUT, client.replicate(call))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("replicate timed out")));
+        match answer {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 settle(node, to, batch, &reply.refused);
@@ -338,7 +345,9 @@ fn resend(node: &Arc<Node>, batch: Vec<Job>) {
     keys.sort_unstable();
     keys.dedup();
     for key in keys {
-        let to_replica = node.keys.replicate_to(&key, successor_of(&view, &key));
+        let to_replica = node
+            .keys
+            .replicate_to(&key, successor_of(&view, &key), view.version);
         node.replication.dispatch(node, &key, to_replica);
     }
 }

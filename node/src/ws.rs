@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::frames::{self, ClientFrame, ServerFrame};
-use crate::keys::{ApplyError, Control, Kick, Publish, Start};
+use crate::keys::{ApplyError, Control, Kick, Publish, Start, SubscribeError};
 use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
 use crate::replication::{self, PublishError};
@@ -31,6 +31,10 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// How long a close waits for the client to take the close frame and answer.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long one write to a client may take before the client is given up on (the
+/// fan-out path has its own bound: a full queue is a slow consumer).
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a client's publish may wait for its replica.
 const CLIENT_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -117,14 +121,21 @@ impl Session {
             query.presence,
         ) {
             Ok(sub) => sub,
-            Err(e) => {
+            Err(e @ SubscribeError::Moved) => {
+                tracing::debug!(key = %key, error = %e, "subscription refused");
+                return self
+                    .close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route")
+                    .await;
+            }
+            Err(e @ SubscribeError::TooManySubscribers(_)) => {
                 tracing::debug!(key = %key, error = %e, "subscription refused");
                 return self.close(CLOSE_TOO_MANY, "retry_after_ms=1000").await;
             }
         };
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
-        if self.send_start(&key, &sub.start).await.is_err() {
-            return;
+        match tokio::time::timeout(WRITE_TIMEOUT, self.send_start(&key, &sub.start)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
         let control = sub.control.clone();
         self.live(&key, &mut sub.rx, &control).await;
@@ -197,7 +208,7 @@ impl Session {
                         Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {}
                         Some(Ok(Message::Ping(_))) => {
                             // tungstenite queued the pong; push it out.
-                            if self.socket.flush().await.is_err() {
+                            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await, Ok(Ok(()))) {
                                 return;
                             }
                         }
@@ -212,7 +223,8 @@ impl Session {
                     }
                 }
                 _ = pings.tick() => {
-                    if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                    let ping = self.socket.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ping).await, Ok(Ok(()))) {
                         return;
                     }
                 }
@@ -264,10 +276,10 @@ impl Session {
                 }
             }
         };
-        self.socket
-            .send(Message::Text(reply))
-            .await
-            .map_err(|_| ("io", String::new()))
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Text(reply))).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(("io", String::new())),
+        }
     }
 
     /// A client's publish, through the key's log like any other: answered once the
@@ -300,9 +312,10 @@ impl Session {
             Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyKeyTooLong(_)))) => {
                 Err(("bad_id", e.to_string()))
             }
-            Ok(Err(e @ (PublishError::Apply(ApplyError::InFlight) | PublishError::Moved))) => {
-                Err(("retry", e.to_string()))
-            }
+            Ok(Err(
+                e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
+                | PublishError::Moved),
+            )) => Err(("retry", e.to_string())),
         }
     }
 

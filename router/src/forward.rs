@@ -163,7 +163,12 @@ impl Forwarder {
                                     .saturating_duration_since(Instant::now())
                                     .max(Duration::from_millis(1)),
                             );
-                            client.deliver(request).await.map(|r| r.into_inner())
+                            // The header tells the node; this bounds our own wait.
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            match tokio::time::timeout(left, client.deliver(request)).await {
+                                Ok(reply) => reply.map(|r| r.into_inner()),
+                                Err(_) => Err(Status::deadline_exceeded("deliver timed out")),
+                            }
                         }
                         Err(status) => Err(status),
                     };
@@ -180,6 +185,16 @@ impl Forwarder {
                         for (i, result) in indices.into_iter().zip(reply.results) {
                             match result.result {
                                 Some(deliver_result::Result::Ok(ok)) => results[i] = Some(Ok(ok)),
+                                // The node asks for a retry (the key is moving, or the
+                                // same update is still in flight): same item, same
+                                // idempotency key, until the deadline.
+                                Some(deliver_result::Result::Error(e))
+                                    if e.code == Code::Unavailable as u32 =>
+                                {
+                                    last_error = e.message;
+                                    transport_failure = true;
+                                    retry.push(i);
+                                }
                                 Some(deliver_result::Result::Error(e)) => {
                                     results[i] = Some(Err(error_status(e)))
                                 }

@@ -157,12 +157,24 @@ impl Membership {
             {
                 continue;
             }
-            let _reading = self.inner.reading.lock().await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(_reading) = tokio::time::timeout(left, self.inner.reading.lock()).await else {
+                return self.view();
+            };
             if self.view().has_seen(version, id) {
                 continue;
             }
-            if let Err(e) = self.read_fresh().await {
-                tracing::debug!(error = %e, "fresh ring read failed");
+            match tokio::time::timeout(left, self.read_fresh()).await {
+                Ok(Ok(revision)) if revision < version => {
+                    // etcd itself is not at `version` yet: whoever sent it was not
+                    // reading this etcd. Waiting cannot help.
+                    return self.view();
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => tracing::debug!(error = %e, "fresh ring read failed"),
+                Err(_) => return self.view(),
+            }
+            {
                 let now = Instant::now();
                 if now >= deadline {
                     return self.view();
@@ -181,7 +193,8 @@ impl Membership {
     }
 
     /// Reads every record and publishes the ring if it is newer than the current view.
-    async fn read_fresh(&self) -> Result<(), MembershipError> {
+    /// Returns the revision etcd answered at.
+    async fn read_fresh(&self) -> Result<u64, MembershipError> {
         let prefix = self.nodes_prefix();
         let mut client = self.client();
         let resp =
@@ -198,7 +211,7 @@ impl Membership {
             *map = members;
             self.publish(&map, to_version(revision));
         }
-        Ok(())
+        Ok(to_version(revision))
     }
 
     /// Publishes the ring of `members` at `version`, if `version` is newer than the
