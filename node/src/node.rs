@@ -187,15 +187,11 @@ impl Node {
             if view.ring.is_active(&NodeId(owner.clone())) {
                 continue;
             }
-            match view.ring.owner(&key) {
-                Some(o) if o.id == self.id => {
-                    if self.promote(&key, view) {
-                        promoted += 1;
-                    }
-                }
-                // Another live node owns it now; this copy may be the only one left, so it
-                // stays until that owner's successor is sent the key whole.
-                _ => {}
+            // A key another live node owns now keeps its copy here: it may be the only
+            // one left, and it stays until that owner's successor is sent the key whole.
+            let mine = view.ring.owner(&key).is_some_and(|o| o.id == self.id);
+            if mine && self.promote(&key, view) {
+                promoted += 1;
             }
         }
         if promoted > 0 {
