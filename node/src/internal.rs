@@ -8,9 +8,9 @@ use ringfeed_router::membership::View;
 use ringfeed_router::ring::RingId;
 use tonic::{Code, Request, Response, Status};
 
-use crate::keys::{ApplyError, KeySnapshot, Publish};
+use crate::keys::{ApplyError, Publish};
 use crate::node::{Decision, Node};
-use crate::replication::{self, entry_from_pb, PublishError};
+use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 
 /// Serves `Node` for one node.
 pub struct NodeService {
@@ -39,6 +39,12 @@ impl NodeService {
         }
         if !matches!(self.node.decide(view.clone(), &item.key), Decision::Mine(_)) {
             return deliver_result::Result::NotOwner(ring_ref(view));
+        }
+        if !self.node.handoffs.ready(&item.key, view).await {
+            return error(
+                Code::Unavailable,
+                "the key's state is still being handed over; retry".into(),
+            );
         }
         self.node.promote_if_due(&item.key, view);
         let publish = Publish {
@@ -142,22 +148,10 @@ impl node_server::Node for NodeService {
                 refused.push(snapshot.key);
                 continue;
             }
-            let key = snapshot.key;
-            let state = KeySnapshot {
-                epoch: snapshot.epoch.clone(),
-                seq: snapshot.seq,
-                entries: snapshot
-                    .entries
-                    .into_iter()
-                    .filter_map(entry_from_pb)
-                    .collect(),
-                idempotency: snapshot
-                    .idempotency
-                    .into_iter()
-                    .map(|r| (r.id, r.seq))
-                    .collect(),
-            };
-            self.node.replicas.snapshot(&key, &from, state);
+            let key = snapshot.key.clone();
+            self.node
+                .replicas
+                .snapshot(&key, &from, snapshot_from_pb(snapshot));
         }
         for entry in request.entries {
             if key::validate(&entry.key).is_err() || !owns(&entry.key) {
@@ -172,6 +166,38 @@ impl node_server::Node for NodeService {
             }
         }
         Ok(Response::new(pb::ReplicateReply {
+            refused,
+            ring: Some(ring_ref(&view)),
+        }))
+    }
+
+    async fn handoff(
+        &self,
+        request: Request<pb::HandoffRequest>,
+    ) -> Result<Response<pb::HandoffReply>, Status> {
+        let request = request.into_inner();
+        let view = self.view(request.ring.as_ref()).await;
+        let mut refused = Vec::new();
+        for snapshot in request.snapshots {
+            let mine = view
+                .ring
+                .owner(&snapshot.key)
+                .is_some_and(|o| o.id == self.node.id);
+            if key::validate(&snapshot.key).is_err() || !mine {
+                refused.push(snapshot.key);
+                continue;
+            }
+            let key = snapshot.key.clone();
+            self.node.install(&key, snapshot_from_pb(snapshot), &view);
+        }
+        if request.complete {
+            if let Some(ring) = &request.ring {
+                self.node
+                    .handoffs
+                    .marker(&request.from, RingId(ring.ring_id.clone()));
+            }
+        }
+        Ok(Response::new(pb::HandoffReply {
             refused,
             ring: Some(ring_ref(&view)),
         }))

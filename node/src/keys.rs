@@ -445,24 +445,34 @@ impl KeyState {
         }
     }
 
-    /// A key's state rebuilt from its replica, for its new owner: same epoch, and the
-    /// longest run of entries without a gap.
-    fn promoted(replica: Replica, limits: &Limits) -> KeyState {
+    /// A key's state rebuilt for its new owner from a snapshot (its replica, or what
+    /// its previous owner handed off): same epoch, and the longest run of entries
+    /// without a gap.
+    fn restored(snapshot: KeySnapshot, limits: &Limits) -> KeyState {
         let mut state = KeyState::new();
-        state.epoch = replica.epoch;
+        state.epoch = snapshot.epoch;
         let mut expected = None;
-        for (seq, (frame, idempotency_key)) in replica.entries {
-            if expected.is_some_and(|e| e != seq) {
+        for e in snapshot.entries {
+            if expected.is_some_and(|x| x != e.seq) {
                 break;
             }
-            state.append(seq, frame, &idempotency_key, limits);
-            state.seq = seq;
-            expected = Some(seq + 1);
+            state.append(e.seq, e.frame, "", limits);
+            state.seq = e.seq;
+            expected = Some(e.seq + 1);
         }
-        for (id, seq) in replica.idempotency {
+        // A snapshot with no entries still knows its seq (its history was trimmed away).
+        if expected.is_none() {
+            state.seq = snapshot.seq;
+        }
+        for (id, seq) in snapshot.idempotency {
             if seq <= state.seq && !state.idempotency.contains_key(&id) {
                 state.idempotency.insert(id.clone(), seq);
                 state.idempotency_order.push_back(id);
+            }
+        }
+        while state.idempotency_order.len() > limits.idempotency_window {
+            if let Some(old) = state.idempotency_order.pop_front() {
+                state.idempotency.remove(&old);
             }
         }
         state.next = state.seq;
@@ -560,6 +570,13 @@ impl KeyState {
 }
 
 type KeyRef = Arc<Mutex<KeyState>>;
+
+/// A key this node gave up: its subscribers to redirect, and its state to hand off.
+pub struct Moved {
+    pub key: String,
+    pub subscribers: Vec<Subscriber>,
+    pub snapshot: KeySnapshot,
+}
 
 /// Every key this node holds state for.
 pub struct KeyTable {
@@ -783,26 +800,23 @@ impl KeyTable {
     /// the subscribers that had connected to a fresh state meanwhile, to be sent back
     /// so they resume in the promoted epoch; `None` when the key already has history
     /// here and the replica is not used.
-    /// The replica is taken (`take`) only under the key's lock, once it is clear that
-    /// it will be used, so two callers cannot race one of them into a fresh epoch.
-    pub fn promote(
+    /// Installs a snapshot as the state of `key` (this node is its new owner), if the
+    /// key has no history here yet. The snapshot is taken (`take`) only under the key's
+    /// lock, once it is clear it will be used, so two callers cannot race one of them
+    /// into a fresh epoch. Returns the subscribers that had connected to a fresh state
+    /// meanwhile, to be sent back so they resume in the restored epoch.
+    pub fn restore(
         &self,
         key: &str,
-        take: impl FnOnce() -> Option<Replica>,
+        take: impl FnOnce() -> Option<KeySnapshot>,
     ) -> Option<Vec<Subscriber>> {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
         if state.next > 0 || state.retired {
             return None;
         }
-        let replica = take()?;
-        let mut promoted = KeyState::promoted(replica, &self.limits);
-        while promoted.idempotency_order.len() > self.limits.idempotency_window {
-            if let Some(old) = promoted.idempotency_order.pop_front() {
-                promoted.idempotency.remove(&old);
-            }
-        }
-        let fresh = std::mem::replace(&mut *state, promoted);
+        let restored = KeyState::restored(take()?, &self.limits);
+        let fresh = std::mem::replace(&mut *state, restored);
         Some(fresh.subscribers)
     }
 
@@ -919,10 +933,7 @@ impl KeyTable {
     /// so that the caller can redirect them. The state is retired in place: anyone who
     /// still holds it sees that and does not use it. What was in flight is dropped (its
     /// callers are told to retry, and land on the new owner).
-    pub fn take_where(
-        &self,
-        mut moved: impl FnMut(&str) -> bool,
-    ) -> Vec<(String, Vec<Subscriber>)> {
+    pub fn take_where(&self, mut moved: impl FnMut(&str) -> bool) -> Vec<Moved> {
         let mut taken = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().expect("shard lock poisoned");
@@ -932,7 +943,13 @@ impl KeyTable {
                     let mut state = entry.lock().expect("key lock poisoned");
                     state.retired = true;
                     state.pending.clear();
-                    taken.push((key, std::mem::take(&mut state.subscribers)));
+                    state.next = state.seq;
+                    let snapshot = state.snapshot();
+                    taken.push(Moved {
+                        key,
+                        subscribers: std::mem::take(&mut state.subscribers),
+                        snapshot,
+                    });
                 }
             }
         }
@@ -962,6 +979,27 @@ pub struct Replica {
     entries: BTreeMap<u64, (Utf8Bytes, String)>,
     bytes: usize,
     idempotency: Vec<(String, u64)>,
+}
+
+impl Replica {
+    /// The replica as a snapshot, for promotion.
+    pub fn into_snapshot(self) -> KeySnapshot {
+        let seq = self.entries.keys().next_back().copied().unwrap_or(0);
+        KeySnapshot {
+            epoch: self.epoch,
+            seq,
+            entries: self
+                .entries
+                .into_iter()
+                .map(|(seq, (frame, idempotency_key))| LogEntry {
+                    seq,
+                    frame,
+                    idempotency_key,
+                })
+                .collect(),
+            idempotency: self.idempotency,
+        }
+    }
 }
 
 /// The replicas this node holds for keys it does not own.
@@ -1506,8 +1544,9 @@ mod tests {
         table.apply("b", publish(b"1")).unwrap();
         let taken = table.take_where(|k| k == "a");
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].0, "a");
-        assert!(taken[0].1.is_empty());
+        assert_eq!(taken[0].key, "a");
+        assert!(taken[0].subscribers.is_empty());
+        assert_eq!(taken[0].snapshot.seq, 1);
         assert_eq!(table.len(), 1);
     }
 }

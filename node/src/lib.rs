@@ -11,6 +11,7 @@
 //! * [`sse`] — Server-Sent Events (`/v1/sse`).
 //! * [`poll`] — long polling (`/v1/poll`).
 //! * [`replication`] — owner → successor replication with a high watermark.
+//! * [`handoff`] — keys move with their state on planned ring changes.
 //! * [`internal`] — the internal `ringfeed.v1.Node` gRPC service.
 //! * [`run`] — wiring and graceful shutdown.
 //!
@@ -18,6 +19,7 @@
 
 pub mod config;
 pub mod frames;
+pub mod handoff;
 pub mod http;
 pub mod internal;
 pub mod keys;

@@ -12,6 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::frames::ServerFrame;
+use crate::handoff::{self, Handoffs};
+use crate::keys::KeySnapshot;
 use crate::keys::{KeyTable, Kick, Replicas};
 use crate::replication::{successor_of, Replication};
 
@@ -32,6 +34,7 @@ pub struct Node {
     /// Copies of other owners' keys, held as their successor.
     pub replicas: Replicas,
     pub replication: Replication,
+    pub handoffs: Handoffs,
     /// One permit per held client connection.
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -62,6 +65,7 @@ impl Node {
             keys: KeyTable::new(config.key_limits()),
             replicas: Replicas::new(config.key_limits()),
             replication: Replication::default(),
+            handoffs: Handoffs::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             config,
             membership,
@@ -130,43 +134,35 @@ impl Node {
         }
     }
 
-    /// Follows the ring: on every new ring, keys this node no longer owns are dropped
-    /// and their subscribers sent a `redirect` to the new owner (their state does not
-    /// move yet: hand-off is a later step).
+    /// Follows the ring: on every new ring, keys this node no longer owns are handed
+    /// to their new owners and their subscribers redirected there; replicas of a
+    /// departed owner are promoted; keys whose successor changed are sent to the new one.
     pub async fn follow_ring(self: Arc<Self>) {
         let mut views = self.membership.subscribe();
-        let mut ring_id = views.borrow().ring.id().clone();
+        let mut previous = views.borrow().ring.clone();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 changed = views.changed() => if changed.is_err() { return },
             }
             let view = views.borrow_and_update().clone();
-            if *view.ring.id() == ring_id {
+            if view.ring.id() == previous.id() {
                 continue;
             }
-            ring_id = view.ring.id().clone();
+            let before = std::mem::replace(&mut previous, view.ring.clone());
+            self.handoffs.begin(&self.id, before, &view);
             // A node that is not on the ring yet (starting) or any more (leaving) keeps
             // its clients until its own lifecycle moves them.
             if !view.ring.is_active(&self.id) {
                 continue;
             }
+            // Keys this node gave up go whole to their new owners, then this node's
+            // marker to everyone, then their clients are redirected.
             let moved = self
                 .keys
                 .take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
-            let mut clients = 0usize;
-            for (key, subscribers) in moved {
-                let Some(owner) = view.ring.owner(&key) else {
-                    continue;
-                };
-                for s in subscribers {
-                    s.control.kick(redirect_kick(owner, &s.query, view.version));
-                    clients += 1;
-                }
-            }
-            if clients > 0 {
-                tracing::info!(ring_id = %ring_id, clients, "redirected clients of moved keys");
-            }
+            self.tasks
+                .spawn(handoff::hand_off(self.clone(), view.clone(), moved));
             self.promote_orphans(&view);
             // Every key whose successor changed is sent whole to the new one (or, with
             // no successor left, shows what was waiting for the old one).
@@ -217,8 +213,26 @@ impl Node {
         }
     }
 
+    /// Installs a key handed over by its previous owner.
+    pub fn install(self: &Arc<Self>, key: &str, snapshot: KeySnapshot, view: &View) {
+        self.restore(key, || Some(snapshot), view);
+    }
+
     fn promote(self: &Arc<Self>, key: &str, view: &View) -> bool {
-        let Some(early) = self.keys.promote(key, || self.replicas.take(key)) else {
+        self.restore(
+            key,
+            || self.replicas.take(key).map(|r| r.into_snapshot()),
+            view,
+        )
+    }
+
+    fn restore(
+        self: &Arc<Self>,
+        key: &str,
+        take: impl FnOnce() -> Option<KeySnapshot>,
+        view: &View,
+    ) -> bool {
+        let Some(early) = self.keys.restore(key, take) else {
             return false;
         };
         // Clients that reached a fresh state before the promotion reconnect into it.

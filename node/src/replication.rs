@@ -301,6 +301,46 @@ fn request(node: &Node, view: &View, batch: &[Job]) -> pb::ReplicateRequest {
     request
 }
 
+/// The wire form of a key's snapshot.
+pub fn snapshot_pb(key: &str, snapshot: &KeySnapshot) -> pb::ReplicaSnapshot {
+    pb::ReplicaSnapshot {
+        key: key.to_owned(),
+        epoch: snapshot.epoch.clone(),
+        seq: snapshot.seq,
+        entries: snapshot
+            .entries
+            .iter()
+            .map(|e| entry_pb(key, &snapshot.epoch, e))
+            .collect(),
+        idempotency: snapshot
+            .idempotency
+            .iter()
+            .map(|(id, seq)| pb::IdempotencyRecord {
+                id: id.clone(),
+                seq: *seq,
+            })
+            .collect(),
+    }
+}
+
+/// A wire snapshot back as a key snapshot (entries whose frame is not UTF-8 are dropped).
+pub fn snapshot_from_pb(snapshot: pb::ReplicaSnapshot) -> KeySnapshot {
+    KeySnapshot {
+        epoch: snapshot.epoch,
+        seq: snapshot.seq,
+        entries: snapshot
+            .entries
+            .into_iter()
+            .filter_map(entry_from_pb)
+            .collect(),
+        idempotency: snapshot
+            .idempotency
+            .into_iter()
+            .map(|r| (r.id, r.seq))
+            .collect(),
+    }
+}
+
 fn entry_pb(key: &str, epoch: &str, entry: &LogEntry) -> pb::ReplicaEntry {
     pb::ReplicaEntry {
         key: key.to_owned(),

@@ -25,7 +25,8 @@ pub enum Placement {
 /// Decides where a client of `key`, redirected here at ring version `rv`, belongs.
 pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
     let view = node.view_for(rv, None).await;
-    match node.decide(view, key.as_str()) {
+    match node.decide(view.clone(), key.as_str()) {
+        Decision::Mine(_) if !node.handoffs.ready(key.as_str(), &view).await => Placement::Unknown,
         Decision::Mine(_) => Placement::Here,
         Decision::Elsewhere(view, owner) => Placement::Moved {
             owner,

@@ -22,8 +22,8 @@ struct Seen {
     /// (epoch, seq) → payload, every copy received.
     updates: Vec<(String, u64, serde_json::Value)>,
     resets: Vec<String>,
-    /// When each update arrived.
-    arrivals: Vec<Instant>,
+    /// When each update arrived, and from which node.
+    arrivals: Vec<(Instant, String)>,
 }
 
 type Ledger = Arc<Mutex<HashMap<String, Seen>>>;
@@ -55,6 +55,7 @@ fn follow(
                     continue;
                 }
             };
+            let from = sub.node().to_owned();
             if let Frame::Welcome { epoch, seq, .. } = &sub.welcome {
                 if last.is_none() {
                     last = Some((*seq, epoch.clone()));
@@ -68,7 +69,7 @@ fn follow(
                         let seen = ledger.entry(key.clone()).or_default();
                         seen.updates
                             .push((epoch.clone(), seq, data.unwrap_or_default()));
-                        seen.arrivals.push(Instant::now());
+                        seen.arrivals.push((Instant::now(), from.clone()));
                         last = Some((seq, epoch));
                     }
                     Ok(Event::Frame(Frame::Reset {
@@ -265,7 +266,7 @@ async fn sigkill_of_a_node_under_load_loses_no_replicated_update() {
             let ledger = ledger.lock().expect("ledger");
             victim_keys
                 .iter()
-                .filter_map(|k| ledger.get(k).and_then(|s| s.arrivals.iter().find(|t| **t > killed).copied()))
+                .filter_map(|k| ledger.get(k).and_then(|s| s.arrivals.iter().find(|(t, _)| *t > killed).map(|(t, _)| *t)))
                 .map(|t| t.duration_since(killed))
                 .max()
         };
@@ -275,6 +276,105 @@ async fn sigkill_of_a_node_under_load_loses_no_replicated_update() {
         );
         ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
         ensure!(back.is_some(), "the killed node's keys never received again");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_joining_under_load_take_their_keys_with_state_and_clients() {
+    bounded(async {
+        const KEYS: usize = 150;
+        let mut cluster = Cluster::builder().nodes(3).lease_ttl(2).start().await?;
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("join:{i}")).collect();
+        let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+        let ledger: Ledger = Arc::default();
+        let acked: Acked = Arc::default();
+        let stop_clients = Arc::new(AtomicBool::new(false));
+        let stop_load = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = keys.iter().map(|k| follow(k.clone(), nodes.clone(), ledger.clone(), stop_clients.clone())).collect();
+        let router = cluster.router_grpc();
+        eventually("every client subscribed", Duration::from_secs(30), || {
+            let router = router.clone();
+            let keys = keys.clone();
+            async move {
+                let mut router = ringfeed_cluster_tests::connect_router(&router).await?;
+                for key in keys.iter().step_by(15) {
+                    let p = router.presence(ringfeed_proto::v1::PresenceRequest { key: key.clone() }).await?.into_inner();
+                    if p.members.is_empty() {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            }
+        })
+        .await;
+
+        let load = workload(router.clone(), keys.clone(), Ack::Replicated, acked.clone(), stop_load.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut moved_in = Vec::new();
+        for id in ["n4", "n5"] {
+            let before: HashMap<String, String> = {
+                let mut owners = HashMap::new();
+                for key in &keys {
+                    owners.insert(key.clone(), owner_of(&cluster, key).await?);
+                }
+                owners
+            };
+            cluster.add_node(id).await?;
+            let joined = Instant::now();
+            cluster.converged().await;
+            let moved: Vec<String> = {
+                let mut moved = Vec::new();
+                for key in &keys {
+                    if owner_of(&cluster, key).await? != before[key] {
+                        moved.push(key.clone());
+                    }
+                }
+                moved
+            };
+            // Every moved key's client receives from the new owner.
+            let arrived = eventually("every moved client to receive from its new owner", Duration::from_secs(20), || {
+                let ledger = ledger.clone();
+                let moved = moved.clone();
+                async move {
+                    let ledger = ledger.lock().expect("ledger");
+                    let mut last = joined;
+                    for key in &moved {
+                        let first = ledger
+                            .get(key)
+                            .and_then(|s| s.arrivals.iter().find(|(t, from)| *t > joined && from == id).map(|(t, _)| *t));
+                        match first {
+                            Some(t) => last = last.max(t),
+                            None => return Ok(None),
+                        }
+                    }
+                    Ok(Some(last.duration_since(joined)))
+                }
+            })
+            .await;
+            eprintln!("{id} joined under load: {} keys moved to it; their clients all receiving again within {arrived:?}", moved.len());
+            moved_in.push((id, moved.len()));
+        }
+        stop_load.store(true, Ordering::Relaxed);
+        let (ok, failed) = load.await??;
+        ensure!(ok > 0, "the workload acknowledged nothing");
+        eventually("every client to catch up", Duration::from_secs(30), || {
+            let acked = acked.clone();
+            let ledger = ledger.clone();
+            async move { Ok((account(&acked, &ledger).lost == 0).then_some(())) }
+        })
+        .await;
+        stop_clients.store(true, Ordering::Relaxed);
+        for c in clients {
+            let _ = c.await;
+        }
+        let a = account(&acked, &ledger);
+        eprintln!(
+            "scale-out under load: acked {} / delivered {} / lost {} / duplicated {} / reset {} / conflicting {}; {failed} publishes failed; moved {moved_in:?}",
+            a.acked, a.delivered, a.lost, a.duplicated, a.resets, a.conflicts
+        );
+        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
         Ok(())
     })
     .await;

@@ -1,0 +1,241 @@
+//! Keys move with their state on planned ring changes (a node joins).
+//!
+//! The previous owner of every key that moves sends the key whole (`Handoff`: epoch,
+//! history, idempotency window) to its new owner, then a marker (`complete`) to every
+//! member of the new ring, then redirects the key's subscribers there. A new owner
+//! cannot tell "no state yet" from "this key never existed" key by key, so it waits —
+//! per previous owner, bounded — for that owner's marker before it serves a key that
+//! owner held, but only for previous owners whose records still exist: the keys of an
+//! owner that vanished come from its successor's replica (promotion).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
+use ringfeed_router::membership::{Backoff, View};
+use ringfeed_router::ring::{NodeId, Ring, RingId};
+use tokio::sync::watch;
+
+use crate::keys::{KeySnapshot, Moved};
+use crate::node::{redirect_kick, Node};
+
+/// How long a request for a key in flight waits for its previous owner's marker before
+/// it is answered UNAVAILABLE / 4503 (the node keeps waiting).
+pub const HANDOFF_WAIT: Duration = Duration::from_secs(5);
+/// Keys per `Handoff` call.
+const KEYS_PER_CALL: usize = 256;
+/// How long one `Handoff` call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What this node waits for on the current ring.
+#[derive(Default)]
+struct Waiting {
+    ring: RingId,
+    version: u64,
+    /// The ring before it: who owned each key until now.
+    previous: Option<Arc<Ring>>,
+    /// Previous owners, still present, whose marker has not come yet.
+    from: HashSet<String>,
+    /// Markers that came before this node saw their ring: (from, ring id).
+    early: HashSet<(String, RingId)>,
+}
+
+/// Hand-off bookkeeping of one node.
+pub struct Handoffs {
+    waiting: Mutex<Waiting>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Handoffs {
+    fn default() -> Self {
+        Handoffs {
+            waiting: Mutex::new(Waiting::default()),
+            changed: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Handoffs {
+    /// A new ring: wait for a marker from every other member of `previous` whose record
+    /// still exists on `current`.
+    pub fn begin(&self, me: &NodeId, previous: Arc<Ring>, view: &View) {
+        let current = &view.ring;
+        let mut w = self.waiting.lock().expect("handoff lock poisoned");
+        let ring = current.id().clone();
+        let from: HashSet<String> = previous
+            .members()
+            .iter()
+            .filter(|m| m.id != *me && previous.is_active(&m.id) && current.member(&m.id).is_some())
+            .map(|m| m.id.0.clone())
+            .filter(|id| !w.early.contains(&(id.clone(), ring.clone())))
+            .collect();
+        w.early.retain(|(_, r)| *r == ring);
+        if !from.is_empty() {
+            tracing::info!(ring_id = %ring, from = ?from, "waiting for hand-offs");
+        }
+        let early = std::mem::take(&mut w.early);
+        *w = Waiting {
+            ring,
+            version: view.version,
+            previous: Some(previous),
+            from,
+            early,
+        };
+        drop(w);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// `from` has sent everything it gave up on ring `ring`.
+    pub fn marker(&self, from: &str, ring: RingId) {
+        let mut w = self.waiting.lock().expect("handoff lock poisoned");
+        if w.ring == ring {
+            if w.from.remove(from) {
+                tracing::info!(%from, ring_id = %ring, "hand-off complete");
+            }
+        } else {
+            w.early.insert((from.to_owned(), ring));
+        }
+        drop(w);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Waits until this node has taken `view`'s ring into account and `key`'s previous
+    /// owner (if it is still handing off) has sent its marker; `false` when that did
+    /// not happen within [`HANDOFF_WAIT`].
+    pub async fn ready(&self, key: &str, view: &View) -> bool {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + HANDOFF_WAIT;
+        loop {
+            {
+                let w = self.waiting.lock().expect("handoff lock poisoned");
+                let caught_up = w.ring == *view.ring.id() || w.version >= view.version;
+                let blocked = !caught_up
+                    || w.previous
+                        .as_ref()
+                        .and_then(|p| p.owner(key))
+                        .is_some_and(|owner| w.from.contains(&owner.id.0));
+                if !blocked {
+                    return true;
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+}
+
+/// Hands `moved` keys to their owners on `view`, sends this node's marker to every other
+/// member, then redirects the keys' subscribers.
+pub async fn hand_off(node: Arc<Node>, view: Arc<View>, moved: Vec<Moved>) {
+    let mut per_owner: HashMap<NodeId, Vec<(String, KeySnapshot)>> = HashMap::new();
+    let mut subscribers = Vec::new();
+    for m in moved {
+        if let Some(owner) = view.ring.owner(&m.key) {
+            per_owner
+                .entry(owner.id.clone())
+                .or_default()
+                .push((m.key.clone(), m.snapshot));
+            subscribers.push((owner.clone(), m.subscribers));
+        }
+    }
+    let keys: usize = per_owner.values().map(Vec::len).sum();
+    let sends = per_owner.into_iter().map(|(owner, snapshots)| {
+        let node = node.clone();
+        let view = view.clone();
+        async move {
+            for chunk in snapshots.chunks(KEYS_PER_CALL) {
+                let request = pb::HandoffRequest {
+                    ring: Some(ring_ref(&view)),
+                    from: node.id.0.clone(),
+                    snapshots: chunk
+                        .iter()
+                        .map(|(k, s)| crate::replication::snapshot_pb(k, s))
+                        .collect(),
+                    complete: false,
+                };
+                if !call(&node, &owner, request).await {
+                    return;
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    // The marker, to every other member: "all I gave up on this ring has been sent".
+    let markers = view
+        .ring
+        .members()
+        .iter()
+        .filter(|m| m.id != node.id)
+        .map(|m| {
+            let node = node.clone();
+            let view = view.clone();
+            let id = m.id.clone();
+            async move {
+                let request = pb::HandoffRequest {
+                    ring: Some(ring_ref(&view)),
+                    from: node.id.0.clone(),
+                    snapshots: Vec::new(),
+                    complete: true,
+                };
+                call(&node, &id, request).await;
+            }
+        });
+    futures_util::future::join_all(markers).await;
+    let mut clients = 0usize;
+    for (owner, subs) in subscribers {
+        for s in subs {
+            s.control
+                .kick(redirect_kick(&owner, &s.query, view.version));
+            clients += 1;
+        }
+    }
+    tracing::info!(ring_id = %view.ring.id(), keys, clients, "handed off keys and redirected their clients");
+}
+
+/// Calls `Handoff` on `to` until it lands (true), or `to` leaves the ring or this node
+/// shuts down (false).
+async fn call(node: &Arc<Node>, to: &NodeId, request: pb::HandoffRequest) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    loop {
+        let view = node.membership.view();
+        let Some(member) = view.ring.member(to) else {
+            return false;
+        };
+        let client = tonic::transport::Endpoint::from_shared(format!("http://{}", member.grpc))
+            .map(|e| {
+                NodeClient::new(
+                    e.connect_timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true)
+                        .connect_lazy(),
+                )
+            });
+        let Ok(mut client) = client else { return false };
+        let mut call = tonic::Request::new(request.clone());
+        call.set_timeout(CALL_TIMEOUT);
+        match tokio::time::timeout(CALL_TIMEOUT, client.handoff(call)).await {
+            Ok(Ok(reply)) => {
+                let refused = reply.into_inner().refused;
+                if !refused.is_empty() {
+                    tracing::warn!(to = %to, refused = refused.len(), "hand-off refused for some keys");
+                }
+                return true;
+            }
+            Ok(Err(status)) => tracing::debug!(to = %to, %status, "hand-off failed; retrying"),
+            Err(_) => tracing::debug!(to = %to, "hand-off timed out; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_pause()) => {}
+            _ = node.shutdown.cancelled() => return false,
+        }
+    }
+}
+
+fn ring_ref(view: &View) -> pb::RingRef {
+    pb::RingRef {
+        ring_version: view.version,
+        ring_id: view.ring.id().0.clone(),
+    }
+}
