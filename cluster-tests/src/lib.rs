@@ -406,6 +406,28 @@ impl Cluster {
         })
     }
 
+    /// Starts node `id` again (after a kill or a drain) on the same addresses, in place
+    /// in [`Cluster::nodes`] — as a rolling restart would.
+    pub async fn restart_node(&mut self, id: &str) -> Result<()> {
+        let old = self
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
+        let http = old.http.trim_start_matches("http://").to_owned();
+        let grpc = old.grpc.clone();
+        let node = self
+            .spawn_node(id, &["--http-listen", &http, "--grpc-listen", &grpc])
+            .await?;
+        let slot = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
+        *slot = node;
+        Ok(())
+    }
+
     /// Starts a node and adds it to [`Cluster::nodes`].
     pub async fn add_node(&mut self, id: &str) -> Result<&NodeProc> {
         let node = self.spawn_node(id, &[]).await?;

@@ -9,7 +9,7 @@ use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
 /// A ringfeed node: holds connections and per-key state for the keys it owns.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ringfeed-node", version)]
+#[command(name = "ringfeed-node", version, args_override_self = true)]
 pub struct Config {
     /// This node's id on the ring (1–64 bytes of A-Z a-z 0-9 . _ -).
     #[arg(long, env = "RINGFEED_NODE_ID")]

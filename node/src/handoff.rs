@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand::Rng;
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::membership::{Backoff, View};
 use ringfeed_router::ring::{NodeId, Ring, RingId};
@@ -23,6 +24,8 @@ use crate::node::{redirect_kick, Node};
 /// How long a request for a key in flight waits for its previous owner's marker before
 /// it is answered UNAVAILABLE / 4503 (the node keeps waiting).
 pub const HANDOFF_WAIT: Duration = Duration::from_secs(5);
+/// Clients redirected between two pauses.
+const REDIRECT_BATCH: usize = 500;
 /// Keys per `Handoff` call.
 const KEYS_PER_CALL: usize = 256;
 /// How long one `Handoff` call may take.
@@ -184,12 +187,17 @@ pub async fn hand_off(node: Arc<Node>, view: Arc<View>, moved: Vec<Moved>) {
             }
         });
     futures_util::future::join_all(markers).await;
+    // Paced, jittered batches, so that a drain does not turn into a reconnect storm.
     let mut clients = 0usize;
     for (owner, subs) in subscribers {
         for s in subs {
             s.control
                 .kick(redirect_kick(&owner, &s.query, view.version));
             clients += 1;
+            if clients.is_multiple_of(REDIRECT_BATCH) {
+                let pause = rand::rng().random_range(5..15);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
         }
     }
     tracing::info!(ring_id = %view.ring.id(), keys, clients, "handed off keys and redirected their clients");

@@ -126,7 +126,12 @@ impl node_server::Node for NodeService {
                 members: self.node.keys.presence(&request.key),
                 node: self.node.id.0.clone(),
             }),
-            _ => key_presence_reply::Result::NotOwner(ring_ref(&view)),
+            Decision::Elsewhere(..) => key_presence_reply::Result::NotOwner(ring_ref(&view)),
+            Decision::Nobody(_) => {
+                return Err(Status::unavailable(
+                    "no live owner for this key on this ring yet",
+                ))
+            }
         };
         Ok(Response::new(pb::KeyPresenceReply {
             result: Some(result),

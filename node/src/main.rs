@@ -36,9 +36,10 @@ async fn start(config: Config) -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --grpc-listen {}: {e}", config.grpc_listen))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal(shutdown.clone()));
-    ringfeed_node::run::run(config, http, grpc, shutdown).await
+    // SIGTERM or Ctrl-C asks for a drain.
+    let stop = CancellationToken::new();
+    tokio::spawn(signal(stop.clone()));
+    ringfeed_node::run::run(config, http, grpc, stop).await
 }
 
 async fn signal(shutdown: CancellationToken) {

@@ -123,9 +123,21 @@ impl Node {
     }
 
     /// Who owns `key` on `view`.
+    /// A record under this node's id but of another incarnation (an earlier process,
+    /// dead but not yet off the ring) owns nothing here: nobody serves its keys until
+    /// the ring moves them.
     pub fn decide(&self, view: Arc<View>, key: &str) -> Decision {
         match view.ring.owner(key) {
-            Some(owner) if owner.id == self.id => Decision::Mine(view),
+            Some(owner) if owner.id == self.id => {
+                if self
+                    .registration()
+                    .is_some_and(|r| r.is_incarnation(&owner.incarnation))
+                {
+                    Decision::Mine(view)
+                } else {
+                    Decision::Nobody(view)
+                }
+            }
             Some(owner) => {
                 let owner = owner.clone();
                 Decision::Elsewhere(view, owner)
@@ -138,14 +150,22 @@ impl Node {
     /// to their new owners and their subscribers redirected there; replicas of a
     /// departed owner are promoted; keys whose successor changed are sent to the new one.
     pub async fn follow_ring(self: Arc<Self>) {
-        let mut views = self.membership.subscribe();
-        let mut previous = views.borrow().ring.clone();
+        // Every ring, in order: a node restarted under the same id must be seen leaving
+        // (and its replicas promoted) before its new, empty incarnation joins.
+        let mut rings = self.membership.rings();
+        let mut previous = self.membership.view().ring.clone();
         loop {
-            tokio::select! {
+            let view = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                changed = views.changed() => if changed.is_err() { return },
-            }
-            let view = views.borrow_and_update().clone();
+                view = rings.recv() => match view {
+                    Ok(view) => view,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(skipped = n, "fell behind the ring; continuing from the latest");
+                        self.membership.view()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
             if view.ring.id() == previous.id() {
                 continue;
             }

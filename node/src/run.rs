@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringfeed_proto::v1::node_server::NodeServer;
-use ringfeed_router::membership::{Membership, MembershipConfig};
+use ringfeed_router::membership::{Membership, MembershipConfig, Registration};
 use ringfeed_router::ring::{Member, MemberState, NodeId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,15 +14,19 @@ use crate::config::Config;
 use crate::internal::NodeService;
 use crate::node::Node;
 
-/// Runs a node on bound listeners until `shutdown` is cancelled, then: stop accepting,
-/// deregister, close every client with 1001, wait up to the grace period.
+/// Runs a node on bound listeners until `stop` is cancelled (SIGTERM), then drains:
+/// mark the record `draining` (off the ring), hand every key whole to its new owner,
+/// redirect the clients there in paced batches, deregister, and close what is left
+/// with 1001 within the grace period. The last node of a cluster has nobody to hand
+/// off to: it closes its clients with 1001.
 pub async fn run(
     config: Config,
     http: TcpListener,
     grpc: TcpListener,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
     let http_addr = http.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
     let advertise_http = config
@@ -85,7 +89,8 @@ pub async fn run(
     let lease_stop = CancellationToken::new();
     let registration = tokio::select! {
         r = membership.register(record, &tasks, lease_stop.clone()) => r?,
-        _ = shutdown.cancelled() => {
+        _ = stop.cancelled() => {
+            shutdown.cancel();
             lease_stop.cancel();
             tasks.close();
             tasks.wait().await;
@@ -100,7 +105,9 @@ pub async fn run(
     );
     tracing::info!(id = %record.id, http = %record.http, grpc = %record.grpc, "node on the ring");
 
-    shutdown.cancelled().await;
+    stop.cancelled().await;
+    drain(&node, &registration).await;
+    shutdown.cancel();
     tracing::info!("shutting down: deregistering and closing clients");
     if let Err(e) = registration.deregister().await {
         tracing::warn!(error = %e, "deregistration failed; the lease will expire instead");
@@ -115,3 +122,50 @@ pub async fn run(
     }
     Ok(())
 }
+
+/// Moves every key and client of this node to the rest of the ring.
+async fn drain(node: &Arc<Node>, registration: &Registration) {
+    node.set_draining();
+    let view = node.membership.view();
+    let others = view
+        .ring
+        .members()
+        .iter()
+        .any(|m| m.id != node.id && m.state == MemberState::Active);
+    if !others {
+        tracing::info!("last node of the cluster: nobody to hand off to; closing clients");
+        return;
+    }
+    tracing::info!("draining: leaving the ring");
+    if let Err(e) = registration.set_state(MemberState::Draining).await {
+        tracing::warn!(error = %e, "cannot mark the record draining; closing clients instead");
+        return;
+    }
+    // Wait (bounded) until our own view has us off the ring.
+    let mut views = node.membership.subscribe();
+    let deadline = tokio::time::Instant::now() + DRAIN_VIEW_WAIT;
+    while views.borrow_and_update().ring.is_active(&node.id) {
+        if tokio::time::timeout_at(deadline, views.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the ring did not show this node draining in time; handing off anyway");
+            break;
+        }
+    }
+    let view = node.membership.view();
+    let moved = node.keys.take_where(|_| true);
+    crate::handoff::hand_off(node.clone(), view, moved).await;
+    // Let redirected clients go before the rest are closed.
+    let deadline = tokio::time::Instant::now() + DRAIN_CLIENT_WAIT;
+    while node.connections.available_permits() < node.config.max_connections
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long a drain waits for its own view to show it off the ring.
+const DRAIN_VIEW_WAIT: Duration = Duration::from_secs(5);
+/// How long a drain waits for redirected clients to leave.
+const DRAIN_CLIENT_WAIT: Duration = Duration::from_secs(3);

@@ -25,8 +25,15 @@ pub enum Placement {
 /// Decides where a client of `key`, redirected here at ring version `rv`, belongs.
 pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
     let view = node.view_for(rv, None).await;
-    match node.decide(view.clone(), key.as_str()) {
-        Decision::Mine(_) if !node.handoffs.ready(key.as_str(), &view).await => Placement::Unknown,
+    let view = match node.decide(view.clone(), key.as_str()) {
+        Decision::Mine(_) if !node.handoffs.ready(key.as_str(), &view).await => {
+            return Placement::Unknown
+        }
+        // The ring may have moved while we waited: decide on the newest view.
+        Decision::Mine(_) => node.membership.view(),
+        _ => view,
+    };
+    match node.decide(view, key.as_str()) {
         Decision::Mine(_) => Placement::Here,
         Decision::Elsewhere(view, owner) => Placement::Moved {
             owner,

@@ -199,6 +199,11 @@ impl Forwarder {
                                     results[i] = Some(Err(error_status(e)))
                                 }
                                 Some(deliver_result::Result::NotOwner(r)) => {
+                                    // Decided on our own ring: nothing to catch up
+                                    // with, so back off before the next try.
+                                    if r.ring_id == ring_ref.ring_id {
+                                        transport_failure = true;
+                                    }
                                     note_behind(&mut behind, r);
                                     retry.push(i);
                                 }
@@ -293,7 +298,18 @@ impl Forwarder {
             match client.key_presence(request).await {
                 Ok(reply) => match reply.into_inner().result {
                     Some(key_presence_reply::Result::Ok(ok)) => return Ok(ok),
-                    Some(key_presence_reply::Result::NotOwner(r)) => note_behind(&mut behind, r),
+                    Some(key_presence_reply::Result::NotOwner(r)) => {
+                        if r.ring_id == view.ring.id().0 {
+                            // The owner decided on our own ring: wait before asking again.
+                            tokio::time::sleep(
+                                backoff
+                                    .next_pause()
+                                    .min(deadline.saturating_duration_since(Instant::now())),
+                            )
+                            .await;
+                        }
+                        note_behind(&mut behind, r);
+                    }
                     None => return Err(Status::internal("node sent an empty presence reply")),
                 },
                 Err(status) if retryable(&status) => {

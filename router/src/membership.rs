@@ -19,11 +19,14 @@ use etcd_client::{
     WatchOptions,
 };
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ring::{Member, MemberState, NodeId, Ring, RingId};
+
+/// Views kept for slow readers of [`Membership::rings`].
+const HISTORY: usize = 1024;
 
 /// How long one etcd request may take before we treat etcd as unreachable.
 const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,6 +79,8 @@ struct Inner {
     cluster: String,
     lease_ttl: Duration,
     views: watch::Sender<Arc<View>>,
+    /// Every published view, in order, for whoever must not skip a ring.
+    history: broadcast::Sender<Arc<View>>,
     /// The members as of the last applied revision, shared by the watch task and
     /// fresh reads.
     members: std::sync::Mutex<BTreeMap<String, Member>>,
@@ -106,6 +111,7 @@ impl Membership {
                 cluster: config.cluster.clone(),
                 lease_ttl: config.lease_ttl,
                 views,
+                history: broadcast::channel(HISTORY).0,
                 members: std::sync::Mutex::new(BTreeMap::new()),
                 reading: tokio::sync::Mutex::new(()),
             }),
@@ -126,9 +132,15 @@ impl Membership {
         self.inner.views.borrow().clone()
     }
 
-    /// A receiver that sees every new view.
+    /// A receiver of the latest view (intermediate views may be skipped).
     pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
         self.inner.views.subscribe()
+    }
+
+    /// A receiver of every view, in order (it lags, and says so, only if it falls
+    /// more than a few hundred views behind).
+    pub fn rings(&self) -> broadcast::Receiver<Arc<View>> {
+        self.inner.history.subscribe()
     }
 
     /// Makes sure the view reflects etcd at `version` or later (or is ring `id`),
@@ -217,6 +229,7 @@ impl Membership {
     /// Publishes the ring of `members` at `version`, if `version` is newer than the
     /// current view. Called with the members lock held, so publications are ordered.
     fn publish(&self, members: &BTreeMap<String, Member>, version: u64) {
+        let history = &self.inner.history;
         self.inner.views.send_if_modified(|current| {
             if version <= current.version {
                 return false;
@@ -234,6 +247,7 @@ impl Membership {
                 Arc::new(ring)
             };
             *current = Arc::new(View { ring, version });
+            let _ = history.send(current.clone());
             true
         });
     }
@@ -279,8 +293,10 @@ impl Membership {
             }
             let revision = to_version(resp.header().map_or(0, |h| h.revision()));
             let mut map = self.inner.members.lock().expect("members lock poisoned");
-            for event in resp.events() {
+            let events = resp.events();
+            for (i, event) in events.iter().enumerate() {
                 let Some(kv) = event.kv() else { continue };
+                let at = to_version(kv.mod_revision());
                 let Some(id) = kv.key().strip_prefix(prefix.as_bytes()) else {
                     continue;
                 };
@@ -297,6 +313,15 @@ impl Membership {
                     EventType::Delete => {
                         map.remove(&id);
                     }
+                }
+                // One ring per revision: a response can carry several, and a node
+                // restarted under the same id must be seen leaving before it rejoins.
+                let last_of_revision = events
+                    .get(i + 1)
+                    .and_then(|e| e.kv())
+                    .is_none_or(|next| to_version(next.mod_revision()) != at);
+                if last_of_revision {
+                    self.publish(&map, at);
                 }
             }
             self.publish(&map, revision);
@@ -506,6 +531,16 @@ impl Registration {
         let mut client = self.membership.client();
         timed(client.put(key, record, Some(PutOptions::new().with_lease(lease)))).await?;
         Ok(())
+    }
+
+    /// Whether `incarnation` is this registration's current one.
+    pub fn is_incarnation(&self, incarnation: &str) -> bool {
+        self.state
+            .record
+            .lock()
+            .expect("record lock poisoned")
+            .incarnation
+            == incarnation
     }
 
     /// This node's id.
