@@ -76,6 +76,23 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A data directory for a test etcd: in memory (`/dev/shm`) where there is one, so that
+/// a slow disk's fsyncs cannot stall lease keep-alives on a loaded 2-core machine.
+fn etcd_dir() -> std::io::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let builder = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("ringfeed-etcd-");
+        b
+    };
+    if shm.is_dir() {
+        if let Ok(dir) = builder.tempdir_in(shm) {
+            return Ok(dir);
+        }
+    }
+    builder.tempdir()
+}
+
 /// A real etcd on loopback, with its own data directory.
 pub struct Etcd {
     child: Option<Child>,
@@ -88,9 +105,7 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Result<Etcd> {
-        let mut dir = tempfile::Builder::new()
-            .prefix("ringfeed-etcd-")
-            .tempdir()?;
+        let mut dir = etcd_dir()?;
         for _attempt in 0..3 {
             let (client_port, peer_port) = (free_port(), free_port());
             let mut etcd = Etcd {
@@ -104,9 +119,7 @@ impl Etcd {
                 Ok(()) => return Ok(etcd),
                 Err(e) => {
                     eprintln!("etcd did not start ({e:#}); trying other ports");
-                    dir = tempfile::Builder::new()
-                        .prefix("ringfeed-etcd-")
-                        .tempdir()?;
+                    dir = etcd_dir()?;
                 }
             }
         }
