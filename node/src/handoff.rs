@@ -38,6 +38,8 @@ struct Waiting {
     version: u64,
     /// The ring before it: who owned each key until now.
     previous: Option<Arc<Ring>>,
+    /// The ring itself.
+    current: Option<Arc<Ring>>,
     /// Previous owners, still present, whose marker has not come yet.
     from: HashSet<String>,
     /// Markers that came before this node saw their ring: (from, ring id).
@@ -82,11 +84,34 @@ impl Handoffs {
             ring,
             version: view.version,
             previous: Some(previous),
+            current: Some(view.ring.clone()),
             from,
             early,
         };
         drop(w);
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Waits until the current ring has `me` on it and no previous owner's marker is
+    /// outstanding: whatever `me` was to receive has been handed over.
+    pub async fn settled_on(&self, me: &NodeId) {
+        let mut changes = self.changed.subscribe();
+        loop {
+            {
+                let w = self.waiting.lock().expect("handoff lock poisoned");
+                if w.from.is_empty() && w.current.as_ref().is_some_and(|r| r.is_active(me)) {
+                    return;
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A receiver that changes whenever the hand-off state does.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// `from` has sent everything it gave up on ring `ring`.
@@ -245,5 +270,73 @@ fn ring_ref(view: &View) -> pb::RingRef {
     pb::RingRef {
         ring_version: view.version,
         ring_id: view.ring.id().0.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringfeed_router::ring::{Member, MemberState};
+
+    fn member(id: &str) -> Member {
+        Member {
+            id: NodeId(id.into()),
+            incarnation: format!("inc-{id}"),
+            grpc: String::new(),
+            http: String::new(),
+            quic: None,
+            points: 64,
+            state: MemberState::Active,
+            version: String::new(),
+        }
+    }
+
+    fn view(ids: &[&str], version: u64) -> View {
+        View {
+            ring: Arc::new(Ring::new(ids.iter().map(|id| member(id)))),
+            version,
+        }
+    }
+
+    /// A key that `owner` owns on `ring`.
+    fn key_of(ring: &Ring, owner: &str) -> String {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| ring.owner(k).is_some_and(|o| o.id.0 == owner))
+            .expect("a key")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_key_waits_for_its_previous_owners_marker_only() {
+        let before = view(&["n1", "n2"], 5);
+        let after = view(&["n1", "n2", "n3"], 6);
+        let h = Handoffs::default();
+        h.begin(&NodeId("n3".into()), before.ring.clone(), &after);
+        let from_n1 = key_of(&before.ring, "n1");
+        let from_n2 = key_of(&before.ring, "n2");
+        h.marker("n2", after.ring.id().clone());
+        assert!(h.ready(&from_n2, &after).await, "n2's marker came");
+        // n1's has not: held for the bound, then refused (time is paused here).
+        assert!(!h.ready(&from_n1, &after).await);
+        h.marker("n1", after.ring.id().clone());
+        assert!(h.ready(&from_n1, &after).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vanished_owner_is_not_waited_for_and_early_markers_count() {
+        let before = view(&["n1", "n2", "n3"], 5);
+        let after = view(&["n1", "n3"], 6);
+        let h = Handoffs::default();
+        // n1's marker for the new ring comes before this node sees that ring.
+        h.marker("n1", after.ring.id().clone());
+        h.begin(&NodeId("n3".into()), before.ring.clone(), &after);
+        assert!(
+            h.ready(&key_of(&before.ring, "n2"), &after).await,
+            "n2 is gone: promotion, not hand-off"
+        );
+        assert!(
+            h.ready(&key_of(&before.ring, "n1"), &after).await,
+            "n1's early marker counted"
+        );
     }
 }

@@ -1549,4 +1549,156 @@ mod tests {
         assert_eq!(taken[0].snapshot.seq, 1);
         assert_eq!(table.len(), 1);
     }
+
+    fn succ(id: &str) -> Option<(String, String)> {
+        Some((id.to_owned(), format!("inc-{id}")))
+    }
+
+    fn staged(
+        table: &KeyTable,
+        data: &[u8],
+        to: Option<(String, String)>,
+        version: u64,
+    ) -> (u64, ToReplica, oneshot::Receiver<u32>) {
+        match table.stage("k", publish(data), to, version).unwrap() {
+            Staged::Waiting {
+                applied,
+                to_replica,
+                done,
+            } => (applied.seq, to_replica, done),
+            Staged::Duplicate(a) => panic!("duplicate {a:?}"),
+        }
+    }
+
+    #[test]
+    fn updates_are_shown_only_once_held_and_in_seq_order() {
+        let table = table(100);
+        let (s, mut rx, _) = subscriber(&table, 16, None);
+        table.subscribe("k", s, None).unwrap();
+        // The first publish sends the whole (empty) key to the successor.
+        let (one, first, mut done1) = staged(&table, b"1", succ("n2"), 1);
+        assert!(matches!(first, ToReplica::Snapshot(..)));
+        let (two, second, mut done2) = staged(&table, b"2", succ("n2"), 1);
+        assert!(matches!(second, ToReplica::Entry(..)));
+        let epoch = table.position("k").0;
+        // Held out of order: nothing shows until the first is held too.
+        table.replicated("k", &epoch, two, &succ("n2").unwrap());
+        assert!(rx.try_recv().is_err() && done2.try_recv().is_err());
+        assert_eq!(table.position("k").1, 0);
+        // An answer from a node that is not the successor does not count.
+        table.replicated("k", &epoch, one, &succ("n3").unwrap());
+        assert!(rx.try_recv().is_err());
+        table.replicated("k", &epoch, one, &succ("n2").unwrap());
+        assert_eq!(seq_of(&rx.try_recv().unwrap()), 1);
+        assert_eq!(seq_of(&rx.try_recv().unwrap()), 2);
+        assert_eq!((done1.try_recv(), done2.try_recv()), (Ok(1), Ok(1)));
+        assert_eq!(table.position("k").1, 2);
+    }
+
+    #[test]
+    fn a_new_successor_gets_the_whole_key_and_an_older_view_cannot_move_it_back() {
+        let table = table(100);
+        let (one, _, _) = staged(&table, b"1", succ("n2"), 5);
+        table.replicated("k", &table.position("k").0, one, &succ("n2").unwrap());
+        let (_, _, _) = staged(&table, b"2", succ("n2"), 5);
+        // The successor changes on a newer ring: committed history and pending, whole.
+        match table.replicate_to("k", succ("n3"), 6) {
+            ToReplica::Snapshot(to, snapshot) => {
+                assert_eq!(to, succ("n3").unwrap());
+                assert_eq!(snapshot.seq, 1);
+                assert_eq!(
+                    snapshot.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                    vec![1, 2]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A publish decided on the older ring still replicates to the newer successor.
+        let (_, to, _) = staged(&table, b"3", succ("n2"), 5);
+        assert!(
+            matches!(to, ToReplica::Entry(ref at, ..) if *at == succ("n3").unwrap()),
+            "{to:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_successor_updates_show_at_once() {
+        let table = table(100);
+        let (_, _, mut pending) = staged(&table, b"1", succ("n2"), 1);
+        assert!(pending.try_recv().is_err());
+        // The successor left and nobody replaced it: what waited is shown.
+        assert!(matches!(
+            table.replicate_to("k", None, 2),
+            ToReplica::Nothing
+        ));
+        assert_eq!(pending.try_recv(), Ok(0));
+        let (_, _, mut now) = staged(&table, b"2", None, 2);
+        assert_eq!(now.try_recv(), Ok(0));
+    }
+
+    #[test]
+    fn a_restored_key_keeps_its_epoch_and_the_gap_free_run() {
+        let table = table(100);
+        let frame = |seq: u64| frames::update("k", seq, b"1", "", 64).unwrap();
+        let snapshot = KeySnapshot {
+            epoch: "E".into(),
+            seq: 3,
+            entries: [1, 2, 3, 5]
+                .into_iter()
+                .map(|seq| LogEntry {
+                    seq,
+                    frame: frame(seq),
+                    idempotency_key: format!("i{seq}"),
+                })
+                .collect(),
+            idempotency: vec![("i2".into(), 2), ("i5".into(), 5)],
+        };
+        assert!(table.restore("k", || Some(snapshot)).is_some());
+        assert_eq!(table.position("k"), ("E".to_owned(), 3));
+        // The window travelled (but not past the gap).
+        assert!(matches!(
+            table
+                .apply(
+                    "k",
+                    Publish {
+                        idempotency_key: "i2",
+                        ..publish(b"1")
+                    }
+                )
+                .unwrap(),
+            Applied {
+                seq: 2,
+                duplicate: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            table
+                .apply(
+                    "k",
+                    Publish {
+                        idempotency_key: "i5",
+                        ..publish(b"1")
+                    }
+                )
+                .unwrap()
+                .seq,
+            4
+        );
+        // A key with history is never overwritten.
+        assert!(table.restore("k", || panic!("not taken")).is_none());
+    }
+
+    #[test]
+    fn a_moved_key_is_retired_for_whoever_still_holds_it() {
+        let table = table(100);
+        table.apply("k", publish(b"1")).unwrap();
+        let entry = table.existing("k").unwrap();
+        let moved = table.take_where(|_| true);
+        assert_eq!(moved[0].snapshot.seq, 1);
+        assert!(entry.lock().unwrap().retired);
+        let (s, _rx, _) = subscriber(&table, 4, None);
+        // The map no longer has it: a new request starts afresh (its owner decides).
+        assert!(table.subscribe("k", s, None).is_ok());
+    }
 }

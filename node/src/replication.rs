@@ -278,24 +278,7 @@ fn request(node: &Node, view: &View, batch: &[Job]) -> pb::ReplicateRequest {
     for job in batch {
         match job {
             Job::Entry { key, epoch, entry } => request.entries.push(entry_pb(key, epoch, entry)),
-            Job::Snapshot { key, snapshot } => request.snapshots.push(pb::ReplicaSnapshot {
-                key: key.clone(),
-                epoch: snapshot.epoch.clone(),
-                seq: snapshot.seq,
-                entries: snapshot
-                    .entries
-                    .iter()
-                    .map(|e| entry_pb(key, &snapshot.epoch, e))
-                    .collect(),
-                idempotency: snapshot
-                    .idempotency
-                    .iter()
-                    .map(|(id, seq)| pb::IdempotencyRecord {
-                        id: id.clone(),
-                        seq: *seq,
-                    })
-                    .collect(),
-            }),
+            Job::Snapshot { key, snapshot } => request.snapshots.push(snapshot_pb(key, snapshot)),
         }
     }
     request

@@ -98,6 +98,28 @@ pub async fn run(
         }
     };
     node.set_registration(registration.clone());
+    // The join this node opened (and any re-registration's) ends once everything it was
+    // to receive has been handed over; `end_transition` leaves other nodes' alone.
+    {
+        let node = node.clone();
+        let registration = registration.clone();
+        tasks.spawn(async move {
+            let mut changes = node.handoffs.changes();
+            loop {
+                tokio::select! {
+                    _ = node.handoffs.settled_on(&node.id) => {}
+                    _ = node.shutdown.cancelled() => return,
+                }
+                if let Err(e) = registration.end_transition().await {
+                    tracing::warn!(error = %e, "cannot close the transition; it ends with this node's lease");
+                }
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = node.shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     let record = registration.record();
     println!(
         "ringfeed-node ready id={} http={} grpc={} incarnation={}",
@@ -137,7 +159,7 @@ async fn drain(node: &Arc<Node>, registration: &Registration) {
         return;
     }
     tracing::info!("draining: leaving the ring");
-    if let Err(e) = registration.set_state(MemberState::Draining).await {
+    if let Err(e) = registration.start_drain(DRAIN_PATIENCE).await {
         tracing::warn!(error = %e, "cannot mark the record draining; closing clients instead");
         return;
     }
@@ -165,6 +187,8 @@ async fn drain(node: &Arc<Node>, registration: &Registration) {
     }
 }
 
+/// How long a drain waits for another planned change to finish before it starts.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How long a drain waits for its own view to show it off the ring.
 const DRAIN_VIEW_WAIT: Duration = Duration::from_secs(5);
 /// How long a drain waits for redirected clients to leave.

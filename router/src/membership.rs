@@ -418,7 +418,7 @@ impl Registration {
                 Ok(true) => return Ok(()),
                 Ok(false) => {
                     if !waited {
-                        tracing::info!(%key, "an earlier incarnation's record is still there; waiting for it to expire");
+                        tracing::info!(%key, "an earlier incarnation's record, or another planned change, is still there; waiting");
                         waited = true;
                     }
                     backoff.reset();
@@ -441,13 +441,22 @@ impl Registration {
             record.incarnation = new_incarnation();
             serde_json::to_string(&*record).expect("a member record serialises")
         };
+        // Joining is a planned change: it opens the transition (only if none is open),
+        // attached to the same lease, in the same transaction as the record.
+        let transition = self.transition_key();
         let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                record,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            .when([
+                Compare::create_revision(key, CompareOp::Equal, 0),
+                Compare::create_revision(transition.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(key, record, Some(PutOptions::new().with_lease(lease))),
+                TxnOp::put(
+                    transition.as_str(),
+                    self.transition_record("join"),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            ]);
         let created = timed(client.txn(txn)).await?.succeeded();
         if created {
             self.state.lease_id.store(lease as u64, Ordering::Relaxed);
@@ -531,6 +540,83 @@ impl Registration {
         let mut client = self.membership.client();
         timed(client.put(key, record, Some(PutOptions::new().with_lease(lease)))).await?;
         Ok(())
+    }
+
+    /// Starts draining: the record goes `draining` and the transition opens, in one
+    /// transaction, once no other planned change is in progress (waiting up to
+    /// `patience`; past it, the record goes `draining` anyway).
+    pub async fn start_drain(&self, patience: Duration) -> Result<(), MembershipError> {
+        let key = self.key();
+        let transition = self.transition_key();
+        let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+        let record = {
+            let mut record = self.state.record.lock().expect("record lock poisoned");
+            record.state = MemberState::Draining;
+            serde_json::to_string(&*record).expect("a member record serialises")
+        };
+        let deadline = Instant::now() + patience;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let mut client = self.membership.client();
+        loop {
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    transition.as_str(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([
+                    TxnOp::put(
+                        key.as_str(),
+                        record.as_str(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::put(
+                        transition.as_str(),
+                        self.transition_record("drain"),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                ]);
+            if timed(client.txn(txn)).await?.succeeded() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("another planned change is still in progress; draining anyway");
+                timed(client.put(key, record, Some(PutOptions::new().with_lease(lease)))).await?;
+                return Ok(());
+            }
+            tokio::time::sleep(backoff.next_pause()).await;
+        }
+    }
+
+    /// Ends the transition this node opened, if it is still open (another node's is
+    /// left alone).
+    pub async fn end_transition(&self) -> Result<(), MembershipError> {
+        let transition = self.transition_key();
+        let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+        let txn = Txn::new()
+            .when([Compare::lease(transition.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(transition.as_str(), None)]);
+        let mut client = self.membership.client();
+        if timed(client.txn(txn)).await?.succeeded() {
+            tracing::info!("planned change complete: transition closed");
+        }
+        Ok(())
+    }
+
+    fn transition_key(&self) -> String {
+        format!("/ringfeed/{}/transition", self.membership.inner.cluster)
+    }
+
+    /// The transition record (PROTOCOL.md *etcd layout*).
+    fn transition_record(&self, kind: &str) -> String {
+        let view = self.membership.view();
+        serde_json::json!({
+            "kind": kind,
+            "node": self.state.record.lock().expect("record lock poisoned").id.0,
+            "from_ring_id": view.ring.id().0,
+            "from_ring_version": view.version,
+        })
+        .to_string()
     }
 
     /// Whether `incarnation` is this registration's current one.
