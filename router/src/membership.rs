@@ -96,10 +96,13 @@ impl Membership {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Membership, MembershipError> {
+        // etcd refuses HTTP/2 pings more often than every 5 s on a connection without
+        // traffic (GOAWAY "too many pings"), so keep-alive pings stay above that; a
+        // dead etcd shows up through the requests' own timeouts.
         let options = ConnectOptions::new()
             .with_connect_timeout(ETCD_REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_millis(500), ETCD_REQUEST_TIMEOUT)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(false);
         let client = timed(Client::connect(&config.endpoints, Some(options))).await?;
         let (views, _) = watch::channel(Arc::new(View {
             ring: Arc::new(Ring::empty()),
