@@ -178,9 +178,19 @@ struct Account {
     conflicts: u64,
     /// Reset reasons and how often each came.
     reset_reasons: BTreeMap<String, u64>,
-    /// A few of the lost updates: (key, epoch, seq), with the (epoch, seq) range the
-    /// key's client did receive.
-    lost_sample: Vec<(String, String, u64, Option<(String, u64, u64)>)>,
+    /// A few of the lost updates.
+    lost_sample: Vec<LostUpdate>,
+}
+
+/// An acknowledged update its key's client never received.
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug in failure messages
+struct LostUpdate {
+    key: String,
+    epoch: String,
+    seq: u64,
+    /// The epoch and the first and last seq the client did receive.
+    received: Option<(String, u64, u64)>,
 }
 
 /// Checks, key by key, what was acknowledged against what was received.
@@ -223,7 +233,12 @@ fn account(acked: &Acked, ledger: &Ledger) -> Account {
                             let last = s.updates.last()?;
                             Some((last.0.clone(), first.1, last.1))
                         });
-                        a.lost_sample.push((key.clone(), epoch.clone(), *seq, got));
+                        a.lost_sample.push(LostUpdate {
+                            key: key.clone(),
+                            epoch: epoch.clone(),
+                            seq: *seq,
+                            received: got,
+                        });
                     }
                 }
             }
