@@ -8,7 +8,7 @@
 //! owner held, but only for previous owners whose records still exist: the keys of an
 //! owner that vanished come from its successor's replica (promotion).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ use crate::node::{redirect_kick, Node};
 /// How long a request for a key in flight waits for its previous owner's marker before
 /// it is answered UNAVAILABLE / 4503 (the node keeps waiting).
 pub const HANDOFF_WAIT: Duration = Duration::from_secs(5);
+/// Markers kept for rings this node has not seen yet.
+const EARLY_MARKERS: usize = 256;
 /// Clients redirected between two pauses.
 const REDIRECT_BATCH: usize = 500;
 /// Keys per `Handoff` call.
@@ -42,8 +44,9 @@ struct Waiting {
     current: Option<Arc<Ring>>,
     /// Previous owners, still present, whose marker has not come yet.
     from: HashSet<String>,
-    /// Markers that came before this node saw their ring: (from, ring id).
-    early: HashSet<(String, RingId)>,
+    /// Markers that came before this node saw their ring: (from, ring id), the most
+    /// recent [`EARLY_MARKERS`] kept.
+    early: VecDeque<(String, RingId)>,
 }
 
 /// Hand-off bookkeeping of one node.
@@ -73,9 +76,10 @@ impl Handoffs {
             .iter()
             .filter(|m| m.id != *me && previous.is_active(&m.id) && current.member(&m.id).is_some())
             .map(|m| m.id.0.clone())
-            .filter(|id| !w.early.contains(&(id.clone(), ring.clone())))
+            .filter(|id| !w.early.iter().any(|(f, r)| f == id && *r == ring))
             .collect();
-        w.early.retain(|(_, r)| *r == ring);
+        // Markers for this ring are used up; those for rings not seen yet stay.
+        w.early.retain(|(_, r)| *r != ring);
         if !from.is_empty() {
             tracing::info!(ring_id = %ring, from = ?from, "waiting for hand-offs");
         }
@@ -122,7 +126,10 @@ impl Handoffs {
                 tracing::info!(%from, ring_id = %ring, "hand-off complete");
             }
         } else {
-            w.early.insert((from.to_owned(), ring));
+            w.early.push_back((from.to_owned(), ring));
+            if w.early.len() > EARLY_MARKERS {
+                w.early.pop_front();
+            }
         }
         drop(w);
         self.changed.send_modify(|g| *g += 1);
@@ -320,6 +327,22 @@ mod tests {
         assert!(!h.ready(&from_n1, &after).await);
         h.marker("n1", after.ring.id().clone());
         assert!(h.ready(&from_n1, &after).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_marker_survives_the_rings_seen_before_its_own() {
+        let r1 = view(&["n1"], 2);
+        let r2 = view(&["n1", "n2"], 4);
+        let r3 = view(&["n1", "n2", "n3"], 6);
+        let h = Handoffs::default();
+        // n1's marker for r3 comes before this node (n3) has even seen r2.
+        h.marker("n1", r3.ring.id().clone());
+        h.begin(&NodeId("n3".into()), r1.ring.clone(), &r2);
+        h.begin(&NodeId("n3".into()), r2.ring.clone(), &r3);
+        assert!(
+            h.ready(&key_of(&r2.ring, "n1"), &r3).await,
+            "n1's early marker for r3 was kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]
