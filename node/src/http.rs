@@ -56,6 +56,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .route("/v1/ring", get(ring))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(node.clone(), cors))
         .with_state(node)
@@ -353,4 +354,71 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `GET /metrics`: the node's gauges in the Prometheus text format, read at request
+/// time (a handful of numbers; counters come with the benchmark work).
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let view = node.membership.view();
+    let active = view
+        .ring
+        .members()
+        .iter()
+        .filter(|m| m.state == ringfeed_router::ring::MemberState::Active)
+        .count();
+    let connections = node.config.max_connections - node.connections.available_permits();
+    let gauges: [(&str, &str, u64); 8] = [
+        (
+            "ringfeed_ready",
+            "1 when the node is registered, on the ring and not draining",
+            u64::from(node.not_ready().is_none()),
+        ),
+        (
+            "ringfeed_connections",
+            "client connections held (WebSocket, SSE, waiting polls)",
+            connections as u64,
+        ),
+        (
+            "ringfeed_keys",
+            "keys whose state this node holds as their owner",
+            node.keys.len() as u64,
+        ),
+        (
+            "ringfeed_replicas",
+            "keys this node holds a replica of, as a successor",
+            node.replicas.len() as u64,
+        ),
+        (
+            "ringfeed_ring_version",
+            "the etcd revision of this node's view of the ring",
+            view.version,
+        ),
+        (
+            "ringfeed_ring_members",
+            "active members on this node's view of the ring",
+            active as u64,
+        ),
+        (
+            "ringfeed_replicated",
+            "1 when keys have a successor to replicate to (0 on a one-node cluster)",
+            u64::from(active > 1),
+        ),
+        (
+            "ringfeed_etcd_lease_ok",
+            "1 when the last lease keep-alive reached etcd",
+            u64::from(node.registration().is_some_and(|r| r.lease_healthy())),
+        ),
+    ];
+    let mut body = String::new();
+    for (name, help, value) in gauges {
+        body.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }

@@ -21,6 +21,23 @@ use crate::{bounded, next_update, owner_of, welcome_node, FRAME_TIMEOUT};
 async fn every_node_sends_a_client_to_the_same_owner() {
     bounded(async {
         let cluster = Cluster::builder().nodes(3).start().await?;
+        // Every node's gauges say it is ready, on a ring of 3, with a successor.
+        for node in &cluster.nodes {
+            let (status, text) = http_get(&format!("{}/metrics", node.http)).await?;
+            assert_eq!(status, 200);
+            for line in [
+                "ringfeed_ready 1",
+                "ringfeed_ring_members 3",
+                "ringfeed_replicated 1",
+                "ringfeed_etcd_lease_ok 1",
+            ] {
+                assert!(
+                    text.lines().any(|l| l == line),
+                    "{} /metrics lacks {line:?}:\n{text}",
+                    node.id
+                );
+            }
+        }
         for key in ["user:42", "doc:roadmap", "room/7@eu"] {
             let owner = owner_of(&cluster, key).await?;
             for node in &cluster.nodes {
