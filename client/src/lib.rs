@@ -13,7 +13,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -247,11 +246,6 @@ where
             Some(Err(e)) => return Err(e.into()),
         }
     }
-}
-
-/// The numeric value of a close code.
-pub fn close_code(code: CloseCode) -> u16 {
-    u16::from(code)
 }
 
 /// Publishing through a router.

@@ -602,18 +602,23 @@ pub async fn http_request(url: &str, headers: &[(&str, &str)]) -> Result<(u16, S
     Ok((status, body))
 }
 
+/// `http://host:port/path?query` → (`host:port`, `/path?query`).
+fn host_and_path(url: &str) -> Result<(&str, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("not an http url: {url}"))?;
+    Ok(rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}"))))
+}
+
 /// A GET with extra headers: status, response headers (lower-case names), body.
 pub async fn http_request_full(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, Vec<(String, String)>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("not an http url: {url}"))?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = host_and_path(url)?;
     let mut stream = tokio::net::TcpStream::connect(host).await?;
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -695,12 +700,7 @@ impl SseStream {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut url = url.to_owned();
         for _ in 0..=3 {
-            let rest = url
-                .strip_prefix("http://")
-                .ok_or_else(|| anyhow!("not an http url: {url}"))?;
-            let (host, path) = rest
-                .split_once('/')
-                .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+            let (host, path) = host_and_path(&url)?;
             let mut stream = tokio::net::TcpStream::connect(host).await?;
             let mut request =
                 format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n");

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
@@ -343,7 +343,6 @@ impl Membership {
     ) -> Result<Registration, MembershipError> {
         let state = Arc::new(LeaseState {
             lease_id: AtomicU64::new(0),
-            last_ok_sent_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
             record: std::sync::Mutex::new(record),
         });
@@ -367,8 +366,6 @@ pub struct Registration {
 
 struct LeaseState {
     lease_id: AtomicU64,
-    /// Wall-clock milliseconds at which the last acknowledged keep-alive was sent.
-    last_ok_sent_ms: AtomicU64,
     /// Whether the last keep-alive round trip succeeded.
     healthy: AtomicBool,
     record: std::sync::Mutex<Member>,
@@ -387,11 +384,6 @@ impl Registration {
     /// Whether the last keep-alive reached etcd.
     pub fn lease_healthy(&self) -> bool {
         self.state.healthy.load(Ordering::Relaxed)
-    }
-
-    /// When the last acknowledged keep-alive was sent.
-    pub fn last_keep_alive(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.state.last_ok_sent_ms.load(Ordering::Relaxed))
     }
 
     fn key(&self) -> String {
@@ -437,7 +429,6 @@ impl Registration {
 
     async fn try_create(&self, key: &str, ttl: i64) -> Result<bool, MembershipError> {
         let mut client = self.membership.client();
-        let sent = now_ms();
         let lease = timed(client.lease_grant(ttl, None)).await?.id();
         let record = {
             let mut record = self.state.record.lock().expect("record lock poisoned");
@@ -463,7 +454,6 @@ impl Registration {
         let created = timed(client.txn(txn)).await?.succeeded();
         if created {
             self.state.lease_id.store(lease as u64, Ordering::Relaxed);
-            self.state.last_ok_sent_ms.store(sent, Ordering::Relaxed);
             self.state.healthy.store(true, Ordering::Relaxed);
             tracing::info!(%key, lease, "registered");
         } else {
@@ -485,7 +475,6 @@ impl Registration {
                 _ = interval.tick() => {}
             }
             let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
-            let sent = now_ms();
             let result = tokio::time::timeout(period.max(Duration::from_millis(300)), async {
                 if stream.is_none() {
                     let mut client = self.membership.client();
@@ -498,7 +487,6 @@ impl Registration {
             .await;
             match result {
                 Ok(Ok(Some(ttl))) if ttl > 0 => {
-                    self.state.last_ok_sent_ms.store(sent, Ordering::Relaxed);
                     self.state.healthy.store(true, Ordering::Relaxed);
                 }
                 Ok(Ok(Some(_))) => {
@@ -528,20 +516,6 @@ impl Registration {
         let mut client = self.membership.client();
         timed(client.lease_revoke(lease)).await?;
         tracing::info!(lease, "deregistered");
-        Ok(())
-    }
-
-    /// Rewrites the record with `state`, under the same lease.
-    pub async fn set_state(&self, state: MemberState) -> Result<(), MembershipError> {
-        let key = self.key();
-        let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
-        let record = {
-            let mut record = self.state.record.lock().expect("record lock poisoned");
-            record.state = state;
-            serde_json::to_string(&*record).expect("a member record serialises")
-        };
-        let mut client = self.membership.client();
-        timed(client.put(key, record, Some(PutOptions::new().with_lease(lease)))).await?;
         Ok(())
     }
 
@@ -662,12 +636,6 @@ fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Option<Member> {
 
 fn to_version(revision: i64) -> u64 {
     u64::try_from(revision).unwrap_or(0)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A random incarnation: 16 hex digits.
