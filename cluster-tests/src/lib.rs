@@ -6,6 +6,7 @@
 //! dropped — also when a test panics — and the logs of a failed test are printed.
 //! Waiting is done with [`eventually`], never with a fixed sleep.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -266,6 +267,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     lease_ttl: u64,
     node_args: Vec<String>,
+    args_for: HashMap<String, Vec<String>>,
 }
 
 impl ClusterBuilder {
@@ -285,6 +287,16 @@ impl ClusterBuilder {
         self
     }
 
+    /// Extra flags for node `id` alone (after the common ones, so they win), kept for
+    /// its restarts.
+    pub fn args_for(mut self, id: &str, args: &[&str]) -> Self {
+        self.args_for
+            .entry(id.to_owned())
+            .or_default()
+            .extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
     pub async fn start(self) -> Result<Cluster> {
         let etcd = Etcd::start().await?;
         let dir = tempfile::Builder::new()
@@ -294,6 +306,7 @@ impl ClusterBuilder {
             name: "test".into(),
             lease_ttl: self.lease_ttl,
             node_args: self.node_args,
+            args_for: self.args_for,
             nodes: Vec::new(),
             router: None,
             dir,
@@ -314,6 +327,7 @@ pub struct Cluster {
     pub name: String,
     pub lease_ttl: u64,
     node_args: Vec<String>,
+    args_for: HashMap<String, Vec<String>>,
     pub nodes: Vec<NodeProc>,
     router: Option<RouterProc>,
     dir: tempfile::TempDir,
@@ -327,6 +341,7 @@ impl Cluster {
             nodes: 3,
             lease_ttl: 2,
             node_args: Vec::new(),
+            args_for: HashMap::new(),
         }
     }
 
@@ -390,6 +405,7 @@ impl Cluster {
             ])
             .args(["--lease-ttl", &self.lease_ttl.to_string()])
             .args(&self.node_args)
+            .args(self.args_for.get(id).into_iter().flatten())
             .args(args)
             .env(
                 "RINGFEED_LOG",

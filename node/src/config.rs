@@ -77,6 +77,15 @@ pub struct Config {
     /// Idempotency keys remembered per key: those of its last N updates.
     #[arg(long, env = "RINGFEED_IDEMPOTENCY_WINDOW", default_value_t = 1000)]
     pub idempotency_window: usize,
+    /// A key with no subscriber that nobody published to, joined or read for this long
+    /// is dropped by its owner (and its replica by the successor): memory stays bounded.
+    /// A later publish starts a new epoch. Keep it well above the longest poll `wait`.
+    #[arg(long, env = "RINGFEED_KEY_IDLE_TTL_MS", default_value_t = 300_000)]
+    pub key_idle_ttl_ms: u64,
+    /// Testing only: hold every hand-off this long before sending anything, so a test
+    /// can kill the node in the middle of one.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_handoff_delay_ms: u64,
     /// Interval of SSE heartbeat comments.
     #[arg(long, env = "RINGFEED_SSE_HEARTBEAT_MS", default_value_t = 15_000)]
     pub sse_heartbeat_ms: u64,
@@ -170,6 +179,12 @@ impl Config {
             return Err(format!(
                 "--idempotency-window {}: at most 1000000",
                 self.idempotency_window
+            ));
+        }
+        if self.key_idle_ttl_ms < 1000 {
+            return Err(format!(
+                "--key-idle-ttl-ms {}: at least 1000",
+                self.key_idle_ttl_ms
             ));
         }
         if self.sse_heartbeat_ms < 100 {

@@ -33,17 +33,30 @@ const KEYS_PER_CALL: usize = 256;
 /// How long one `Handoff` call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Keys held back until markers come: those whose owner on `ring` was `owner` wait
+/// for a marker for ring `marker_ring` from every node in `from`.
+struct Block {
+    ring: Arc<Ring>,
+    owner: NodeId,
+    marker_ring: RingId,
+    from: HashSet<String>,
+}
+
+impl Block {
+    fn holds(&self, key: &str) -> bool {
+        self.ring.owner(key).is_some_and(|o| o.id == self.owner)
+    }
+}
+
 /// What this node waits for on the current ring.
 #[derive(Default)]
 struct Waiting {
     ring: RingId,
     version: u64,
-    /// The ring before it: who owned each key until now.
-    previous: Option<Arc<Ring>>,
     /// The ring itself.
     current: Option<Arc<Ring>>,
-    /// Previous owners, still present, whose marker has not come yet.
-    from: HashSet<String>,
+    /// What is still outstanding, from this ring and earlier ones.
+    blocks: Vec<Block>,
     /// Markers that came before this node saw their ring: (from, ring id), the most
     /// recent [`EARLY_MARKERS`] kept.
     early: VecDeque<(String, RingId)>,
@@ -65,45 +78,78 @@ impl Default for Handoffs {
 }
 
 impl Handoffs {
-    /// A new ring: wait for a marker from every other member of `previous` whose record
-    /// still exists on `current`.
+    /// A new ring. The keys of every other member of `previous` wait for that member's
+    /// marker if its record still exists on `view`; if it vanished (a crash), they wait
+    /// for a marker from every other active member instead, since any of them may hold
+    /// a replica to offer (sent before its marker). Blocks left from earlier rings whose
+    /// sender vanished are turned into the latter kind.
     pub fn begin(&self, me: &NodeId, previous: Arc<Ring>, view: &View) {
         let current = &view.ring;
-        let mut w = self.waiting.lock().expect("handoff lock poisoned");
         let ring = current.id().clone();
-        let from: HashSet<String> = previous
+        let others: HashSet<String> = current
             .members()
             .iter()
-            .filter(|m| m.id != *me && previous.is_active(&m.id) && current.member(&m.id).is_some())
+            .filter(|m| m.id != *me && current.is_active(&m.id))
             .map(|m| m.id.0.clone())
-            .filter(|id| !w.early.iter().any(|(f, r)| f == id && *r == ring))
             .collect();
+        let mut w = self.waiting.lock().expect("handoff lock poisoned");
+        let mut blocks = std::mem::take(&mut w.blocks);
+        if !current.is_active(me) {
+            // Not serving on this ring: nothing to wait for (a joiner starts on its own).
+            blocks.clear();
+        }
+        for b in &mut blocks {
+            if b.from
+                .iter()
+                .any(|id| current.member(&NodeId(id.clone())).is_none())
+            {
+                b.from = others.clone();
+                b.marker_ring = ring.clone();
+            }
+        }
+        for m in previous.members() {
+            if m.id == *me || !previous.is_active(&m.id) || !current.is_active(me) {
+                continue;
+            }
+            let from = if current.member(&m.id).is_some() {
+                HashSet::from([m.id.0.clone()])
+            } else {
+                others.clone()
+            };
+            blocks.push(Block {
+                ring: previous.clone(),
+                owner: m.id.clone(),
+                marker_ring: ring.clone(),
+                from,
+            });
+        }
+        for b in &mut blocks {
+            b.from
+                .retain(|id| !w.early.iter().any(|(f, r)| f == id && *r == b.marker_ring));
+        }
+        blocks.retain(|b| !b.from.is_empty());
         // Markers for this ring are used up; those for rings not seen yet stay.
         w.early.retain(|(_, r)| *r != ring);
-        if !from.is_empty() {
-            tracing::info!(ring_id = %ring, from = ?from, "waiting for hand-offs");
+        if !blocks.is_empty() {
+            let from: HashSet<&String> = blocks.iter().flat_map(|b| &b.from).collect();
+            tracing::info!(ring_id = %ring, ?from, "waiting for hand-offs");
         }
-        let early = std::mem::take(&mut w.early);
-        *w = Waiting {
-            ring,
-            version: view.version,
-            previous: Some(previous),
-            current: Some(view.ring.clone()),
-            from,
-            early,
-        };
+        w.ring = ring;
+        w.version = view.version;
+        w.current = Some(view.ring.clone());
+        w.blocks = blocks;
         drop(w);
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// Waits until the current ring has `me` on it and no previous owner's marker is
-    /// outstanding: whatever `me` was to receive has been handed over.
+    /// Waits until the current ring has `me` on it and no marker is outstanding:
+    /// whatever `me` was to receive has been handed over.
     pub async fn settled_on(&self, me: &NodeId) {
         let mut changes = self.changed.subscribe();
         loop {
             {
                 let w = self.waiting.lock().expect("handoff lock poisoned");
-                if w.from.is_empty() && w.current.as_ref().is_some_and(|r| r.is_active(me)) {
+                if w.blocks.is_empty() && w.current.as_ref().is_some_and(|r| r.is_active(me)) {
                     return;
                 }
             }
@@ -113,19 +159,49 @@ impl Handoffs {
         }
     }
 
+    /// Waits until no marker is outstanding (true) or the ring is no longer `ring`
+    /// (false).
+    pub async fn settled(&self, ring: &RingId) -> bool {
+        let mut changes = self.changed.subscribe();
+        loop {
+            {
+                let w = self.waiting.lock().expect("handoff lock poisoned");
+                if w.ring != *ring {
+                    return false;
+                }
+                if w.blocks.is_empty() {
+                    return true;
+                }
+            }
+            if changes.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// A receiver that changes whenever the hand-off state does.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    /// `from` has sent everything it gave up on ring `ring`.
+    /// `from` has sent everything it gave up (and every replica it offers) on `ring`.
     pub fn marker(&self, from: &str, ring: RingId) {
         let mut w = self.waiting.lock().expect("handoff lock poisoned");
-        if w.ring == ring {
-            if w.from.remove(from) {
-                tracing::info!(%from, ring_id = %ring, "hand-off complete");
+        let mut expected = w.ring == ring;
+        for b in &mut w.blocks {
+            if b.marker_ring == ring {
+                expected = true;
+                if b.from.remove(from) {
+                    tracing::debug!(%from, ring_id = %ring, owner = %b.owner, "marker");
+                }
             }
-        } else {
+        }
+        let before = w.blocks.len();
+        w.blocks.retain(|b| !b.from.is_empty());
+        if w.blocks.len() < before {
+            tracing::info!(%from, ring_id = %ring, "hand-off complete");
+        }
+        if !expected {
             w.early.push_back((from.to_owned(), ring));
             if w.early.len() > EARLY_MARKERS {
                 w.early.pop_front();
@@ -135,9 +211,9 @@ impl Handoffs {
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// Waits until this node has taken `view`'s ring into account and `key`'s previous
-    /// owner (if it is still handing off) has sent its marker; `false` when that did
-    /// not happen within [`HANDOFF_WAIT`].
+    /// Waits until this node has taken `view`'s ring into account and nothing `key`
+    /// waits for is outstanding; `false` when that did not happen within
+    /// [`HANDOFF_WAIT`].
     pub async fn ready(&self, key: &str, view: &View) -> bool {
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + HANDOFF_WAIT;
@@ -145,12 +221,7 @@ impl Handoffs {
             {
                 let w = self.waiting.lock().expect("handoff lock poisoned");
                 let caught_up = w.ring == *view.ring.id() || w.version >= view.version;
-                let blocked = !caught_up
-                    || w.previous
-                        .as_ref()
-                        .and_then(|p| p.owner(key))
-                        .is_some_and(|owner| w.from.contains(&owner.id.0));
-                if !blocked {
+                if caught_up && !w.blocks.iter().any(|b| b.holds(key)) {
                     return true;
                 }
             }
@@ -162,22 +233,41 @@ impl Handoffs {
     }
 }
 
-/// Hands `moved` keys to their owners on `view`, sends this node's marker to every other
-/// member, then redirects the keys' subscribers.
-pub async fn hand_off(node: Arc<Node>, view: Arc<View>, moved: Vec<Moved>) {
-    let mut per_owner: HashMap<NodeId, Vec<(String, KeySnapshot)>> = HashMap::new();
+/// Hands `moved` keys to their owners on `view`, offers `offers` (replicas of owners
+/// that left, for keys another node owns now) to those owners, sends this node's marker
+/// to every other member, then redirects the moved keys' subscribers.
+pub async fn hand_off(
+    node: Arc<Node>,
+    view: Arc<View>,
+    moved: Vec<Moved>,
+    offers: Vec<(String, KeySnapshot)>,
+) {
+    let mut per_owner: HashMap<(NodeId, bool), Vec<(String, KeySnapshot)>> = HashMap::new();
     let mut subscribers = Vec::new();
     for m in moved {
         if let Some(owner) = view.ring.owner(&m.key) {
             per_owner
-                .entry(owner.id.clone())
+                .entry((owner.id.clone(), false))
                 .or_default()
                 .push((m.key.clone(), m.snapshot));
             subscribers.push((owner.clone(), m.subscribers));
         }
     }
-    let keys: usize = per_owner.values().map(Vec::len).sum();
-    let sends = per_owner.into_iter().map(|(owner, snapshots)| {
+    let offered = offers.len();
+    for (key, snapshot) in offers {
+        if let Some(owner) = view.ring.owner(&key) {
+            per_owner
+                .entry((owner.id.clone(), true))
+                .or_default()
+                .push((key, snapshot));
+        }
+    }
+    let keys: usize = per_owner.values().map(Vec::len).sum::<usize>() - offered;
+    if keys > 0 && node.config.test_handoff_delay_ms > 0 {
+        tracing::warn!(keys, "holding the hand-off (--test-handoff-delay-ms)");
+        tokio::time::sleep(Duration::from_millis(node.config.test_handoff_delay_ms)).await;
+    }
+    let sends = per_owner.into_iter().map(|((owner, offered), snapshots)| {
         let node = node.clone();
         let view = view.clone();
         async move {
@@ -190,6 +280,7 @@ pub async fn hand_off(node: Arc<Node>, view: Arc<View>, moved: Vec<Moved>) {
                         .map(|(k, s)| crate::replication::snapshot_pb(k, s))
                         .collect(),
                     complete: false,
+                    offered,
                 };
                 if !call(&node, &owner, request).await {
                     return;
@@ -199,26 +290,30 @@ pub async fn hand_off(node: Arc<Node>, view: Arc<View>, moved: Vec<Moved>) {
     });
     futures_util::future::join_all(sends).await;
     // The marker, to every other member: "all I gave up on this ring has been sent".
-    let markers = view
-        .ring
-        .members()
-        .iter()
-        .filter(|m| m.id != node.id)
-        .map(|m| {
-            let node = node.clone();
-            let view = view.clone();
-            let id = m.id.clone();
-            async move {
-                let request = pb::HandoffRequest {
-                    ring: Some(ring_ref(&view)),
-                    from: node.id.0.clone(),
-                    snapshots: Vec::new(),
-                    complete: true,
-                };
-                call(&node, &id, request).await;
-            }
+    // The clients go once the owners they go to have it; a member that is down
+    // (waiting for its lease to expire) must not hold them up.
+    let receivers: HashSet<NodeId> = subscribers.iter().map(|(o, _)| o.id.clone()).collect();
+    let mut to_receivers = Vec::new();
+    for m in view.ring.members().iter().filter(|m| m.id != node.id) {
+        let sender = node.clone();
+        let view = view.clone();
+        let id = m.id.clone();
+        let marker = node.tasks.spawn(async move {
+            let node = sender;
+            let request = pb::HandoffRequest {
+                ring: Some(ring_ref(&view)),
+                from: node.id.0.clone(),
+                snapshots: Vec::new(),
+                complete: true,
+                offered: false,
+            };
+            call(&node, &id, request).await;
         });
-    futures_util::future::join_all(markers).await;
+        if receivers.contains(&m.id) {
+            to_receivers.push(marker);
+        }
+    }
+    futures_util::future::join_all(to_receivers).await;
     // Paced, jittered batches, so that a drain does not turn into a reconnect storm.
     let mut clients = 0usize;
     for (owner, subs) in subscribers {
@@ -232,7 +327,9 @@ pub async fn hand_off(node: Arc<Node>, view: Arc<View>, moved: Vec<Moved>) {
             }
         }
     }
-    tracing::info!(ring_id = %view.ring.id(), keys, clients, "handed off keys and redirected their clients");
+    if keys + offered + clients > 0 {
+        tracing::info!(ring_id = %view.ring.id(), keys, offered, clients, "handed off keys and redirected their clients");
+    }
 }
 
 /// Calls `Handoff` on `to` until it lands (true), or `to` leaves the ring or this node
@@ -346,6 +443,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_previous_owner_that_dies_mid_hand_off_is_replaced_by_every_replica_holder() {
+        let r1 = view(&["n1", "n2", "n3"], 2);
+        let r2 = view(&["n1", "n2", "n3", "n4"], 4);
+        let r3 = view(&["n2", "n3", "n4"], 6);
+        let h = Handoffs::default();
+        let me = NodeId("n4".into());
+        h.begin(&me, r1.ring.clone(), &r2);
+        h.marker("n2", r2.ring.id().clone());
+        h.marker("n3", r2.ring.id().clone());
+        // n1 dies before its marker: the keys it held wait for n2's and n3's markers on
+        // r3 (either may hold their replica, offered before its marker).
+        h.begin(&me, r2.ring.clone(), &r3);
+        let from_n1 = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| {
+                r1.ring.owner(k).is_some_and(|o| o.id.0 == "n1")
+                    && r2.ring.owner(k).is_some_and(|o| o.id.0 == "n4")
+            })
+            .expect("a key that moved from n1 to n4");
+        h.marker("n2", r3.ring.id().clone());
+        assert!(
+            !h.ready(&from_n1, &r3).await,
+            "n3 may still offer a replica"
+        );
+        h.marker("n3", r3.ring.id().clone());
+        assert!(h.ready(&from_n1, &r3).await);
+        assert!(h.settled(r3.ring.id()).await);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_vanished_owner_is_not_waited_for_and_early_markers_count() {
         let before = view(&["n1", "n2", "n3"], 5);
         let after = view(&["n1", "n3"], 6);
@@ -355,7 +482,7 @@ mod tests {
         h.begin(&NodeId("n3".into()), before.ring.clone(), &after);
         assert!(
             h.ready(&key_of(&before.ring, "n2"), &after).await,
-            "n2 is gone: promotion, not hand-off"
+            "n2 is gone: its keys wait only for replicas offered by n1, whose marker came"
         );
         assert!(
             h.ready(&key_of(&before.ring, "n1"), &after).await,

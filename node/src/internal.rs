@@ -46,6 +46,12 @@ impl NodeService {
                 "the key's state is still being handed over; retry".into(),
             );
         }
+        // The ring may have moved while we waited: decide on the newest view.
+        let newest = self.node.membership.view();
+        let view = &match self.node.decide(newest.clone(), &item.key) {
+            Decision::Mine(view) => view,
+            _ => return deliver_result::Result::NotOwner(ring_ref(&newest)),
+        };
         self.node.promote_if_due(&item.key, view);
         let publish = Publish {
             data: &item.data,
@@ -170,6 +176,9 @@ impl node_server::Node for NodeService {
                 self.node.replicas.entry(&key, &from, &epoch, entry);
             }
         }
+        for key in request.dropped {
+            self.node.replicas.drop_from(&key, &from);
+        }
         Ok(Response::new(pb::ReplicateReply {
             refused,
             ring: Some(ring_ref(&view)),
@@ -193,7 +202,11 @@ impl node_server::Node for NodeService {
                 continue;
             }
             let key = snapshot.key.clone();
-            self.node.install(&key, snapshot_from_pb(snapshot), &view);
+            if request.offered {
+                self.node.offer(&key, snapshot_from_pb(snapshot));
+            } else {
+                self.node.install(&key, snapshot_from_pb(snapshot), &view);
+            }
         }
         if request.complete {
             if let Some(ring) = &request.ring {

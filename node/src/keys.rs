@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use serde_json::json;
@@ -336,6 +337,9 @@ pub struct KeyState {
     present: HashMap<String, usize>,
     /// The latest seq, for long polls waiting on the key.
     changes: watch::Sender<u64>,
+    /// When it was last published to, subscribed to, left or read: an owner drops a
+    /// key idle for long enough with no subscriber.
+    active: Instant,
 }
 
 impl KeyState {
@@ -355,6 +359,7 @@ impl KeyState {
             subscribers: Vec::new(),
             present: HashMap::new(),
             changes: watch::Sender::new(0),
+            active: Instant::now(),
         }
     }
 
@@ -647,6 +652,7 @@ impl KeyTable {
         }
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
+        state.active = Instant::now();
         if state.retired {
             return Err(ApplyError::Moved);
         }
@@ -820,6 +826,12 @@ impl KeyTable {
         Some(fresh.subscribers)
     }
 
+    /// Whether `key` has a log here (an update was given a seq, or it was restored).
+    pub fn has_history(&self, key: &str) -> bool {
+        self.existing(key)
+            .is_some_and(|e| e.lock().expect("key lock poisoned").next > 0)
+    }
+
     /// Applies a publish with no successor to wait for (tests).
     #[cfg(test)]
     pub fn apply(&self, key: &str, publish: Publish<'_>) -> Result<Applied, ApplyError> {
@@ -847,6 +859,7 @@ impl KeyTable {
     ) -> Result<Start, SubscribeError> {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
+        state.active = Instant::now();
         if state.retired {
             return Err(SubscribeError::Moved);
         }
@@ -883,6 +896,7 @@ impl KeyTable {
             return;
         };
         let mut state = entry.lock().expect("key lock poisoned");
+        state.active = Instant::now();
         let Some(at) = state.subscribers.iter().position(|s| s.id == id) else {
             return;
         };
@@ -907,7 +921,8 @@ impl KeyTable {
     /// that changes when the key's seq does (for long polls).
     pub fn read(&self, key: &str, resume: &Resume, max: usize) -> (Catchup, watch::Receiver<u64>) {
         let entry = self.entry(key);
-        let state = entry.lock().expect("key lock poisoned");
+        let mut state = entry.lock().expect("key lock poisoned");
+        state.active = Instant::now();
         (state.catchup(Some(resume), max), state.changes.subscribe())
     }
 
@@ -956,6 +971,29 @@ impl KeyTable {
         taken
     }
 
+    /// Drops every key idle for `ttl` — no subscriber, nothing in flight, nobody
+    /// publishing to, joining, leaving or reading it — and returns each with the
+    /// successor that holds its replica, to be told to drop it too. A later publish
+    /// starts a new epoch; a client resuming the old one gets `reset`.
+    pub fn drop_idle(&self, ttl: Duration) -> Vec<(String, Option<(String, String)>)> {
+        let mut dropped = Vec::new();
+        for shard in &self.shards {
+            let mut shard = shard.lock().expect("shard lock poisoned");
+            shard.retain(|key, entry| {
+                let mut state = entry.lock().expect("key lock poisoned");
+                let idle = state.subscribers.is_empty()
+                    && state.pending.is_empty()
+                    && state.active.elapsed() >= ttl;
+                if idle {
+                    state.retired = true;
+                    dropped.push((key.clone(), state.replica_at.clone()));
+                }
+                !idle
+            });
+        }
+        dropped
+    }
+
     /// How many keys are held.
     pub fn len(&self) -> usize {
         self.shards
@@ -979,12 +1017,30 @@ pub struct Replica {
     entries: BTreeMap<u64, (Utf8Bytes, String)>,
     bytes: usize,
     idempotency: Vec<(String, u64)>,
+    /// When it last changed, for dropping copies nobody updates any more.
+    touched: Instant,
 }
 
 impl Replica {
+    fn new(owner: &str, epoch: &str) -> Replica {
+        Replica {
+            owner: owner.to_owned(),
+            epoch: epoch.to_owned(),
+            entries: BTreeMap::new(),
+            bytes: 0,
+            idempotency: Vec::new(),
+            touched: Instant::now(),
+        }
+    }
+
+    /// The last seq held.
+    fn seq(&self) -> u64 {
+        self.entries.keys().next_back().copied().unwrap_or(0)
+    }
+
     /// The replica as a snapshot, for promotion.
     pub fn into_snapshot(self) -> KeySnapshot {
-        let seq = self.entries.keys().next_back().copied().unwrap_or(0);
+        let seq = self.seq();
         KeySnapshot {
             epoch: self.epoch,
             seq,
@@ -1019,13 +1075,10 @@ impl Replicas {
     /// Takes a whole key from `owner`, replacing what was held.
     pub fn snapshot(&self, key: &str, owner: &str, snapshot: KeySnapshot) {
         let mut map = self.map.lock().expect("replicas lock poisoned");
-        let replica = map.entry(key.to_owned()).or_insert_with(|| Replica {
-            owner: owner.to_owned(),
-            epoch: snapshot.epoch.clone(),
-            entries: BTreeMap::new(),
-            bytes: 0,
-            idempotency: Vec::new(),
-        });
+        let replica = map
+            .entry(key.to_owned())
+            .or_insert_with(|| Replica::new(owner, &snapshot.epoch));
+        replica.touched = Instant::now();
         // A snapshot is the whole key as the owner has it: nothing the replica held
         // beyond it (entries whose callers were told to retry) survives.
         replica.entries.clear();
@@ -1041,13 +1094,10 @@ impl Replicas {
     /// Takes one entry from `owner`.
     pub fn entry(&self, key: &str, owner: &str, epoch: &str, entry: LogEntry) {
         let mut map = self.map.lock().expect("replicas lock poisoned");
-        let replica = map.entry(key.to_owned()).or_insert_with(|| Replica {
-            owner: owner.to_owned(),
-            epoch: epoch.to_owned(),
-            entries: BTreeMap::new(),
-            bytes: 0,
-            idempotency: Vec::new(),
-        });
+        let replica = map
+            .entry(key.to_owned())
+            .or_insert_with(|| Replica::new(owner, epoch));
+        replica.touched = Instant::now();
         if replica.epoch != epoch {
             replica.entries.clear();
             replica.bytes = 0;
@@ -1066,6 +1116,50 @@ impl Replicas {
             replica.idempotency.drain(..excess);
         }
         insert_entry(replica, entry, &self.limits);
+    }
+
+    /// Takes a replica of a departed owner offered by another node: kept if it is newer
+    /// (later epoch, else higher seq) than the one held. Its owner is recorded as
+    /// unknown (`""`), which is never on a ring, so it is promoted like any orphan.
+    pub fn offer(&self, key: &str, snapshot: KeySnapshot) {
+        let mut map = self.map.lock().expect("replicas lock poisoned");
+        let last = snapshot.entries.last().map_or(0, |e| e.seq);
+        if let Some(held) = map.get(key) {
+            if (held.epoch.as_str(), held.seq()) >= (snapshot.epoch.as_str(), last) {
+                return;
+            }
+        }
+        let mut replica = Replica::new("", &snapshot.epoch);
+        replica.idempotency = snapshot.idempotency;
+        for e in snapshot.entries {
+            insert_entry(&mut replica, e, &self.limits);
+        }
+        map.insert(key.to_owned(), replica);
+    }
+
+    /// A copy of `key`'s replica as a snapshot, if one is held.
+    pub fn copy(&self, key: &str) -> Option<KeySnapshot> {
+        let map = self.map.lock().expect("replicas lock poisoned");
+        map.get(key).map(|r| r.clone().into_snapshot())
+    }
+
+    /// Drops `key`'s replica if `owner` sent it (its owner dropped the key as idle).
+    pub fn drop_from(&self, key: &str, owner: &str) -> bool {
+        let mut map = self.map.lock().expect("replicas lock poisoned");
+        if map.get(key).is_some_and(|r| r.owner == owner) {
+            map.remove(key);
+            return true;
+        }
+        false
+    }
+
+    /// Drops every replica for which `stale` says so, given its key, owner and how long
+    /// since it last changed; returns how many went.
+    pub fn drop_where(&self, mut stale: impl FnMut(&str, &str, Duration) -> bool) -> usize {
+        let mut map = self.map.lock().expect("replicas lock poisoned");
+        let before = map.len();
+        map.retain(|key, r| !stale(key, &r.owner, r.touched.elapsed()));
+        before - map.len()
     }
 
     /// Every replica's key and owner.
@@ -1128,13 +1222,26 @@ impl Drop for SubscriptionGuard {
     }
 }
 
-/// A new epoch: 16 random URL-safe characters, never containing `:`.
+/// A new epoch: 16 URL-safe characters, never containing `:` — 8 that encode the
+/// wall-clock milliseconds in an alphabet whose byte order is its digit order, then 8
+/// random ones. Unique like a random string, and two epochs of one key compare in the
+/// order they were started (up to clock skew between nodes), so a node offered two
+/// replicas of a key keeps the newer.
 pub fn new_epoch() -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    epoch_at(millis)
+}
+
+fn epoch_at(millis: u64) -> String {
+    const ORDERED: &[u8] = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
-    (0..16)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    let time = (0..8)
+        .rev()
+        .map(|i| ORDERED[((millis >> (6 * i)) & 63) as usize] as char);
+    let random = (0..8).map(|_| ORDERED[rng.random_range(0..ORDERED.len())] as char);
+    time.chain(random).collect()
 }
 
 /// Whether `epoch` could be one of ours: 1–64 URL-safe characters.
@@ -1149,6 +1256,42 @@ pub fn valid_epoch(epoch: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_are_valid_unique_and_ordered_by_time() {
+        let now = 1_795_000_000_000;
+        for (a, b) in [(now, now + 1), (now, now + 64), (63, 64), (now, now * 2)] {
+            let (a, b) = (epoch_at(a), epoch_at(b));
+            assert!(valid_epoch(&a) && valid_epoch(&b) && a.len() == 16);
+            assert!(a < b, "{a} < {b}");
+        }
+        assert_ne!(new_epoch(), new_epoch());
+    }
+
+    #[test]
+    fn an_offered_replica_is_kept_only_when_newer() {
+        let replicas = Replicas::new(Limits::default());
+        let snapshot = |epoch: &str, last: u64| KeySnapshot {
+            epoch: epoch.into(),
+            seq: last,
+            entries: (1..=last)
+                .map(|seq| LogEntry {
+                    seq,
+                    frame: format!("{seq}").into(),
+                    idempotency_key: String::new(),
+                })
+                .collect(),
+            idempotency: Vec::new(),
+        };
+        replicas.offer("k", snapshot("B", 5));
+        replicas.offer("k", snapshot("B", 3));
+        assert_eq!(replicas.copy("k").map(|s| s.seq), Some(5));
+        replicas.offer("k", snapshot("A", 9));
+        assert_eq!(replicas.copy("k").map(|s| s.seq), Some(5), "older epoch");
+        replicas.offer("k", snapshot("C", 1));
+        assert_eq!(replicas.copy("k").map(|s| s.epoch), Some("C".into()));
+        assert_eq!(replicas.owner_of("k").as_deref(), Some(""));
+    }
 
     fn publish(data: &[u8]) -> Publish<'_> {
         Publish {

@@ -1,5 +1,6 @@
 //! The node's shared state, ownership decisions, and its reaction to new rings.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use crate::replication::{successor_of, Replication};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
+/// How long a replica nobody updates is kept before it is dropped.
+const REPLICA_GRACE: Duration = Duration::from_secs(30);
 
 /// WebSocket close code: moved to another node.
 pub const CLOSE_MOVED: u16 = 4300;
@@ -181,9 +184,22 @@ impl Node {
             let moved = self
                 .keys
                 .take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
+            let offers = self.orphans_owned_elsewhere(&view);
             self.tasks
-                .spawn(handoff::hand_off(self.clone(), view.clone(), moved));
-            self.promote_orphans(&view);
+                .spawn(handoff::hand_off(self.clone(), view.clone(), moved, offers));
+            // Replicas of a departed owner are promoted once every other member has
+            // offered what it holds (its marker): the newest copy wins.
+            let node = self.clone();
+            let ring_view = view.clone();
+            self.tasks.spawn(async move {
+                let settled = tokio::select! {
+                    settled = node.handoffs.settled(ring_view.ring.id()) => settled,
+                    _ = node.shutdown.cancelled() => false,
+                };
+                if settled {
+                    node.promote_orphans(&ring_view);
+                }
+            });
             // Every key whose successor changed is sent whole to the new one (or, with
             // no successor left, shows what was waiting for the old one).
             for key in self.keys.keys() {
@@ -193,6 +209,80 @@ impl Node {
                 self.replication.dispatch(&self, &key, to_replica);
             }
         }
+    }
+
+    /// Keeps memory bounded: drops keys idle for `--key-idle-ttl-ms` (telling their
+    /// replicas to go too) and replicas nobody keeps up to date any more — copies at a
+    /// former successor, or of a departed owner whose key another node serves now.
+    pub async fn sweep(self: Arc<Self>) {
+        let ttl = Duration::from_millis(self.config.key_idle_ttl_ms);
+        let mut tick = tokio::time::interval((ttl / 4).min(Duration::from_secs(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let dropped = self.keys.drop_idle(ttl);
+            if !dropped.is_empty() {
+                tracing::debug!(keys = dropped.len(), "dropped idle keys");
+            }
+            for (key, successor) in dropped {
+                if let Some(to) = successor {
+                    self.replication.drop_key(&self, &to, key);
+                }
+            }
+            let view = self.membership.view();
+            let stale: HashSet<String> = self
+                .replicas
+                .owners()
+                .into_iter()
+                .filter(|(key, owner)| self.replica_is_stale(&view, key, owner))
+                .map(|(key, _)| key)
+                .collect();
+            let gone = self
+                .replicas
+                .drop_where(|key, _, age| age >= ttl.min(REPLICA_GRACE) && stale.contains(key));
+            if gone > 0 {
+                tracing::debug!(replicas = gone, "dropped stale replicas");
+            }
+        }
+    }
+
+    /// A replica no owner keeps up to date: its owner is on the ring but this node is
+    /// not the key's successor there (the owner sent the key whole to the new one), or
+    /// its owner left and another node serves the key (it was offered there), or this
+    /// node serves the key with its own history.
+    fn replica_is_stale(&self, view: &View, key: &str, owner: &str) -> bool {
+        let owner_id = NodeId(owner.to_owned());
+        if view.ring.is_active(&owner_id) {
+            let successor = view.ring.successor(key).map(|m| &m.id);
+            return view.ring.owner(key).map(|o| &o.id) != Some(&owner_id)
+                || successor != Some(&self.id);
+        }
+        match view.ring.owner(key) {
+            Some(o) if o.id == self.id => self.keys.has_history(key),
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Copies of the replicas this node holds whose owner has left `view`'s ring and
+    /// whose key another member owns now: they are offered to that member, which may
+    /// have no other copy (the key moved to it by a join just before its owner died).
+    fn orphans_owned_elsewhere(&self, view: &View) -> Vec<(String, KeySnapshot)> {
+        self.replicas
+            .owners()
+            .into_iter()
+            .filter(|(key, owner)| {
+                !view.ring.is_active(&NodeId(owner.clone()))
+                    && view
+                        .ring
+                        .owner(key)
+                        .is_some_and(|o| o.id != self.id && view.ring.is_active(&o.id))
+            })
+            .filter_map(|(key, _)| self.replicas.copy(&key).map(|s| (key, s)))
+            .collect()
     }
 
     /// Promotes the replicas this node holds whose owner has left the ring and whose
@@ -220,8 +310,8 @@ impl Node {
     }
 
     /// Promotes `key`'s replica if its owner has left and this node owns the key now.
-    /// Called before a key is used, so a client or publish that arrives before the ring
-    /// follower gets there still finds the key's history.
+    /// Called before a key is used (after [`Handoffs::ready`]), so a client or publish
+    /// that arrives before the ring follower gets there still finds the key's history.
     pub fn promote_if_due(self: &Arc<Self>, key: &str, view: &View) {
         let Some(owner) = self.replicas.owner_of(key) else {
             return;
@@ -233,9 +323,19 @@ impl Node {
         }
     }
 
-    /// Installs a key handed over by its previous owner.
+    /// Installs a key handed over by its previous owner. Any replica of it held here is
+    /// older than what its owner handed over, and goes.
     pub fn install(self: &Arc<Self>, key: &str, snapshot: KeySnapshot, view: &View) {
         self.restore(key, || Some(snapshot), view);
+        self.replicas.take(key);
+    }
+
+    /// Takes a replica of a departed owner offered by another member, unless this node
+    /// already serves the key with its history.
+    pub fn offer(&self, key: &str, snapshot: KeySnapshot) {
+        if !self.keys.has_history(key) {
+            self.replicas.offer(key, snapshot);
+        }
     }
 
     fn promote(self: &Arc<Self>, key: &str, view: &View) -> bool {

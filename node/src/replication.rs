@@ -46,6 +46,10 @@ pub enum Job {
         key: String,
         snapshot: KeySnapshot,
     },
+    /// The owner dropped the key as idle.
+    Drop {
+        key: String,
+    },
 }
 
 /// Why a publish did not land.
@@ -91,11 +95,17 @@ impl Replication {
             }
         };
         let key = job_key(&job).to_owned();
-        if tx.try_send(job).is_err() {
+        let drop = matches!(job, Job::Drop { .. });
+        if tx.try_send(job).is_err() && !drop {
             // Full (or closing): make the key's next publish send it whole instead.
             tracing::warn!(successor = %to.0, %key, "replication queue full");
             node.keys.forget_replica(&key);
         }
+    }
+
+    /// Tells `to` that this node dropped `key` as idle, so its replica goes too.
+    pub fn drop_key(&self, node: &Arc<Node>, to: &Successor, key: String) {
+        self.send(node, to, Job::Drop { key });
     }
 
     /// Sends what staging said the replica needs.
@@ -129,7 +139,7 @@ impl Replication {
 
 fn job_key(job: &Job) -> &str {
     match job {
-        Job::Entry { key, .. } | Job::Snapshot { key, .. } => key,
+        Job::Entry { key, .. } | Job::Snapshot { key, .. } | Job::Drop { key } => key,
     }
 }
 
@@ -274,9 +284,11 @@ fn request(node: &Node, view: &View, batch: &[Job]) -> pb::ReplicateRequest {
         from: node.id.0.clone(),
         snapshots: Vec::new(),
         entries: Vec::new(),
+        dropped: Vec::new(),
     };
     for job in batch {
         match job {
+            Job::Drop { key } => request.dropped.push(key.clone()),
             Job::Entry { key, epoch, entry } => request.entries.push(entry_pb(key, epoch, entry)),
             Job::Snapshot { key, snapshot } => request.snapshots.push(snapshot_pb(key, snapshot)),
         }
@@ -361,8 +373,9 @@ fn resend(node: &Arc<Node>, batch: Vec<Job>) {
     let view = node.membership.view();
     let mut keys: Vec<String> = batch
         .into_iter()
-        .map(|job| match job {
-            Job::Entry { key, .. } | Job::Snapshot { key, .. } => key,
+        .filter_map(|job| match job {
+            Job::Entry { key, .. } | Job::Snapshot { key, .. } => Some(key),
+            Job::Drop { .. } => None,
         })
         .collect();
     keys.sort_unstable();

@@ -83,6 +83,7 @@ pub async fn run(
         }
     });
     tasks.spawn(node.clone().follow_ring());
+    tasks.spawn(node.clone().sweep());
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
     // long enough to deregister.
@@ -177,7 +178,7 @@ async fn drain(node: &Arc<Node>, registration: &Registration) {
     }
     let view = node.membership.view();
     let moved = node.keys.take_where(|_| true);
-    crate::handoff::hand_off(node.clone(), view, moved).await;
+    crate::handoff::hand_off(node.clone(), view, moved, Vec::new()).await;
     // Let redirected clients go before the rest are closed.
     let deadline = tokio::time::Instant::now() + DRAIN_CLIENT_WAIT;
     while node.connections.available_permits() < node.config.max_connections

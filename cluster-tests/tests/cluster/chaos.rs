@@ -467,6 +467,68 @@ async fn nodes_joining_under_load_take_their_keys_with_state_and_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_previous_owner_mid_hand_off_loses_nothing() {
+    bounded(async {
+        // n1 holds every hand-off for 30 s before sending anything: killed within that,
+        // it dies with every key it gave up to n4 unsent. n4 must get them from the
+        // replicas n2 and n3 hold (offered once n1 is gone), in the same epoch.
+        let mut cluster = Cluster::builder()
+            .nodes(3)
+            .lease_ttl(2)
+            .args_for("n1", &["--test-handoff-delay-ms", "30000"])
+            .start()
+            .await?;
+        let (keys, n1_keys) = keys_owned_by(&cluster, "midway", 150, "n1").await?;
+        let run = Run::start(&cluster, keys, Ack::Replicated).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let joined = Instant::now();
+        cluster.add_node("n4").await?;
+        eventually("n1 to be holding its hand-off to n4", Duration::from_secs(10), || {
+            let log = cluster.node("n1").log();
+            async move { Ok(log.contains("holding the hand-off").then_some(())) }
+        })
+        .await;
+        cluster.node_mut("n1").kill().await;
+        let killed = Instant::now();
+        ensure!(
+            joined.elapsed() < Duration::from_secs(30),
+            "n1 was killed after its hand-off could have gone out"
+        );
+        cluster.nodes.retain(|n| n.id != "n1");
+        cluster.converged().await;
+        let mut stranded = Vec::new();
+        for key in &n1_keys {
+            if owner_of(&cluster, key).await? == "n4" {
+                stranded.push(key.clone());
+            }
+        }
+        ensure!(!stranded.is_empty(), "no key moved from n1 to n4");
+        let back = eventually("n1's former keys receiving from n4", Duration::from_secs(20), || {
+            let ledger = run.ledger.clone();
+            let keys = stranded.clone();
+            async move { Ok(back_after(&ledger, &keys, killed, Some("n4"))) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (a, failed) = run.finish(false).await?;
+        report(
+            &format!(
+                "SIGKILL of the previous owner mid hand-off ({} keys it owed n4 came from replicas; their clients receiving from n4 {back:?} after the kill)",
+                stranded.len()
+            ),
+            &a,
+            failed,
+        );
+        if a.lost > 0 {
+            eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
+        }
+        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_and_a_rolling_restart_under_load_lose_nothing() {
     bounded(async {
         let mut cluster = Cluster::builder().nodes(4).lease_ttl(2).start().await?;
