@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 use futures_util::StreamExt;
 use rand::Rng;
 use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
-use ringfeed_cluster_tests::{http_follow, http_request_full, Cluster, SseStream};
+use ringfeed_cluster_tests::{eventually, http_follow, http_request_full, Cluster, SseStream};
 use ringfeed_proto::v1::{PresenceRequest, PublishBatchRequest, PublishRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -801,4 +801,79 @@ async fn an_eventsource_in_chromium_follows_a_307_across_origins_and_resumes_wit
 /// Percent-encodes a URL for use as a query value.
 fn url_escape(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A gauge's value from a node's `/metrics`.
+async fn gauge(http: &str, name: &str) -> Result<u64> {
+    let (status, body) = ringfeed_cluster_tests::http_get(&format!("{http}/metrics")).await?;
+    ensure!(status == 200, "/metrics answered {status}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_key_is_dropped_with_its_replica_and_its_old_epoch_is_reset() {
+    bounded(async {
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .node_args(&["--key-idle-ttl-ms", "1000"])
+            .start()
+            .await?;
+        let key = "idle:1";
+        let owner = owner_of(&cluster, key).await?;
+        let successor = cluster.nodes.iter().find(|n| n.id != owner).expect("two nodes");
+        let owner = cluster.node(&owner);
+        let mut router = cluster.router().await?;
+        let first = router
+            .publish(publisher::json(key, &json!(1)))
+            .await?
+            .into_inner();
+        ensure!(first.replicated, "{first:?}");
+        ensure!(gauge(&owner.http, "ringfeed_keys").await? == 1);
+        ensure!(gauge(&successor.http, "ringfeed_replicas").await? == 1);
+
+        // A subscribed key is never idle, however long nobody publishes.
+        let mut sub = Subscription::connect(&connect_url(&owner.http, key, None)).await?;
+        let held = Instant::now();
+        while held.elapsed() < Duration::from_secs(3) {
+            ensure!(
+                gauge(&owner.http, "ringfeed_keys").await? == 1,
+                "a key with a subscriber was dropped"
+            );
+            let _ = sub.next_within(Duration::from_millis(250)).await;
+        }
+        drop(sub);
+
+        // Without subscribers and publishes it goes, and so does its replica.
+        eventually("the idle key and its replica dropped", Duration::from_secs(20), || {
+            let (o, s) = (owner.http.clone(), successor.http.clone());
+            async move {
+                let keys = gauge(&o, "ringfeed_keys").await?;
+                let replicas = gauge(&s, "ringfeed_replicas").await?;
+                Ok((keys == 0 && replicas == 0).then_some(()))
+            }
+        })
+        .await;
+
+        // A later publish starts a new epoch; a client resuming the old one is reset.
+        let second = router
+            .publish(publisher::json(key, &json!(2)))
+            .await?
+            .into_inner();
+        ensure!(second.epoch != first.epoch && second.seq == 1, "{second:?}");
+        let mut sub = Subscription::connect(&connect_url(
+            &owner.http,
+            key,
+            Some((first.seq, Some(&first.epoch))),
+        ))
+        .await?;
+        let reset = expect_frame(&mut sub, "reset", |f| matches!(f, Frame::Reset { .. })).await?;
+        ensure!(
+            matches!(&reset, Frame::Reset { reason, epoch, .. } if reason == "epoch_changed" && *epoch == second.epoch),
+            "{reset:?}"
+        );
+        Ok(())
+    })
+    .await;
 }
