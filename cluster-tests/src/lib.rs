@@ -268,9 +268,17 @@ pub struct ClusterBuilder {
     lease_ttl: u64,
     node_args: Vec<String>,
     args_for: HashMap<String, Vec<String>>,
+    etcd_proxied: Vec<String>,
 }
 
 impl ClusterBuilder {
+    /// Node `id` reaches etcd through a [`TcpProxy`] the test can cut
+    /// ([`Cluster::etcd_proxy`]).
+    pub fn etcd_through_proxy(mut self, id: &str) -> Self {
+        self.etcd_proxied.push(id.to_owned());
+        self
+    }
+
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
         self
@@ -299,6 +307,11 @@ impl ClusterBuilder {
 
     pub async fn start(self) -> Result<Cluster> {
         let etcd = Etcd::start().await?;
+        let mut proxies = HashMap::new();
+        for id in &self.etcd_proxied {
+            let proxy = TcpProxy::start(etcd.endpoint.trim_start_matches("http://")).await?;
+            proxies.insert(id.clone(), proxy);
+        }
         let dir = tempfile::Builder::new()
             .prefix("ringfeed-cluster-")
             .tempdir()?;
@@ -307,6 +320,7 @@ impl ClusterBuilder {
             lease_ttl: self.lease_ttl,
             node_args: self.node_args,
             args_for: self.args_for,
+            proxies,
             nodes: Vec::new(),
             router: None,
             dir,
@@ -328,6 +342,7 @@ pub struct Cluster {
     pub lease_ttl: u64,
     node_args: Vec<String>,
     args_for: HashMap<String, Vec<String>>,
+    proxies: HashMap<String, TcpProxy>,
     pub nodes: Vec<NodeProc>,
     router: Option<RouterProc>,
     dir: tempfile::TempDir,
@@ -342,6 +357,7 @@ impl Cluster {
             lease_ttl: 2,
             node_args: Vec::new(),
             args_for: HashMap::new(),
+            etcd_proxied: Vec::new(),
         }
     }
 
@@ -388,15 +404,12 @@ impl Cluster {
     pub async fn spawn_node(&self, id: &str, args: &[&str]) -> Result<NodeProc> {
         let log = self.dir.path().join(format!("{id}.log"));
         let stderr = append_to(&log)?;
+        let etcd = match self.proxies.get(id) {
+            Some(proxy) => format!("http://{}", proxy.addr),
+            None => self.etcd.endpoint.clone(),
+        };
         let mut child = Command::new(binary("ringfeed-node"))
-            .args([
-                "--id",
-                id,
-                "--cluster",
-                &self.name,
-                "--etcd",
-                &self.etcd.endpoint,
-            ])
+            .args(["--id", id, "--cluster", &self.name, "--etcd", &etcd])
             .args([
                 "--http-listen",
                 "127.0.0.1:0",
@@ -492,6 +505,13 @@ impl Cluster {
             grpc,
             log,
         })
+    }
+
+    /// The proxy between node `id` and etcd (see [`ClusterBuilder::etcd_through_proxy`]).
+    pub fn etcd_proxy(&self, id: &str) -> &TcpProxy {
+        self.proxies
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} does not reach etcd through a proxy"))
     }
 
     pub fn node(&self, id: &str) -> &NodeProc {
@@ -891,4 +911,61 @@ pub async fn serve_page(html: &'static str) -> Result<String> {
 /// The folder of the browser tests' Node.js driver (`cluster-tests/browser`).
 pub fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+/// A TCP proxy on loopback that a test can cut: then every connection through it is
+/// dropped and new ones are accepted but never answered (a network partition).
+pub struct TcpProxy {
+    /// `127.0.0.1:port` to connect to instead of the target.
+    pub addr: String,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts a proxy to `target` (`host:port`).
+    pub async fn start(target: &str) -> Result<TcpProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let target = target.to_owned();
+        let cuts = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = cuts.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if *cut.borrow_and_update() {
+                        // Black-holed: held open, never answered, until restored.
+                        let _ = cut.wait_for(|c| !*c).await;
+                        return;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Ok(TcpProxy { addr, cut, task })
+    }
+
+    /// Drops every connection through the proxy; new ones hang.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -77,7 +77,8 @@ impl NodeService {
             }
             Err(
                 e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
-                | PublishError::Moved),
+                | PublishError::Moved
+                | PublishError::Fenced),
             ) => error(Code::Unavailable, e.to_string()),
         }
     }
@@ -148,11 +149,21 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateReply>, Status> {
+        if self.node.is_fenced() {
+            return Err(Status::unavailable("fenced: this node's lease is in doubt"));
+        }
         let request = request.into_inner();
         let view = self.view(request.ring.as_ref()).await;
         let from = request.from;
         // Fencing by the replica: only the owner in our own view may write.
         let owns = |key: &str| view.ring.owner(key).is_some_and(|o| o.id.0 == from);
+        // Replicas remember the owner's incarnation: a node restarted under the same id
+        // is another owner, and the old one's replicas are orphans.
+        let owner = view
+            .ring
+            .member(&ringfeed_router::ring::NodeId(from.clone()))
+            .map(|m| crate::node::owner_label(&from, &m.incarnation))
+            .unwrap_or_default();
         let mut refused = Vec::new();
         for snapshot in request.snapshots {
             if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
@@ -162,7 +173,7 @@ impl node_server::Node for NodeService {
             let key = snapshot.key.clone();
             self.node
                 .replicas
-                .snapshot(&key, &from, snapshot_from_pb(snapshot));
+                .snapshot(&key, &owner, snapshot_from_pb(snapshot));
         }
         for entry in request.entries {
             if key::validate(&entry.key).is_err() || !owns(&entry.key) {
@@ -173,16 +184,23 @@ impl node_server::Node for NodeService {
             }
             let (key, epoch) = (entry.key.clone(), entry.epoch.clone());
             if let Some(entry) = entry_from_pb(entry) {
-                self.node.replicas.entry(&key, &from, &epoch, entry);
+                self.node.replicas.entry(&key, &owner, &epoch, entry);
             }
         }
         for key in request.dropped {
-            self.node.replicas.drop_from(&key, &from);
+            self.node.replicas.drop_from(&key, &owner);
         }
         Ok(Response::new(pb::ReplicateReply {
             refused,
             ring: Some(ring_ref(&view)),
         }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(crate::fence::status(&self.node)))
     }
 
     async fn handoff(

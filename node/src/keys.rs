@@ -994,6 +994,24 @@ impl KeyTable {
         dropped
     }
 
+    /// Kicks every subscriber of every key with what `kick` makes for that key.
+    pub fn kick_all(&self, kick: impl Fn(&str) -> Kick) {
+        for shard in &self.shards {
+            let entries: Vec<(String, KeyRef)> = shard
+                .lock()
+                .expect("shard lock poisoned")
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            for (key, entry) in entries {
+                let state = entry.lock().expect("key lock poisoned");
+                for s in &state.subscribers {
+                    s.control.kick(kick(&key));
+                }
+            }
+        }
+    }
+
     /// How many keys are held.
     pub fn len(&self) -> usize {
         self.shards

@@ -18,6 +18,7 @@
 //! Data flows one way: transport → key → subscribers' queues → transport.
 
 pub mod config;
+pub mod fence;
 pub mod frames;
 pub mod handoff;
 pub mod http;

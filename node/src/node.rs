@@ -1,7 +1,7 @@
 //! The node's shared state, ownership decisions, and its reaction to new rings.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ pub struct Node {
     pub tasks: TaskTracker,
     registration: OnceLock<Registration>,
     draining: AtomicBool,
+    /// A [`crate::fence::Fence`], as its discriminant.
+    pub(crate) fence_state: AtomicU8,
 }
 
 /// Who owns a key, as this node decided it.
@@ -76,6 +78,7 @@ impl Node {
             tasks,
             registration: OnceLock::new(),
             draining: AtomicBool::new(false),
+            fence_state: AtomicU8::new(0),
         }
     }
 
@@ -96,10 +99,13 @@ impl Node {
     }
 
     /// Why this node is not ready, if it is not: ready = registered, on the last known
-    /// ring under its own incarnation, not draining.
+    /// ring under its own incarnation, not fenced, not draining.
     pub fn not_ready(&self) -> Option<&'static str> {
         if self.is_draining() || self.shutdown.is_cancelled() {
             return Some("draining");
+        }
+        if self.is_fenced() {
+            return Some("fenced: lease in doubt");
         }
         let Some(registration) = self.registration() else {
             return Some("not registered yet");
@@ -254,8 +260,8 @@ impl Node {
     /// its owner left and another node serves the key (it was offered there), or this
     /// node serves the key with its own history.
     fn replica_is_stale(&self, view: &View, key: &str, owner: &str) -> bool {
-        let owner_id = NodeId(owner.to_owned());
-        if view.ring.is_active(&owner_id) {
+        if !departed(view, owner) {
+            let owner_id = NodeId(owner_id_of(owner).to_owned());
             let successor = view.ring.successor(key).map(|m| &m.id);
             return view.ring.owner(key).map(|o| &o.id) != Some(&owner_id)
                 || successor != Some(&self.id);
@@ -275,7 +281,7 @@ impl Node {
             .owners()
             .into_iter()
             .filter(|(key, owner)| {
-                !view.ring.is_active(&NodeId(owner.clone()))
+                departed(view, owner)
                     && view
                         .ring
                         .owner(key)
@@ -290,7 +296,7 @@ impl Node {
     fn promote_orphans(self: &Arc<Self>, view: &View) {
         let mut promoted = 0usize;
         for (key, owner) in self.replicas.owners() {
-            if view.ring.is_active(&NodeId(owner.clone())) {
+            if !departed(view, &owner) {
                 continue;
             }
             // A key another live node owns now keeps its copy here: it may be the only
@@ -316,9 +322,7 @@ impl Node {
         let Some(owner) = self.replicas.owner_of(key) else {
             return;
         };
-        if !view.ring.is_active(&NodeId(owner))
-            && view.ring.owner(key).is_some_and(|o| o.id == self.id)
-        {
+        if departed(view, &owner) && view.ring.owner(key).is_some_and(|o| o.id == self.id) {
             self.promote(key, view);
         }
     }
@@ -367,6 +371,27 @@ impl Node {
         self.replication.dispatch(self, key, to_replica);
         true
     }
+}
+
+/// How a replica names its owner: id and incarnation (`""` when unknown).
+pub fn owner_label(id: &str, incarnation: &str) -> String {
+    format!("{id}@{incarnation}")
+}
+
+fn owner_id_of(label: &str) -> &str {
+    label.split_once('@').map_or(label, |(id, _)| id)
+}
+
+/// Whether a replica's owner (see [`owner_label`]) is no longer an active member of
+/// `view` under the same incarnation.
+pub fn departed(view: &View, owner: &str) -> bool {
+    let Some((id, incarnation)) = owner.split_once('@') else {
+        return true;
+    };
+    !view
+        .ring
+        .member(&NodeId(id.to_owned()))
+        .is_some_and(|m| m.incarnation == incarnation && view.ring.is_active(&m.id))
 }
 
 /// The `redirect` frame and close 4300 that send a client to `owner`.

@@ -59,6 +59,8 @@ pub enum PublishError {
     Apply(#[from] ApplyError),
     #[error("the key moved while its update was being replicated; retry")]
     Moved,
+    #[error("this node is fenced (its lease is in doubt); retry")]
+    Fenced,
 }
 
 /// The pipes to every successor this node replicates to.
@@ -160,6 +162,9 @@ pub async fn publish(
     publish: Publish<'_>,
     wait: bool,
 ) -> Result<(Applied, bool), PublishError> {
+    if node.is_fenced() {
+        return Err(PublishError::Fenced);
+    }
     let successor = successor_of(view, key);
     let replicated = successor.is_some();
     match node.keys.stage(key, publish, successor, view.version) {

@@ -84,6 +84,7 @@ pub async fn run(
     });
     tasks.spawn(node.clone().follow_ring());
     tasks.spawn(node.clone().sweep());
+    tasks.spawn(crate::fence::watch(node.clone()));
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
     // long enough to deregister.

@@ -24,6 +24,9 @@ pub enum Placement {
 
 /// Decides where a client of `key`, redirected here at ring version `rv`, belongs.
 pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
+    if node.is_fenced() {
+        return Placement::Unknown;
+    }
     let view = node.view_for(rv, None).await;
     let view = match node.decide(view.clone(), key.as_str()) {
         Decision::Mine(_) if !node.handoffs.ready(key.as_str(), &view).await => {

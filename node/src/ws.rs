@@ -314,7 +314,8 @@ impl Session {
             }
             Ok(Err(
                 e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
-                | PublishError::Moved),
+                | PublishError::Moved
+                | PublishError::Fenced),
             )) => Err(("retry", e.to_string())),
         }
     }

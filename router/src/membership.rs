@@ -344,6 +344,7 @@ impl Membership {
         let state = Arc::new(LeaseState {
             lease_id: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
+            last_ok_sent: std::sync::Mutex::new(Instant::now()),
             record: std::sync::Mutex::new(record),
         });
         let registration = Registration {
@@ -368,6 +369,9 @@ struct LeaseState {
     lease_id: AtomicU64,
     /// Whether the last keep-alive round trip succeeded.
     healthy: AtomicBool,
+    /// When the last keep-alive (or lease grant) that etcd answered was sent: the lease
+    /// cannot expire before this + TTL.
+    last_ok_sent: std::sync::Mutex<Instant>,
     record: std::sync::Mutex<Member>,
 }
 
@@ -384,6 +388,22 @@ impl Registration {
     /// Whether the last keep-alive reached etcd.
     pub fn lease_healthy(&self) -> bool {
         self.state.healthy.load(Ordering::Relaxed)
+    }
+
+    /// When the last keep-alive that etcd answered was sent: the lease lives at least
+    /// until this + TTL.
+    pub fn last_ok_sent(&self) -> Instant {
+        *self.state.last_ok_sent.lock().expect("lease lock poisoned")
+    }
+
+    /// The lease TTL.
+    pub fn ttl(&self) -> Duration {
+        self.membership.inner.lease_ttl
+    }
+
+    fn answered(&self, sent: Instant) {
+        let mut last = self.state.last_ok_sent.lock().expect("lease lock poisoned");
+        *last = (*last).max(sent);
     }
 
     fn key(&self) -> String {
@@ -429,6 +449,7 @@ impl Registration {
 
     async fn try_create(&self, key: &str, ttl: i64) -> Result<bool, MembershipError> {
         let mut client = self.membership.client();
+        let sent = Instant::now();
         let lease = timed(client.lease_grant(ttl, None)).await?.id();
         let record = {
             let mut record = self.state.record.lock().expect("record lock poisoned");
@@ -454,6 +475,7 @@ impl Registration {
         let created = timed(client.txn(txn)).await?.succeeded();
         if created {
             self.state.lease_id.store(lease as u64, Ordering::Relaxed);
+            self.answered(sent);
             self.state.healthy.store(true, Ordering::Relaxed);
             tracing::info!(%key, lease, "registered");
         } else {
@@ -475,6 +497,7 @@ impl Registration {
                 _ = interval.tick() => {}
             }
             let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+            let sent = Instant::now();
             let result = tokio::time::timeout(period.max(Duration::from_millis(300)), async {
                 if stream.is_none() {
                     let mut client = self.membership.client();
@@ -485,26 +508,36 @@ impl Registration {
                 Ok::<_, etcd_client::Error>(responses.message().await?.map(|r| r.ttl()))
             })
             .await;
+            let mut expired = false;
             match result {
                 Ok(Ok(Some(ttl))) if ttl > 0 => {
+                    self.answered(sent);
                     self.state.healthy.store(true, Ordering::Relaxed);
                 }
-                Ok(Ok(Some(_))) => {
-                    tracing::warn!(
-                        lease,
-                        "lease expired; registering again under a new incarnation"
-                    );
-                    self.state.healthy.store(false, Ordering::Relaxed);
-                    stream = None;
-                    if self.create(&shutdown).await.is_err() {
-                        return;
-                    }
+                // etcd answers a keep-alive of an expired lease with TTL 0, which
+                // etcd-client reports as "lease not found".
+                Ok(Ok(Some(_))) => expired = true,
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e == "lease not found" => {
+                    expired = true;
                 }
                 other => {
                     if self.state.healthy.swap(false, Ordering::Relaxed) {
                         tracing::warn!(lease, result = ?other.map(|r| r.map(|_| ())), "keep-alive failed; retrying");
+                    } else {
+                        tracing::debug!(lease, result = ?other.map(|r| r.map(|_| ())), "keep-alive failed again");
                     }
                     stream = None;
+                }
+            }
+            if expired {
+                tracing::warn!(
+                    lease,
+                    "lease expired; registering again under a new incarnation"
+                );
+                self.state.healthy.store(false, Ordering::Relaxed);
+                stream = None;
+                if self.create(&shutdown).await.is_err() {
+                    return;
                 }
             }
         }

@@ -529,6 +529,85 @@ async fn sigkill_of_the_previous_owner_mid_hand_off_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_etcd_alone_fences_itself_and_its_clients_move() {
+    bounded(async {
+        let cluster = Cluster::builder()
+            .nodes(3)
+            .lease_ttl(2)
+            .etcd_through_proxy("n3")
+            .start()
+            .await?;
+        let (keys, n3_keys) = keys_owned_by(&cluster, "cutoff", 150, "n3").await?;
+        let run = Run::start(&cluster, keys, Ack::Replicated).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        // n3 loses etcd but not its peers or clients. It must stop accepting before its
+        // lease can have expired, i.e. before the others drop it from the ring.
+        let cut = Instant::now();
+        cluster.etcd_proxy("n3").cut();
+        let (n3, n1) = (cluster.node("n3").http.clone(), cluster.node("n1").http.clone());
+        let (mut fenced_at, mut dropped_at) = (None, None);
+        let deadline = cut + Duration::from_secs(20);
+        while dropped_at.is_none() {
+            ensure!(Instant::now() < deadline, "n3 never left n1's ring");
+            if fenced_at.is_none() {
+                let ready = ringfeed_cluster_tests::http_json(&format!("{n3}/readyz")).await?;
+                if ready["reason"].as_str().is_some_and(|r| r.contains("fenced")) {
+                    fenced_at = Some(cut.elapsed());
+                }
+            }
+            let ring = ringfeed_cluster_tests::http_json(&format!("{n1}/v1/ring")).await?;
+            let listed = ring["members"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["id"] == "n3"));
+            if !listed {
+                dropped_at = Some(cut.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dropped = Instant::now();
+        ensure!(
+            fenced_at.is_some_and(|f| Some(f) < dropped_at),
+            "n3 fenced at {fenced_at:?}, its lease expired at {dropped_at:?}"
+        );
+        let back = eventually("n3's keys receiving from their new owners", Duration::from_secs(20), || {
+            let ledger = run.ledger.clone();
+            let keys = n3_keys.clone();
+            async move { Ok(back_after(&ledger, &keys, dropped, None)) }
+        })
+        .await;
+        eventually("n3 to drop the state it no longer owns", Duration::from_secs(10), || {
+            let n3 = n3.clone();
+            async move {
+                let (_, metrics) = ringfeed_cluster_tests::http_get(&format!("{n3}/metrics")).await?;
+                Ok(metrics.lines().any(|l| l == "ringfeed_keys 0").then_some(()))
+            }
+        })
+        .await;
+
+        // etcd reachable again: n3 finds its lease gone and joins again, empty.
+        cluster.etcd_proxy("n3").restore();
+        cluster.converged().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (a, failed) = run.finish(false).await?;
+        report(
+            &format!(
+                "n3 cut off from etcd alone (fenced {fenced_at:?} after the cut, off the ring {dropped_at:?}; its {} keys' clients receiving again {back:?} later; rejoined once etcd was back)",
+                n3_keys.len()
+            ),
+            &a,
+            failed,
+        );
+        if a.lost > 0 {
+            eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
+        }
+        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_and_a_rolling_restart_under_load_lose_nothing() {
     bounded(async {
         let mut cluster = Cluster::builder().nodes(4).lease_ttl(2).start().await?;

@@ -1,0 +1,326 @@
+//! Self-fencing: a node that cannot renew its lease stops accepting before the lease
+//! can have expired, and asks its peers what that means.
+//!
+//! It pauses at (send time of its last keep-alive that etcd answered) + TTL − margin,
+//! then, as long as its lease is in doubt, asks every other member of its last ring
+//! ([`Status`](ringfeed_proto::v1::node_server::Node::status)) whether it reaches etcd
+//! and which ring it holds:
+//! * a strict majority of the ring (this node included) has lost etcd too: etcd is down
+//!   for everyone, the ring cannot change, so it serves on;
+//! * a peer that reaches etcd holds a ring without this node (this incarnation): it is
+//!   out — its clients are redirected to their owners on that ring, its keys and
+//!   replicas dropped (the replicas on the successors have been promoted), and it
+//!   waits paused until its keep-alive finds the lease gone and it joins again, empty;
+//! * peers reach etcd and still list it: it stays paused and asks again;
+//! * no majority answers: it stays paused, and past a grace period closes its clients
+//!   with 4503 (they find the owner through `/v1/route` elsewhere).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
+use ringfeed_router::ring::{Member, Ring};
+
+use crate::keys::Kick;
+use crate::node::{redirect_kick, Node, CLOSE_UNAVAILABLE};
+
+/// How often the lease is checked (and peers asked while it is in doubt).
+const TICK: Duration = Duration::from_millis(100);
+/// How long one peer has to answer.
+const ASK_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Where self-fencing stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Serving (the lease is sound, or etcd is down for everyone).
+    Serving,
+    /// Not accepting deliveries, replicated entries or clients.
+    Paused,
+    /// Off the ring as the peers see it: clients moved, state dropped.
+    Out,
+}
+
+/// What the peers said.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Answers {
+    /// Members of this node's last ring, itself included.
+    pub members: usize,
+    /// Members that answered, this node included.
+    pub answered: usize,
+    /// Members that have lost etcd, this node included.
+    pub lost: usize,
+    /// Whether a peer that reaches etcd holds a ring without this node.
+    pub dropped_me: bool,
+}
+
+/// The decision on a lease in doubt.
+pub fn decide(a: &Answers) -> Fence {
+    if a.dropped_me {
+        Fence::Out
+    } else if a.lost * 2 > a.members {
+        Fence::Serving
+    } else {
+        Fence::Paused
+    }
+}
+
+/// Whether this node's own keep-alives count as lost: nothing answered for longer
+/// than two keep-alive periods (2·TTL/3).
+pub fn etcd_lost(node: &Node) -> bool {
+    node.registration()
+        .is_some_and(|r| r.last_ok_sent().elapsed() > r.ttl() * 2 / 3)
+}
+
+/// Watches the lease and fences this node when it is in doubt.
+pub async fn watch(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused_since: Option<Instant> = None;
+    let mut closed_clients = false;
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(registration) = node.registration() else {
+            continue;
+        };
+        let ttl = registration.ttl();
+        let margin = (ttl / 4).max(Duration::from_millis(250));
+        let in_doubt = registration.last_ok_sent().elapsed() + margin >= ttl;
+        let was = node.fence();
+        if !in_doubt {
+            // The lease is sound. A node that was out only serves again once it is on
+            // the ring under a new incarnation (its keep-alive re-registers it).
+            if was == Fence::Out && node.not_on_own_ring() {
+                continue;
+            }
+            if was != Fence::Serving {
+                tracing::info!("lease renewed; serving again");
+            }
+            node.set_fence(Fence::Serving);
+            paused_since = None;
+            closed_clients = false;
+            continue;
+        }
+        if was == Fence::Out {
+            continue;
+        }
+        if was == Fence::Serving && paused_since.is_none() {
+            tracing::warn!(
+                last_keep_alive_ms = registration.last_ok_sent().elapsed().as_millis() as u64,
+                "lease in doubt: pausing and asking the peers"
+            );
+            node.set_fence(Fence::Paused);
+            paused_since = Some(Instant::now());
+        }
+        let (answers, their_ring) = ask_peers(&node).await;
+        match decide(&answers) {
+            Fence::Out => {
+                tracing::warn!(
+                    ?answers,
+                    "the peers hold a ring without this node: moving its clients there"
+                );
+                node.set_fence(Fence::Out);
+                if let Some((ring, version)) = their_ring {
+                    move_out(&node, &ring, version);
+                }
+            }
+            Fence::Serving => {
+                if was != Fence::Serving {
+                    tracing::info!(
+                        ?answers,
+                        "etcd is down for a majority: serving on the last ring"
+                    );
+                }
+                node.set_fence(Fence::Serving);
+            }
+            Fence::Paused => {
+                node.set_fence(Fence::Paused);
+                let since = *paused_since.get_or_insert_with(Instant::now);
+                if answers.answered * 2 <= answers.members
+                    && since.elapsed() >= ttl
+                    && !closed_clients
+                {
+                    tracing::warn!(?answers, "no majority answers: closing clients with 4503");
+                    node.keys.kick_all(|_| Kick {
+                        frame: None,
+                        code: CLOSE_UNAVAILABLE,
+                        reason: "fenced: owner not known here".into(),
+                    });
+                    closed_clients = true;
+                }
+            }
+        }
+    }
+}
+
+/// Asks every other member of this node's ring; returns the tally and, if a peer
+/// that reaches etcd holds a ring without this node, that ring and its version.
+async fn ask_peers(node: &Arc<Node>) -> (Answers, Option<(Ring, u64)>) {
+    let view = node.membership.view();
+    let me = node.registration().map(|r| r.record().incarnation);
+    let peers: Vec<Member> = view
+        .ring
+        .members()
+        .iter()
+        .filter(|m| m.id != node.id)
+        .cloned()
+        .collect();
+    let mut answers = Answers {
+        members: peers.len() + 1,
+        answered: 1,
+        lost: usize::from(etcd_lost(node)),
+        dropped_me: false,
+    };
+    let asks = peers.iter().map(|m| ask(node, m));
+    let mut their_ring = None;
+    for reply in futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        answers.answered += 1;
+        if !reply.etcd_ok {
+            answers.lost += 1;
+            continue;
+        }
+        let members: Vec<Member> = reply
+            .members
+            .iter()
+            .filter_map(|m| serde_json::from_str(m).ok())
+            .collect();
+        let lists_me = members
+            .iter()
+            .any(|m| m.id == node.id && Some(&m.incarnation) == me.as_ref());
+        if !lists_me {
+            answers.dropped_me = true;
+            let version = reply.ring.map_or(0, |r| r.ring_version);
+            their_ring = Some((Ring::new(members), version));
+        }
+    }
+    (answers, their_ring)
+}
+
+async fn ask(node: &Node, peer: &Member) -> Option<pb::StatusReply> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.grpc))
+        .ok()?
+        .connect_timeout(ASK_TIMEOUT)
+        .timeout(ASK_TIMEOUT);
+    let call = async {
+        let mut client = NodeClient::new(endpoint.connect().await.ok()?);
+        let request = pb::StatusRequest {
+            from: node.id.0.clone(),
+        };
+        client.status(request).await.ok().map(|r| r.into_inner())
+    };
+    tokio::time::timeout(ASK_TIMEOUT, call).await.ok().flatten()
+}
+
+/// Out of the ring: every client goes to its key's owner on `ring`, and this node's
+/// keys and replicas are dropped (the ring has promoted their replicas elsewhere).
+fn move_out(node: &Node, ring: &Ring, version: u64) {
+    let moved = node.keys.take_where(|_| true);
+    let mut clients = 0usize;
+    for m in &moved {
+        let owner = ring.owner(&m.key).filter(|o| o.id != node.id);
+        for s in &m.subscribers {
+            clients += 1;
+            s.control.kick(match owner {
+                Some(owner) => redirect_kick(owner, &s.query, version),
+                None => Kick {
+                    frame: None,
+                    code: CLOSE_UNAVAILABLE,
+                    reason: "fenced: owner not known here".into(),
+                },
+            });
+        }
+    }
+    let replicas = node.replicas.drop_where(|_, _, _| true);
+    tracing::warn!(
+        keys = moved.len(),
+        clients,
+        replicas,
+        "out of the ring: clients redirected, state dropped"
+    );
+}
+
+impl Node {
+    /// Where self-fencing stands.
+    pub fn fence(&self) -> Fence {
+        match self.fence_state.load(Ordering::Relaxed) {
+            0 => Fence::Serving,
+            1 => Fence::Paused,
+            _ => Fence::Out,
+        }
+    }
+
+    fn set_fence(&self, fence: Fence) {
+        self.fence_state.store(fence as u8, Ordering::Relaxed);
+    }
+
+    /// Whether this node is fenced (paused or out): it takes no deliveries, replicated
+    /// entries or clients.
+    pub fn is_fenced(&self) -> bool {
+        self.fence() != Fence::Serving
+    }
+
+    /// Whether this node's current incarnation is missing from its own view of the ring.
+    fn not_on_own_ring(&self) -> bool {
+        let Some(registration) = self.registration() else {
+            return true;
+        };
+        let view = self.membership.view();
+        view.ring
+            .member(&self.id)
+            .is_none_or(|m| m.incarnation != registration.record().incarnation)
+    }
+}
+
+/// What this node tells a peer that asks.
+pub fn status(node: &Node) -> pb::StatusReply {
+    let view = node.membership.view();
+    pb::StatusReply {
+        node: node.id.0.clone(),
+        etcd_ok: !etcd_lost(node),
+        ring: Some(pb::RingRef {
+            ring_version: view.version,
+            ring_id: view.ring.id().0.clone(),
+        }),
+        members: view
+            .ring
+            .members()
+            .iter()
+            .filter_map(|m| serde_json::to_string(m).ok())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answers(members: usize, answered: usize, lost: usize, dropped_me: bool) -> Answers {
+        Answers {
+            members,
+            answered,
+            lost,
+            dropped_me,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_what_the_peers_say() {
+        // etcd down for everyone: 3 of 3 lost it.
+        assert_eq!(decide(&answers(3, 3, 3, false)), Fence::Serving);
+        // Only this node lost etcd; the others still list it.
+        assert_eq!(decide(&answers(3, 3, 1, false)), Fence::Paused);
+        // Cut off from everyone.
+        assert_eq!(decide(&answers(3, 1, 1, false)), Fence::Paused);
+        // 2 of 4 is not a strict majority.
+        assert_eq!(decide(&answers(4, 4, 2, false)), Fence::Paused);
+        // A peer holds a ring without this node: out, whatever the rest say.
+        assert_eq!(decide(&answers(3, 2, 1, true)), Fence::Out);
+    }
+}
