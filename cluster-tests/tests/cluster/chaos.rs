@@ -28,6 +28,9 @@ struct Seen {
 
 type Ledger = Arc<Mutex<HashMap<String, Seen>>>;
 
+/// Connection attempts refused (503 before the upgrade, or no answer), across clients.
+static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A client that follows `key` across redirects, drops and crashes, resuming with
 /// `since` from its last (epoch, seq), until `stop`.
 fn follow(
@@ -50,6 +53,7 @@ fn follow(
             let mut sub = match Subscription::connect(&url).await {
                 Ok(sub) => sub,
                 Err(_) => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
                     let pause = rand::rng().random_range(20..120);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                     continue;
@@ -601,6 +605,56 @@ async fn a_node_cut_off_from_etcd_alone_fences_itself_and_its_clients_move() {
         if a.lost > 0 {
             eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
         }
+        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_shed_not_fatal() {
+    bounded(async {
+        // 300 clients over 3 nodes that hold at most 170 connections each: when n3 dies,
+        // its ~100 clients come back at once, through whichever node they try first,
+        // onto two nodes with little room to spare.
+        let mut cluster = Cluster::builder()
+            .nodes(3)
+            .lease_ttl(2)
+            .node_args(&["--max-connections", "170"])
+            .start()
+            .await?;
+        let (keys, n3_keys) = keys_owned_by(&cluster, "storm", 300, "n3").await?;
+        let run = Run::start(&cluster, keys, Ack::Replicated).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let refused_before = REFUSED.load(Ordering::Relaxed);
+        cluster.node_mut("n3").kill().await;
+        let killed = Instant::now();
+        cluster.nodes.retain(|n| n.id != "n3");
+        // The survivors keep answering while the storm lasts.
+        let mut health_checks = 0;
+        let back = loop {
+            for node in &cluster.nodes {
+                let (status, _) = ringfeed_cluster_tests::http_get(&format!("{}/healthz", node.http)).await?;
+                ensure!(status == 200, "{} answered /healthz with {status} in the storm", node.id);
+                ensure!(node.is_running(), "{} fell over in the storm", node.id);
+                health_checks += 1;
+            }
+            if let Some(back) = back_after(&run.ledger, &n3_keys, killed, None) {
+                break back;
+            }
+            ensure!(killed.elapsed() < Duration::from_secs(30), "n3's clients never all came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let refused = REFUSED.load(Ordering::Relaxed) - refused_before;
+        let (a, failed) = run.finish(false).await?;
+        report(
+            &format!(
+                "reconnect storm ({} clients of a killed node; all receiving again {back:?} after the kill; {refused} connection attempts refused or failed meanwhile; survivors healthy in {health_checks} checks)",
+                n3_keys.len()
+            ),
+            &a,
+            failed,
+        );
         ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
         Ok(())
     })
