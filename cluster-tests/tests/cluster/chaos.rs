@@ -338,6 +338,16 @@ impl Run {
     }
 }
 
+/// Every acknowledged update arrived, once, in one epoch; names what was lost otherwise
+/// (with the cluster's logs).
+fn lossless(a: &Account, cluster: &Cluster) -> Result<()> {
+    if a.lost > 0 {
+        eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
+    }
+    ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+    Ok(())
+}
+
 fn report(what: &str, a: &Account, failed: u64) {
     eprintln!(
         "{what}: acked {} / delivered {} / lost {} / duplicated {} / reset {} / conflicting {}; {failed} publishes failed",
@@ -397,15 +407,12 @@ async fn sigkill_of_a_node_under_load_loses_no_replicated_update() {
         let (a, failed) = run.finish(false).await?;
         let back = back_after(&ledger, &victim_keys, killed, None);
         report("SIGKILL under load, ack=replicated", &a, failed);
-        if a.lost > 0 {
-            eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
-        }
         eprintln!(
             "the killed node's {} keys were all receiving again {back:?} after the kill (lease TTL {} s)",
             victim_keys.len(),
             cluster.lease_ttl
         );
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         ensure!(back.is_some(), "the killed node's keys never received again");
 
         // The same with ack=owner: report what it loses (nothing is asserted but that
@@ -464,7 +471,7 @@ async fn nodes_joining_under_load_take_their_keys_with_state_and_clients() {
         }
         let (a, failed) = run.finish(false).await?;
         report(&format!("scale-out under load (moved {moved_in:?})"), &a, failed);
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
@@ -523,10 +530,7 @@ async fn sigkill_of_the_previous_owner_mid_hand_off_loses_nothing() {
             &a,
             failed,
         );
-        if a.lost > 0 {
-            eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
-        }
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
@@ -602,10 +606,7 @@ async fn a_node_cut_off_from_etcd_alone_fences_itself_and_its_clients_move() {
             &a,
             failed,
         );
-        if a.lost > 0 {
-            eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
-        }
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
@@ -655,7 +656,7 @@ async fn a_reconnect_storm_is_shed_not_fatal() {
             &a,
             failed,
         );
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
@@ -705,7 +706,7 @@ async fn a_drain_and_a_rolling_restart_under_load_lose_nothing() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (a, failed) = run.finish(false).await?;
         report("drain + rolling restart under load", &a, failed);
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
@@ -736,7 +737,7 @@ async fn a_node_killed_and_restarted_within_its_ttl_comes_back_without_loss() {
             rejoined >= Duration::from_secs(1),
             "n2 rejoined before its old record could expire ({rejoined:?})"
         );
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
@@ -768,7 +769,7 @@ async fn an_etcd_outage_fences_nobody_and_publishes_keep_flowing() {
         report(&format!("etcd down 30 s under load ({acked_during} acked during the outage; every node back on the ring {rejoined_in:?} after etcd)"), &a, failed);
         ensure!(acked_during > 0, "publishes stopped while etcd was down");
         ensure!(failed == 0, "{failed} publishes failed during the outage");
-        ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
+        lossless(&a, &cluster)?;
         Ok(())
     })
     .await;
