@@ -240,6 +240,19 @@ impl NodeProc {
         }
     }
 
+    /// Waits (bounded) for the process to exit on its own, e.g. after a drain.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("node {} is not running", self.id))?;
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .map_err(|_| anyhow!("node {} did not exit within {within:?}", self.id))??;
+        self.child = None;
+        Ok(status)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -446,6 +459,19 @@ impl Cluster {
             log,
             started,
         })
+    }
+
+    /// Runs `ringfeed-node drain --id {id}` against this cluster's etcd, as an operator
+    /// would; it returns once the node has exited (or gave up waiting).
+    pub async fn drain_command(&self, id: &str) -> Result<std::process::Output> {
+        let output = Command::new(binary("ringfeed-node"))
+            .args(["drain", "--id", id, "--cluster", &self.name])
+            .args(["--etcd", &self.etcd.endpoint, "--wait-secs", "30"])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("cannot run ringfeed-node drain")?;
+        Ok(output)
     }
 
     /// Starts node `id` again (after a kill or a drain) on the same addresses, in place

@@ -82,6 +82,11 @@ pub struct Config {
     /// A later publish starts a new epoch. Keep it well above the longest poll `wait`.
     #[arg(long, env = "RINGFEED_KEY_IDLE_TTL_MS", default_value_t = 300_000)]
     pub key_idle_ttl_ms: u64,
+    /// Resident memory (MiB) past which new keys and connections are refused
+    /// (`RESOURCE_EXHAUSTED`, 503, 4429); 0: three quarters of the machine's memory or
+    /// of the cgroup's limit, whichever is lower.
+    #[arg(long, env = "RINGFEED_MEMORY_BUDGET_MB", default_value_t = 0)]
+    pub memory_budget_mb: u64,
     /// Testing only: hold every hand-off this long before sending anything, so a test
     /// can kill the node in the middle of one.
     #[arg(long, hide = true, default_value_t = 0)]
@@ -222,6 +227,14 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The memory budget in bytes.
+    pub fn memory_budget(&self) -> u64 {
+        match self.memory_budget_mb {
+            0 => crate::budget::default_limit(),
+            mb => mb.saturating_mul(1 << 20),
+        }
     }
 
     /// The bounds of every key's state.

@@ -189,8 +189,9 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     if node.shutdown.is_cancelled() || node.is_draining() {
         return unavailable("node is draining", 1);
     }
-    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
-        return unavailable("connection limit reached", 1);
+    let permit = match node.admit() {
+        Ok(permit) => permit,
+        Err(why) => return unavailable(why, 1),
     };
     let Some(accept) = request
         .headers()
@@ -357,7 +358,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 /// `GET /metrics`: the node's gauges in the Prometheus text format, read at request
-/// time (a handful of numbers; counters come with the benchmark work).
+/// time.
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     let view = node.membership.view();
     let active = view
@@ -367,7 +368,22 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .filter(|m| m.state == ringfeed_router::ring::MemberState::Active)
         .count();
     let connections = node.config.max_connections - node.connections.available_permits();
-    let gauges: [(&str, &str, u64); 8] = [
+    let gauges: [(&str, &str, u64); 11] = [
+        (
+            "ringfeed_memory_resident_bytes",
+            "resident memory of the node at the last sample",
+            node.budget.rss(),
+        ),
+        (
+            "ringfeed_memory_budget_bytes",
+            "resident memory past which new keys and connections are refused",
+            node.budget.limit(),
+        ),
+        (
+            "ringfeed_memory_over_budget",
+            "1 while new keys and connections are refused for memory",
+            u64::from(node.budget.over()),
+        ),
         (
             "ringfeed_ready",
             "1 when the node is registered, on the ring and not draining",
@@ -409,10 +425,39 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             u64::from(node.registration().is_some_and(|r| r.lease_healthy())),
         ),
     ];
+    let counters = &node.counters;
+    let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let counted: [(&str, &str, u64); 4] = [
+        (
+            "ringfeed_published_total",
+            "updates this node assigned a seq to as their owner",
+            read(&counters.published),
+        ),
+        (
+            "ringfeed_unreplicated_total",
+            "updates assigned a seq with no successor to replicate to",
+            read(&counters.unreplicated),
+        ),
+        (
+            "ringfeed_refused_connections_total",
+            "new client connections refused at the connection limit",
+            read(&counters.refused_connections),
+        ),
+        (
+            "ringfeed_refused_memory_total",
+            "new keys and connections refused past the memory budget",
+            read(&counters.refused_memory),
+        ),
+    ];
     let mut body = String::new();
     for (name, help, value) in gauges {
         body.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+    for (name, help, value) in counted {
+        body.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
         ));
     }
     let mut response = Response::new(Body::from(body));

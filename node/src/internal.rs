@@ -1,11 +1,13 @@
 //! The internal `ringfeed.v1.Node` gRPC service: deliveries from routers, presence.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ringfeed_proto::v1::{self as pb, deliver_result, key_presence_reply, node_server};
 use ringfeed_router::key;
 use ringfeed_router::membership::View;
 use ringfeed_router::ring::RingId;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
 use crate::keys::{ApplyError, Publish};
@@ -15,11 +17,13 @@ use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 /// Serves `Node` for one node.
 pub struct NodeService {
     node: Arc<Node>,
+    /// Cancelled to ask this node to drain (as SIGTERM does).
+    drain: CancellationToken,
 }
 
 impl NodeService {
-    pub fn new(node: Arc<Node>) -> NodeService {
-        NodeService { node }
+    pub fn new(node: Arc<Node>, drain: CancellationToken) -> NodeService {
+        NodeService { node, drain }
     }
 
     /// Our view, caught up (bounded) to the caller's ring when it is newer.
@@ -72,6 +76,13 @@ impl NodeService {
             Err(PublishError::Apply(
                 e @ (ApplyError::Payload(_) | ApplyError::IdempotencyKeyTooLong(_)),
             )) => error(Code::InvalidArgument, e.to_string()),
+            Err(PublishError::Apply(e @ ApplyError::MemoryBudget)) => {
+                self.node
+                    .counters
+                    .refused_memory
+                    .fetch_add(1, Ordering::Relaxed);
+                error(Code::ResourceExhausted, e.to_string())
+            }
             Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. })) => {
                 error(Code::FailedPrecondition, e.to_string())
             }
@@ -201,6 +212,28 @@ impl node_server::Node for NodeService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         Ok(Response::new(crate::fence::status(&self.node)))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
+        let request = request.into_inner();
+        if request.node != self.node.id.0 {
+            return Err(Status::failed_precondition(format!(
+                "this is node {:?}, not {:?}",
+                self.node.id.0, request.node
+            )));
+        }
+        tracing::info!("drain requested over gRPC");
+        let connections =
+            self.node.config.max_connections - self.node.connections.available_permits();
+        self.drain.cancel();
+        Ok(Response::new(pb::DrainReply {
+            node: self.node.id.0.clone(),
+            keys: u32::try_from(self.node.keys.len()).unwrap_or(u32::MAX),
+            connections: u32::try_from(connections).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn handoff(

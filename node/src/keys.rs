@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,6 +70,8 @@ pub enum ApplyError {
     InFlight,
     #[error("the key moved to another node; retry")]
     Moved,
+    #[error("the node is past its memory budget and takes no new keys")]
+    MemoryBudget,
     #[error("expected seq {expected} in epoch {expected_epoch:?}, but the key is at seq {seq} in epoch {epoch}")]
     SeqMismatch {
         expected: u64,
@@ -107,6 +109,8 @@ pub enum SubscribeError {
     TooManySubscribers(usize),
     #[error("the key moved to another node")]
     Moved,
+    #[error("the node is past its memory budget and takes no new keys")]
+    MemoryBudget,
 }
 
 /// Where a client wants to continue from.
@@ -589,6 +593,8 @@ pub struct KeyTable {
     hasher: RandomState,
     next_subscriber: AtomicU64,
     limits: Limits,
+    /// Past the memory budget: no new keys (see [`crate::budget`]).
+    full: AtomicBool,
 }
 
 impl KeyTable {
@@ -598,6 +604,7 @@ impl KeyTable {
             hasher: RandomState::new(),
             next_subscriber: AtomicU64::new(1),
             limits,
+            full: AtomicBool::new(false),
         }
     }
 
@@ -618,6 +625,20 @@ impl KeyTable {
         let e = Arc::new(Mutex::new(KeyState::new()));
         shard.insert(key.to_owned(), e.clone());
         e
+    }
+
+    /// Refuses to create keys (publishes and subscriptions to keys not held yet) while
+    /// `full`; keys already held, handed over or promoted are unaffected.
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Relaxed);
+    }
+
+    /// The entry of `key`, created only while the node is under its memory budget.
+    fn entry_within_budget(&self, key: &str) -> Option<KeyRef> {
+        if !self.full.load(Ordering::Relaxed) {
+            return Some(self.entry(key));
+        }
+        self.existing(key)
     }
 
     fn existing(&self, key: &str) -> Option<KeyRef> {
@@ -650,7 +671,9 @@ impl KeyTable {
                 publish.idempotency_key.len(),
             ));
         }
-        let entry = self.entry(key);
+        let entry = self
+            .entry_within_budget(key)
+            .ok_or(ApplyError::MemoryBudget)?;
         let mut state = entry.lock().expect("key lock poisoned");
         state.active = Instant::now();
         if state.retired {
@@ -857,7 +880,9 @@ impl KeyTable {
         subscriber: Subscriber,
         resume: Option<&Resume>,
     ) -> Result<Start, SubscribeError> {
-        let entry = self.entry(key);
+        let entry = self
+            .entry_within_budget(key)
+            .ok_or(SubscribeError::MemoryBudget)?;
         let mut state = entry.lock().expect("key lock poisoned");
         state.active = Instant::now();
         if state.retired {
@@ -1347,6 +1372,28 @@ mod tests {
             history_len,
             ..Limits::default()
         })
+    }
+
+    #[test]
+    fn past_the_memory_budget_only_keys_already_held_take_publishes_and_subscribers() {
+        let table = table(100);
+        table.apply("held", publish(b"1")).unwrap();
+        table.set_full(true);
+        assert!(matches!(
+            table.apply("new", publish(b"1")),
+            Err(ApplyError::MemoryBudget)
+        ));
+        let (s, _rx, _) = subscriber(&table, 16, None);
+        assert_eq!(
+            table.subscribe("new", s, None).err(),
+            Some(SubscribeError::MemoryBudget)
+        );
+        assert_eq!(table.len(), 1, "nothing created for the refused key");
+        assert_eq!(table.apply("held", publish(b"2")).unwrap().seq, 2);
+        let (s, _rx2, _) = subscriber(&table, 16, None);
+        assert!(table.subscribe("held", s, None).is_ok());
+        table.set_full(false);
+        assert_eq!(table.apply("new", publish(b"1")).unwrap().seq, 1);
     }
 
     #[test]

@@ -14,9 +14,14 @@
 //! * [`handoff`] — keys move with their state on planned ring changes.
 //! * [`internal`] — the internal `ringfeed.v1.Node` gRPC service.
 //! * [`run`] — wiring and graceful shutdown.
+//! * [`admin`] — `ringfeed-node drain`: ask a running node to drain.
+//! * [`budget`] — the memory budget: past it, new keys and connections are refused.
+//! * [`fence`] — self-fencing when the lease is in doubt.
 //!
 //! Data flows one way: transport → key → subscribers' queues → transport.
 
+pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod fence;
 pub mod frames;

@@ -3,22 +3,33 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use ringfeed_node::admin::{self, DrainArgs};
 use ringfeed_node::config::Config;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     ringfeed_router::init_tracing();
+    // `ringfeed-node drain …` asks a running node to drain; anything else runs a node.
+    if std::env::args().nth(1).as_deref() == Some("drain") {
+        let args = DrainArgs::parse_from(
+            std::iter::once("ringfeed-node drain".to_owned()).chain(std::env::args().skip(2)),
+        );
+        return match runtime().map(|rt| rt.block_on(admin::drain(args))) {
+            Some(Ok(())) => ExitCode::SUCCESS,
+            Some(Err(e)) => {
+                eprintln!("ringfeed-node drain: {e:#}");
+                ExitCode::FAILURE
+            }
+            None => ExitCode::FAILURE,
+        };
+    }
     let config = Config::parse();
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-node: bad configuration: {e}");
         return ExitCode::from(64);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ringfeed-node: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(start(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -27,6 +38,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .inspect_err(|e| eprintln!("ringfeed-node: cannot start the runtime: {e}"))
+        .ok()
 }
 
 async fn start(config: Config) -> anyhow::Result<()> {

@@ -1,16 +1,17 @@
 //! The node's shared state, ownership decisions, and its reaction to new rings.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ringfeed_router::membership::{Membership, Registration, View};
 use ringfeed_router::ring::{Member, NodeId, RingId};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::frames::ServerFrame;
 use crate::handoff::{self, Handoffs};
@@ -44,8 +45,24 @@ pub struct Node {
     pub tasks: TaskTracker,
     registration: OnceLock<Registration>,
     draining: AtomicBool,
+    /// Resident memory against the budget; past it, no new keys or connections.
+    pub budget: MemoryBudget,
+    pub counters: Counters,
     /// A [`crate::fence::Fence`], as its discriminant.
     pub(crate) fence_state: AtomicU8,
+}
+
+/// The node's counters, exported by `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Updates assigned a seq by this node as their owner.
+    pub published: AtomicU64,
+    /// …of which had no successor to replicate to (a one-node cluster).
+    pub unreplicated: AtomicU64,
+    /// New connections refused at the connection limit.
+    pub refused_connections: AtomicU64,
+    /// New keys and connections refused past the memory budget.
+    pub refused_memory: AtomicU64,
 }
 
 /// Who owns a key, as this node decided it.
@@ -72,6 +89,8 @@ impl Node {
             replication: Replication::default(),
             handoffs: Handoffs::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            budget: MemoryBudget::new(config.memory_budget()),
+            counters: Counters::default(),
             config,
             membership,
             shutdown,
@@ -80,6 +99,21 @@ impl Node {
             draining: AtomicBool::new(false),
             fence_state: AtomicU8::new(0),
         }
+    }
+
+    /// A permit for a new client connection, or why there is none (the connection
+    /// limit, or the memory budget); refusals are counted.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, &'static str> {
+        if self.budget.over() {
+            self.counters.refused_memory.fetch_add(1, Ordering::Relaxed);
+            return Err("memory budget reached");
+        }
+        self.connections.clone().try_acquire_owned().map_err(|_| {
+            self.counters
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            "connection limit reached"
+        })
     }
 
     pub fn set_registration(&self, registration: Registration) {

@@ -53,8 +53,9 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
     }
 
     // A waiting poll holds a connection: it counts against the limit.
-    let Ok(_permit) = node.connections.clone().try_acquire_owned() else {
-        return Ok(unavailable("connection limit reached", 1));
+    let _permit = match node.admit() {
+        Ok(permit) => permit,
+        Err(why) => return Ok(unavailable(why, 1)),
     };
     let deadline = tokio::time::Instant::now() + wait;
     loop {

@@ -13,6 +13,7 @@
 //! to their new successors by the ring follower.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -182,6 +183,10 @@ pub async fn publish(
             to_replica,
             done,
         }) => {
+            node.counters.published.fetch_add(1, Ordering::Relaxed);
+            if !replicated {
+                node.counters.unreplicated.fetch_add(1, Ordering::Relaxed);
+            }
             node.replication.dispatch(node, key, to_replica);
             if wait {
                 applied.delivered = done.await.map_err(|_| PublishError::Moved)?;

@@ -69,7 +69,7 @@ pub async fn run(
     // Serve before registering: once the record is in etcd, traffic may come at once.
     tasks.spawn(crate::http::serve(node.clone(), http));
     let grpc_stop = shutdown.clone();
-    let service = NodeServer::new(NodeService::new(node.clone()))
+    let service = NodeServer::new(NodeService::new(node.clone(), stop.clone()))
         .max_decoding_message_size(256 * 1024 * 1024);
     tasks.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
@@ -85,6 +85,7 @@ pub async fn run(
     tasks.spawn(node.clone().follow_ring());
     tasks.spawn(node.clone().sweep());
     tasks.spawn(crate::fence::watch(node.clone()));
+    tasks.spawn(crate::budget::watch(node.clone()));
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
     // long enough to deregister.

@@ -48,8 +48,9 @@ pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Resp
     if node.shutdown.is_cancelled() || node.is_draining() {
         return Ok(unavailable("node is draining", 1));
     }
-    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
-        return Ok(unavailable("connection limit reached", 1));
+    let permit = match node.admit() {
+        Ok(permit) => permit,
+        Err(why) => return Ok(unavailable(why, 1)),
     };
     let sub = match session::subscribe(&node, &key, query.raw.clone(), resume.as_ref(), false) {
         Ok(sub) => sub,

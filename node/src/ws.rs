@@ -127,7 +127,13 @@ impl Session {
                     .close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route")
                     .await;
             }
-            Err(e @ SubscribeError::TooManySubscribers(_)) => {
+            Err(e @ (SubscribeError::TooManySubscribers(_) | SubscribeError::MemoryBudget)) => {
+                if e == SubscribeError::MemoryBudget {
+                    self.node
+                        .counters
+                        .refused_memory
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 tracing::debug!(key = %key, error = %e, "subscription refused");
                 return self.close(CLOSE_TOO_MANY, "retry_after_ms=1000").await;
             }
@@ -311,6 +317,9 @@ impl Session {
             }
             Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyKeyTooLong(_)))) => {
                 Err(("bad_id", e.to_string()))
+            }
+            Ok(Err(PublishError::Apply(e @ ApplyError::MemoryBudget))) => {
+                Err(("resource_exhausted", e.to_string()))
             }
             Ok(Err(
                 e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)

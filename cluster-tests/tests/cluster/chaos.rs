@@ -670,11 +670,20 @@ async fn a_drain_and_a_rolling_restart_under_load_lose_nothing() {
         let run = Run::start(&cluster, keys, Ack::Replicated).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        // Scale in: n4 drains on SIGTERM and exits.
+        // Scale in: an operator runs `ringfeed-node drain`; n4 hands off and exits.
         let drained = Instant::now();
+        let command = cluster.drain_command("n4").await?;
+        let said = String::from_utf8_lossy(&command.stdout).into_owned();
+        ensure!(
+            command.status.success() && said.contains("drained and exited"),
+            "ringfeed-node drain: {}\n{said}{}",
+            command.status,
+            String::from_utf8_lossy(&command.stderr)
+        );
+        eprint!("ringfeed-node drain said: {said}");
         let status = cluster
             .node_mut("n4")
-            .terminate(Duration::from_secs(20))
+            .wait_exit(Duration::from_secs(5))
             .await?;
         ensure!(status.success(), "n4 exited with {status}");
         cluster.nodes.retain(|n| n.id != "n4");
@@ -693,7 +702,7 @@ async fn a_drain_and_a_rolling_restart_under_load_lose_nothing() {
             drained_keys.len()
         );
 
-        // Rolling restart: every node drained and started again, one at a time.
+        // Rolling restart: every node drained (SIGTERM) and started again, one at a time.
         for id in ["n1", "n2", "n3"] {
             let status = cluster
                 .node_mut(id)

@@ -696,6 +696,17 @@ async fn connection_limits_answer_503_before_the_upgrade() {
         // Health checks still answer, and a freed slot is usable again.
         let (status, _, _) = http_request_full(&format!("{}/healthz", node.http), &[]).await?;
         assert_eq!(status, 200);
+        ensure!(gauge(&node.http, "ringfeed_refused_connections_total").await? >= 2);
+        // A one-node cluster has no successor: publishes say so, and so does a counter.
+        let reply = cluster
+            .router()
+            .await?
+            .publish(publisher::json("limit:0", &json!(1)))
+            .await?
+            .into_inner();
+        ensure!(!reply.replicated, "{reply:?}");
+        ensure!(gauge(&node.http, "ringfeed_replicated").await? == 0);
+        ensure!(gauge(&node.http, "ringfeed_unreplicated_total").await? == 1);
         held.pop().expect("held").close().await;
         ringfeed_cluster_tests::eventually("a freed slot", Duration::from_secs(5), || {
             let url = node.connect_url("limit:again");
@@ -810,6 +821,51 @@ async fn gauge(http: &str, name: &str) -> Result<u64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .ok_or_else(|| anyhow!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_memory_budget_a_node_refuses_new_keys_and_connections_and_keeps_serving() {
+    bounded(async {
+        // A budget of 1 MiB: any real process is past it from the first sample.
+        let cluster = Cluster::builder()
+            .nodes(1)
+            .node_args(&["--memory-budget-mb", "1"])
+            .start()
+            .await?;
+        let node = &cluster.nodes[0];
+        eventually("the node past its budget", Duration::from_secs(10), || {
+            let http = node.http.clone();
+            async move {
+                Ok((gauge(&http, "ringfeed_memory_over_budget").await? == 1).then_some(()))
+            }
+        })
+        .await;
+        ensure!(gauge(&node.http, "ringfeed_memory_resident_bytes").await? > 1 << 20);
+        match tokio_tungstenite::connect_async(node.connect_url("budget:1")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                ensure!(response.status() == 503, "{:?}", response.status());
+                ensure!(response.headers().contains_key("retry-after"));
+            }
+            other => bail!("past the budget: {:?}", other.map(|_| ())),
+        }
+        let mut router = cluster.router().await?;
+        match router.publish(publisher::json("budget:1", &json!(1))).await {
+            Err(status) => ensure!(
+                status.code() == Code::ResourceExhausted,
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            ),
+            Ok(reply) => bail!("a new key past the budget: {reply:?}"),
+        }
+        // The node keeps answering and says why it refuses.
+        let (status, _, _) = http_request_full(&format!("{}/healthz", node.http), &[]).await?;
+        ensure!(status == 200);
+        ensure!(gauge(&node.http, "ringfeed_refused_memory_total").await? >= 2);
+        ensure!(gauge(&node.http, "ringfeed_keys").await? == 0);
+        Ok(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
