@@ -1,0 +1,196 @@
+//! `fanout`: the calibration (BENCH.md). A bare server — plain tokio TCP, or
+//! tokio-tungstenite — that sends the same `update` frames ringfeed would to the same
+//! sockets, one write per message per socket: no routing, no JSON work beyond the
+//! stamp, no replication, no gRPC. Whatever the box can do for this stack.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::bail;
+use bytes::Bytes;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::{emit, payload};
+
+/// Frames queued per socket: the generator waits for the slowest socket.
+const QUEUE: usize = 64;
+
+#[derive(clap::Args, Debug)]
+pub struct FanoutArgs {
+    /// `tcp` (newline-delimited frames) or `ws` (one text frame per message).
+    #[arg(long, default_value = "ws")]
+    mode: String,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Say `ready` once this many sockets are connected.
+    #[arg(long)]
+    expect: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Messages to send in all after `go` (0: flat out until `stop`).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+}
+
+type Subscribers = Arc<Mutex<BTreeMap<String, Vec<mpsc::Sender<Bytes>>>>>;
+
+pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
+    let ws = match args.mode.as_str() {
+        "ws" => true,
+        "tcp" => false,
+        other => bail!("--mode {other}: tcp or ws"),
+    };
+    let listener = TcpListener::bind(args.listen).await?;
+    emit(json!({"ev": "listening", "addr": listener.local_addr()?.to_string()}));
+    let subscribers: Subscribers = Arc::default();
+    let connected = Arc::new(AtomicU64::new(0));
+    let (ready_tx, mut ready) = mpsc::channel::<()>(1);
+    {
+        let (subscribers, connected) = (subscribers.clone(), connected.clone());
+        let expect = args.expect as u64;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let (subscribers, connected, ready_tx) =
+                    (subscribers.clone(), connected.clone(), ready_tx.clone());
+                tokio::spawn(async move {
+                    let (tx, rx) = mpsc::channel(QUEUE);
+                    let registered = |key: String| {
+                        subscribers
+                            .lock()
+                            .expect("subscribers lock")
+                            .entry(key)
+                            .or_default()
+                            .push(tx.clone());
+                        if connected.fetch_add(1, Ordering::Relaxed) + 1 == expect {
+                            let _ = ready_tx.try_send(());
+                        }
+                    };
+                    if ws {
+                        serve_ws(stream, rx, registered).await;
+                    } else {
+                        serve_tcp(stream, rx, registered).await;
+                    }
+                });
+            }
+        });
+    }
+    let mut commands = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    if args.expect > 0 {
+        ready.recv().await;
+    }
+    emit(json!({"ev": "ready", "connections": connected.load(Ordering::Relaxed)}));
+    // Wait for `go`.
+    loop {
+        match commands.next_line().await? {
+            Some(line) if line.trim() == "go" => break,
+            Some(line) if line.trim() == "stop" => return Ok(()),
+            Some(_) => continue,
+            None => return Ok(()),
+        }
+    }
+    let targets: Vec<(String, Vec<mpsc::Sender<Bytes>>)> = subscribers
+        .lock()
+        .expect("subscribers lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if targets.is_empty() {
+        bail!("nobody connected");
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let generator = {
+        let sent = sent.clone();
+        let (count, size) = (args.count, args.payload);
+        tokio::spawn(async move {
+            let mut i: u64 = 0;
+            loop {
+                if count > 0 && i >= count {
+                    return;
+                }
+                let (key, senders) = &targets[(i % targets.len() as u64) as usize];
+                let end = if ws { "" } else { "\n" };
+                let frame = Bytes::from(format!(
+                    "{{\"type\":\"update\",\"key\":\"{key}\",\"seq\":{},\"data\":{}}}{end}",
+                    i / targets.len() as u64 + 1,
+                    payload(size)
+                ));
+                for tx in senders {
+                    if tx.send(frame.clone()).await.is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += 1;
+            }
+        })
+    };
+    loop {
+        match commands.next_line().await {
+            Ok(Some(line)) if line.trim() == "stop" => break,
+            Ok(Some(_)) => continue,
+            _ => break,
+        }
+    }
+    generator.abort();
+    emit(json!({"ev": "done", "sent": sent.load(Ordering::Relaxed)}));
+    std::process::exit(0);
+}
+
+async fn serve_ws(stream: TcpStream, mut rx: mpsc::Receiver<Bytes>, registered: impl FnOnce(String)) {
+    let mut key = None;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
+    let callback = |request: &Request, response: Response| {
+        key = request.uri().query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "key")
+                .map(|(_, v)| v.into_owned())
+        });
+        Ok(response)
+    };
+    let Ok(mut socket) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
+    else {
+        return;
+    };
+    let key = key.unwrap_or_default();
+    let welcome = format!("{{\"type\":\"welcome\",\"key\":\"{key}\",\"seq\":0}}");
+    if socket.send(Message::text(welcome)).await.is_err() {
+        return;
+    }
+    registered(key);
+    while let Some(frame) = rx.recv().await {
+        let Ok(text) = Utf8Bytes::try_from(frame) else {
+            return;
+        };
+        if socket.send(Message::Text(text)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_tcp(stream: TcpStream, mut rx: mpsc::Receiver<Bytes>, registered: impl FnOnce(String)) {
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut key = String::new();
+    if reader.read_line(&mut key).await.is_err() {
+        return;
+    }
+    registered(key.trim().to_owned());
+    let mut stream = reader.into_inner();
+    while let Some(frame) = rx.recv().await {
+        if stream.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}

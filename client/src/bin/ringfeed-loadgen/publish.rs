@@ -1,0 +1,275 @@
+//! `pub`: stamped payloads through the router (`Publish` / `PublishBatch`) or as
+//! pipelined Redis `PUBLISH`es of whole `update` frames (the seed reference's
+//! publishers), at a target rate or flat out.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use ringfeed_proto::v1::router_client::RouterClient;
+use ringfeed_proto::v1::{Ack, PublishBatchRequest, PublishRequest};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::{emit, now_ns, payload, stopped};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PubArgs {
+    /// The router's gRPC address (host:port).
+    #[arg(long, conflicts_with = "redis")]
+    grpc: Option<String>,
+    /// A Redis server (host:port): `PUBLISH {key} {update frame}`, pipelined.
+    #[arg(long)]
+    redis: Option<String>,
+    /// The keys, as PREFIX*COUNT; updates go round-robin over them.
+    #[arg(long)]
+    keys: String,
+    /// Updates per call (`PublishBatch`, or Redis pipeline depth); 0: unary `Publish`.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// Updates per second over all workers; 0: flat out.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// `replicated` (default) or `owner`.
+    #[arg(long, default_value = "replicated")]
+    ack: String,
+    /// Stop after this many updates (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Stop after this long (0: when stdin says `stop` or closes, or `--count` is done).
+    #[arg(long, default_value_t = 0)]
+    duration_secs: u64,
+}
+
+struct Shared {
+    next: AtomicU64,
+    published: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    stop: AtomicBool,
+    done: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn failed(&self, e: impl std::fmt::Display) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.first_error
+            .lock()
+            .expect("error lock")
+            .get_or_insert_with(|| e.to_string());
+    }
+}
+
+pub async fn run(args: PubArgs) -> anyhow::Result<()> {
+    let keys: Arc<Vec<String>> = Arc::new(crate::keys(&args.keys)?);
+    if keys.is_empty() {
+        bail!("no keys");
+    }
+    let ack = match args.ack.as_str() {
+        "replicated" => Ack::Replicated,
+        "owner" => Ack::Owner,
+        other => bail!("--ack {other}: replicated or owner"),
+    };
+    let shared = Arc::new(Shared {
+        next: AtomicU64::new(0),
+        published: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+        stop: AtomicBool::new(false),
+        done: tokio::sync::Notify::new(),
+    });
+    let started = Instant::now();
+    let per_call = args.batch.max(1) as u64;
+    let mut workers = tokio::task::JoinSet::new();
+    if let Some(grpc) = &args.grpc {
+        let client = ringfeed_client::publisher::connect(grpc)
+            .await
+            .map_err(|e| anyhow!("cannot reach the router at {grpc}: {e}"))?
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        for _ in 0..args.concurrency.max(1) {
+            let (client, keys, shared, args) =
+                (client.clone(), keys.clone(), shared.clone(), args.clone());
+            workers.spawn(async move {
+                grpc_worker(client, keys, shared, args, ack, per_call, started).await
+            });
+        }
+    } else if let Some(redis) = &args.redis {
+        for _ in 0..args.concurrency.max(1) {
+            let stream = tokio::net::TcpStream::connect(redis).await?;
+            stream.set_nodelay(true)?;
+            let (keys, shared, args) = (keys.clone(), shared.clone(), args.clone());
+            workers.spawn(async move {
+                redis_worker(stream, keys, shared, args, per_call, started).await
+            });
+        }
+    } else {
+        bail!("--grpc or --redis is needed");
+    }
+
+    let ticker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                emit(json!({
+                    "ev": "tick",
+                    "at_ns": now_ns(),
+                    "published": shared.published.load(Ordering::Relaxed),
+                    "errors": shared.errors.load(Ordering::Relaxed),
+                }));
+            }
+        })
+    };
+    tokio::select! {
+        _ = stopped(args.duration_secs) => {}
+        _ = shared.done.notified() => {}
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    while workers.join_next().await.is_some() {}
+    ticker.abort();
+    let secs = started.elapsed().as_secs_f64();
+    let published = shared.published.load(Ordering::Relaxed);
+    emit(json!({
+        "ev": "done",
+        "published": published,
+        "errors": shared.errors.load(Ordering::Relaxed),
+        "error": shared.first_error.lock().expect("error lock").clone(),
+        "secs": secs,
+        "rate": published as f64 / secs,
+    }));
+    Ok(())
+}
+
+/// The index of the next call's first update, once it is due; `None` to stop.
+async fn next_call(shared: &Shared, args: &PubArgs, per_call: u64, started: Instant) -> Option<u64> {
+    if shared.stop.load(Ordering::Relaxed) {
+        return None;
+    }
+    let first = shared.next.fetch_add(per_call, Ordering::Relaxed);
+    if args.count > 0 && first >= args.count {
+        shared.done.notify_one();
+        return None;
+    }
+    if args.rate > 0 {
+        let due = started + Duration::from_secs_f64(first as f64 / args.rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    Some(first)
+}
+
+fn calls_in(args: &PubArgs, first: u64, per_call: u64) -> u64 {
+    if args.count > 0 {
+        per_call.min(args.count - first)
+    } else {
+        per_call
+    }
+}
+
+async fn grpc_worker(
+    mut client: RouterClient<tonic::transport::Channel>,
+    keys: Arc<Vec<String>>,
+    shared: Arc<Shared>,
+    args: PubArgs,
+    ack: Ack,
+    per_call: u64,
+    started: Instant,
+) {
+    let request = |i: u64| PublishRequest {
+        key: keys[(i % keys.len() as u64) as usize].clone(),
+        data: payload(args.payload).into_bytes(),
+        content_type: "application/json".into(),
+        ack: ack as i32,
+        ..Default::default()
+    };
+    while let Some(first) = next_call(&shared, &args, per_call, started).await {
+        let n = calls_in(&args, first, per_call);
+        if args.batch == 0 {
+            match client.publish(request(first)).await {
+                Ok(_) => {
+                    shared.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => shared.failed(format!("{:?}: {}", e.code(), e.message())),
+            }
+        } else {
+            let items = (first..first + n).map(request).collect();
+            match client.publish_batch(PublishBatchRequest { items }).await {
+                Ok(reply) => {
+                    let mut ok = 0;
+                    for r in reply.into_inner().results {
+                        match r.result {
+                            Some(ringfeed_proto::v1::publish_result::Result::Ok(_)) => ok += 1,
+                            Some(ringfeed_proto::v1::publish_result::Result::Error(e)) => {
+                                shared.failed(format!("code {}: {}", e.code, e.message))
+                            }
+                            None => shared.failed("empty result"),
+                        }
+                    }
+                    shared.published.fetch_add(ok, Ordering::Relaxed);
+                }
+                Err(e) => shared.failed(format!("{:?}: {}", e.code(), e.message())),
+            }
+        }
+    }
+}
+
+/// `PUBLISH key frame` pipelined `per_call` deep: the frame is the whole `update` the
+/// seed reference's endpoints forward as is.
+async fn redis_worker(
+    stream: tokio::net::TcpStream,
+    keys: Arc<Vec<String>>,
+    shared: Arc<Shared>,
+    args: PubArgs,
+    per_call: u64,
+    started: Instant,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut replies = tokio::io::BufReader::new(read);
+    let mut buf = Vec::with_capacity(256 * per_call as usize);
+    let mut line = String::new();
+    while let Some(first) = next_call(&shared, &args, per_call, started).await {
+        let n = calls_in(&args, first, per_call);
+        buf.clear();
+        for i in first..first + n {
+            let key = &keys[(i % keys.len() as u64) as usize];
+            let frame = format!(
+                "{{\"type\":\"update\",\"key\":\"{key}\",\"seq\":{},\"data\":{}}}",
+                i + 1,
+                payload(args.payload)
+            );
+            buf.extend_from_slice(
+                format!(
+                    "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{key}\r\n${}\r\n{frame}\r\n",
+                    key.len(),
+                    frame.len()
+                )
+                .as_bytes(),
+            );
+        }
+        if let Err(e) = write.write_all(&buf).await {
+            shared.failed(e);
+            return;
+        }
+        for _ in 0..n {
+            line.clear();
+            match replies.read_line(&mut line).await {
+                Ok(0) | Err(_) => {
+                    shared.failed("redis closed the connection");
+                    return;
+                }
+                Ok(_) if line.starts_with(':') => {
+                    shared.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => shared.failed(line.trim().to_owned()),
+            }
+        }
+    }
+}
