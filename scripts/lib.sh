@@ -60,3 +60,17 @@ ensure_browser_deps() {
     (cd cluster-tests/browser && npm ci --no-audit --no-fund >&2)
   fi
 }
+
+# Installs what the benchmarks' peers need, if missing: Redis (Debian's redis-server),
+# Node.js, and the seed reference's npm packages (pinned in its package-lock.json).
+ensure_bench_deps() {
+  local need=()
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
+  apt_install "${need[@]}"
+  if [ ! -d bench/peers/seed-reference/node_modules/ioredis ]; then
+    echo "installing the seed reference's packages (npm ci)…" >&2
+    (cd bench/peers/seed-reference && npm ci --no-audit --no-fund >&2)
+  fi
+}

@@ -253,6 +253,11 @@ impl NodeProc {
         Ok(status)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

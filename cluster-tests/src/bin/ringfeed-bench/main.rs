@@ -1,0 +1,838 @@
+//! `ringfeed-bench`: runs the BENCH.md scenarios side by side — ringfeed, the seed
+//! reference (Node.js `ws` + `ioredis` behind Redis) and the calibration (bare tokio TCP
+//! and tokio-tungstenite fan-outs) — alternating runs in one invocation, and writes
+//! `bench/results/P*.json`, a plot per scenario, and the README's table.
+//!
+//! `scripts/bench` is the way in (it builds release binaries and installs the peers).
+
+mod procs;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Result};
+use base64::Engine;
+use clap::Parser;
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::Histogram;
+use ringfeed_cluster_tests::Cluster;
+use serde_json::{json, Value};
+
+use procs::{Loadgen, SeedReference};
+use report::median;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringfeed-bench", about = "ringfeed's benchmarks against its peers")]
+struct Args {
+    /// P1, P2, P3, P5, or `table` (rewrite the README table from the JSON).
+    scenario: String,
+    /// Where the JSON files and plots go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The peers' directory (bench/peers, with node_modules installed).
+    #[arg(long, default_value = "bench/peers")]
+    peers: PathBuf,
+    /// The README whose table `table` rewrites.
+    #[arg(long, default_value = "README.md")]
+    readme: PathBuf,
+    /// Alternating runs per system (medians are quoted).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds measured per throughput run (after a warm-up).
+    #[arg(long, default_value_t = 8)]
+    window_secs: u64,
+    /// A seconds-long run with tiny sizes: does the harness still work?
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// Source addresses the subscribers spread over.
+const SOURCES: &str = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if std::env::var_os("RINGFEED_BIN_DIR").is_none() {
+        // The node, router and load generator are built next to this binary.
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().expect("a directory").to_path_buf();
+        std::env::set_var("RINGFEED_BIN_DIR", dir);
+    }
+    if std::env::var_os("RINGFEED_LOG").is_none() {
+        std::env::set_var("RINGFEED_LOG", "warn");
+    }
+    if args.smoke {
+        args.runs = 1;
+        args.window_secs = 2;
+    }
+    let sizes = Sizes::new(args.smoke);
+    match args.scenario.as_str() {
+        "P1" => p1(&args, &sizes).await,
+        "P2" => p2(&args, &sizes).await,
+        "P3" => p3(&args, &sizes).await,
+        "P5" => p5(&args, &sizes).await,
+        "table" => report::readme_table(&args.out, &args.readme),
+        other => bail!("unknown scenario {other} (P1, P2, P3, P5, table; P6 is scripts/bench P6)"),
+    }
+}
+
+/// Scenario sizes: BENCH.md's, or tiny for `--smoke`.
+struct Sizes {
+    keys: usize,
+    per_key: usize,
+    idle: Vec<usize>,
+    hot: usize,
+    sub_procs: usize,
+}
+
+impl Sizes {
+    fn new(smoke: bool) -> Sizes {
+        if smoke {
+            Sizes {
+                keys: 50,
+                per_key: 2,
+                idle: vec![200],
+                hot: 200,
+                sub_procs: 1,
+            }
+        } else {
+            Sizes {
+                keys: 1000,
+                per_key: 10,
+                idle: vec![10_000, 17_000],
+                hot: 10_000,
+                sub_procs: 2,
+            }
+        }
+    }
+}
+
+/// What a fan-out run drives.
+#[derive(Clone)]
+enum System {
+    Ringfeed { urls: Vec<String>, router: String },
+    Seed { urls: Vec<String>, redis: String },
+    /// `tcp` or `ws`.
+    Calibration(&'static str),
+}
+
+impl System {
+    fn name(&self) -> String {
+        match self {
+            System::Ringfeed { .. } => "ringfeed".into(),
+            System::Seed { .. } => "seed-reference".into(),
+            System::Calibration(mode) => format!("calibration-{mode}"),
+        }
+    }
+}
+
+/// How updates are published in a run.
+#[derive(Clone, Copy)]
+struct Publishing {
+    /// Updates per call; 0: unary.
+    batch: usize,
+    /// Updates/s; 0: flat out.
+    rate: u64,
+    concurrency: usize,
+    /// Updates in all; 0: until the window ends.
+    count: u64,
+}
+
+/// What one run measured.
+struct RunResult {
+    /// Delivered messages/s over the window (throughput runs).
+    rate: f64,
+    /// (seconds, msg/s) over the whole run.
+    series: Vec<(f64, f64)>,
+    hist: Histogram<u64>,
+    connected: u64,
+    receiving: u64,
+    published: u64,
+}
+
+fn ringfeed_urls(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "{}/v1/connect?key={{key}}",
+                n.http.replace("http://", "ws://")
+            )
+        })
+        .collect()
+}
+
+async fn start_ringfeed(nodes: usize) -> Result<Cluster> {
+    let cluster = Cluster::builder()
+        .nodes(nodes)
+        .lease_ttl(5)
+        .node_args(&["--max-connections", "19000"])
+        .start()
+        .await?;
+    Ok(cluster)
+}
+
+/// Subscribers connect, updates flow, the window is measured, everything stops.
+async fn fanout_run(
+    system: &System,
+    keys: &str,
+    per_key: usize,
+    sub_procs: usize,
+    publishing: Publishing,
+    warmup: Duration,
+    window: Duration,
+) -> Result<RunResult> {
+    let expected = keys_count(keys) * per_key;
+    let (mut fanout, urls, target) = match system {
+        System::Calibration(mode) => {
+            let mut args = vec![
+                "fanout".to_owned(),
+                "--mode".into(),
+                mode.to_string(),
+                "--expect".into(),
+                expected.to_string(),
+            ];
+            if publishing.count > 0 {
+                args.extend(["--count".into(), publishing.count.to_string()]);
+            }
+            let mut f = Loadgen::spawn(&system.name(), &args)?;
+            let listening = f.wait("listening", Duration::from_secs(10)).await?;
+            let addr = listening["addr"].as_str().unwrap_or_default().to_owned();
+            let url = if *mode == "tcp" {
+                format!("tcp://{addr}")
+            } else {
+                format!("ws://{addr}/v1/connect?key={{key}}")
+            };
+            (Some(f), vec![url], *mode)
+        }
+        System::Ringfeed { urls, .. } | System::Seed { urls, .. } => (None, urls.clone(), "ws"),
+    };
+    let mut subs = Vec::new();
+    for i in 0..sub_procs {
+        subs.push(Loadgen::spawn(
+            &format!("{} subscribers {i}", system.name()),
+            &[
+                "sub".into(),
+                "--target".into(),
+                target.into(),
+                "--url".into(),
+                urls.join(","),
+                "--keys".into(),
+                keys.into(),
+                "--per-key".into(),
+                per_key.to_string(),
+                "--shard".into(),
+                format!("{i}/{sub_procs}"),
+                "--sources".into(),
+                SOURCES.into(),
+                "--connect-concurrency".into(),
+                "64".into(),
+            ],
+        )?);
+    }
+    let mut connected = 0;
+    for s in &mut subs {
+        let c = s.wait("connected", Duration::from_secs(180)).await?;
+        connected += c["n"].as_u64().unwrap_or(0);
+        if c["failed"].as_u64().unwrap_or(0) > 0 {
+            eprintln!("  {}: {} connections failed: {}", s.name, c["failed"], c["error"]);
+        }
+    }
+    ensure!(
+        connected as usize == expected,
+        "{}: {connected} of {expected} subscribers connected",
+        system.name()
+    );
+    let started_ns = now_ns();
+    let mut publisher = match (system, fanout.as_mut()) {
+        (System::Calibration(_), Some(f)) => {
+            f.wait("ready", Duration::from_secs(30)).await?;
+            f.say("go").await?;
+            None
+        }
+        (System::Ringfeed { router, .. }, _) => Some(Loadgen::spawn(
+            "ringfeed publisher",
+            &publish_args("--grpc", router, keys, publishing),
+        )?),
+        (System::Seed { redis, .. }, _) => Some(Loadgen::spawn(
+            "seed publisher",
+            &publish_args("--redis", redis, keys, publishing),
+        )?),
+        _ => unreachable!("calibration has a fan-out process"),
+    };
+    let rate;
+    if publishing.count > 0 {
+        // Until every subscriber got its update(s), or the window ends.
+        let deadline = tokio::time::Instant::now() + window.max(Duration::from_secs(30));
+        loop {
+            let receiving: u64 = subs
+                .iter_mut()
+                .filter_map(|s| s.poll_ticks().and_then(|t| t["receiving"].as_u64()))
+                .sum();
+            if receiving as usize >= expected || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        rate = f64::NAN;
+    } else {
+        tokio::time::sleep(warmup).await;
+        let before = snapshot(&mut subs);
+        tokio::time::sleep(window).await;
+        let after = snapshot(&mut subs);
+        rate = before
+            .iter()
+            .zip(&after)
+            .map(|((r0, t0), (r1, t1))| {
+                if t1 > t0 {
+                    (r1 - r0) as f64 / ((t1 - t0) as f64 / 1e9)
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+    }
+    let published = match publisher.as_mut() {
+        Some(p) => {
+            let done = p.finish(Duration::from_secs(30)).await?;
+            if done["errors"].as_u64().unwrap_or(0) > 0 {
+                eprintln!("  {}: {} publish errors: {}", p.name, done["errors"], done["error"]);
+            }
+            done["published"].as_u64().unwrap_or(0)
+        }
+        None => {
+            let f = fanout.as_mut().expect("fan-out");
+            f.finish(Duration::from_secs(10)).await?["sent"]
+                .as_u64()
+                .unwrap_or(0)
+        }
+    };
+    let mut hist = Histogram::<u64>::new_with_max(60_000_000, 3)?;
+    let mut receiving = 0;
+    let mut series: std::collections::BTreeMap<u64, f64> = Default::default();
+    for s in &mut subs {
+        let done = s.finish(Duration::from_secs(30)).await?;
+        receiving += done["receiving"].as_u64().unwrap_or(0);
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(done["hist"].as_str().unwrap_or_default())?;
+        let h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .map_err(|e| anyhow::anyhow!("histogram: {e:?}"))?;
+        hist.add(&h)?;
+        for pair in s.ticks.windows(2) {
+            let (t0, t1) = (tick_at(&pair[0]), tick_at(&pair[1]));
+            let (r0, r1) = (tick_received(&pair[0]), tick_received(&pair[1]));
+            if t1 > t0 && t1 > started_ns {
+                let second = (t1 - started_ns) / 1_000_000_000;
+                *series.entry(second).or_default() += (r1 - r0) as f64 / ((t1 - t0) as f64 / 1e9);
+            }
+        }
+    }
+    Ok(RunResult {
+        rate,
+        series: series.into_iter().map(|(s, r)| (s as f64, r)).collect(),
+        hist,
+        connected,
+        receiving,
+        published,
+    })
+}
+
+fn publish_args(flag: &str, addr: &str, keys: &str, p: Publishing) -> Vec<String> {
+    vec![
+        "pub".into(),
+        flag.into(),
+        addr.into(),
+        "--keys".into(),
+        keys.into(),
+        "--batch".into(),
+        p.batch.to_string(),
+        "--rate".into(),
+        p.rate.to_string(),
+        "--concurrency".into(),
+        p.concurrency.to_string(),
+        "--count".into(),
+        p.count.to_string(),
+    ]
+}
+
+fn tick_at(t: &Value) -> u64 {
+    t["at_ns"].as_u64().unwrap_or(0)
+}
+
+fn tick_received(t: &Value) -> u64 {
+    t["received"].as_u64().unwrap_or(0)
+}
+
+/// (received, at_ns) of every subscriber process's latest tick.
+fn snapshot(subs: &mut [Loadgen]) -> Vec<(u64, u64)> {
+    subs.iter_mut()
+        .map(|s| {
+            s.poll_ticks()
+                .map_or((0, 0), |t| (tick_received(t), tick_at(t)))
+        })
+        .collect()
+}
+
+fn keys_count(spec: &str) -> usize {
+    spec.rsplit_once('*')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1000.0 {
+        format!("{:.1}k msg/s", r / 1000.0)
+    } else {
+        format!("{r:.0} msg/s")
+    }
+}
+
+/// P1: delivered messages/s, batched, 1,000 keys × 10 subscribers on 3 nodes.
+async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
+    let keys = format!("p1:*{}", sizes.keys);
+    let cluster = start_ringfeed(3).await?;
+    let seed = SeedReference::start(&args.peers, 2).await?;
+    let systems = [
+        System::Ringfeed {
+            urls: ringfeed_urls(&cluster),
+            router: cluster.router_grpc(),
+        },
+        System::Seed {
+            urls: seed.urls.clone(),
+            redis: seed.redis_addr.clone(),
+        },
+        System::Calibration("tcp"),
+        System::Calibration("ws"),
+    ];
+    let publishing = Publishing {
+        batch: 100,
+        rate: 0,
+        concurrency: 4,
+        count: 0,
+    };
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut last: Vec<Option<RunResult>> = systems.iter().map(|_| None).collect();
+    for run in 0..args.runs {
+        for (i, system) in systems.iter().enumerate() {
+            let r = fanout_run(
+                system,
+                &keys,
+                sizes.per_key,
+                sizes.sub_procs,
+                publishing,
+                Duration::from_secs(2),
+                Duration::from_secs(args.window_secs),
+            )
+            .await?;
+            println!(
+                "P1 run {}/{} {:>18}: {} delivered to {} sockets (p99 {:.1} ms)",
+                run + 1,
+                args.runs,
+                system.name(),
+                fmt_rate(r.rate),
+                r.connected,
+                r.hist.value_at_quantile(0.99) as f64 / 1000.0
+            );
+            rates[i].push(r.rate);
+            last[i] = Some(r);
+        }
+    }
+    let m: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+    let calibration = m[2].max(m[3]);
+    let ratio = m[0] / m[1];
+    let fraction = m[0] / calibration;
+    let met = fraction >= 0.6 && ratio >= 1.5;
+    let summary = format!(
+        "{} = {:.0}% of calibration, {ratio:.2}× the seed reference",
+        fmt_rate(m[0]),
+        fraction * 100.0
+    );
+    println!("P1 medians: ringfeed {} · seed reference {} · calibration tcp {} / ws {} → {summary}; bar {}", fmt_rate(m[0]), fmt_rate(m[1]), fmt_rate(m[2]), fmt_rate(m[3]), if met { "met" } else { "not met" });
+    let result = json!({
+        "id": "P1",
+        "what": "delivered msg/s, PublishBatch, 1,000 keys × 10 subscribers, 3 nodes",
+        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "batch": publishing.batch, "publish_concurrency": publishing.concurrency, "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated", "seed_endpoints": 2},
+        "ringfeed": {"runs": rates[0], "median": m[0], "unit": "msg/s", "latency": last[0].as_ref().map(|r| report::percentiles(&r.hist))},
+        "peers": {
+            "seed-reference": {"runs": rates[1], "median": m[1], "unit": "msg/s", "latency": last[1].as_ref().map(|r| report::percentiles(&r.hist))},
+            "socketio": {"measured": false, "why": "not built yet"},
+        },
+        "calibration": {"tcp": {"runs": rates[2], "median": m[2]}, "ws": {"runs": rates[3], "median": m[3]}, "best": calibration},
+        "ratio_vs_seed_reference": ratio,
+        "fraction_of_calibration": fraction,
+        "bar": "≥ 60% of calibration and ≥ 1.5× seed reference",
+        "met": met,
+        "summary_ringfeed": summary,
+        "summary_peers": format!("seed reference {}", fmt_rate(m[1])),
+        "summary_calibration": format!("{} (tcp {}, ws {})", fmt_rate(calibration), fmt_rate(m[2]), fmt_rate(m[3])),
+        "machine": report::machine(),
+    });
+    report::write_json(&args.out, "P1", &result)?;
+    let names: Vec<String> = systems.iter().map(System::name).collect();
+    let throughput: Vec<(String, Vec<(f64, f64)>)> = names
+        .iter()
+        .zip(&last)
+        .filter_map(|(n, r)| Some((n.clone(), r.as_ref()?.series.clone())))
+        .collect();
+    let latency: Vec<(String, Vec<(f64, f64)>)> = names
+        .iter()
+        .zip(&last)
+        .filter_map(|(n, r)| Some((n.clone(), report::cdf(&r.as_ref()?.hist))))
+        .collect();
+    report::plot(
+        &args.out.join("P1.svg"),
+        "P1: batched fan-out, 1,000 keys × 10 subscribers",
+        &throughput,
+        &latency,
+    )?;
+    drop(seed);
+    drop(cluster);
+    Ok(())
+}
+
+/// P2: latency, unbatched `Publish` at half of ringfeed's maximum unbatched rate; the
+/// seed reference at the same rate.
+async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
+    let keys = format!("p2:*{}", sizes.keys);
+    let cluster = start_ringfeed(3).await?;
+    let seed = SeedReference::start(&args.peers, 2).await?;
+    let ringfeed = System::Ringfeed {
+        urls: ringfeed_urls(&cluster),
+        router: cluster.router_grpc(),
+    };
+    let seed_system = System::Seed {
+        urls: seed.urls.clone(),
+        redis: seed.redis_addr.clone(),
+    };
+    // Ringfeed's own maximum unbatched rate, with the subscribers connected.
+    let max = fanout_run(
+        &ringfeed,
+        &keys,
+        sizes.per_key,
+        sizes.sub_procs,
+        Publishing {
+            batch: 0,
+            rate: 0,
+            concurrency: 64,
+            count: 0,
+        },
+        Duration::from_secs(2),
+        Duration::from_secs(args.window_secs),
+    )
+    .await?;
+    let max_publish = max.rate / sizes.per_key as f64;
+    let rate = (max_publish / 2.0).max(10.0) as u64;
+    println!(
+        "P2: ringfeed's maximum unbatched rate {:.0} publishes/s ({}); measuring at {rate}/s",
+        max_publish,
+        fmt_rate(max.rate)
+    );
+    let publishing = Publishing {
+        batch: 0,
+        rate,
+        concurrency: 64,
+        count: 0,
+    };
+    let systems = [ringfeed, seed_system];
+    let mut p99: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut p50: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut p999: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut last: Vec<Option<RunResult>> = vec![None, None];
+    for run in 0..args.runs {
+        for (i, system) in systems.iter().enumerate() {
+            let r = fanout_run(
+                system,
+                &keys,
+                sizes.per_key,
+                sizes.sub_procs,
+                publishing,
+                Duration::from_secs(1),
+                Duration::from_secs(args.window_secs),
+            )
+            .await?;
+            let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+            println!(
+                "P2 run {}/{} {:>15}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms over {} receipts ({} published)",
+                run + 1,
+                args.runs,
+                system.name(),
+                ms(0.5),
+                ms(0.99),
+                ms(0.999),
+                r.hist.len(),
+                r.published,
+            );
+            p50[i].push(ms(0.5));
+            p99[i].push(ms(0.99));
+            p999[i].push(ms(0.999));
+            last[i] = Some(r);
+        }
+    }
+    let (r99, s99) = (median(&p99[0]), median(&p99[1]));
+    let met = r99 <= 2.0 && r99 <= s99 / 3.0;
+    let summary = format!(
+        "p50 {:.2} / p99 {r99:.2} / p999 {:.2} ms at {rate} publishes/s",
+        median(&p50[0]),
+        median(&p999[0])
+    );
+    println!("P2 medians: ringfeed {summary}; seed reference p99 {s99:.2} ms; bar {}", if met { "met" } else { "not met" });
+    let result = json!({
+        "id": "P2",
+        "what": "latency, unbatched Publish at half of ringfeed's max rate, 1,000 keys × 10 subscribers, 3 nodes",
+        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": max_publish, "rate_publishes_per_s": rate, "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
+        "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99},
+        "peers": {
+            "seed-reference": {"p50_ms": p50[1], "p99_ms": p99[1], "p999_ms": p999[1], "median_p99_ms": s99},
+            "socketio": {"measured": false, "why": "not built yet"},
+        },
+        "ratio_vs_seed_reference": r99 / s99,
+        "bar": "p99 ≤ 2 ms and ≤ 1/3 of the seed reference's p99",
+        "met": met,
+        "summary_ringfeed": summary,
+        "summary_peers": format!("seed reference p99 {s99:.2} ms"),
+        "summary_calibration": "—",
+        "machine": report::machine(),
+    });
+    report::write_json(&args.out, "P2", &result)?;
+    let latency: Vec<(String, Vec<(f64, f64)>)> = systems
+        .iter()
+        .zip(&last)
+        .filter_map(|(s, r)| Some((s.name(), report::cdf(&r.as_ref()?.hist))))
+        .collect();
+    let throughput: Vec<(String, Vec<(f64, f64)>)> = systems
+        .iter()
+        .zip(&last)
+        .filter_map(|(s, r)| Some((s.name(), r.as_ref()?.series.clone())))
+        .collect();
+    report::plot(
+        &args.out.join("P2.svg"),
+        &format!("P2: unbatched latency at {rate} publishes/s"),
+        &throughput,
+        &latency,
+    )?;
+    Ok(())
+}
+
+/// P3: memory per idle connection, each on its own key, at 10k and 17k connections.
+async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
+    let cluster = start_ringfeed(1).await?;
+    let seed = SeedReference::start(&args.peers, 1).await?;
+    let node_pid = cluster.nodes[0].pid().expect("node running");
+    let seed_pid = seed.pids()[0];
+    let mut per_conn: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); sizes.idle.len()]; 2];
+    for run in 0..args.runs {
+        for (si, &n) in sizes.idle.iter().enumerate() {
+            for (i, (name, urls, pid)) in [
+                ("ringfeed", ringfeed_urls(&cluster), node_pid),
+                ("seed-reference", seed.urls.clone(), seed_pid),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let before = settled_rss(pid).await?;
+                let keys = format!("p3-{run}-{n}:*{n}");
+                let mut subs = Vec::new();
+                for p in 0..sizes.sub_procs {
+                    subs.push(Loadgen::spawn(
+                        &format!("{name} idle {p}"),
+                        &[
+                            "sub".into(),
+                            "--url".into(),
+                            urls.join(","),
+                            "--keys".into(),
+                            keys.clone(),
+                            "--shard".into(),
+                            format!("{p}/{}", sizes.sub_procs),
+                            "--sources".into(),
+                            SOURCES.into(),
+                        ],
+                    )?);
+                }
+                let mut connected = 0;
+                for s in &mut subs {
+                    connected += s.wait("connected", Duration::from_secs(180)).await?["n"]
+                        .as_u64()
+                        .unwrap_or(0);
+                }
+                ensure!(connected as usize == n, "{name}: {connected} of {n} connected");
+                let after = settled_rss(pid).await?;
+                let kib = (after.saturating_sub(before)) as f64 / n as f64 / 1024.0;
+                println!(
+                    "P3 run {}/{} {name:>15}: {n} idle connections: RSS {:.1} → {:.1} MiB = {kib:.2} KiB per connection",
+                    run + 1,
+                    args.runs,
+                    before as f64 / 1048576.0,
+                    after as f64 / 1048576.0
+                );
+                per_conn[i][si].push(kib);
+                for s in &mut subs {
+                    s.finish(Duration::from_secs(30)).await?;
+                }
+                // Let the server notice the closes before the next baseline.
+                if i == 0 {
+                    let http = cluster.nodes[0].http.clone();
+                    ringfeed_cluster_tests::eventually(
+                        "the node to drop its connections",
+                        Duration::from_secs(60),
+                        || {
+                            let http = http.clone();
+                            async move {
+                                let (_, body) = ringfeed_cluster_tests::http_get(&format!("{http}/metrics")).await?;
+                                Ok(body.lines().any(|l| l == "ringfeed_connections 0").then_some(()))
+                            }
+                        },
+                    )
+                    .await;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+    }
+    let worst = |i: usize| {
+        per_conn[i]
+            .iter()
+            .map(|v| median(v))
+            .fold(0.0, f64::max)
+    };
+    let (r, s) = (worst(0), worst(1));
+    let met = r <= 8.0 && r <= s / 3.0;
+    let sizes_text: Vec<String> = sizes
+        .idle
+        .iter()
+        .enumerate()
+        .map(|(si, n)| format!("{:.2} KiB at {n}", median(&per_conn[0][si])))
+        .collect();
+    let peer_text: Vec<String> = sizes
+        .idle
+        .iter()
+        .enumerate()
+        .map(|(si, n)| format!("{:.2} KiB at {n}", median(&per_conn[1][si])))
+        .collect();
+    println!("P3 medians: ringfeed {} · seed reference {}; bar {}", sizes_text.join(", "), peer_text.join(", "), if met { "met" } else { "not met" });
+    let result = json!({
+        "id": "P3",
+        "what": "RSS per idle WebSocket connection, each on its own key (1 node / 1 endpoint process)",
+        "setup": {"connections": sizes.idle, "runs": args.runs},
+        "ringfeed": {"kib_per_connection": per_conn[0], "worst_median_kib": r},
+        "peers": {
+            "seed-reference": {"kib_per_connection": per_conn[1], "worst_median_kib": s},
+            "socketio": {"measured": false, "why": "not built yet"},
+        },
+        "ratio_vs_seed_reference": r / s,
+        "bar": "≤ 8 KiB per connection (stretch 4) and ≤ 1/3 of the seed reference",
+        "met": met,
+        "summary_ringfeed": sizes_text.join(", "),
+        "summary_peers": format!("seed reference {}", peer_text.join(", ")),
+        "summary_calibration": "—",
+        "machine": report::machine(),
+    });
+    report::write_json(&args.out, "P3", &result)?;
+    Ok(())
+}
+
+/// The RSS of `pid` once it stops moving (two samples 500 ms apart within 1%).
+async fn settled_rss(pid: u32) -> Result<u64> {
+    let mut last = procs::rss(pid)?;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = procs::rss(pid)?;
+        if now.abs_diff(last) * 100 <= last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// P5: one key, 10k subscribers, one publish: time until the last receipt.
+async fn p5(args: &Args, sizes: &Sizes) -> Result<()> {
+    let cluster = start_ringfeed(3).await?;
+    let seed = SeedReference::start(&args.peers, 2).await?;
+    let systems = [
+        System::Ringfeed {
+            urls: ringfeed_urls(&cluster),
+            router: cluster.router_grpc(),
+        },
+        System::Seed {
+            urls: seed.urls.clone(),
+            redis: seed.redis_addr.clone(),
+        },
+        System::Calibration("tcp"),
+        System::Calibration("ws"),
+    ];
+    let publishing = Publishing {
+        batch: 0,
+        rate: 0,
+        concurrency: 1,
+        count: 1,
+    };
+    let mut last_ms: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    for run in 0..args.runs {
+        for (i, system) in systems.iter().enumerate() {
+            let keys = format!("p5-{run}:*1");
+            let r = fanout_run(
+                system,
+                &keys,
+                sizes.hot,
+                sizes.sub_procs,
+                publishing,
+                Duration::ZERO,
+                Duration::from_secs(30),
+            )
+            .await?;
+            ensure!(
+                r.receiving as usize == sizes.hot,
+                "{}: {} of {} subscribers received",
+                system.name(),
+                r.receiving,
+                sizes.hot
+            );
+            let ms = r.hist.max() as f64 / 1000.0;
+            println!(
+                "P5 run {}/{} {:>18}: the last of {} subscribers received {ms:.1} ms after the publish (first {:.1} ms)",
+                run + 1,
+                args.runs,
+                system.name(),
+                r.receiving,
+                r.hist.min() as f64 / 1000.0
+            );
+            last_ms[i].push(ms);
+        }
+    }
+    let m: Vec<f64> = last_ms.iter().map(|v| median(v)).collect();
+    let calibration = m[2].min(m[3]);
+    let met = m[0] <= 1.5 * calibration;
+    let summary = format!("{:.1} ms = {:.2}× calibration", m[0], m[0] / calibration);
+    println!("P5 medians: ringfeed {:.1} ms · seed reference {:.1} ms · calibration tcp {:.1} / ws {:.1} ms; bar {}", m[0], m[1], m[2], m[3], if met { "met" } else { "not met" });
+    let result = json!({
+        "id": "P5",
+        "what": "one key, 10k subscribers, one publish: publish → last receipt",
+        "setup": {"subscribers": sizes.hot, "nodes": 3, "runs": args.runs},
+        "ringfeed": {"last_receipt_ms": last_ms[0], "median_ms": m[0]},
+        "peers": {
+            "seed-reference": {"last_receipt_ms": last_ms[1], "median_ms": m[1]},
+            "socketio": {"measured": false, "why": "not built yet"},
+        },
+        "calibration": {"tcp": {"last_receipt_ms": last_ms[2], "median_ms": m[2]}, "ws": {"last_receipt_ms": last_ms[3], "median_ms": m[3]}, "best_ms": calibration},
+        "ratio_vs_seed_reference": m[0] / m[1],
+        "fraction_of_calibration": m[0] / calibration,
+        "bar": "last receipt within 1.5× the calibration's time",
+        "met": met,
+        "summary_ringfeed": summary,
+        "summary_peers": format!("seed reference {:.1} ms", m[1]),
+        "summary_calibration": format!("{calibration:.1} ms (tcp {:.1}, ws {:.1})", m[2], m[3]),
+        "machine": report::machine(),
+    });
+    report::write_json(&args.out, "P5", &result)?;
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The processes a benchmark drives: load generators (JSON lines on stdout) and the
+//! seed reference (Redis + Node.js endpoint servers).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+/// One `ringfeed-loadgen` process.
+pub struct Loadgen {
+    pub name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::UnboundedReceiver<Value>,
+    /// Every `tick` seen so far.
+    pub ticks: Vec<Value>,
+}
+
+impl Loadgen {
+    pub fn spawn(name: &str, args: &[String]) -> Result<Loadgen> {
+        let mut child = Command::new(bin("ringfeed-loadgen"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start ringfeed-loadgen {name}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Ok(Loadgen {
+            name: name.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            events,
+            ticks: Vec::new(),
+        })
+    }
+
+    /// Waits for the next event `ev`, keeping ticks on the way.
+    pub async fn wait(&mut self, ev: &str, within: Duration) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .map_err(|_| anyhow!("{}: no {ev} within {within:?}", self.name))?
+                .ok_or_else(|| anyhow!("{}: exited before {ev}", self.name))?;
+            if next["ev"] == "tick" {
+                self.ticks.push(next.clone());
+            }
+            if next["ev"] == ev {
+                return Ok(next);
+            }
+        }
+    }
+
+    /// Takes the ticks that arrived so far, without waiting.
+    pub fn poll_ticks(&mut self) -> Option<&Value> {
+        while let Ok(next) = self.events.try_recv() {
+            if next["ev"] == "tick" {
+                self.ticks.push(next);
+            }
+        }
+        self.ticks.last()
+    }
+
+    pub async fn say(&mut self, line: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("{}: stdin closed", self.name))?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        Ok(())
+    }
+
+    /// Asks it to stop and returns its `done` event.
+    pub async fn finish(&mut self, within: Duration) -> Result<Value> {
+        let _ = self.say("stop").await;
+        let done = self.wait("done", within).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        done
+    }
+}
+
+/// A workspace binary next to this one (`target/release/`).
+pub fn bin(name: &str) -> PathBuf {
+    ringfeed_cluster_tests::bin_dir().join(name)
+}
+
+/// The resident set of process `pid`, in bytes.
+pub fn rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+    let kib: u64 = line[6..].trim().trim_end_matches("kB").trim().parse()?;
+    Ok(kib * 1024)
+}
+
+/// The seed reference: a Redis server and one Node.js `ws` + `ioredis` endpoint
+/// process per core.
+pub struct SeedReference {
+    _redis: Child,
+    pub redis_addr: String,
+    endpoints: Vec<Child>,
+    /// `ws://127.0.0.1:port/v1/connect?key={key}` per endpoint.
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl SeedReference {
+    pub async fn start(peers_dir: &Path, endpoints: usize) -> Result<SeedReference> {
+        let dir = tempfile::Builder::new().prefix("ringfeed-seed-").tempdir()?;
+        let port = ringfeed_cluster_tests::free_port();
+        let redis = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--maxclients", "1000", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start redis-server (Debian's redis-server package)")?;
+        let redis_addr = format!("127.0.0.1:{port}");
+        ringfeed_cluster_tests::eventually("redis up", Duration::from_secs(10), || {
+            let addr = redis_addr.clone();
+            async move { Ok(tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())) }
+        })
+        .await;
+        let mut children = Vec::new();
+        let mut urls = Vec::new();
+        for _ in 0..endpoints {
+            let port = ringfeed_cluster_tests::free_port();
+            let mut child = Command::new("node")
+                .arg(peers_dir.join("seed-reference/server.js"))
+                .env("PORT", port.to_string())
+                .env("REDIS", format!("redis://{redis_addr}"))
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("cannot start node (Node.js)")?;
+            let stdout = child.stdout.take().expect("piped");
+            let mut lines = BufReader::new(stdout).lines();
+            let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .map_err(|_| anyhow!("seed endpoint did not start"))??;
+            if !ready.is_some_and(|l| l.starts_with("seed-reference ready")) {
+                bail!("seed endpoint did not say ready");
+            }
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            children.push(child);
+            urls.push(format!("ws://127.0.0.1:{port}/v1/connect?key={{key}}"));
+        }
+        Ok(SeedReference {
+            _redis: redis,
+            redis_addr,
+            endpoints: children,
+            urls,
+            _dir: dir,
+        })
+    }
+
+    /// The endpoint processes' ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.endpoints.iter().filter_map(Child::id).collect()
+    }
+}
