@@ -72,9 +72,10 @@ pub async fn run(
     let service = NodeServer::new(NodeService::new(node.clone(), stop.clone()))
         .max_decoding_message_size(256 * 1024 * 1024);
     tasks.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
+        // set here, or every reply larger than a segment waits for a delayed ACK.
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await })
             .await;

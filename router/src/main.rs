@@ -113,10 +113,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     println!("ringfeed-router ready grpc={addr}");
     tracing::info!(%addr, cluster = %config.cluster, "router serving");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
+    // set here, or every reply larger than a segment waits for a delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(reflection)
         .add_service(router)
         .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })

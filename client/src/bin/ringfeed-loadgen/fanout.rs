@@ -146,7 +146,11 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     std::process::exit(0);
 }
 
-async fn serve_ws(stream: TcpStream, mut rx: mpsc::Receiver<Bytes>, registered: impl FnOnce(String)) {
+async fn serve_ws(
+    stream: TcpStream,
+    mut rx: mpsc::Receiver<Bytes>,
+    registered: impl FnOnce(String),
+) {
     let mut key = None;
     let config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
@@ -180,7 +184,11 @@ async fn serve_ws(stream: TcpStream, mut rx: mpsc::Receiver<Bytes>, registered: 
     }
 }
 
-async fn serve_tcp(stream: TcpStream, mut rx: mpsc::Receiver<Bytes>, registered: impl FnOnce(String)) {
+async fn serve_tcp(
+    stream: TcpStream,
+    mut rx: mpsc::Receiver<Bytes>,
+    registered: impl FnOnce(String),
+) {
     let mut reader = tokio::io::BufReader::new(stream);
     let mut key = String::new();
     if reader.read_line(&mut key).await.is_err() {

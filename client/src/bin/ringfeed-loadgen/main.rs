@@ -22,7 +22,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "ringfeed-loadgen", version, about = "ringfeed's benchmark load generator")]
+#[command(
+    name = "ringfeed-loadgen",
+    version,
+    about = "ringfeed's benchmark load generator"
+)]
 struct Args {
     #[command(subcommand)]
     mode: Mode,

@@ -150,7 +150,12 @@ pub async fn run(args: PubArgs) -> anyhow::Result<()> {
 }
 
 /// The index of the next call's first update, once it is due; `None` to stop.
-async fn next_call(shared: &Shared, args: &PubArgs, per_call: u64, started: Instant) -> Option<u64> {
+async fn next_call(
+    shared: &Shared,
+    args: &PubArgs,
+    per_call: u64,
+    started: Instant,
+) -> Option<u64> {
     if shared.stop.load(Ordering::Relaxed) {
         return None;
     }

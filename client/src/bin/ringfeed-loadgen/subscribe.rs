@@ -223,7 +223,9 @@ async fn connect_ws(
     let mut url = url.to_owned();
     for _ in 0..4 {
         let parsed = url::Url::parse(&url).with_context(|| format!("bad url {url}"))?;
-        let host = parsed.host_str().ok_or_else(|| anyhow!("no host in {url}"))?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| anyhow!("no host in {url}"))?;
         let port = parsed.port_or_known_default().unwrap_or(80);
         let stream = dial(&format!("{host}:{port}"), source).await?;
         let (mut ws, _) =

@@ -23,7 +23,10 @@ use procs::{Loadgen, SeedReference};
 use report::median;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ringfeed-bench", about = "ringfeed's benchmarks against its peers")]
+#[command(
+    name = "ringfeed-bench",
+    about = "ringfeed's benchmarks against its peers"
+)]
 struct Args {
     /// P1, P2, P3, P5, or `table` (rewrite the README table from the JSON).
     scenario: String,
@@ -111,8 +114,14 @@ impl Sizes {
 /// What a fan-out run drives.
 #[derive(Clone)]
 enum System {
-    Ringfeed { urls: Vec<String>, router: String },
-    Seed { urls: Vec<String>, redis: String },
+    Ringfeed {
+        urls: Vec<String>,
+        router: String,
+    },
+    Seed {
+        urls: Vec<String>,
+        redis: String,
+    },
     /// `tcp` or `ws`.
     Calibration(&'static str),
 }
@@ -237,7 +246,10 @@ async fn fanout_run(
         let c = s.wait("connected", Duration::from_secs(180)).await?;
         connected += c["n"].as_u64().unwrap_or(0);
         if c["failed"].as_u64().unwrap_or(0) > 0 {
-            eprintln!("  {}: {} connections failed: {}", s.name, c["failed"], c["error"]);
+            eprintln!(
+                "  {}: {} connections failed: {}",
+                s.name, c["failed"], c["error"]
+            );
         }
     }
     ensure!(
@@ -298,7 +310,10 @@ async fn fanout_run(
         Some(p) => {
             let done = p.finish(Duration::from_secs(30)).await?;
             if done["errors"].as_u64().unwrap_or(0) > 0 {
-                eprintln!("  {}: {} publish errors: {}", p.name, done["errors"], done["error"]);
+                eprintln!(
+                    "  {}: {} publish errors: {}",
+                    p.name, done["errors"], done["error"]
+                );
             }
             done["published"].as_u64().unwrap_or(0)
         }
@@ -584,7 +599,10 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         median(&p50[0]),
         median(&p999[0])
     );
-    println!("P2 medians: ringfeed {summary}; seed reference p99 {s99:.2} ms; bar {}", if met { "met" } else { "not met" });
+    println!(
+        "P2 medians: ringfeed {summary}; seed reference p99 {s99:.2} ms; bar {}",
+        if met { "met" } else { "not met" }
+    );
     let result = json!({
         "id": "P2",
         "what": "latency, unbatched Publish at half of ringfeed's max rate, 1,000 keys × 10 subscribers, 3 nodes",
@@ -663,7 +681,10 @@ async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
                         .as_u64()
                         .unwrap_or(0);
                 }
-                ensure!(connected as usize == n, "{name}: {connected} of {n} connected");
+                ensure!(
+                    connected as usize == n,
+                    "{name}: {connected} of {n} connected"
+                );
                 let after = settled_rss(pid).await?;
                 let kib = (after.saturating_sub(before)) as f64 / n as f64 / 1024.0;
                 println!(
@@ -686,8 +707,13 @@ async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
                         || {
                             let http = http.clone();
                             async move {
-                                let (_, body) = ringfeed_cluster_tests::http_get(&format!("{http}/metrics")).await?;
-                                Ok(body.lines().any(|l| l == "ringfeed_connections 0").then_some(()))
+                                let (_, body) =
+                                    ringfeed_cluster_tests::http_get(&format!("{http}/metrics"))
+                                        .await?;
+                                Ok(body
+                                    .lines()
+                                    .any(|l| l == "ringfeed_connections 0")
+                                    .then_some(()))
                             }
                         },
                     )
@@ -698,12 +724,7 @@ async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
             }
         }
     }
-    let worst = |i: usize| {
-        per_conn[i]
-            .iter()
-            .map(|v| median(v))
-            .fold(0.0, f64::max)
-    };
+    let worst = |i: usize| per_conn[i].iter().map(|v| median(v)).fold(0.0, f64::max);
     let (r, s) = (worst(0), worst(1));
     let met = r <= 8.0 && r <= s / 3.0;
     let sizes_text: Vec<String> = sizes
@@ -718,7 +739,12 @@ async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
         .enumerate()
         .map(|(si, n)| format!("{:.2} KiB at {n}", median(&per_conn[1][si])))
         .collect();
-    println!("P3 medians: ringfeed {} · seed reference {}; bar {}", sizes_text.join(", "), peer_text.join(", "), if met { "met" } else { "not met" });
+    println!(
+        "P3 medians: ringfeed {} · seed reference {}; bar {}",
+        sizes_text.join(", "),
+        peer_text.join(", "),
+        if met { "met" } else { "not met" }
+    );
     let result = json!({
         "id": "P3",
         "what": "RSS per idle WebSocket connection, each on its own key (1 node / 1 endpoint process)",

@@ -125,7 +125,9 @@ pub struct SeedReference {
 
 impl SeedReference {
     pub async fn start(peers_dir: &Path, endpoints: usize) -> Result<SeedReference> {
-        let dir = tempfile::Builder::new().prefix("ringfeed-seed-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("ringfeed-seed-")
+            .tempdir()?;
         let port = ringfeed_cluster_tests::free_port();
         let redis = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])

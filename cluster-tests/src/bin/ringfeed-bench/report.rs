@@ -125,7 +125,10 @@ pub fn plot(
         for (i, (name, series)) in throughput.iter().enumerate() {
             let color = colors[i % colors.len()];
             chart
-                .draw_series(LineSeries::new(series.iter().copied(), color.stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    color.stroke_width(2),
+                ))?
                 .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
@@ -156,7 +159,10 @@ pub fn plot(
         for (i, (name, series)) in latency.iter().enumerate() {
             let color = colors[i % colors.len()];
             chart
-                .draw_series(LineSeries::new(series.iter().copied(), color.stroke_width(2)))?
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    color.stroke_width(2),
+                ))?
                 .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
