@@ -12,6 +12,7 @@ const Redis = require('ioredis');
 const port = Number(process.env.PORT || 9101);
 const redis = new Redis(process.env.REDIS || 'redis://127.0.0.1:6379');
 const sockets = new Map(); // key -> Set<WebSocket>
+redis.on('error', (e) => console.error(`redis: ${e.message}`));
 
 redis.on('messageBuffer', (channel, message) => {
   const set = sockets.get(channel.toString());

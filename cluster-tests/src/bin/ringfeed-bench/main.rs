@@ -157,6 +157,8 @@ struct RunResult {
     hist: Histogram<u64>,
     connected: u64,
     receiving: u64,
+    /// Subscriber connections the server closed during the run (e.g. 4408).
+    closed: u64,
     published: u64,
 }
 
@@ -326,10 +328,12 @@ async fn fanout_run(
     };
     let mut hist = Histogram::<u64>::new_with_max(60_000_000, 3)?;
     let mut receiving = 0;
+    let mut closed = 0;
     let mut series: std::collections::BTreeMap<u64, f64> = Default::default();
     for s in &mut subs {
         let done = s.finish(Duration::from_secs(30)).await?;
         receiving += done["receiving"].as_u64().unwrap_or(0);
+        closed += done["closed"].as_u64().unwrap_or(0);
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(done["hist"].as_str().unwrap_or_default())?;
         let h: Histogram<u64> = Deserializer::new()
@@ -351,6 +355,7 @@ async fn fanout_run(
         hist,
         connected,
         receiving,
+        closed,
         published,
     })
 }
@@ -449,12 +454,13 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
             )
             .await?;
             println!(
-                "P1 run {}/{} {:>18}: {} delivered to {} sockets (p99 {:.1} ms)",
+                "P1 run {}/{} {:>18}: {} delivered to {} sockets ({} closed by the server; p99 {:.1} ms)",
                 run + 1,
                 args.runs,
                 system.name(),
                 fmt_rate(r.rate),
                 r.connected,
+                r.closed,
                 r.hist.value_at_quantile(0.99) as f64 / 1000.0
             );
             rates[i].push(r.rate);

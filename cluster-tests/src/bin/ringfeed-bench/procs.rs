@@ -115,9 +115,10 @@ pub fn rss(pid: u32) -> Result<u64> {
 /// The seed reference: a Redis server and one Node.js `ws` + `ioredis` endpoint
 /// process per core.
 pub struct SeedReference {
+    // Dropped (killed) in this order: the endpoints before Redis.
+    endpoints: Vec<Child>,
     _redis: Child,
     pub redis_addr: String,
-    endpoints: Vec<Child>,
     /// `ws://127.0.0.1:port/v1/connect?key={key}` per endpoint.
     pub urls: Vec<String>,
     _dir: tempfile::TempDir,
@@ -133,6 +134,9 @@ impl SeedReference {
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--maxclients", "1000", "--loglevel", "warning"])
+            // No handicap: Redis would otherwise drop an endpoint's subscription once
+            // 8 MB of messages wait for it, and its sockets would get nothing more.
+            .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
