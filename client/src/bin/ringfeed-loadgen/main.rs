@@ -62,8 +62,18 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// The keys `{prefix}{i}` for `i` in `0..count`, given as `prefix:count`… or a list.
+/// The keys `{prefix}{i}` for `i` in `0..count`, given as `PREFIX*COUNT`, or one per
+/// line of a file given as `@path`.
 pub fn keys(spec: &str) -> anyhow::Result<Vec<String>> {
+    if let Some(path) = spec.strip_prefix('@') {
+        let text = std::fs::read_to_string(path)?;
+        return Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect());
+    }
     // `bench:1000` → bench:0 … bench:999
     let (prefix, count) = spec
         .rsplit_once('*')

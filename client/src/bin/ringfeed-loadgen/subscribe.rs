@@ -52,11 +52,19 @@ pub struct SubArgs {
     /// Stop after this long (0: when stdin says `stop` or closes).
     #[arg(long, default_value_t = 0)]
     duration_secs: u64,
+    /// Follow every move like a real client: on `redirect` go to its URL, on a close
+    /// reconnect (to the next `--url`) — both with `since`/`epoch` — and account for
+    /// every seq: gaps, duplicates, resets, and how long each connection was without
+    /// updates (ringfeed only: its frames carry seqs).
+    #[arg(long)]
+    follow: bool,
 }
 
 /// What the connections share.
 struct Shared {
+    follow: Follow,
     received: AtomicU64,
+    last_receipt_ns: AtomicU64,
     /// Connections that received at least one stamped frame.
     receiving: AtomicU64,
     closed: AtomicU64,
@@ -66,6 +74,7 @@ struct Shared {
 impl Shared {
     fn record(&self, conn: usize, latency_us: u64) {
         self.received.fetch_add(1, Ordering::Relaxed);
+        self.last_receipt_ns.fetch_max(now_ns(), Ordering::Relaxed);
         let mut h = self.hist[conn % SHARDS].lock().expect("histogram lock");
         h.saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
     }
@@ -88,6 +97,8 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
         other => bail!("--target {other}: ws or tcp"),
     };
     let shared = Arc::new(Shared {
+        follow: Follow::default(),
+        last_receipt_ns: AtomicU64::new(0),
         received: AtomicU64::new(0),
         receiving: AtomicU64::new(0),
         closed: AtomicU64::new(0),
@@ -99,19 +110,24 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut connecting = tokio::task::JoinSet::new();
     let total = keys.len() * args.per_key;
+    let urls = Arc::new(args.url.clone());
+    let follow = args.follow && !tcp;
     for conn in (0..total).filter(|c| c % of == index) {
         let key = keys[conn / args.per_key].clone();
         let url = args.url[conn % args.url.len()].replace("{key}", &key);
         let source = args.sources[conn % args.sources.len()];
         let gate = gate.clone();
         let shared = shared.clone();
+        let urls = urls.clone();
         connecting.spawn(async move {
             let permit = gate.acquire_owned().await.expect("gate open");
             let attempt = tokio::time::timeout(Duration::from_secs(30), async {
                 if tcp {
                     connect_tcp(&url, &key, source).await.map(Conn::Tcp)
                 } else {
-                    connect_ws(&url, source).await.map(Conn::Ws)
+                    connect_ws(&url, source)
+                        .await
+                        .map(|(ws, first)| Conn::Ws(ws, first))
                 }
             })
             .await
@@ -119,7 +135,14 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
             .and_then(|r| r);
             drop(permit);
             let conn_stream = attempt?;
-            tokio::spawn(read(conn_stream, conn, shared));
+            match conn_stream {
+                Conn::Ws(ws, first) if follow => {
+                    tokio::spawn(follow_moves(ws, first, conn, key, urls, source, shared));
+                }
+                other => {
+                    tokio::spawn(read(other, conn, shared));
+                }
+            }
             anyhow::Ok(())
         });
     }
@@ -146,10 +169,11 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
         "ms": started.elapsed().as_millis() as u64,
     }));
 
+    let tick_ms = if args.follow { 100 } else { 1000 };
     let ticker = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
+            let mut every = tokio::time::interval(Duration::from_millis(tick_ms));
             loop {
                 every.tick().await;
                 emit(json!({
@@ -157,6 +181,8 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
                     "at_ns": now_ns(),
                     "received": shared.received.load(Ordering::Relaxed),
                     "receiving": shared.receiving.load(Ordering::Relaxed),
+                    "interrupted": shared.follow.interrupted.load(Ordering::Relaxed),
+                    "down": shared.follow.down.load(Ordering::Relaxed),
                 }));
             }
         })
@@ -171,8 +197,20 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
     V2Serializer::new()
         .serialize(&merged, &mut bytes)
         .map_err(|e| anyhow!("histogram: {e:?}"))?;
+    let f = &shared.follow;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     emit(json!({
         "ev": "done",
+        "last_receipt_ns": load(&shared.last_receipt_ns),
+        "interrupted": load(&f.interrupted),
+        "resumed": load(&f.resumed),
+        "still_down": f.down.load(Ordering::Relaxed),
+        "last_resumed_ns": load(&f.last_resumed_ns),
+        "first_down_ns": load(&f.first_down_ns),
+        "max_outage_us": load(&f.max_outage_us),
+        "gaps": load(&f.gaps),
+        "duplicates": load(&f.duplicates),
+        "resets": load(&f.resets),
         "connected": connected,
         "received": shared.received.load(Ordering::Relaxed),
         "receiving": shared.receiving.load(Ordering::Relaxed),
@@ -187,7 +225,11 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
 }
 
 enum Conn {
-    Ws(tokio_tungstenite::WebSocketStream<TcpStream>),
+    /// With the first text frame the server sent (its `welcome`).
+    Ws(
+        tokio_tungstenite::WebSocketStream<TcpStream>,
+        Option<String>,
+    ),
     Tcp(tokio::io::BufReader<TcpStream>),
 }
 
@@ -214,12 +256,11 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-/// Connects and follows `redirect` frames (at most 3) until a non-redirect frame or
-/// none is pending.
-async fn connect_ws(
-    url: &str,
-    source: IpAddr,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<TcpStream>> {
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Connects and follows `redirect` frames (at most 3) until another first frame (the
+/// `welcome`, returned with the socket) or none within 10 s.
+async fn connect_ws(url: &str, source: IpAddr) -> anyhow::Result<(Ws, Option<String>)> {
     let mut url = url.to_owned();
     for _ in 0..4 {
         let parsed = url::Url::parse(&url).with_context(|| format!("bad url {url}"))?;
@@ -245,7 +286,8 @@ async fn connect_ws(
             }
             Ok(Some(Ok(Message::Close(c)))) => bail!("closed at once: {c:?}"),
             Ok(Some(Err(e))) => return Err(e.into()),
-            _ => return Ok(ws),
+            Ok(Some(Ok(Message::Text(text)))) => return Ok((ws, Some(text.as_str().to_owned()))),
+            _ => return Ok((ws, None)),
         }
     }
     bail!("too many redirects")
@@ -275,7 +317,7 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
         }
     };
     match conn {
-        Conn::Ws(mut ws) => {
+        Conn::Ws(mut ws, _) => {
             while let Some(message) = ws.next().await {
                 match message {
                     Ok(Message::Text(text)) => seen(text.as_bytes()),
@@ -297,4 +339,171 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
         }
     }
     shared.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What `--follow` accounts for, over all connections.
+#[derive(Default)]
+struct Follow {
+    /// Connections that lost their socket (moved or dropped) at least once.
+    interrupted: AtomicU64,
+    /// Times a connection received an update again after losing its socket.
+    resumed: AtomicU64,
+    /// Connections without their socket, or reconnected but without an update yet.
+    down: std::sync::atomic::AtomicI64,
+    first_down_ns: AtomicU64,
+    last_resumed_ns: AtomicU64,
+    max_outage_us: AtomicU64,
+    /// Seqs skipped in a key's sequence, without a `reset` saying why.
+    gaps: AtomicU64,
+    duplicates: AtomicU64,
+    resets: AtomicU64,
+}
+
+/// One connection's position in its key.
+#[derive(Default)]
+struct Position {
+    epoch: Option<String>,
+    last: u64,
+    ever_down: bool,
+    got_any: bool,
+    down_since: Option<u64>,
+}
+
+/// Reads like [`read`], and follows every move with `since`/`epoch`.
+async fn follow_moves(
+    mut ws: Ws,
+    mut first: Option<String>,
+    conn: usize,
+    key: String,
+    urls: Arc<Vec<String>>,
+    source: IpAddr,
+    shared: Arc<Shared>,
+) {
+    let f = &shared.follow;
+    let mut at = Position::default();
+    let mut attempt = 0usize;
+    loop {
+        let mut redirect = None;
+        loop {
+            let text = match first.take() {
+                Some(t) => t,
+                None => match ws.next().await {
+                    Some(Ok(Message::Text(t))) => t.as_str().to_owned(),
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                },
+            };
+            redirect = on_frame(&text, &mut at, conn, &shared);
+            if redirect.is_some() {
+                break;
+            }
+        }
+        let now = now_ns();
+        if at.down_since.is_none() {
+            at.down_since = Some(now);
+            f.down.fetch_add(1, Ordering::Relaxed);
+            let _ = f
+                .first_down_ns
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            if !at.ever_down {
+                at.ever_down = true;
+                f.interrupted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Reconnect: where the redirect says, else the next URL, with our position.
+        loop {
+            let url = match redirect.take() {
+                Some(u) => u,
+                None => {
+                    attempt += 1;
+                    urls[(conn + attempt) % urls.len()].replace("{key}", &key)
+                }
+            };
+            let url = with_position(&url, &at);
+            match tokio::time::timeout(Duration::from_secs(5), connect_ws(&url, source)).await {
+                Ok(Ok((socket, welcome))) => {
+                    ws = socket;
+                    first = welcome;
+                    break;
+                }
+                _ => {
+                    let pause = 50 + (now_ns() % 50);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Accounts for one frame; returns a redirect's URL.
+fn on_frame(text: &str, at: &mut Position, conn: usize, shared: &Shared) -> Option<String> {
+    let f = &shared.follow;
+    let Ok(frame) = serde_json::from_str::<serde_json::Value>(text) else {
+        return None;
+    };
+    match frame["type"].as_str() {
+        Some("welcome") => {
+            if let Some(e) = frame["epoch"].as_str() {
+                at.epoch = Some(e.to_owned());
+            }
+        }
+        Some("update") => {
+            let seq = frame["seq"].as_u64().unwrap_or(0);
+            if at.last > 0 && seq <= at.last {
+                f.duplicates.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            if at.last > 0 && seq > at.last + 1 {
+                f.gaps.fetch_add(seq - at.last - 1, Ordering::Relaxed);
+            }
+            at.last = seq;
+            let now = now_ns();
+            if let Some(ts) = stamp(text.as_bytes()) {
+                shared.record(conn, now.saturating_sub(ts) / 1000);
+            }
+            if !at.got_any {
+                at.got_any = true;
+                shared.receiving.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(down) = at.down_since.take() {
+                f.down.fetch_sub(1, Ordering::Relaxed);
+                f.resumed.fetch_add(1, Ordering::Relaxed);
+                f.last_resumed_ns.fetch_max(now, Ordering::Relaxed);
+                f.max_outage_us
+                    .fetch_max(now.saturating_sub(down) / 1000, Ordering::Relaxed);
+            }
+        }
+        Some("reset") => {
+            f.resets.fetch_add(1, Ordering::Relaxed);
+            at.last = frame["seq"].as_u64().unwrap_or(0);
+            at.epoch = frame["epoch"].as_str().map(str::to_owned);
+        }
+        Some("redirect") => return frame["url"].as_str().map(str::to_owned),
+        _ => {}
+    }
+    None
+}
+
+/// `url` with `since` and `epoch` set to this connection's position.
+fn with_position(url: &str, at: &Position) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(k, _)| k != "since" && k != "epoch")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    {
+        let mut q = parsed.query_pairs_mut();
+        q.clear();
+        for (k, v) in &kept {
+            q.append_pair(k, v);
+        }
+        if let Some(epoch) = &at.epoch {
+            q.append_pair("since", &at.last.to_string());
+            q.append_pair("epoch", epoch);
+        }
+    }
+    parsed.to_string()
 }

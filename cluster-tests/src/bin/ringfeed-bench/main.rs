@@ -5,6 +5,7 @@
 //!
 //! `scripts/bench` is the way in (it builds release binaries and installs the peers).
 
+mod moves;
 mod procs;
 mod report;
 
@@ -28,7 +29,7 @@ use report::median;
     about = "ringfeed's benchmarks against its peers"
 )]
 struct Args {
-    /// P1, P2, P3, P5, or `table` (rewrite the README table from the JSON).
+    /// P1 … P5, P7, P8, or `table` (rewrite the README table from the JSON).
     scenario: String,
     /// Where the JSON files and plots go.
     #[arg(long, default_value = "bench/results")]
@@ -74,9 +75,12 @@ async fn main() -> Result<()> {
         "P1" => p1(&args, &sizes).await,
         "P2" => p2(&args, &sizes).await,
         "P3" => p3(&args, &sizes).await,
+        "P4" => p4(&args, &sizes).await,
         "P5" => p5(&args, &sizes).await,
+        "P7" => moves::p7(&args).await,
+        "P8" => moves::p8(&args).await,
         "table" => report::readme_table(&args.out, &args.readme),
-        other => bail!("unknown scenario {other} (P1, P2, P3, P5, table; P6 is scripts/bench P6)"),
+        other => bail!("unknown scenario {other} (P1–P5, P7, P8, table; P6 is scripts/bench P6)"),
     }
 }
 
@@ -160,6 +164,8 @@ struct RunResult {
     /// Subscriber connections the server closed during the run (e.g. 4408).
     closed: u64,
     published: u64,
+    /// From the publisher's (or the calibration's `go`) start to the last receipt.
+    last_receipt_ms: f64,
 }
 
 fn ringfeed_urls(cluster: &Cluster) -> Vec<String> {
@@ -308,7 +314,7 @@ async fn fanout_run(
             })
             .sum();
     }
-    let published = match publisher.as_mut() {
+    let mut published = match publisher.as_mut() {
         Some(p) => {
             let done = p.finish(Duration::from_secs(30)).await?;
             if done["errors"].as_u64().unwrap_or(0) > 0 {
@@ -319,21 +325,18 @@ async fn fanout_run(
             }
             done["published"].as_u64().unwrap_or(0)
         }
-        None => {
-            let f = fanout.as_mut().expect("fan-out");
-            f.finish(Duration::from_secs(10)).await?["sent"]
-                .as_u64()
-                .unwrap_or(0)
-        }
+        None => 0,
     };
     let mut hist = Histogram::<u64>::new_with_max(60_000_000, 3)?;
     let mut receiving = 0;
     let mut closed = 0;
+    let mut last_receipt = 0;
     let mut series: std::collections::BTreeMap<u64, f64> = Default::default();
     for s in &mut subs {
         let done = s.finish(Duration::from_secs(30)).await?;
         receiving += done["receiving"].as_u64().unwrap_or(0);
         closed += done["closed"].as_u64().unwrap_or(0);
+        last_receipt = last_receipt.max(done["last_receipt_ns"].as_u64().unwrap_or(0));
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(done["hist"].as_str().unwrap_or_default())?;
         let h: Histogram<u64> = Deserializer::new()
@@ -349,6 +352,12 @@ async fn fanout_run(
             }
         }
     }
+    // The calibration server stops after its subscribers (it would close them).
+    if let Some(f) = fanout.as_mut() {
+        published = f.finish(Duration::from_secs(10)).await?["sent"]
+            .as_u64()
+            .unwrap_or(0);
+    }
     Ok(RunResult {
         rate,
         series: series.into_iter().map(|(s, r)| (s as f64, r)).collect(),
@@ -357,6 +366,7 @@ async fn fanout_run(
         receiving,
         closed,
         published,
+        last_receipt_ms: last_receipt.saturating_sub(started_ns) as f64 / 1e6,
     })
 }
 
@@ -648,20 +658,23 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
 
 /// P3: memory per idle connection, each on its own key, at 10k and 17k connections.
 async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
-    let cluster = start_ringfeed(1).await?;
-    let seed = SeedReference::start(&args.peers, 1).await?;
-    let node_pid = cluster.nodes[0].pid().expect("node running");
-    let seed_pid = seed.pids()[0];
     let mut per_conn: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); sizes.idle.len()]; 2];
     for run in 0..args.runs {
         for (si, &n) in sizes.idle.iter().enumerate() {
-            for (i, (name, urls, pid)) in [
-                ("ringfeed", ringfeed_urls(&cluster), node_pid),
-                ("seed-reference", seed.urls.clone(), seed_pid),
-            ]
-            .into_iter()
-            .enumerate()
-            {
+            for (i, slot) in per_conn.iter_mut().enumerate() {
+                // A fresh process per measurement: freed memory is not given back to
+                // the kernel, so a second round in one process would measure nothing.
+                let (cluster, seed, name, urls, pid) = if i == 0 {
+                    let cluster = start_ringfeed(1).await?;
+                    let pid = cluster.nodes[0].pid().expect("node running");
+                    let urls = ringfeed_urls(&cluster);
+                    (Some(cluster), None, "ringfeed", urls, pid)
+                } else {
+                    let seed = SeedReference::start(&args.peers, 1).await?;
+                    let pid = seed.pids()[0];
+                    let urls = seed.urls.clone();
+                    (None, Some(seed), "seed-reference", urls, pid)
+                };
                 let before = settled_rss(pid).await?;
                 let keys = format!("p3-{run}-{n}:*{n}");
                 let mut subs = Vec::new();
@@ -700,33 +713,12 @@ async fn p3(args: &Args, sizes: &Sizes) -> Result<()> {
                     before as f64 / 1048576.0,
                     after as f64 / 1048576.0
                 );
-                per_conn[i][si].push(kib);
+                slot[si].push(kib);
                 for s in &mut subs {
                     s.finish(Duration::from_secs(30)).await?;
                 }
-                // Let the server notice the closes before the next baseline.
-                if i == 0 {
-                    let http = cluster.nodes[0].http.clone();
-                    ringfeed_cluster_tests::eventually(
-                        "the node to drop its connections",
-                        Duration::from_secs(60),
-                        || {
-                            let http = http.clone();
-                            async move {
-                                let (_, body) =
-                                    ringfeed_cluster_tests::http_get(&format!("{http}/metrics"))
-                                        .await?;
-                                Ok(body
-                                    .lines()
-                                    .any(|l| l == "ringfeed_connections 0")
-                                    .then_some(()))
-                            }
-                        },
-                    )
-                    .await;
-                } else {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
+                drop(seed);
+                drop(cluster);
             }
         }
     }
@@ -866,5 +858,104 @@ async fn p5(args: &Args, sizes: &Sizes) -> Result<()> {
         "machine": report::machine(),
     });
     report::write_json(&args.out, "P5", &result)?;
+    Ok(())
+}
+
+/// P4: 100k WebSocket connections across 7 nodes, each on its own key, one publish to
+/// each key: time from the first publish to the last receipt. The calibration is one
+/// server process (the fd limit is per process): 10k sockets × 10 messages = 100k
+/// writes.
+async fn p4(args: &Args, sizes: &Sizes) -> Result<()> {
+    let (connections, procs, nodes) = if args.smoke {
+        (500, 2, 3)
+    } else {
+        (100_000, 6, 7)
+    };
+    let keys = format!("p4:*{connections}");
+    let cluster = start_ringfeed(nodes).await?;
+    let ringfeed = System::Ringfeed {
+        urls: ringfeed_urls(&cluster),
+        router: cluster.router_grpc(),
+    };
+    let publishing = Publishing {
+        batch: 500,
+        rate: 0,
+        concurrency: 8,
+        count: connections as u64,
+    };
+    let calibration_sockets = (connections / 10).max(1);
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    // One run: 100k connections take a while to open, and the figure is stable.
+    let runs = 1;
+    for run in 0..runs {
+        let r = fanout_run(
+            &ringfeed,
+            &keys,
+            1,
+            procs,
+            publishing,
+            Duration::ZERO,
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(
+            r.receiving as usize == connections,
+            "ringfeed: {} of {connections} connections received",
+            r.receiving
+        );
+        println!(
+            "P4 run {}/{runs} ringfeed: {} connections on {nodes} nodes; all received {:.0} ms after the first publish",
+            run + 1,
+            r.connected,
+            r.last_receipt_ms
+        );
+        times[0].push(r.last_receipt_ms);
+        for (i, mode) in [(1, "tcp"), (2, "ws")] {
+            let r = fanout_run(
+                &System::Calibration(mode),
+                &format!("p4c:*{calibration_sockets}"),
+                1,
+                sizes.sub_procs,
+                Publishing {
+                    count: connections as u64,
+                    ..publishing
+                },
+                Duration::ZERO,
+                Duration::from_secs(60),
+            )
+            .await?;
+            println!(
+                "P4 run {}/{runs} calibration-{mode}: {connections} writes to {calibration_sockets} sockets in {:.0} ms",
+                run + 1,
+                r.last_receipt_ms
+            );
+            times[i].push(r.last_receipt_ms);
+        }
+    }
+    let m: Vec<f64> = times.iter().map(|v| median(v)).collect();
+    let calibration = m[1].min(m[2]);
+    let met = m[0] <= 2.0 * calibration;
+    let summary = format!(
+        "{connections} connections on {nodes} nodes, all received in {:.2} s = {:.2}× calibration",
+        m[0] / 1000.0,
+        m[0] / calibration
+    );
+    println!("P4: {summary}; bar {}", if met { "met" } else { "not met" });
+    let result = json!({
+        "id": "P4",
+        "what": "100k WebSocket connections across 7 nodes, one publish to each",
+        "setup": {"connections": connections, "nodes": nodes, "loadgen_processes": procs, "sources": SOURCES, "batch": 500, "runs": runs},
+        "ringfeed": {"all_received_ms": times[0], "median_ms": m[0]},
+        "peers": {"seed-reference": {"measured": false, "why": "P4 is ringfeed against the calibration"}},
+        "calibration": {"how": format!("{connections} writes to {calibration_sockets} sockets from one process (the fd limit is per process)"), "tcp_ms": times[1], "ws_ms": times[2], "best_ms": calibration},
+        "fraction_of_calibration": m[0] / calibration,
+        "bar": "all 100k received within 2× the calibration's time for 100k writes",
+        "met": met,
+        "summary_ringfeed": summary,
+        "summary_peers": "—",
+        "summary_calibration": format!("{:.2} s for {connections} writes", calibration / 1000.0),
+        "machine": report::machine(),
+    });
+    report::write_json(&args.out, "P4", &result)?;
     Ok(())
 }

@@ -187,7 +187,21 @@ pub fn readme_table(dir: &Path, readme: &Path) -> Result<()> {
             rows.push(format!("| {id} | not measured yet | | | | |"));
             continue;
         };
-        let v: Value = serde_json::from_str(&text)?;
+        let mut v: Value = serde_json::from_str(&text)?;
+        if id == "P6" {
+            // Written by the router's ring_bench example, in its own shape.
+            let r = v["ringfeed"].clone();
+            v["what"] = json!("ring quality: 1M keys, 5 nodes × 1,024 points");
+            v["summary_ringfeed"] = json!(format!(
+                "max/mean {:.3}; {:.3} moved when a 6th joins; lookup {:.0} ns",
+                r["max_over_mean"].as_f64().unwrap_or(f64::NAN),
+                r["moved_share"].as_f64().unwrap_or(f64::NAN),
+                r["lookup_ns"].as_f64().unwrap_or(f64::NAN)
+            ));
+            v["summary_peers"] = json!("—");
+            v["summary_calibration"] = json!("—");
+            v["bar"] = json!("max/mean ≤ 1.10, moved 1/6 ± 10%, lookup ≤ 100 ns");
+        }
         let cell = |k: &str| v[k].as_str().unwrap_or("").to_owned();
         let met = match v["met"].as_bool() {
             Some(true) => "met",
