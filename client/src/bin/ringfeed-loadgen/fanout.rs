@@ -146,6 +146,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     std::process::exit(0);
 }
 
+// The handshake callback's error type is tungstenite's, large or not.
+#[allow(clippy::result_large_err)]
 async fn serve_ws(
     stream: TcpStream,
     mut rx: mpsc::Receiver<Bytes>,

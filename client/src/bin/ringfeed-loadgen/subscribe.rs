@@ -127,7 +127,7 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
                 } else {
                     connect_ws(&url, source)
                         .await
-                        .map(|(ws, first)| Conn::Ws(ws, first))
+                        .map(|(ws, first)| Conn::Ws(Box::new(ws), first))
                 }
             })
             .await
@@ -137,7 +137,7 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
             let conn_stream = attempt?;
             match conn_stream {
                 Conn::Ws(ws, first) if follow => {
-                    tokio::spawn(follow_moves(ws, first, conn, key, urls, source, shared));
+                    tokio::spawn(follow_moves(*ws, first, conn, key, urls, source, shared));
                 }
                 other => {
                     tokio::spawn(read(other, conn, shared));
@@ -226,10 +226,7 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
 
 enum Conn {
     /// With the first text frame the server sent (its `welcome`).
-    Ws(
-        tokio_tungstenite::WebSocketStream<TcpStream>,
-        Option<String>,
-    ),
+    Ws(Box<Ws>, Option<String>),
     Tcp(tokio::io::BufReader<TcpStream>),
 }
 
