@@ -45,10 +45,12 @@ const MAX_FRAMES_PER_FLUSH: usize = 256;
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The tungstenite settings of every server-side socket: small explicit buffers and
-/// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages).
+/// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages). Clients
+/// send little (pings, the odd publish), and the read buffer is held for the life of
+/// the connection: 1 KiB, grown only by a connection that sends a larger frame.
 pub fn socket_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(max_frame))
@@ -96,7 +98,9 @@ impl Session {
                     .await
             }
         };
-        match session::place(&self.node, &key, query.rv).await {
+        // Rare or one-off steps are boxed: an async fn's state is as large as its
+        // largest await, and a connection lives in that state for hours.
+        match Box::pin(session::place(&self.node, &key, query.rv)).await {
             Placement::Here => {}
             Placement::Moved { owner, version } => {
                 return self
@@ -139,12 +143,13 @@ impl Session {
             }
         };
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
-        match tokio::time::timeout(WRITE_TIMEOUT, self.send_start(&key, &sub.start)).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub.start))).await
+        {
             Ok(Ok(())) => {}
             _ => return,
         }
         let control = sub.control.clone();
-        self.live(&key, &mut sub.rx, &control).await;
+        Box::pin(self.live(&key, &mut sub.rx, &control)).await;
     }
 
     /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
@@ -185,11 +190,11 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                kick = control.kicked() => return self.kicked(kick).await,
-                _ = shutdown.cancelled() => return self.close(CLOSE_GOING_AWAY, "node shutting down").await,
+                kick = control.kicked() => return Box::pin(self.kicked(kick)).await,
+                _ = shutdown.cancelled() => return Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await,
                 () = &mut dead_at => {
                     tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
-                    return self.close(CLOSE_GOING_AWAY, "heartbeat timeout").await;
+                    return Box::pin(self.close(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return };
@@ -197,19 +202,19 @@ impl Session {
                     // noticing the kick that its full queue causes.
                     tokio::select! {
                         written = self.write_batch(frame, rx) => if written.is_err() { return },
-                        kick = control.kicked() => return self.kicked(kick).await,
+                        kick = control.kicked() => return Box::pin(self.kicked(kick)).await,
                     }
                 }
                 msg = self.socket.next() => {
                     dead_at.as_mut().reset(tokio::time::Instant::now() + silence);
                     match msg {
                         Some(Ok(Message::Text(text))) => {
-                            if let Err((code, message)) = self.client_frame(key, &text).await {
-                                return self.error(code, &message).await;
+                            if let Err((code, message)) = Box::pin(self.client_frame(key, &text)).await {
+                                return Box::pin(self.error(code, &message)).await;
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            return self.error("binary_frame", "binary frames are not part of the protocol").await;
+                            return Box::pin(self.error("binary_frame", "binary frames are not part of the protocol")).await;
                         }
                         Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {}
                         Some(Ok(Message::Ping(_))) => {
@@ -220,11 +225,11 @@ impl Session {
                         }
                         Some(Ok(Message::Close(_))) | None => return,
                         Some(Err(WsError::Capacity(e))) => {
-                            return self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}")).await;
+                            return Box::pin(self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}"))).await;
                         }
                         Some(Err(e)) => {
                             tracing::debug!(error = %e, "client connection failed");
-                            return self.close(CLOSE_BAD_REQUEST, "protocol error").await;
+                            return Box::pin(self.close(CLOSE_BAD_REQUEST, "protocol error")).await;
                         }
                     }
                 }
