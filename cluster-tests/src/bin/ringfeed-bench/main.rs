@@ -121,6 +121,9 @@ enum System {
     Ringfeed {
         urls: Vec<String>,
         router: String,
+        /// Each subscriber process straight to one owner: (its URL, a `@file` of the
+        /// keys it owns) — no redirects (P4's 100k connections).
+        direct: Option<Vec<(String, String)>>,
     },
     Seed {
         urls: Vec<String>,
@@ -226,8 +229,35 @@ async fn fanout_run(
         }
         System::Ringfeed { urls, .. } | System::Seed { urls, .. } => (None, urls.clone(), "ws"),
     };
+    // (url, keys, shard, sources) per subscriber process.
+    let plan: Vec<(String, String, String, String)> = match system {
+        System::Ringfeed {
+            direct: Some(parts),
+            ..
+        } => parts
+            .iter()
+            .map(|(u, k)| {
+                (
+                    u.clone(),
+                    k.clone(),
+                    "0/1".to_owned(),
+                    "127.0.0.1".to_owned(),
+                )
+            })
+            .collect(),
+        _ => (0..sub_procs)
+            .map(|i| {
+                (
+                    urls.join(","),
+                    keys.to_owned(),
+                    format!("{i}/{sub_procs}"),
+                    SOURCES.to_owned(),
+                )
+            })
+            .collect(),
+    };
     let mut subs = Vec::new();
-    for i in 0..sub_procs {
+    for (i, (url, keys, shard, sources)) in plan.into_iter().enumerate() {
         subs.push(Loadgen::spawn(
             &format!("{} subscribers {i}", system.name()),
             &[
@@ -235,15 +265,15 @@ async fn fanout_run(
                 "--target".into(),
                 target.into(),
                 "--url".into(),
-                urls.join(","),
+                url,
                 "--keys".into(),
-                keys.into(),
+                keys,
                 "--per-key".into(),
                 per_key.to_string(),
                 "--shard".into(),
-                format!("{i}/{sub_procs}"),
+                shard,
                 "--sources".into(),
-                SOURCES.into(),
+                sources,
                 "--connect-concurrency".into(),
                 "64".into(),
             ],
@@ -435,6 +465,7 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
         System::Ringfeed {
             urls: ringfeed_urls(&cluster),
             router: cluster.router_grpc(),
+            direct: None,
         },
         System::Seed {
             urls: seed.urls.clone(),
@@ -539,6 +570,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
     let ringfeed = System::Ringfeed {
         urls: ringfeed_urls(&cluster),
         router: cluster.router_grpc(),
+        direct: None,
     };
     let seed_system = System::Seed {
         urls: seed.urls.clone(),
@@ -786,6 +818,7 @@ async fn p5(args: &Args, sizes: &Sizes) -> Result<()> {
         System::Ringfeed {
             urls: ringfeed_urls(&cluster),
             router: cluster.router_grpc(),
+            direct: None,
         },
         System::Seed {
             urls: seed.urls.clone(),
@@ -866,16 +899,40 @@ async fn p5(args: &Args, sizes: &Sizes) -> Result<()> {
 /// server process (the fd limit is per process): 10k sockets × 10 messages = 100k
 /// writes.
 async fn p4(args: &Args, sizes: &Sizes) -> Result<()> {
-    let (connections, procs, nodes) = if args.smoke {
-        (500, 2, 3)
-    } else {
-        (100_000, 6, 7)
-    };
+    let (connections, nodes) = if args.smoke { (500, 3) } else { (100_000, 7) };
+    let procs = nodes;
     let keys = format!("p4:*{connections}");
     let cluster = start_ringfeed(nodes).await?;
+    // One subscriber process per node, holding the keys that node owns (the ring is
+    // computed here from the same ids and points), so nobody is redirected.
+    let ring = moves::ring_of(
+        &cluster
+            .nodes
+            .iter()
+            .map(|n| n.id.as_str())
+            .collect::<Vec<_>>(),
+    );
+    let dir = tempfile::tempdir()?;
+    let mut direct = Vec::new();
+    for node in &cluster.nodes {
+        let owned: Vec<String> = (0..connections)
+            .map(|i| format!("p4:{i}"))
+            .filter(|k| ring.owner(k).is_some_and(|o| o.id.0 == node.id))
+            .collect();
+        let file = dir.path().join(format!("{}.keys", node.id));
+        std::fs::write(&file, owned.join("\n"))?;
+        direct.push((
+            format!(
+                "{}/v1/connect?key={{key}}",
+                node.http.replace("http://", "ws://")
+            ),
+            format!("@{}", file.display()),
+        ));
+    }
     let ringfeed = System::Ringfeed {
         urls: ringfeed_urls(&cluster),
         router: cluster.router_grpc(),
+        direct: Some(direct),
     };
     let publishing = Publishing {
         batch: 500,

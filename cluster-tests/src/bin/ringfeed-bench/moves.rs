@@ -300,18 +300,7 @@ pub async fn p8(args: &Args) -> Result<()> {
         .node_args(&["--max-connections", "19000"])
         .start()
         .await?;
-    // The ring with n4 on it (owners depend on ids and points only).
-    let member = |id: &str| Member {
-        id: NodeId(id.into()),
-        incarnation: String::new(),
-        grpc: String::new(),
-        http: String::new(),
-        quic: None,
-        points: DEFAULT_POINTS,
-        state: MemberState::Active,
-        version: String::new(),
-    };
-    let future = Ring::new(["n1", "n2", "n3", "n4"].map(member));
+    let future = ring_of(&["n1", "n2", "n3", "n4"]);
     let keys: Vec<String> = (0..)
         .map(|i| format!("p8:{i}"))
         .filter(|k| future.owner(k).is_some_and(|o| o.id.0 == "n4"))
@@ -345,4 +334,19 @@ pub async fn p8(args: &Args) -> Result<()> {
     });
     report::write_json(&args.out, "P8", &result)?;
     Ok(())
+}
+
+/// The ring of active members `ids` with the default points: owners depend on ids and
+/// points only, so the bench can tell where keys live (or will) without asking.
+pub fn ring_of(ids: &[&str]) -> Ring {
+    Ring::new(ids.iter().map(|id| Member {
+        id: NodeId((*id).into()),
+        incarnation: String::new(),
+        grpc: String::new(),
+        http: String::new(),
+        quic: None,
+        points: DEFAULT_POINTS,
+        state: MemberState::Active,
+        version: String::new(),
+    }))
 }
