@@ -46,11 +46,28 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
+/// Connections the kernel queues before they are accepted. A moved or failed-over
+/// node's clients arrive at once (thousands within milliseconds); with tokio's default
+/// of 1,024 the rest see their SYNs dropped and retry a second later. The kernel caps
+/// it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
+async fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn start(config: Config) -> anyhow::Result<()> {
-    let http = tokio::net::TcpListener::bind(config.http_listen)
+    let http = listen(config.http_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --http-listen {}: {e}", config.http_listen))?;
-    let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
+    let grpc = listen(config.grpc_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --grpc-listen {}: {e}", config.grpc_listen))?;
     // SIGTERM or Ctrl-C asks for a drain.

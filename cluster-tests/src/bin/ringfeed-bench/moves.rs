@@ -307,7 +307,14 @@ pub async fn p8(args: &Args) -> Result<()> {
         .take(keys_wanted)
         .collect();
     let dir = tempfile::tempdir()?;
-    let (m, _, _) = under_load(&mut cluster, &keys, dir.path(), Fault::Join("n4")).await?;
+    let (m, event, _) = under_load(&mut cluster, &keys, dir.path(), Fault::Join("n4")).await?;
+    if let Some(path) = std::env::var_os("RINGFEED_BENCH_LOGS") {
+        // For a look at where the time goes: the processes' logs, and the event's time.
+        std::fs::write(
+            path,
+            format!("ring event at {event} ns\n{}", cluster.logs()),
+        )?;
+    }
     let ok = m.back_ms <= 1000.0 && m.gaps == 0 && m.resets == 0;
     println!(
         "P8: {} clients moved to n4; every one receiving from it {:.0} ms after the join's ring event; {} acked, {} lost, {} duplicates, {} resets, {} publish errors; bar ≤ 1000 ms {}",
