@@ -383,6 +383,10 @@ async fn follow_moves(
     let f = &shared.follow;
     let mut at = Position::default();
     let mut attempt = 0usize;
+    // Failed reconnects in a row: the pause doubles from 50 ms up to 250 ms, jittered,
+    // as PROTOCOL.md asks of clients (a dead owner stays on the ring until its lease
+    // expires, and hammering the survivors meanwhile helps nobody).
+    let mut failures = 0u32;
     loop {
         let mut redirect = None;
         loop {
@@ -425,10 +429,13 @@ async fn follow_moves(
                 Ok(Ok((socket, welcome))) => {
                     ws = socket;
                     first = welcome;
+                    failures = 0;
                     break;
                 }
                 _ => {
-                    let pause = 50 + (now_ns() % 50);
+                    let base = (50u64 << failures.min(3)).min(250);
+                    failures += 1;
+                    let pause = base / 2 + now_ns() % (base / 2 + 1);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
             }

@@ -211,10 +211,14 @@ fn moved_json(m: &Moved) -> Value {
 /// P7: SIGKILL of the node whose keys have 3,000 subscribed clients, TTL 2 s and 5 s.
 pub async fn p7(args: &Args) -> Result<()> {
     let keys_wanted = if args.smoke { 20 } else { 300 };
-    let ttls: &[u64] = if args.smoke { &[2] } else { &[2, 5] };
+    let ttls: Vec<u64> = match std::env::var("RINGFEED_BENCH_TTLS") {
+        Ok(list) => list.split(',').filter_map(|t| t.parse().ok()).collect(),
+        Err(_) if args.smoke => vec![2],
+        Err(_) => vec![2, 5],
+    };
     let mut results = Vec::new();
     let mut met = true;
-    for &ttl in ttls {
+    for &ttl in &ttls {
         let mut cluster = Cluster::builder()
             .nodes(3)
             .lease_ttl(ttl)
@@ -239,7 +243,13 @@ pub async fn p7(args: &Args) -> Result<()> {
             }
         }
         let dir = tempfile::tempdir()?;
-        let (m, _, _) = under_load(&mut cluster, &keys, dir.path(), Fault::Kill("n3")).await?;
+        let (m, killed, gone) =
+            under_load(&mut cluster, &keys, dir.path(), Fault::Kill("n3")).await?;
+        if let Some(path) = std::env::var_os("RINGFEED_BENCH_LOGS") {
+            let path = format!("{}.ttl{ttl}", path.to_string_lossy());
+            let head = format!("killed at {killed} ns, off the ring at {gone:?} ns\n");
+            std::fs::write(path, head + &cluster.logs())?;
+        }
         let bar_ms = ttl as f64 * 1000.0 + 1500.0;
         let ok = m.back_ms <= bar_ms && m.gaps == 0;
         met &= ok;
