@@ -12,7 +12,7 @@ use ringfeed_router::ring::{Member, MemberState, NodeId, Ring, DEFAULT_POINTS};
 use serde_json::{json, Value};
 
 use crate::procs::Loadgen;
-use crate::{now_ns, report, ringfeed_urls, Args, SOURCES};
+use crate::{now_ns, report, ringfeed_urls, Args};
 
 /// Clients per key, and updates/s spread over the keys (≈13 per key per second: a
 /// client that is back receives within ~75 ms).
@@ -70,8 +70,11 @@ async fn under_load(
                 PER_KEY.to_string(),
                 "--shard".into(),
                 format!("{i}/2"),
+                // One source, no explicit bind: moving clients reconnect many times, and
+                // only connect()'s own port choice reuses the TIME_WAIT ports that
+                // leaves (net.ipv4.tcp_tw_reuse); bind(port 0) would run out.
                 "--sources".into(),
-                SOURCES.into(),
+                "127.0.0.1".into(),
             ],
         )?);
     }
