@@ -47,10 +47,10 @@ type Socket = WebSocketStream<TokioIo<Upgraded>>;
 /// The tungstenite settings of every server-side socket: small explicit buffers and
 /// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages). Clients
 /// send little (pings, the odd publish), and the read buffer is held for the life of
-/// the connection: 1 KiB, grown only by a connection that sends a larger frame.
+/// the connection: 256 bytes, grown only by a connection that sends a larger frame.
 pub fn socket_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(max_frame))
