@@ -450,14 +450,13 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         ),
     ];
     let mut body = String::new();
-    for (name, help, value) in gauges {
+    let typed = gauges
+        .into_iter()
+        .map(|g| (g, "gauge"))
+        .chain(counted.into_iter().map(|c| (c, "counter")));
+    for ((name, help, value), kind) in typed {
         body.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    }
-    for (name, help, value) in counted {
-        body.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
     }
     let mut response = Response::new(Body::from(body));

@@ -114,8 +114,18 @@ pub async fn run(
                     _ = node.handoffs.settled_on(&node.id) => {}
                     _ = node.shutdown.cancelled() => return,
                 }
-                if let Err(e) = registration.end_transition().await {
-                    tracing::warn!(error = %e, "cannot close the transition; it ends with this node's lease");
+                // Until etcd takes it: a transition left open would hold every later
+                // join and drain for as long as this node lives.
+                let mut backoff = ringfeed_router::membership::Backoff::new(
+                    Duration::from_millis(100),
+                    Duration::from_secs(2),
+                );
+                while let Err(e) = registration.end_transition().await {
+                    tracing::warn!(error = %e, "cannot close the transition yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
+                        _ = node.shutdown.cancelled() => return,
+                    }
                 }
                 tokio::select! {
                     _ = changes.changed() => {}

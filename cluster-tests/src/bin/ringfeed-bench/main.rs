@@ -461,14 +461,11 @@ fn fmt_rate(r: f64) -> String {
     }
 }
 
-/// P1: delivered messages/s, batched, 1,000 keys × 10 subscribers on 3 nodes.
-async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
-    let keys = format!("p1:*{}", sizes.keys);
-    let cluster = start_ringfeed(3).await?;
-    let seed = SeedReference::start(&args.peers, 2).await?;
-    let systems = [
+/// Ringfeed, the seed reference and both calibrations, in the order runs alternate.
+fn side_by_side(cluster: &Cluster, seed: &SeedReference) -> [System; 4] {
+    [
         System::Ringfeed {
-            urls: ringfeed_urls(&cluster),
+            urls: ringfeed_urls(cluster),
             router: cluster.router_grpc(),
             direct: None,
         },
@@ -478,7 +475,15 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
         },
         System::Calibration("tcp"),
         System::Calibration("ws"),
-    ];
+    ]
+}
+
+/// P1: delivered messages/s, batched, 1,000 keys × 10 subscribers on 3 nodes.
+async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
+    let keys = format!("p1:*{}", sizes.keys);
+    let cluster = start_ringfeed(3).await?;
+    let seed = SeedReference::start(&args.peers, 2).await?;
+    let systems = side_by_side(&cluster, &seed);
     let publishing = Publishing {
         batch: 100,
         rate: 0,
@@ -819,19 +824,7 @@ async fn settled_rss(pid: u32) -> Result<u64> {
 async fn p5(args: &Args, sizes: &Sizes) -> Result<()> {
     let cluster = start_ringfeed(3).await?;
     let seed = SeedReference::start(&args.peers, 2).await?;
-    let systems = [
-        System::Ringfeed {
-            urls: ringfeed_urls(&cluster),
-            router: cluster.router_grpc(),
-            direct: None,
-        },
-        System::Seed {
-            urls: seed.urls.clone(),
-            redis: seed.redis_addr.clone(),
-        },
-        System::Calibration("tcp"),
-        System::Calibration("ws"),
-    ];
+    let systems = side_by_side(&cluster, &seed);
     let publishing = Publishing {
         batch: 0,
         rate: 0,
