@@ -346,7 +346,21 @@ impl ClusterBuilder {
         };
         let ids: Vec<String> = (1..=self.nodes).map(|i| format!("n{i}")).collect();
         let starts = ids.iter().map(|id| cluster.spawn_node(id, &[]));
-        let nodes = futures_util::future::try_join_all(starts).await?;
+        let nodes = match futures_util::future::try_join_all(starts).await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                // One node's log rarely says why it waits: show every node's.
+                let mut logs = String::new();
+                for id in &ids {
+                    let path = cluster.dir.path().join(format!("{id}.log"));
+                    let log = std::fs::read_to_string(path).unwrap_or_default();
+                    logs.push_str(&format!("\n===== {id} =====\n{log}"));
+                }
+                return Err(e.context(format!(
+                    "the cluster did not start; every node's log:{logs}"
+                )));
+            }
+        };
         cluster.nodes = nodes;
         cluster.router = Some(cluster.spawn_router().await?);
         cluster.converged().await;
