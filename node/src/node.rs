@@ -192,11 +192,25 @@ impl Node {
     /// Follows the ring: on every new ring, keys this node no longer owns are handed
     /// to their new owners and their subscribers redirected there; replicas of a
     /// departed owner are promoted; keys whose successor changed are sent to the new one.
-    pub async fn follow_ring(self: Arc<Self>) {
+    ///
+    /// Subscribes at once, when called, not when the task first runs: the task is
+    /// spawned just before the node registers, and a ring broadcast before a late
+    /// subscription (this node's own first ring, say) would be taken as the starting
+    /// point and never handled — a first node would never settle, and its join's
+    /// transition would hold every later join for as long as it lives.
+    pub fn follow_ring(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         // Every ring, in order: a node restarted under the same id must be seen leaving
         // (and its replicas promoted) before its new, empty incarnation joins.
-        let mut rings = self.membership.rings();
-        let mut previous = self.membership.view().ring.clone();
+        let rings = self.membership.rings();
+        let previous = self.membership.view().ring.clone();
+        self.follow_ring_from(rings, previous)
+    }
+
+    async fn follow_ring_from(
+        self: Arc<Self>,
+        mut rings: tokio::sync::broadcast::Receiver<Arc<View>>,
+        mut previous: Arc<ringfeed_router::ring::Ring>,
+    ) {
         loop {
             let view = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
