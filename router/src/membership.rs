@@ -327,7 +327,15 @@ impl Membership {
                     self.publish(&map, at);
                 }
             }
-            self.publish(&map, revision);
+            // A response's header revision is etcd's when it was sent: events up to it
+            // may still be on their way (the response that creates the watch, catch-up
+            // chunks), and a view claiming that revision would make them look old and
+            // be dropped — a first node never saw its own ring. Only a progress
+            // notification (no events, watch already created) says nothing older is
+            // left to come.
+            if events.is_empty() && !resp.created() {
+                self.publish(&map, revision);
+            }
         }
         Ok(())
     }
