@@ -72,9 +72,11 @@ struct Shared {
 }
 
 impl Shared {
-    fn record(&self, conn: usize, latency_us: u64) {
+    /// Records a frame stamped `ts` received at `now` (both ns since the epoch).
+    fn record(&self, conn: usize, ts: u64, now: u64) {
+        let latency_us = now.saturating_sub(ts) / 1000;
         self.received.fetch_add(1, Ordering::Relaxed);
-        self.last_receipt_ns.fetch_max(now_ns(), Ordering::Relaxed);
+        self.last_receipt_ns.fetch_max(now, Ordering::Relaxed);
         let mut h = self.hist[conn % SHARDS].lock().expect("histogram lock");
         h.saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
     }
@@ -310,7 +312,7 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
     let mut first = true;
     let mut seen = |text: &[u8]| {
         if let Some(ts) = stamp(text) {
-            shared.record(id, now_ns().saturating_sub(ts) / 1000);
+            shared.record(id, ts, now_ns());
             if first {
                 first = false;
                 shared.receiving.fetch_add(1, Ordering::Relaxed);
@@ -467,7 +469,7 @@ fn on_frame(text: &str, at: &mut Position, conn: usize, shared: &Shared) -> Opti
             at.last = seq;
             let now = now_ns();
             if let Some(ts) = stamp(text.as_bytes()) {
-                shared.record(conn, now.saturating_sub(ts) / 1000);
+                shared.record(conn, ts, now);
             }
             if !at.got_any {
                 at.got_any = true;
