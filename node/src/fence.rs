@@ -65,19 +65,28 @@ pub fn decide(a: &Answers) -> Fence {
     }
 }
 
-/// Whether this node's own keep-alives count as lost: nothing answered for longer
-/// than two keep-alive periods (2·TTL/3).
+/// Whether this node's own keep-alives count as lost: the last one failed (or its
+/// stream broke), or nothing was answered for longer than two keep-alive periods
+/// (2·TTL/3).
 pub fn etcd_lost(node: &Node) -> bool {
     node.registration()
-        .is_some_and(|r| r.last_ok_sent().elapsed() > r.ttl() * 2 / 3)
+        .is_some_and(|r| !r.lease_healthy() || r.last_ok_sent().elapsed() > r.ttl() * 2 / 3)
 }
 
 /// Watches the lease and fences this node when it is in doubt.
+///
+/// The peers are asked from a little before the pause point (one ask and one tick
+/// ahead of it), so that their answer is in by then: when etcd is down for everyone
+/// nobody pauses at all, and a node that would pause only because its own keep-alives
+/// lag behind its peers' renews first ([`Registration::renew_now`]).
+///
+/// [`Registration::renew_now`]: ringfeed_router::membership::Registration::renew_now
 pub async fn watch(node: Arc<Node>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused_since: Option<Instant> = None;
     let mut closed_clients = false;
+    let mut told_majority = false;
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -88,9 +97,13 @@ pub async fn watch(node: Arc<Node>) {
         };
         let ttl = registration.ttl();
         let margin = (ttl / 4).max(Duration::from_millis(250));
-        let in_doubt = registration.last_ok_sent().elapsed() + margin >= ttl;
+        // The lease cannot expire before `last_ok_sent + ttl`; it is in doubt from
+        // `margin` before that, and the peers are asked from one ask and one tick
+        // earlier still.
+        let in_doubt =
+            |ahead: Duration| registration.last_ok_sent().elapsed() + margin + ahead >= ttl;
         let was = node.fence();
-        if !in_doubt {
+        if !in_doubt(ASK_TIMEOUT + TICK) {
             // The lease is sound. A node that was out only serves again once it is on
             // the ring under a new incarnation (its keep-alive re-registers it).
             if was == Fence::Out && node.not_on_own_ring() {
@@ -102,41 +115,76 @@ pub async fn watch(node: Arc<Node>) {
             node.set_fence(Fence::Serving);
             paused_since = None;
             closed_clients = false;
+            told_majority = false;
             continue;
         }
         if was == Fence::Out {
             continue;
         }
-        if was == Fence::Serving && paused_since.is_none() {
-            tracing::warn!(
-                last_keep_alive_ms = registration.last_ok_sent().elapsed().as_millis() as u64,
-                "lease in doubt: pausing and asking the peers"
-            );
-            node.set_fence(Fence::Paused);
-            paused_since = Some(Instant::now());
-        }
         let (answers, their_ring) = ask_peers(&node).await;
-        match decide(&answers) {
+        // Peers reach etcd and still list this node: its own keep-alives may only lag
+        // (a dead connection, etcd just back), and one renewal settles it — tried in
+        // the time left before the pause point, or, serving because etcd was down for
+        // a majority (already past it), within one ask.
+        let left = ttl.saturating_sub(registration.last_ok_sent().elapsed() + margin);
+        let renewal = if told_majority {
+            ASK_TIMEOUT
+        } else {
+            left.min(ASK_TIMEOUT)
+        };
+        let decision = match decide(&answers) {
+            Fence::Paused
+                if answers.answered > answers.lost
+                    && !renewal.is_zero()
+                    && registration.renew_now(renewal).await =>
+            {
+                tracing::info!(?answers, "lease renewed on demand");
+                Fence::Serving
+            }
+            decision => decision,
+        };
+        // Before the pause point only a "serving" answer counts; the rest waits for it.
+        if decision != Fence::Serving && !in_doubt(Duration::ZERO) {
+            continue;
+        }
+        match decision {
             Fence::Out => {
                 tracing::warn!(
                     ?answers,
                     "the peers hold a ring without this node: moving its clients there"
                 );
+                if was == Fence::Serving {
+                    node.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                }
                 node.set_fence(Fence::Out);
                 if let Some((ring, version)) = their_ring {
                     move_out(&node, &ring, version);
                 }
             }
             Fence::Serving => {
-                if was != Fence::Serving {
+                if answers.lost * 2 > answers.members && !told_majority {
                     tracing::info!(
                         ?answers,
                         "etcd is down for a majority: serving on the last ring"
                     );
+                    told_majority = true;
+                } else if was != Fence::Serving {
+                    tracing::info!(?answers, "serving again");
                 }
                 node.set_fence(Fence::Serving);
+                paused_since = None;
+                closed_clients = false;
             }
             Fence::Paused => {
+                if was == Fence::Serving {
+                    tracing::warn!(
+                        ?answers,
+                        last_keep_alive_ms =
+                            registration.last_ok_sent().elapsed().as_millis() as u64,
+                        "lease in doubt: paused, asking the peers again"
+                    );
+                    node.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                }
                 node.set_fence(Fence::Paused);
                 let since = *paused_since.get_or_insert_with(Instant::now);
                 if answers.answered * 2 <= answers.members

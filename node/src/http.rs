@@ -427,7 +427,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     ];
     let counters = &node.counters;
     let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let counted: [(&str, &str, u64); 4] = [
+    let counted: [(&str, &str, u64); 5] = [
         (
             "ringfeed_published_total",
             "updates this node assigned a seq to as their owner",
@@ -447,6 +447,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             "ringfeed_refused_memory_total",
             "new keys and connections refused past the memory budget",
             read(&counters.refused_memory),
+        ),
+        (
+            "ringfeed_fenced_total",
+            "times this node fenced itself (paused with its lease in doubt, or found itself off the ring)",
+            read(&counters.fenced),
         ),
     ];
     let mut body = String::new();

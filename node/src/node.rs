@@ -63,6 +63,8 @@ pub struct Counters {
     pub refused_connections: AtomicU64,
     /// New keys and connections refused past the memory budget.
     pub refused_memory: AtomicU64,
+    /// Times this node fenced itself (paused, or found itself off the ring).
+    pub fenced: AtomicU64,
 }
 
 /// Who owns a key, as this node decided it.

@@ -409,6 +409,30 @@ impl Registration {
         self.membership.inner.lease_ttl
     }
 
+    /// Sends one keep-alive now, on its own stream, and waits up to `within` for
+    /// etcd's answer; true if etcd renewed the lease (then
+    /// [`last_ok_sent`](Self::last_ok_sent) is now). A node whose own keep-alives
+    /// failed asks this before it pauses because its peers reach etcd again: the
+    /// regular loop may be waiting out a timed-out attempt on a dead connection.
+    pub async fn renew_now(&self, within: Duration) -> bool {
+        let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+        let sent = Instant::now();
+        let mut client = self.membership.client();
+        let once = async {
+            let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(responses.message().await?.map(|r| r.ttl()))
+        };
+        match tokio::time::timeout(within, once).await {
+            Ok(Ok(Some(ttl))) if ttl > 0 => {
+                self.answered(sent);
+                self.state.healthy.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn answered(&self, sent: Instant) {
         let mut last = self.state.last_ok_sent.lock().expect("lease lock poisoned");
         *last = (*last).max(sent);
@@ -498,11 +522,30 @@ impl Registration {
         let period = self.membership.inner.lease_ttl / 3;
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stream = None;
+        let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
+            None;
         loop {
+            // Between keep-alives the stream is watched too: a connection that breaks
+            // (etcd stopped, its connection reset) says so at once, not at the next
+            // keep-alive — peers asking whether etcd is down for everyone hear it then.
+            let broken = async {
+                match stream.as_mut() {
+                    Some((_, responses)) => responses.message().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {}
+                ended = broken => {
+                    if !matches!(ended, Ok(Some(_))) {
+                        let lease = self.state.lease_id.load(Ordering::Relaxed);
+                        tracing::warn!(lease, result = ?ended.map(|_| ()), "keep-alive stream broke");
+                        self.state.healthy.store(false, Ordering::Relaxed);
+                        stream = None;
+                    }
+                    continue;
+                }
             }
             let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
             let sent = Instant::now();

@@ -14,7 +14,7 @@ use ringfeed_cluster_tests::{eventually, Cluster};
 use ringfeed_proto::v1::{publish_result, Ack, PublishBatchRequest};
 use serde_json::json;
 
-use crate::{bounded, owner_of};
+use crate::{bounded, metric, owner_of};
 
 /// What one key's client saw.
 #[derive(Default, Debug)]
@@ -772,10 +772,16 @@ async fn an_etcd_outage_fences_nobody_and_publishes_keep_flowing() {
         let rejoined_in = back.elapsed();
         for node in &cluster.nodes {
             let ready = ringfeed_cluster_tests::http_json(&format!("{}/readyz", node.http)).await?;
-            ensure!(ready["ready"] == true, "{} not ready after the outage: {ready}", node.id);
+            let fenced = metric(&node.http, "ringfeed_fenced_total").await?;
+            ensure!(
+                ready["ready"] == true && fenced == 0,
+                "{} fenced itself {fenced} times; after the outage: {ready}\n{}",
+                node.id,
+                cluster.logs()
+            );
         }
         let (a, failed) = run.finish(false).await?;
-        report(&format!("etcd down 30 s under load ({acked_during} acked during the outage; every node back on the ring {rejoined_in:?} after etcd)"), &a, failed);
+        report(&format!("etcd down 30 s under load ({acked_during} acked during the outage; every node back on the ring {rejoined_in:?} after etcd; no node fenced itself)"), &a, failed);
         ensure!(acked_during > 0, "publishes stopped while etcd was down");
         ensure!(failed == 0, "{failed} publishes failed during the outage");
         lossless(&a, &cluster)?;

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-use crate::{bounded, next_update, owner_of, FRAME_TIMEOUT};
+use crate::{bounded, metric, next_update, owner_of, FRAME_TIMEOUT};
 
 const UPDATES: u64 = 1000;
 
@@ -696,7 +696,7 @@ async fn connection_limits_answer_503_before_the_upgrade() {
         // Health checks still answer, and a freed slot is usable again.
         let (status, _, _) = http_request_full(&format!("{}/healthz", node.http), &[]).await?;
         assert_eq!(status, 200);
-        ensure!(gauge(&node.http, "ringfeed_refused_connections_total").await? >= 2);
+        ensure!(metric(&node.http, "ringfeed_refused_connections_total").await? >= 2);
         // A one-node cluster has no successor: publishes say so, and so does a counter.
         let reply = cluster
             .router()
@@ -705,8 +705,8 @@ async fn connection_limits_answer_503_before_the_upgrade() {
             .await?
             .into_inner();
         ensure!(!reply.replicated, "{reply:?}");
-        ensure!(gauge(&node.http, "ringfeed_replicated").await? == 0);
-        ensure!(gauge(&node.http, "ringfeed_unreplicated_total").await? == 1);
+        ensure!(metric(&node.http, "ringfeed_replicated").await? == 0);
+        ensure!(metric(&node.http, "ringfeed_unreplicated_total").await? == 1);
         held.pop().expect("held").close().await;
         ringfeed_cluster_tests::eventually("a freed slot", Duration::from_secs(5), || {
             let url = node.connect_url("limit:again");
@@ -814,15 +814,6 @@ fn url_escape(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// A gauge's value from a node's `/metrics`.
-async fn gauge(http: &str, name: &str) -> Result<u64> {
-    let (status, body) = ringfeed_cluster_tests::http_get(&format!("{http}/metrics")).await?;
-    ensure!(status == 200, "/metrics answered {status}");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no {name} in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_its_memory_budget_a_node_refuses_new_keys_and_connections_and_keeps_serving() {
     bounded(async {
@@ -836,11 +827,11 @@ async fn past_its_memory_budget_a_node_refuses_new_keys_and_connections_and_keep
         eventually("the node past its budget", Duration::from_secs(10), || {
             let http = node.http.clone();
             async move {
-                Ok((gauge(&http, "ringfeed_memory_over_budget").await? == 1).then_some(()))
+                Ok((metric(&http, "ringfeed_memory_over_budget").await? == 1).then_some(()))
             }
         })
         .await;
-        ensure!(gauge(&node.http, "ringfeed_memory_resident_bytes").await? > 1 << 20);
+        ensure!(metric(&node.http, "ringfeed_memory_resident_bytes").await? > 1 << 20);
         match tokio_tungstenite::connect_async(node.connect_url("budget:1")).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 ensure!(response.status() == 503, "{:?}", response.status());
@@ -861,8 +852,8 @@ async fn past_its_memory_budget_a_node_refuses_new_keys_and_connections_and_keep
         // The node keeps answering and says why it refuses.
         let (status, _, _) = http_request_full(&format!("{}/healthz", node.http), &[]).await?;
         ensure!(status == 200);
-        ensure!(gauge(&node.http, "ringfeed_refused_memory_total").await? >= 2);
-        ensure!(gauge(&node.http, "ringfeed_keys").await? == 0);
+        ensure!(metric(&node.http, "ringfeed_refused_memory_total").await? >= 2);
+        ensure!(metric(&node.http, "ringfeed_keys").await? == 0);
         Ok(())
     })
     .await;
@@ -886,15 +877,15 @@ async fn an_idle_key_is_dropped_with_its_replica_and_its_old_epoch_is_reset() {
             .await?
             .into_inner();
         ensure!(first.replicated, "{first:?}");
-        ensure!(gauge(&owner.http, "ringfeed_keys").await? == 1);
-        ensure!(gauge(&successor.http, "ringfeed_replicas").await? == 1);
+        ensure!(metric(&owner.http, "ringfeed_keys").await? == 1);
+        ensure!(metric(&successor.http, "ringfeed_replicas").await? == 1);
 
         // A subscribed key is never idle, however long nobody publishes.
         let mut sub = Subscription::connect(&connect_url(&owner.http, key, None)).await?;
         let held = Instant::now();
         while held.elapsed() < Duration::from_secs(3) {
             ensure!(
-                gauge(&owner.http, "ringfeed_keys").await? == 1,
+                metric(&owner.http, "ringfeed_keys").await? == 1,
                 "a key with a subscriber was dropped"
             );
             let _ = sub.next_within(Duration::from_millis(250)).await;
@@ -905,8 +896,8 @@ async fn an_idle_key_is_dropped_with_its_replica_and_its_old_epoch_is_reset() {
         eventually("the idle key and its replica dropped", Duration::from_secs(20), || {
             let (o, s) = (owner.http.clone(), successor.http.clone());
             async move {
-                let keys = gauge(&o, "ringfeed_keys").await?;
-                let replicas = gauge(&s, "ringfeed_replicas").await?;
+                let keys = metric(&o, "ringfeed_keys").await?;
+                let replicas = metric(&s, "ringfeed_replicas").await?;
                 Ok((keys == 0 && replicas == 0).then_some(()))
             }
         })

@@ -46,3 +46,12 @@ pub async fn next_update(sub: &mut Subscription) -> Result<(u64, serde_json::Val
 pub fn welcome_node(sub: &Subscription) -> String {
     sub.node().to_owned()
 }
+
+/// A gauge's or counter's value from a node's `/metrics`.
+pub async fn metric(http: &str, name: &str) -> Result<u64> {
+    let (status, body) = ringfeed_cluster_tests::http_get(&format!("{http}/metrics")).await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {name} in /metrics"))
+}
