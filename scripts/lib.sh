@@ -62,7 +62,8 @@ ensure_browser_deps() {
 }
 
 # Installs what the benchmarks' peers need, if missing: Redis (Debian's redis-server),
-# Node.js, and the seed reference's npm packages (pinned in its package-lock.json).
+# Node.js, and the peers' npm packages (the seed reference's and Socket.IO's, pinned
+# in their package-lock.json files).
 ensure_bench_deps() {
   local need=()
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -72,5 +73,9 @@ ensure_bench_deps() {
   if [ ! -d bench/peers/seed-reference/node_modules/ioredis ]; then
     echo "installing the seed reference's packages (npm ci)…" >&2
     (cd bench/peers/seed-reference && npm ci --no-audit --no-fund >&2)
+  fi
+  if [ ! -d bench/peers/socketio/node_modules/@socket.io/redis-adapter ]; then
+    echo "installing the Socket.IO peer's packages (npm ci)…" >&2
+    (cd bench/peers/socketio && npm ci --no-audit --no-fund >&2)
   fi
 }

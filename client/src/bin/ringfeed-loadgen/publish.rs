@@ -22,6 +22,11 @@ pub struct PubArgs {
     /// A Redis server (host:port): `PUBLISH {key} {update frame}`, pipelined.
     #[arg(long)]
     redis: Option<String>,
+    /// With `--redis`: publish as `@socket.io/redis-emitter` does, to the room named
+    /// by the key (`PUBLISH socket.io#/#{key}# <msgpack [uid, packet, opts]>`), for
+    /// the Socket.IO peer; subscribers receive `42["update",{…frame…}]`.
+    #[arg(long, requires = "redis")]
+    socketio: bool,
     /// The keys, as PREFIX*COUNT; updates go round-robin over them.
     #[arg(long)]
     keys: String,
@@ -250,14 +255,29 @@ async fn redis_worker(
                 i + 1,
                 payload(args.payload)
             );
-            buf.extend_from_slice(
-                format!(
-                    "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{key}\r\n${}\r\n{frame}\r\n",
-                    key.len(),
-                    frame.len()
-                )
-                .as_bytes(),
-            );
+            if args.socketio {
+                let channel = format!("socket.io#/#{key}#");
+                let message = socketio_emit(key, &frame);
+                buf.extend_from_slice(
+                    format!(
+                        "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n",
+                        channel.len(),
+                        message.len()
+                    )
+                    .as_bytes(),
+                );
+                buf.extend_from_slice(&message);
+                buf.extend_from_slice(b"\r\n");
+            } else {
+                buf.extend_from_slice(
+                    format!(
+                        "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{key}\r\n${}\r\n{frame}\r\n",
+                        key.len(),
+                        frame.len()
+                    )
+                    .as_bytes(),
+                );
+            }
         }
         if let Err(e) = write.write_all(&buf).await {
             shared.failed(e);
@@ -276,5 +296,38 @@ async fn redis_worker(
                 Ok(_) => shared.failed(line.trim().to_owned()),
             }
         }
+    }
+}
+
+/// The message `@socket.io/redis-emitter` publishes for `io.to(room).emit("update",
+/// frame)`: msgpack `[uid, {type: 2 (EVENT), data: ["update", frame], nsp: "/"},
+/// {rooms: [room], except: [], flags: {}}]`, which every `@socket.io/redis-adapter`
+/// holding the room decodes and broadcasts to it.
+fn socketio_emit(room: &str, frame: &str) -> Vec<u8> {
+    let frame: serde_json::Value = serde_json::from_str(frame).expect("frames are JSON");
+    let message = json!([
+        "ringfeed-loadgen",
+        { "type": 2, "data": ["update", frame], "nsp": "/" },
+        { "rooms": [room], "except": [], "flags": {} },
+    ]);
+    rmp_serde::to_vec(&message).expect("JSON values encode as msgpack")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socketio_messages_are_what_the_redis_emitter_publishes() {
+        let frame = r#"{"type":"update","key":"k:1","seq":3,"data":{"ts":17,"p":"x"}}"#;
+        let bytes = socketio_emit("k:1", frame);
+        let decoded: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(decoded[1]["type"], 2, "an EVENT packet");
+        assert_eq!(decoded[1]["nsp"], "/");
+        assert_eq!(decoded[1]["data"][0], "update");
+        assert_eq!(decoded[1]["data"][1]["data"]["ts"], 17);
+        assert_eq!(decoded[2]["rooms"], json!(["k:1"]));
+        // A msgpack array of three, not a map: the adapter destructures it.
+        assert_eq!(bytes[0], 0x93);
     }
 }

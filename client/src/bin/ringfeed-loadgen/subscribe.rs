@@ -26,8 +26,9 @@ const SHARDS: usize = 16;
 
 #[derive(clap::Args, Debug)]
 pub struct SubArgs {
-    /// `ws` (WebSocket frames) or `tcp` (newline-delimited frames after sending the
-    /// key and a newline: the calibration's raw TCP server).
+    /// `ws` (WebSocket frames), `tcp` (newline-delimited frames after sending the
+    /// key and a newline: the calibration's raw TCP server) or `socketio` (Engine.IO 4
+    /// over WebSocket: the namespace CONNECT after the open packet, pongs to pings).
     #[arg(long, default_value = "ws")]
     target: String,
     /// Where to connect, comma-separated (connections are spread over them); `{key}` is
@@ -93,10 +94,11 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
     if args.url.is_empty() || args.sources.is_empty() {
         bail!("--url and --sources need at least one entry");
     }
-    let tcp = match args.target.as_str() {
-        "ws" => false,
-        "tcp" => true,
-        other => bail!("--target {other}: ws or tcp"),
+    let (tcp, socketio) = match args.target.as_str() {
+        "ws" => (false, false),
+        "tcp" => (true, false),
+        "socketio" => (false, true),
+        other => bail!("--target {other}: ws, tcp or socketio"),
     };
     let shared = Arc::new(Shared {
         follow: Follow::default(),
@@ -113,7 +115,7 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
     let mut connecting = tokio::task::JoinSet::new();
     let total = keys.len() * args.per_key;
     let urls = Arc::new(args.url.clone());
-    let follow = args.follow && !tcp;
+    let follow = args.follow && !tcp && !socketio;
     for conn in (0..total).filter(|c| c % of == index) {
         let key = keys[conn / args.per_key].clone();
         let url = args.url[conn % args.url.len()].replace("{key}", &key);
@@ -126,6 +128,10 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
             let attempt = tokio::time::timeout(Duration::from_secs(30), async {
                 if tcp {
                     connect_tcp(&url, &key, source).await.map(Conn::Tcp)
+                } else if socketio {
+                    let (mut ws, first) = connect_ws(&url, source).await?;
+                    socketio_connect(&mut ws, first).await?;
+                    Ok(Conn::Ws(Box::new(ws), None))
                 } else {
                     connect_ws(&url, source)
                         .await
@@ -296,6 +302,27 @@ async fn connect_ws(url: &str, source: IpAddr) -> anyhow::Result<(Ws, Option<Str
     bail!("too many redirects")
 }
 
+/// Engine.IO 4 / Socket.IO 5 after the WebSocket upgrade: the server's open packet
+/// (`0{…}`) came first; the client sends the namespace CONNECT (`40`) and the server
+/// confirms it (`40{"sid":…}`).
+async fn socketio_connect(ws: &mut Ws, first: Option<String>) -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    if !first.as_deref().is_some_and(|f| f.starts_with('0')) {
+        bail!("no Engine.IO open packet: {first:?}");
+    }
+    ws.send(Message::Text("40".into())).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with("40") => return Ok(()),
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with("44") => {
+                bail!("namespace CONNECT refused: {}", t.as_str())
+            }
+            Ok(Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_)))) => {}
+            other => bail!("no namespace CONNECT reply: {other:?}"),
+        }
+    }
+}
+
 async fn connect_tcp(
     url: &str,
     key: &str,
@@ -321,8 +348,15 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
     };
     match conn {
         Conn::Ws(mut ws, _) => {
+            use futures_util::SinkExt;
             while let Some(message) = ws.next().await {
                 match message {
+                    // An Engine.IO ping (only the Socket.IO peer sends one).
+                    Ok(Message::Text(text)) if text.as_str() == "2" => {
+                        if ws.send(Message::Text("3".into())).await.is_err() {
+                            break;
+                        }
+                    }
                     Ok(Message::Text(text)) => seen(text.as_bytes()),
                     Ok(Message::Binary(bytes)) => seen(&bytes),
                     Ok(Message::Close(_)) | Err(_) => break,

@@ -1,5 +1,5 @@
 //! The processes a benchmark drives: load generators (JSON lines on stdout) and the
-//! seed reference (Redis + Node.js endpoint servers).
+//! peers (Redis + Node.js endpoint servers: the seed reference, Socket.IO).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -112,22 +112,73 @@ pub fn rss(pid: u32) -> Result<u64> {
     Ok(kib * 1024)
 }
 
-/// The seed reference: a Redis server and one Node.js `ws` + `ioredis` endpoint
-/// process per core.
-pub struct SeedReference {
+/// A peer that runs as Node.js endpoint processes behind Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The seed reference: `ws` + `ioredis`, a Redis channel per connected key.
+    Seed,
+    /// Socket.IO with `@socket.io/redis-adapter`, a room per key.
+    SocketIo,
+}
+
+impl Peer {
+    /// Its name in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Seed => "seed-reference",
+            Peer::SocketIo => "socketio",
+        }
+    }
+
+    /// What `ringfeed-loadgen sub --target` speaks to it.
+    pub fn target(self) -> &'static str {
+        match self {
+            Peer::Seed => "ws",
+            Peer::SocketIo => "socketio",
+        }
+    }
+
+    /// Extra `ringfeed-loadgen pub` arguments after `--redis ADDR`.
+    pub fn publish_args(self) -> &'static [&'static str] {
+        match self {
+            Peer::Seed => &[],
+            Peer::SocketIo => &["--socketio"],
+        }
+    }
+
+    fn server(self) -> &'static str {
+        match self {
+            Peer::Seed => "seed-reference/server.js",
+            Peer::SocketIo => "socketio/server.js",
+        }
+    }
+
+    fn url(self, port: u16) -> String {
+        match self {
+            Peer::Seed => format!("ws://127.0.0.1:{port}/v1/connect?key={{key}}"),
+            Peer::SocketIo => {
+                format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket&key={{key}}")
+            }
+        }
+    }
+}
+
+/// A peer running: a Redis server and one Node.js endpoint process per core.
+pub struct NodePeer {
+    pub peer: Peer,
     // Dropped (killed) in this order: the endpoints before Redis.
     endpoints: Vec<Child>,
     _redis: Child,
     pub redis_addr: String,
-    /// `ws://127.0.0.1:port/v1/connect?key={key}` per endpoint.
+    /// A URL per endpoint, `{key}` standing for the key.
     pub urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
-impl SeedReference {
-    pub async fn start(peers_dir: &Path, endpoints: usize) -> Result<SeedReference> {
+impl NodePeer {
+    pub async fn start(peers_dir: &Path, peer: Peer, endpoints: usize) -> Result<NodePeer> {
         let dir = tempfile::Builder::new()
-            .prefix("ringfeed-seed-")
+            .prefix("ringfeed-peer-")
             .tempdir()?;
         let port = ringfeed_cluster_tests::free_port();
         let redis = Command::new("redis-server")
@@ -154,7 +205,7 @@ impl SeedReference {
         for _ in 0..endpoints {
             let port = ringfeed_cluster_tests::free_port();
             let mut child = Command::new("node")
-                .arg(peers_dir.join("seed-reference/server.js"))
+                .arg(peers_dir.join(peer.server()))
                 .env("PORT", port.to_string())
                 .env("REDIS", format!("redis://{redis_addr}"))
                 .stdout(Stdio::piped())
@@ -165,15 +216,16 @@ impl SeedReference {
             let mut lines = BufReader::new(stdout).lines();
             let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
                 .await
-                .map_err(|_| anyhow!("seed endpoint did not start"))??;
-            if !ready.is_some_and(|l| l.starts_with("seed-reference ready")) {
-                bail!("seed endpoint did not say ready");
+                .map_err(|_| anyhow!("{} endpoint did not start", peer.name()))??;
+            if !ready.is_some_and(|l| l.starts_with(&format!("{} ready", peer.name()))) {
+                bail!("{} endpoint did not say ready", peer.name());
             }
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             children.push(child);
-            urls.push(format!("ws://127.0.0.1:{port}/v1/connect?key={{key}}"));
+            urls.push(peer.url(port));
         }
-        Ok(SeedReference {
+        Ok(NodePeer {
+            peer,
             _redis: redis,
             redis_addr,
             endpoints: children,
