@@ -211,6 +211,7 @@ async fn fanout_run(
     warmup: Duration,
     window: Duration,
 ) -> Result<RunResult> {
+    procs::quiet_box(Duration::from_secs(30)).await?;
     let expected = keys_count(keys) * per_key;
     let (mut fanout, urls, target) = match system {
         System::Calibration(mode) => {

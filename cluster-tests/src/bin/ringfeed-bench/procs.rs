@@ -112,6 +112,47 @@ pub fn rss(pid: u32) -> Result<u64> {
     Ok(kib * 1024)
 }
 
+/// The box's busy and total CPU time so far (jiffies, from `/proc/stat`).
+fn cpu_times() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .next()
+        .ok_or_else(|| anyhow!("empty /proc/stat"))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// Waits until the box is quiet — under 15% busy over a quarter of a second — so a
+/// run does not share the cores with what the previous one left behind (a peer still
+/// draining a backlog of seconds, sockets closing). Gives up after `within`, saying so.
+pub async fn quiet_box(within: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (busy0, total0) = cpu_times()?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (busy1, total1) = cpu_times()?;
+        let busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
+        if busy < 0.15 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "  the box is still {:.0}% busy after {within:?}; measuring anyway",
+                busy * 100.0
+            );
+            return Ok(());
+        }
+    }
+}
+
 /// A peer that runs as Node.js endpoint processes behind Redis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
