@@ -426,14 +426,16 @@ impl Registration {
         match tokio::time::timeout(within, once).await {
             Ok(Ok(Some(ttl))) if ttl > 0 => {
                 self.answered(sent);
-                self.state.healthy.store(true, Ordering::Relaxed);
                 true
             }
             _ => false,
         }
     }
 
+    /// etcd answered a keep-alive (or grant) sent at `sent`: the lease is healthy and
+    /// lives at least until `sent` + TTL.
     fn answered(&self, sent: Instant) {
+        self.state.healthy.store(true, Ordering::Relaxed);
         let mut last = self.state.last_ok_sent.lock().expect("lease lock poisoned");
         *last = (*last).max(sent);
     }
@@ -508,7 +510,6 @@ impl Registration {
         if created {
             self.state.lease_id.store(lease as u64, Ordering::Relaxed);
             self.answered(sent);
-            self.state.healthy.store(true, Ordering::Relaxed);
             tracing::info!(%key, lease, "registered");
         } else {
             let _ = timed(client.lease_revoke(lease)).await;
@@ -563,7 +564,6 @@ impl Registration {
             match result {
                 Ok(Ok(Some(ttl))) if ttl > 0 => {
                     self.answered(sent);
-                    self.state.healthy.store(true, Ordering::Relaxed);
                 }
                 // etcd answers a keep-alive of an expired lease with TTL 0, which
                 // etcd-client reports as "lease not found".

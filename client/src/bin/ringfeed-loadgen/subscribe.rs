@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -306,7 +306,6 @@ async fn connect_ws(url: &str, source: IpAddr) -> anyhow::Result<(Ws, Option<Str
 /// (`0{…}`) came first; the client sends the namespace CONNECT (`40`) and the server
 /// confirms it (`40{"sid":…}`).
 async fn socketio_connect(ws: &mut Ws, first: Option<String>) -> anyhow::Result<()> {
-    use futures_util::SinkExt;
     if !first.as_deref().is_some_and(|f| f.starts_with('0')) {
         bail!("no Engine.IO open packet: {first:?}");
     }
@@ -348,7 +347,6 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
     };
     match conn {
         Conn::Ws(mut ws, _) => {
-            use futures_util::SinkExt;
             while let Some(message) = ws.next().await {
                 match message {
                     // An Engine.IO ping (only the Socket.IO peer sends one).
