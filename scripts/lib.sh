@@ -11,11 +11,14 @@ apt_install() {
 }
 
 # Installs what the build and the tests need, if missing: etcd (Debian's etcd-server),
-# protoc (protobuf-compiler; etcd-client compiles its protos), curl, and cargo-nextest.
+# protoc (protobuf-compiler; etcd-client compiles its protos) with the well-known types
+# it imports (google/protobuf/*.proto, in libprotobuf-dev: protobuf-compiler only
+# recommends it), curl, and cargo-nextest.
 ensure_deps() {
   local need=()
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+  [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
   command -v curl >/dev/null 2>&1 || need+=(curl)
   apt_install "${need[@]}"
   if ! cargo nextest --version >/dev/null 2>&1; then
