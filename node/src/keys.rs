@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::frames::{self, PayloadError};
@@ -188,18 +188,48 @@ pub struct Kick {
     pub reason: String,
 }
 
-/// The side of a connection that others can reach: its kick switch.
+/// The side of a connection that others can reach: its queue of frames and its kick
+/// switch.
+///
+/// The queue is a `VecDeque` under a lock rather than a tokio `mpsc` channel: it is
+/// allocated only once something is queued and grows with what is queued, where a
+/// channel costs ~1.5 KiB per connection up front (its cache-padded state and first
+/// 32-slot block) — most of an idle connection's cost.
 #[derive(Debug)]
 pub struct Control {
     kick: Mutex<Option<Kick>>,
     notify: Notify,
+    outbox: Mutex<Outbox>,
+    ready: Notify,
+}
+
+#[derive(Debug)]
+struct Outbox {
+    frames: VecDeque<Utf8Bytes>,
+    capacity: usize,
+    /// The key let go of the subscriber: nothing more will come.
+    closed: bool,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    Full,
+    Closed,
 }
 
 impl Control {
-    pub fn new() -> Arc<Control> {
+    /// A connection's control with room for `capacity` queued frames.
+    pub fn new(capacity: usize) -> Arc<Control> {
         Arc::new(Control {
             kick: Mutex::new(None),
             notify: Notify::new(),
+            outbox: Mutex::new(Outbox {
+                frames: VecDeque::new(),
+                capacity,
+                closed: false,
+            }),
+            ready: Notify::new(),
         })
     }
 
@@ -221,9 +251,59 @@ impl Control {
             self.notify.notified().await;
         }
     }
+
+    /// Queues `frame` for the connection's writer.
+    pub fn push(&self, frame: Utf8Bytes) -> Result<(), Refused> {
+        {
+            let mut outbox = self.outbox.lock().expect("outbox lock poisoned");
+            if outbox.closed {
+                return Err(Refused::Closed);
+            }
+            if outbox.frames.len() >= outbox.capacity {
+                return Err(Refused::Full);
+            }
+            outbox.frames.push_back(frame);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next queued frame, if one is waiting.
+    pub fn try_recv(&self) -> Option<Utf8Bytes> {
+        self.outbox
+            .lock()
+            .expect("outbox lock poisoned")
+            .frames
+            .pop_front()
+    }
+
+    /// Waits for the next queued frame; `None` once the key let go of the subscriber
+    /// and the queue is empty. One reader at a time.
+    pub async fn recv(&self) -> Option<Utf8Bytes> {
+        loop {
+            {
+                let mut outbox = self.outbox.lock().expect("outbox lock poisoned");
+                if let Some(frame) = outbox.frames.pop_front() {
+                    return Some(frame);
+                }
+                if outbox.closed {
+                    return None;
+                }
+            }
+            // A push between the unlock and here leaves a permit: no wake-up is lost.
+            self.ready.notified().await;
+        }
+    }
+
+    /// Nothing more will be queued; the reader drains what is there, then sees `None`.
+    fn close(&self) {
+        self.outbox.lock().expect("outbox lock poisoned").closed = true;
+        self.ready.notify_one();
+    }
 }
 
-/// A subscriber as its key holds it.
+/// A subscriber as its key holds it. Dropping it (unsubscribed, or let go with its
+/// key) closes its queue.
 #[derive(Debug)]
 pub struct Subscriber {
     pub id: u64,
@@ -233,16 +313,15 @@ pub struct Subscriber {
     pub wants_presence: bool,
     /// The query it connected with, to build its redirect.
     pub query: Arc<str>,
-    pub tx: mpsc::Sender<Utf8Bytes>,
     pub control: Arc<Control>,
 }
 
 impl Subscriber {
     /// Queues `frame`; a full queue kicks the subscriber as a slow consumer.
     fn offer(&self, frame: &Utf8Bytes) -> bool {
-        match self.tx.try_send(frame.clone()) {
+        match self.control.push(frame.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 self.control.kick(Kick {
                     frame: None,
                     code: CLOSE_SLOW_CONSUMER,
@@ -250,8 +329,14 @@ impl Subscriber {
                 });
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.control.close();
     }
 }
 
@@ -1347,19 +1432,17 @@ mod tests {
         table: &KeyTable,
         queue: usize,
         presence: Option<&str>,
-    ) -> (Subscriber, mpsc::Receiver<Utf8Bytes>, Arc<Control>) {
-        let (tx, rx) = mpsc::channel(queue);
-        let control = Control::new();
+    ) -> (Subscriber, Arc<Control>, Arc<Control>) {
+        let control = Control::new(queue);
         let id = table.next_subscriber_id();
         let s = Subscriber {
             id,
             presence_id: presence.map_or_else(|| format!("c{id}"), str::to_owned),
             wants_presence: presence.is_some(),
             query: Arc::from("key=k"),
-            tx,
             control: control.clone(),
         };
-        (s, rx, control)
+        (s, control.clone(), control)
     }
 
     fn seq_of(frame: &Utf8Bytes) -> u64 {
@@ -1399,7 +1482,7 @@ mod tests {
     #[test]
     fn seqs_count_from_one_and_reach_subscribers_in_order() {
         let table = table(100);
-        let (s, mut rx, _) = subscriber(&table, 16, None);
+        let (s, rx, _) = subscriber(&table, 16, None);
         let start = table.subscribe("k", s, None).unwrap();
         assert_eq!((start.catchup.seq, start.catchup.updates.len()), (0, 0));
         for i in 1..=3u64 {
@@ -1538,7 +1621,7 @@ mod tests {
     #[test]
     fn idempotent_retries_return_the_original_and_deliver_nothing() {
         let table = table(100);
-        let (s, mut rx, _) = subscriber(&table, 16, None);
+        let (s, rx, _) = subscriber(&table, 16, None);
         table.subscribe("k", s, None).unwrap();
         let first = table
             .apply(
@@ -1563,7 +1646,7 @@ mod tests {
             (first.seq, 0, true)
         );
         assert_eq!(seq_of(&rx.try_recv().unwrap()), 1);
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_none());
         let long = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
         assert!(table
             .apply(
@@ -1620,11 +1703,43 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_queue_is_bounded_wakes_its_reader_and_drains_after_close() {
+        let control = Control::new(2);
+        assert_eq!(control.push(Utf8Bytes::from_static("a")), Ok(()));
+        assert_eq!(control.push(Utf8Bytes::from_static("b")), Ok(()));
+        assert_eq!(
+            control.push(Utf8Bytes::from_static("c")),
+            Err(Refused::Full)
+        );
+        let reader = {
+            let control = control.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(frame) = control.recv().await {
+                    got.push(frame.as_str().to_owned());
+                }
+                got
+            })
+        };
+        // Wait until the reader has emptied the queue, then wake it with one more.
+        while !control.outbox.lock().unwrap().frames.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(control.push(Utf8Bytes::from_static("d")), Ok(()));
+        control.close();
+        assert_eq!(
+            control.push(Utf8Bytes::from_static("e")),
+            Err(Refused::Closed)
+        );
+        assert_eq!(reader.await.unwrap(), ["a", "b", "d"]);
+    }
+
     #[test]
     fn a_full_queue_kicks_only_that_subscriber() {
         let table = table(100);
         let (slow, _slow_rx, slow_control) = subscriber(&table, 2, None);
-        let (fast, mut fast_rx, _) = subscriber(&table, 64, None);
+        let (fast, fast_rx, _) = subscriber(&table, 64, None);
         table.subscribe("k", slow, None).unwrap();
         table.subscribe("k", fast, None).unwrap();
         for _ in 0..5 {
@@ -1638,7 +1753,7 @@ mod tests {
             .expect("slow subscriber kicked");
         assert_eq!(kick.code, CLOSE_SLOW_CONSUMER);
         let mut got = 0;
-        while fast_rx.try_recv().is_ok() {
+        while fast_rx.try_recv().is_some() {
             got += 1;
         }
         assert_eq!(got, 5);
@@ -1701,7 +1816,7 @@ mod tests {
     #[test]
     fn presence_is_exact_and_announced() {
         let table = table(10);
-        let (a, mut ra, _) = subscriber(&table, 16, Some("alice"));
+        let (a, ra, _) = subscriber(&table, 16, Some("alice"));
         let start = table.subscribe("k", a, None).unwrap();
         assert!(start
             .presence
@@ -1722,11 +1837,11 @@ mod tests {
             joined.as_str()
         );
         assert!(
-            ra.try_recv().is_err(),
+            ra.try_recv().is_none(),
             "bob's second connection is not a second join"
         );
         table.unsubscribe("k", b1_id);
-        assert!(ra.try_recv().is_err(), "bob is still there");
+        assert!(ra.try_recv().is_none(), "bob is still there");
         table.unsubscribe("k", b2_id);
         assert!(ra
             .try_recv()
@@ -1781,7 +1896,7 @@ mod tests {
     #[test]
     fn updates_are_shown_only_once_held_and_in_seq_order() {
         let table = table(100);
-        let (s, mut rx, _) = subscriber(&table, 16, None);
+        let (s, rx, _) = subscriber(&table, 16, None);
         table.subscribe("k", s, None).unwrap();
         // The first publish sends the whole (empty) key to the successor.
         let (one, first, mut done1) = staged(&table, b"1", succ("n2"), 1);
@@ -1791,11 +1906,11 @@ mod tests {
         let epoch = table.position("k").0;
         // Held out of order: nothing shows until the first is held too.
         table.replicated("k", &epoch, two, &succ("n2").unwrap());
-        assert!(rx.try_recv().is_err() && done2.try_recv().is_err());
+        assert!(rx.try_recv().is_none() && done2.try_recv().is_err());
         assert_eq!(table.position("k").1, 0);
         // An answer from a node that is not the successor does not count.
         table.replicated("k", &epoch, one, &succ("n3").unwrap());
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_none());
         table.replicated("k", &epoch, one, &succ("n2").unwrap());
         assert_eq!(seq_of(&rx.try_recv().unwrap()), 1);
         assert_eq!(seq_of(&rx.try_recv().unwrap()), 2);

@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use ringfeed_router::key::Key;
 use ringfeed_router::ring::Member;
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::keys::{Control, Resume, Start, SubscribeError, Subscriber, SubscriptionGuard};
 use crate::node::{redirect_kick, Decision, Node};
@@ -46,11 +44,10 @@ pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
     }
 }
 
-/// A live subscription: what to send first, the queue of what follows, the kick
-/// switch, and the guard that unsubscribes on drop.
+/// A live subscription: what to send first, the control (the queue of what follows
+/// and the kick switch), and the guard that unsubscribes on drop.
 pub struct Subscription {
     pub start: Start,
-    pub rx: mpsc::Receiver<Utf8Bytes>,
     pub control: Arc<Control>,
     pub id: u64,
     _guard: SubscriptionGuard,
@@ -65,15 +62,13 @@ pub fn subscribe(
     wants_presence: bool,
 ) -> Result<Subscription, SubscribeError> {
     node.promote_if_due(key.as_str(), &node.membership.view());
-    let (tx, rx) = mpsc::channel(node.config.subscriber_queue);
-    let control = Control::new();
+    let control = Control::new(node.config.subscriber_queue);
     let id = node.keys.next_subscriber_id();
     let subscriber = Subscriber {
         id,
         presence_id: format!("c{id}"),
         wants_presence,
         query: query.clone(),
-        tx,
         control: control.clone(),
     };
     let start = node.keys.subscribe(key.as_str(), subscriber, resume)?;
@@ -89,7 +84,6 @@ pub fn subscribe(
     }
     Ok(Subscription {
         start,
-        rx,
         control,
         id,
         _guard: guard,

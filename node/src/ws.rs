@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -117,7 +117,7 @@ impl Session {
             return self.close(CLOSE_UNAVAILABLE, "node draining").await;
         }
         let resume = query.resume();
-        let mut sub = match session::subscribe(
+        let sub = match session::subscribe(
             &self.node,
             &key,
             query.raw.clone(),
@@ -149,7 +149,7 @@ impl Session {
             _ => return,
         }
         let control = sub.control.clone();
-        Box::pin(self.live(&key, &mut sub.rx, &control)).await;
+        Box::pin(self.live(&key, &control)).await;
     }
 
     /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
@@ -177,7 +177,7 @@ impl Session {
         self.socket.flush().await
     }
 
-    async fn live(&mut self, key: &Key, rx: &mut mpsc::Receiver<Utf8Bytes>, control: &Control) {
+    async fn live(&mut self, key: &Key, control: &Control) {
         let heartbeat = self.node.config.heartbeat();
         let silence = heartbeat.mul_f64(1.5);
         let mut pings =
@@ -186,23 +186,30 @@ impl Session {
         // Anything the client sends proves it alive; nothing for 1.5 heartbeats ends it.
         let dead_at = tokio::time::sleep(silence);
         tokio::pin!(dead_at);
+        // Pinned once, not made anew for every frame: each waiter registration on the
+        // kick switch and on the node-wide shutdown token takes a lock, and the latter
+        // is shared by every connection.
+        let kicked = control.kicked();
+        tokio::pin!(kicked);
         let shutdown = self.node.shutdown.clone();
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 biased;
-                kick = control.kicked() => return Box::pin(self.kicked(kick)).await,
-                _ = shutdown.cancelled() => return Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await,
+                kick = &mut kicked => return Box::pin(self.kicked(kick)).await,
+                () = &mut shutdown => return Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await,
                 () = &mut dead_at => {
                     tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
                     return Box::pin(self.close(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
                 }
-                frame = rx.recv() => {
+                frame = control.recv() => {
                     let Some(frame) = frame else { return };
                     // A client that stops reading must not keep its session from
                     // noticing the kick that its full queue causes.
                     tokio::select! {
-                        written = self.write_batch(frame, rx) => if written.is_err() { return },
-                        kick = control.kicked() => return Box::pin(self.kicked(kick)).await,
+                        written = self.write_batch(frame, control) => if written.is_err() { return },
+                        kick = &mut kicked => return Box::pin(self.kicked(kick)).await,
                     }
                 }
                 msg = self.socket.next() => {
@@ -244,16 +251,12 @@ impl Session {
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
-    async fn write_batch(
-        &mut self,
-        first: Utf8Bytes,
-        rx: &mut mpsc::Receiver<Utf8Bytes>,
-    ) -> Result<(), WsError> {
+    async fn write_batch(&mut self, first: Utf8Bytes, control: &Control) -> Result<(), WsError> {
         self.socket.feed(Message::Text(first)).await?;
         for _ in 1..MAX_FRAMES_PER_FLUSH {
-            match rx.try_recv() {
-                Ok(frame) => self.socket.feed(Message::Text(frame)).await?,
-                Err(_) => break,
+            match control.try_recv() {
+                Some(frame) => self.socket.feed(Message::Text(frame)).await?,
+                None => break,
             }
         }
         self.socket.flush().await
