@@ -204,7 +204,7 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     let session_node = node.clone();
     node.tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => ws::serve(session_node, upgraded, query, permit).await,
+            Ok(upgraded) => Box::pin(ws::serve(session_node, upgraded, query, permit)).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });

@@ -64,16 +64,18 @@ pub async fn serve(
     query: Result<ClientQuery, String>,
     permit: OwnedSemaphorePermit,
 ) {
-    let socket = WebSocketStream::from_raw_socket(
+    // Every step is boxed: a connection lives for hours in the state of its longest
+    // await, and an async fn's state is as large as its largest one.
+    let socket = Box::pin(WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         Role::Server,
         Some(socket_config(node.config.max_frame)),
-    )
+    ))
     .await;
     let mut session = Session { node, socket };
     match query {
-        Ok(query) => session.run(query).await,
-        Err(message) => session.close(CLOSE_BAD_REQUEST, &message).await,
+        Ok(query) => Box::pin(session.run(query)).await,
+        Err(message) => Box::pin(session.close(CLOSE_BAD_REQUEST, &message)).await,
     }
     drop(permit);
 }
@@ -88,14 +90,10 @@ impl Session {
         let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
             Ok(key) => key,
             Err(e) if query.key.is_none() => {
-                return self
-                    .close(CLOSE_BAD_REQUEST, &format!("missing key ({e})"))
-                    .await
+                return Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("missing key ({e})"))).await
             }
             Err(e) => {
-                return self
-                    .close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))
-                    .await
+                return Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))).await
             }
         };
         // Rare or one-off steps are boxed: an async fn's state is as large as its
@@ -103,18 +101,14 @@ impl Session {
         match Box::pin(session::place(&self.node, &key, query.rv)).await {
             Placement::Here => {}
             Placement::Moved { owner, version } => {
-                return self
-                    .kicked(redirect_kick(&owner, &query.raw, version))
-                    .await
+                return Box::pin(self.kicked(redirect_kick(&owner, &query.raw, version))).await
             }
             Placement::Unknown => {
-                return self
-                    .close(CLOSE_UNAVAILABLE, "no owner known for this key")
-                    .await
+                return Box::pin(self.close(CLOSE_UNAVAILABLE, "no owner known for this key")).await
             }
         }
         if self.node.shutdown.is_cancelled() || self.node.is_draining() {
-            return self.close(CLOSE_UNAVAILABLE, "node draining").await;
+            return Box::pin(self.close(CLOSE_UNAVAILABLE, "node draining")).await;
         }
         let resume = query.resume();
         let sub = match session::subscribe(
@@ -127,8 +121,7 @@ impl Session {
             Ok(sub) => sub,
             Err(e @ SubscribeError::Moved) => {
                 tracing::debug!(key = %key, error = %e, "subscription refused");
-                return self
-                    .close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route")
+                return Box::pin(self.close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route"))
                     .await;
             }
             Err(e @ (SubscribeError::TooManySubscribers(_) | SubscribeError::MemoryBudget)) => {
@@ -139,7 +132,7 @@ impl Session {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 tracing::debug!(key = %key, error = %e, "subscription refused");
-                return self.close(CLOSE_TOO_MANY, "retry_after_ms=1000").await;
+                return Box::pin(self.close(CLOSE_TOO_MANY, "retry_after_ms=1000")).await;
             }
         };
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
