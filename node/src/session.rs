@@ -53,6 +53,22 @@ pub struct Subscription {
     _guard: SubscriptionGuard,
 }
 
+impl Subscription {
+    /// What a connection keeps once its start has been sent: the control and the guard.
+    pub fn into_live(self) -> LiveSubscription {
+        LiveSubscription {
+            control: self.control,
+            _guard: self._guard,
+        }
+    }
+}
+
+/// A subscription whose start has been sent; unsubscribes on drop.
+pub struct LiveSubscription {
+    pub control: Arc<Control>,
+    _guard: SubscriptionGuard,
+}
+
 /// Subscribes a client of `key` on this node.
 pub fn subscribe(
     node: &Arc<Node>,

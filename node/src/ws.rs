@@ -21,7 +21,7 @@ use crate::keys::{ApplyError, Control, Kick, Publish, Start, SubscribeError};
 use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
 use crate::replication::{self, PublishError};
-use crate::session::{self, Placement};
+use crate::session::{self, Placement, Subscription};
 
 /// Close codes of PROTOCOL.md used here.
 pub const CLOSE_BAD_REQUEST: u16 = 4400;
@@ -74,7 +74,12 @@ pub async fn serve(
     .await;
     let mut session = Session { node, socket };
     match query {
-        Ok(query) => Box::pin(session.run(query)).await,
+        Ok(query) => {
+            if let Some((key, sub)) = Box::pin(session.run(query)).await {
+                let sub = sub.into_live();
+                Box::pin(session.live(&key, &sub.control)).await;
+            }
+        }
         Err(message) => Box::pin(session.close(CLOSE_BAD_REQUEST, &message)).await,
     }
     drop(permit);
@@ -86,29 +91,37 @@ struct Session {
 }
 
 impl Session {
-    async fn run(&mut self, query: ClientQuery) {
+    /// Places and subscribes the client, and sends it where it starts: the key and the
+    /// subscription to go live with, or `None` once the connection has been ended.
+    /// Its state is dropped before the connection goes live (the live loop is not
+    /// nested in it), so an idle connection does not keep it.
+    async fn run(&mut self, query: ClientQuery) -> Option<(Key, Subscription)> {
         let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
             Ok(key) => key,
             Err(e) if query.key.is_none() => {
-                return Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("missing key ({e})"))).await
+                Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("missing key ({e})"))).await;
+                return None;
             }
             Err(e) => {
-                return Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))).await
+                Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))).await;
+                return None;
             }
         };
-        // Rare or one-off steps are boxed: an async fn's state is as large as its
-        // largest await, and a connection lives in that state for hours.
+        // Rare steps are boxed: an async fn's state is as large as its largest await.
         match Box::pin(session::place(&self.node, &key, query.rv)).await {
             Placement::Here => {}
             Placement::Moved { owner, version } => {
-                return Box::pin(self.kicked(redirect_kick(&owner, &query.raw, version))).await
+                Box::pin(self.kicked(redirect_kick(&owner, &query.raw, version))).await;
+                return None;
             }
             Placement::Unknown => {
-                return Box::pin(self.close(CLOSE_UNAVAILABLE, "no owner known for this key")).await
+                Box::pin(self.close(CLOSE_UNAVAILABLE, "no owner known for this key")).await;
+                return None;
             }
         }
         if self.node.shutdown.is_cancelled() || self.node.is_draining() {
-            return Box::pin(self.close(CLOSE_UNAVAILABLE, "node draining")).await;
+            Box::pin(self.close(CLOSE_UNAVAILABLE, "node draining")).await;
+            return None;
         }
         let resume = query.resume();
         let sub = match session::subscribe(
@@ -121,8 +134,8 @@ impl Session {
             Ok(sub) => sub,
             Err(e @ SubscribeError::Moved) => {
                 tracing::debug!(key = %key, error = %e, "subscription refused");
-                return Box::pin(self.close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route"))
-                    .await;
+                Box::pin(self.close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route")).await;
+                return None;
             }
             Err(e @ (SubscribeError::TooManySubscribers(_) | SubscribeError::MemoryBudget)) => {
                 if e == SubscribeError::MemoryBudget {
@@ -132,17 +145,17 @@ impl Session {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 tracing::debug!(key = %key, error = %e, "subscription refused");
-                return Box::pin(self.close(CLOSE_TOO_MANY, "retry_after_ms=1000")).await;
+                Box::pin(self.close(CLOSE_TOO_MANY, "retry_after_ms=1000")).await;
+                return None;
             }
         };
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
         match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub.start))).await
         {
             Ok(Ok(())) => {}
-            _ => return,
+            _ => return None,
         }
-        let control = sub.control.clone();
-        Box::pin(self.live(&key, &control)).await;
+        Some((key, sub))
     }
 
     /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
