@@ -424,8 +424,9 @@ pub struct KeyState {
     pub subscribers: Vec<Subscriber>,
     /// Connections per presence id.
     present: HashMap<String, usize>,
-    /// The latest seq, for long polls waiting on the key.
-    changes: watch::Sender<u64>,
+    /// The latest seq, for long polls waiting on the key: made by the first poll and
+    /// let go once none waits (a `watch` costs ~300 bytes; most keys are never polled).
+    changes: Option<watch::Sender<u64>>,
     /// When it was last published to, subscribed to, left or read: an owner drops a
     /// key idle for long enough with no subscriber.
     active: Instant,
@@ -447,13 +448,24 @@ impl KeyState {
             idempotency_order: VecDeque::new(),
             subscribers: Vec::new(),
             present: HashMap::new(),
-            changes: watch::Sender::new(0),
+            changes: None,
             active: Instant::now(),
         }
     }
 
     /// Shows every pending update the successor holds, in seq order, up to the first
     /// that it does not.
+    /// Tells waiting long polls that the seq moved; forgets the `watch` once none waits.
+    fn changed(&mut self) {
+        if let Some(changes) = &self.changes {
+            if changes.receiver_count() == 0 {
+                self.changes = None;
+            } else {
+                changes.send_replace(self.seq);
+            }
+        }
+    }
+
     fn advance(&mut self, limits: &Limits) {
         let mut moved = false;
         while let Some(entry) = self.pending.first_entry() {
@@ -474,7 +486,7 @@ impl KeyState {
             moved = true;
         }
         if moved {
-            self.changes.send_replace(self.seq);
+            self.changed();
         }
     }
 
@@ -570,7 +582,7 @@ impl KeyState {
             }
         }
         state.next = state.seq;
-        state.changes.send_replace(state.seq);
+        state.changed();
         state
     }
 
@@ -991,6 +1003,10 @@ impl KeyTable {
             state.announce(key, &[&subscriber.presence_id], &[], subscriber.id);
         }
         let presence = subscriber.wants_presence.then(|| state.presence_frame(key));
+        if state.subscribers.capacity() == 0 {
+            // Most keys (a user's feed) have one subscriber: no room for four.
+            state.subscribers.reserve_exact(1);
+        }
         state.subscribers.push(subscriber);
         Ok(Start {
             catchup,
@@ -1033,7 +1049,12 @@ impl KeyTable {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
         state.active = Instant::now();
-        (state.catchup(Some(resume), max), state.changes.subscribe())
+        let seq = state.seq;
+        let changes = state
+            .changes
+            .get_or_insert_with(|| watch::Sender::new(seq))
+            .subscribe();
+        (state.catchup(Some(resume), max), changes)
     }
 
     /// The latest `(epoch, seq)` of `key`.

@@ -186,9 +186,10 @@ impl Session {
     async fn live(&mut self, key: &Key, control: &Control) {
         let heartbeat = self.node.config.heartbeat();
         let silence = heartbeat.mul_f64(1.5);
-        let mut pings =
-            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer each, held inline (an `Interval` boxes its own): the next ping, and
+        // the end of the client's silence.
+        let ping_at = tokio::time::sleep(heartbeat);
+        tokio::pin!(ping_at);
         // Anything the client sends proves it alive; nothing for 1.5 heartbeats ends it.
         let dead_at = tokio::time::sleep(silence);
         tokio::pin!(dead_at);
@@ -232,7 +233,7 @@ impl Session {
                         Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {}
                         Some(Ok(Message::Ping(_))) => {
                             // tungstenite queued the pong; push it out.
-                            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await, Ok(Ok(()))) {
+                            if !matches!(Box::pin(tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush())).await, Ok(Ok(()))) {
                                 return;
                             }
                         }
@@ -246,9 +247,12 @@ impl Session {
                         }
                     }
                 }
-                _ = pings.tick() => {
+                () = &mut ping_at => {
+                    ping_at.as_mut().reset(tokio::time::Instant::now() + heartbeat);
+                    // Boxed, as every rare await here: the loop's state is as large as
+                    // its largest await, and a connection idles in it for hours.
                     let ping = self.socket.send(Message::Ping(Default::default()));
-                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ping).await, Ok(Ok(()))) {
+                    if !matches!(Box::pin(tokio::time::timeout(WRITE_TIMEOUT, ping)).await, Ok(Ok(()))) {
                         return;
                     }
                 }
