@@ -17,8 +17,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::task::AtomicWaker;
 use rand::Rng;
 use serde_json::json;
 use tokio::sync::{oneshot, watch, Notify};
@@ -200,7 +202,9 @@ pub struct Control {
     kick: Mutex<Option<Kick>>,
     notify: Notify,
     outbox: Mutex<Outbox>,
-    ready: Notify,
+    /// The reader's waker: a push wakes it with one atomic swap (a `Notify` would take
+    /// its waiter lock for each of a hot key's subscribers).
+    ready: AtomicWaker,
 }
 
 #[derive(Debug)]
@@ -229,7 +233,7 @@ impl Control {
                 capacity,
                 closed: false,
             }),
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
         })
     }
 
@@ -264,7 +268,7 @@ impl Control {
             }
             outbox.frames.push_back(frame);
         }
-        self.ready.notify_one();
+        self.ready.wake();
         Ok(())
     }
 
@@ -280,25 +284,34 @@ impl Control {
     /// Waits for the next queued frame; `None` once the key let go of the subscriber
     /// and the queue is empty. One reader at a time.
     pub async fn recv(&self) -> Option<Utf8Bytes> {
-        loop {
-            {
-                let mut outbox = self.outbox.lock().expect("outbox lock poisoned");
-                if let Some(frame) = outbox.frames.pop_front() {
-                    return Some(frame);
-                }
-                if outbox.closed {
-                    return None;
-                }
+        std::future::poll_fn(|cx| {
+            if let Some(next) = self.next() {
+                return Poll::Ready(next);
             }
-            // A push between the unlock and here leaves a permit: no wake-up is lost.
-            self.ready.notified().await;
+            self.ready.register(cx.waker());
+            // A push between the first look and the registration woke nobody: look again.
+            match self.next() {
+                Some(next) => Poll::Ready(next),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// `Some(Some(frame))`, `Some(None)` once closed and drained, `None` while empty.
+    fn next(&self) -> Option<Option<Utf8Bytes>> {
+        let mut outbox = self.outbox.lock().expect("outbox lock poisoned");
+        match outbox.frames.pop_front() {
+            Some(frame) => Some(Some(frame)),
+            None if outbox.closed => Some(None),
+            None => None,
         }
     }
 
     /// Nothing more will be queued; the reader drains what is there, then sees `None`.
     fn close(&self) {
         self.outbox.lock().expect("outbox lock poisoned").closed = true;
-        self.ready.notify_one();
+        self.ready.wake();
     }
 }
 
