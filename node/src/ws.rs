@@ -4,6 +4,7 @@
 //! key (see [`crate::keys`]); whatever is queued is written in one flush. Someone else
 //! can end the session only through its [`Control`] (slow consumer, redirect).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -221,30 +222,10 @@ impl Session {
                 }
                 msg = self.socket.next() => {
                     dead_at.as_mut().reset(tokio::time::Instant::now() + silence);
-                    match msg {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Err((code, message)) = Box::pin(self.client_frame(key, &text)).await {
-                                return Box::pin(self.error(code, &message)).await;
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            return Box::pin(self.error("binary_frame", "binary frames are not part of the protocol")).await;
-                        }
-                        Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {}
-                        Some(Ok(Message::Ping(_))) => {
-                            // tungstenite queued the pong; push it out.
-                            if !matches!(Box::pin(tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush())).await, Ok(Ok(()))) {
-                                return;
-                            }
-                        }
-                        Some(Ok(Message::Close(_))) | None => return,
-                        Some(Err(WsError::Capacity(e))) => {
-                            return Box::pin(self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}"))).await;
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(error = %e, "client connection failed");
-                            return Box::pin(self.close(CLOSE_BAD_REQUEST, "protocol error")).await;
-                        }
+                    // Boxed, with the message moved in: the loop's state does not hold
+                    // a message (or tungstenite's large error) for the hours it idles.
+                    if Box::pin(self.client_message(key, msg)).await.is_break() {
+                        return;
                     }
                 }
                 () = &mut ping_at => {
@@ -258,6 +239,49 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles what the client sent; `Break` once the session has ended.
+    async fn client_message(
+        &mut self,
+        key: &Key,
+        msg: Option<Result<Message, WsError>>,
+    ) -> ControlFlow<()> {
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                if let Err((code, message)) = Box::pin(self.client_frame(key, &text)).await {
+                    self.error(code, &message).await;
+                    return ControlFlow::Break(());
+                }
+            }
+            Some(Ok(Message::Binary(_))) => {
+                self.error("binary_frame", "binary frames are not part of the protocol")
+                    .await;
+                return ControlFlow::Break(());
+            }
+            Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => {}
+            Some(Ok(Message::Ping(_))) => {
+                // tungstenite queued the pong; push it out.
+                if !matches!(
+                    tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await,
+                    Ok(Ok(()))
+                ) {
+                    return ControlFlow::Break(());
+                }
+            }
+            Some(Ok(Message::Close(_))) | None => return ControlFlow::Break(()),
+            Some(Err(WsError::Capacity(e))) => {
+                self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}"))
+                    .await;
+                return ControlFlow::Break(());
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "client connection failed");
+                self.close(CLOSE_BAD_REQUEST, "protocol error").await;
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
