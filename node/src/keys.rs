@@ -274,11 +274,7 @@ impl Control {
 
     /// The next queued frame, if one is waiting.
     pub fn try_recv(&self) -> Option<Utf8Bytes> {
-        self.outbox
-            .lock()
-            .expect("outbox lock poisoned")
-            .frames
-            .pop_front()
+        self.next().flatten()
     }
 
     /// Waits for the next queued frame; `None` once the key let go of the subscriber
@@ -466,8 +462,6 @@ impl KeyState {
         }
     }
 
-    /// Shows every pending update the successor holds, in seq order, up to the first
-    /// that it does not.
     /// Tells waiting long polls that the seq moved; forgets the `watch` once none waits.
     fn changed(&mut self) {
         if let Some(changes) = &self.changes {
@@ -479,6 +473,8 @@ impl KeyState {
         }
     }
 
+    /// Shows every pending update the successor holds, in seq order, up to the first
+    /// that it does not.
     fn advance(&mut self, limits: &Limits) {
         let mut moved = false;
         while let Some(entry) = self.pending.first_entry() {
@@ -1466,7 +1462,7 @@ mod tests {
         table: &KeyTable,
         queue: usize,
         presence: Option<&str>,
-    ) -> (Subscriber, Arc<Control>, Arc<Control>) {
+    ) -> (Subscriber, Arc<Control>) {
         let control = Control::new(queue);
         let id = table.next_subscriber_id();
         let s = Subscriber {
@@ -1476,7 +1472,7 @@ mod tests {
             query: Arc::from("key=k"),
             control: control.clone(),
         };
-        (s, control.clone(), control)
+        (s, control)
     }
 
     fn seq_of(frame: &Utf8Bytes) -> u64 {
@@ -1500,14 +1496,14 @@ mod tests {
             table.apply("new", publish(b"1")),
             Err(ApplyError::MemoryBudget)
         ));
-        let (s, _rx, _) = subscriber(&table, 16, None);
+        let (s, _rx) = subscriber(&table, 16, None);
         assert_eq!(
             table.subscribe("new", s, None).err(),
             Some(SubscribeError::MemoryBudget)
         );
         assert_eq!(table.len(), 1, "nothing created for the refused key");
         assert_eq!(table.apply("held", publish(b"2")).unwrap().seq, 2);
-        let (s, _rx2, _) = subscriber(&table, 16, None);
+        let (s, _rx2) = subscriber(&table, 16, None);
         assert!(table.subscribe("held", s, None).is_ok());
         table.set_full(false);
         assert_eq!(table.apply("new", publish(b"1")).unwrap().seq, 1);
@@ -1516,7 +1512,7 @@ mod tests {
     #[test]
     fn seqs_count_from_one_and_reach_subscribers_in_order() {
         let table = table(100);
-        let (s, rx, _) = subscriber(&table, 16, None);
+        let (s, rx) = subscriber(&table, 16, None);
         let start = table.subscribe("k", s, None).unwrap();
         assert_eq!((start.catchup.seq, start.catchup.updates.len()), (0, 0));
         for i in 1..=3u64 {
@@ -1535,7 +1531,7 @@ mod tests {
             table.apply("k", publish(b"1")).unwrap();
         }
         let epoch = table.position("k").0;
-        let (s, _rx, _) = subscriber(&table, 16, None);
+        let (s, _rx) = subscriber(&table, 16, None);
         let start = table
             .subscribe(
                 "k",
@@ -1551,7 +1547,7 @@ mod tests {
         let seqs: Vec<u64> = start.catchup.updates.iter().map(seq_of).collect();
         assert_eq!(seqs, vec![7, 8, 9, 10]);
         // since without epoch reads the current epoch.
-        let (s, _rx, _) = subscriber(&table, 16, None);
+        let (s, _rx) = subscriber(&table, 16, None);
         let start = table
             .subscribe(
                 "k",
@@ -1655,7 +1651,7 @@ mod tests {
     #[test]
     fn idempotent_retries_return_the_original_and_deliver_nothing() {
         let table = table(100);
-        let (s, rx, _) = subscriber(&table, 16, None);
+        let (s, rx) = subscriber(&table, 16, None);
         table.subscribe("k", s, None).unwrap();
         let first = table
             .apply(
@@ -1772,8 +1768,8 @@ mod tests {
     #[test]
     fn a_full_queue_kicks_only_that_subscriber() {
         let table = table(100);
-        let (slow, _slow_rx, slow_control) = subscriber(&table, 2, None);
-        let (fast, fast_rx, _) = subscriber(&table, 64, None);
+        let (slow, slow_control) = subscriber(&table, 2, None);
+        let (fast, fast_rx) = subscriber(&table, 64, None);
         table.subscribe("k", slow, None).unwrap();
         table.subscribe("k", fast, None).unwrap();
         for _ in 0..5 {
@@ -1838,8 +1834,8 @@ mod tests {
             max_subscribers: 1,
             ..Limits::default()
         });
-        let (a, _ra, _) = subscriber(&table, 2, None);
-        let (b, _rb, _) = subscriber(&table, 2, None);
+        let (a, _ra) = subscriber(&table, 2, None);
+        let (b, _rb) = subscriber(&table, 2, None);
         table.subscribe("k", a, None).unwrap();
         assert_eq!(
             table.subscribe("k", b, None).unwrap_err(),
@@ -1850,16 +1846,16 @@ mod tests {
     #[test]
     fn presence_is_exact_and_announced() {
         let table = table(10);
-        let (a, ra, _) = subscriber(&table, 16, Some("alice"));
+        let (a, ra) = subscriber(&table, 16, Some("alice"));
         let start = table.subscribe("k", a, None).unwrap();
         assert!(start
             .presence
             .unwrap()
             .as_str()
             .contains(r#""members":[{"id":"alice"}]"#));
-        let (b1, _rb1, _) = subscriber(&table, 16, Some("bob"));
+        let (b1, _rb1) = subscriber(&table, 16, Some("bob"));
         let b1_id = b1.id;
-        let (b2, _rb2, _) = subscriber(&table, 16, Some("bob"));
+        let (b2, _rb2) = subscriber(&table, 16, Some("bob"));
         let b2_id = b2.id;
         table.subscribe("k", b1, None).unwrap();
         table.subscribe("k", b2, None).unwrap();
@@ -1930,7 +1926,7 @@ mod tests {
     #[test]
     fn updates_are_shown_only_once_held_and_in_seq_order() {
         let table = table(100);
-        let (s, rx, _) = subscriber(&table, 16, None);
+        let (s, rx) = subscriber(&table, 16, None);
         table.subscribe("k", s, None).unwrap();
         // The first publish sends the whole (empty) key to the successor.
         let (one, first, mut done1) = staged(&table, b"1", succ("n2"), 1);
@@ -2054,7 +2050,7 @@ mod tests {
         let moved = table.take_where(|_| true);
         assert_eq!(moved[0].snapshot.seq, 1);
         assert!(entry.lock().unwrap().retired);
-        let (s, _rx, _) = subscriber(&table, 4, None);
+        let (s, _rx) = subscriber(&table, 4, None);
         // The map no longer has it: a new request starts afresh (its owner decides).
         assert!(table.subscribe("k", s, None).is_ok());
     }

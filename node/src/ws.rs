@@ -249,7 +249,7 @@ impl Session {
     ) -> ControlFlow<()> {
         match msg {
             Some(Ok(Message::Text(text))) => {
-                if let Err((code, message)) = Box::pin(self.client_frame(key, &text)).await {
+                if let Err((code, message)) = self.client_frame(key, &text).await {
                     self.error(code, &message).await;
                     return ControlFlow::Break(());
                 }

@@ -137,7 +137,8 @@ enum System {
         redis: String,
     },
     /// `tcp` or `ws`, from `servers` fan-out processes (the fd limit is per process:
-    /// P4's 100k sockets need several), subscriber process `i` reading server `i`.
+    /// P4's 100k sockets need several); subscriber connection `c` reads server
+    /// `c % servers`.
     Calibration { mode: &'static str, servers: usize },
 }
 
@@ -219,8 +220,7 @@ async fn fanout_run(
             let mut fanout = Vec::new();
             let mut urls = Vec::new();
             for i in 0..*servers {
-                // Subscriber connection `c` reads server `c % servers`.
-                let share = (0..expected).filter(|c| c % servers == i).count();
+                let share = share_of(expected, *servers, i);
                 let mut args = vec![
                     "fanout".to_owned(),
                     "--mode".into(),
@@ -229,9 +229,7 @@ async fn fanout_run(
                     share.to_string(),
                 ];
                 if publishing.count > 0 {
-                    let count = (0..publishing.count as usize)
-                        .filter(|c| c % servers == i)
-                        .count();
+                    let count = share_of(publishing.count as usize, *servers, i);
                     args.extend(["--count".into(), count.to_string()]);
                 }
                 let mut f = Loadgen::spawn(&format!("{} {i}", system.name()), &args)?;
@@ -262,16 +260,6 @@ async fn fanout_run(
                     k.clone(),
                     "0/1".to_owned(),
                     "127.0.0.1".to_owned(),
-                )
-            })
-            .collect(),
-        System::Calibration { servers, .. } if *servers > 1 => (0..*servers)
-            .map(|i| {
-                (
-                    urls.join(","),
-                    keys.to_owned(),
-                    format!("{i}/{servers}"),
-                    SOURCES.to_owned(),
                 )
             })
             .collect(),
@@ -435,6 +423,11 @@ async fn fanout_run(
         published,
         last_receipt_ms: last_receipt.saturating_sub(started_ns) as f64 / 1e6,
     })
+}
+
+/// How many of `0..n` fall to part `i` of `parts` when `c` goes to part `c % parts`.
+fn share_of(n: usize, parts: usize, i: usize) -> usize {
+    n / parts + usize::from(i < n % parts)
 }
 
 fn publish_args(flag: &str, addr: &str, keys: &str, p: Publishing) -> Vec<String> {
