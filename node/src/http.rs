@@ -201,13 +201,12 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let session_node = node.clone();
-    node.tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => Box::pin(ws::serve(session_node, upgraded, query, permit)).await,
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
-    });
+    node.tasks.spawn(ws::serve(Box::new(ws::Connect {
+        node: node.clone(),
+        on_upgrade,
+        query,
+        permit,
+    })));
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")

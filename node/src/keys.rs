@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::task::AtomicWaker;
 use rand::Rng;
 use serde_json::json;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::frames::{self, PayloadError};
@@ -200,10 +200,10 @@ pub struct Kick {
 #[derive(Debug)]
 pub struct Control {
     kick: Mutex<Option<Kick>>,
-    notify: Notify,
     outbox: Mutex<Outbox>,
-    /// The reader's waker: a push wakes it with one atomic swap (a `Notify` would take
-    /// its waiter lock for each of a hot key's subscribers).
+    /// The reader's waker, woken by a push, a close and a kick: one atomic swap (a
+    /// `Notify` would take its waiter lock for each of a hot key's subscribers, and
+    /// cost every idle connection its size and a waiter).
     ready: AtomicWaker,
 }
 
@@ -227,7 +227,6 @@ impl Control {
     pub fn new(capacity: usize) -> Arc<Control> {
         Arc::new(Control {
             kick: Mutex::new(None),
-            notify: Notify::new(),
             outbox: Mutex::new(Outbox {
                 frames: VecDeque::new(),
                 capacity,
@@ -239,21 +238,32 @@ impl Control {
 
     /// Asks the connection to close; the first kick wins.
     pub fn kick(&self, kick: Kick) {
-        let mut slot = self.kick.lock().expect("kick lock poisoned");
-        if slot.is_none() {
+        {
+            let mut slot = self.kick.lock().expect("kick lock poisoned");
+            if slot.is_some() {
+                return;
+            }
             *slot = Some(kick);
-            self.notify.notify_one();
         }
+        self.ready.wake();
     }
 
-    /// Waits until someone kicks, and returns the kick.
+    /// Waits until someone kicks, and returns the kick. Waits in the same task as
+    /// [`recv`](Self::recv) (one reader, one waker), and costs nothing until polled.
     pub async fn kicked(&self) -> Kick {
-        loop {
-            if let Some(kick) = self.kick.lock().expect("kick lock poisoned").clone() {
-                return kick;
+        let kick = || self.kick.lock().expect("kick lock poisoned").clone();
+        std::future::poll_fn(|cx| {
+            if let Some(kick) = kick() {
+                return Poll::Ready(kick);
             }
-            self.notify.notified().await;
-        }
+            self.ready.register(cx.waker());
+            // A kick between the first look and the registration woke nobody.
+            match kick() {
+                Some(kick) => Poll::Ready(kick),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Queues `frame` for the connection's writer.
@@ -432,7 +442,7 @@ pub struct KeyState {
     idempotency_order: VecDeque<String>,
     pub subscribers: Vec<Subscriber>,
     /// Connections per presence id.
-    present: HashMap<String, usize>,
+    present: Presence,
     /// The latest seq, for long polls waiting on the key: made by the first poll and
     /// let go once none waits (a `watch` costs ~300 bytes; most keys are never polled).
     changes: Option<watch::Sender<u64>>,
@@ -456,7 +466,7 @@ impl KeyState {
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             subscribers: Vec::new(),
-            present: HashMap::new(),
+            present: Presence::default(),
             changes: None,
             active: Instant::now(),
         }
@@ -663,7 +673,7 @@ impl KeyState {
     }
 
     fn presence_frame(&self, key: &str) -> Utf8Bytes {
-        let mut ids: Vec<&String> = self.present.keys().collect();
+        let mut ids: Vec<&String> = self.present.ids().collect();
         ids.sort();
         let members: Vec<_> = ids.into_iter().map(|id| json!({"id": id})).collect();
         Utf8Bytes::from(json!({"type": "presence", "key": key, "members": members}).to_string())
@@ -681,6 +691,68 @@ impl KeyState {
         {
             s.offer(&frame);
         }
+    }
+}
+
+/// Connections per presence id. Most keys have one id (a user's feed), for which a
+/// map's smallest table costs ~150 bytes: a short list holds the first few ids, and a
+/// map takes over past [`Presence::FEW`].
+#[derive(Debug, Default)]
+struct Presence {
+    few: Vec<(String, usize)>,
+    many: HashMap<String, usize>,
+}
+
+impl Presence {
+    const FEW: usize = 8;
+
+    /// Counts a connection of `id`; whether it is the id's first.
+    fn join(&mut self, id: &str) -> bool {
+        if self.many.is_empty() {
+            if let Some((_, n)) = self.few.iter_mut().find(|(i, _)| i == id) {
+                *n += 1;
+                return false;
+            }
+            if self.few.len() < Self::FEW {
+                if self.few.capacity() == 0 {
+                    self.few.reserve_exact(1);
+                }
+                self.few.push((id.to_owned(), 1));
+                return true;
+            }
+            self.many = std::mem::take(&mut self.few).into_iter().collect();
+        }
+        let n = self.many.entry(id.to_owned()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Uncounts a connection of `id`; whether it was the id's last.
+    fn leave(&mut self, id: &str) -> bool {
+        if let Some(at) = self.few.iter().position(|(i, _)| i == id) {
+            self.few[at].1 -= 1;
+            if self.few[at].1 == 0 {
+                self.few.swap_remove(at);
+                return true;
+            }
+            return false;
+        }
+        match self.many.get_mut(id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.many.remove(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every id with a connection, each once, in no order.
+    fn ids(&self) -> impl Iterator<Item = &String> {
+        self.few.iter().map(|(id, _)| id).chain(self.many.keys())
     }
 }
 
@@ -1002,13 +1074,7 @@ impl KeyTable {
             (None, Some(r)) => Some(r.since),
             _ => None,
         };
-        let count = state
-            .present
-            .entry(subscriber.presence_id.clone())
-            .or_insert(0);
-        *count += 1;
-        let first_of_id = *count == 1;
-        if first_of_id {
+        if state.present.join(&subscriber.presence_id) {
             state.announce(key, &[&subscriber.presence_id], &[], subscriber.id);
         }
         let presence = subscriber.wants_presence.then(|| state.presence_frame(key));
@@ -1036,17 +1102,7 @@ impl KeyTable {
             return;
         };
         let gone = state.subscribers.swap_remove(at);
-        let last_of_id = match state.present.get_mut(&gone.presence_id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                state.present.remove(&gone.presence_id);
-                true
-            }
-            None => false,
-        };
+        let last_of_id = state.present.leave(&gone.presence_id);
         if last_of_id {
             state.announce(key, &[], &[&gone.presence_id], id);
         }
@@ -1079,7 +1135,7 @@ impl KeyTable {
             return Vec::new();
         };
         let state = entry.lock().expect("key lock poisoned");
-        let mut ids: Vec<String> = state.present.keys().cloned().collect();
+        let mut ids: Vec<String> = state.present.ids().cloned().collect();
         ids.sort();
         ids
     }
@@ -1888,6 +1944,34 @@ mod tests {
         assert!(valid_epoch(&a));
         assert!(!valid_epoch("a:b") && !valid_epoch(""));
         assert_ne!(a, new_epoch());
+    }
+
+    #[test]
+    fn presence_counts_connections_per_id_past_the_short_list() {
+        let mut p = Presence::default();
+        assert!(p.join("a"));
+        assert!(!p.join("a"));
+        // Past the short list, the map takes over and keeps every count.
+        for i in 0..Presence::FEW + 3 {
+            assert!(p.join(&format!("id{i}")));
+        }
+        assert!(p.few.is_empty());
+        assert!(!p.join("a"));
+        let mut ids: Vec<&String> = p.ids().collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), Presence::FEW + 4);
+        assert!(!p.leave("a"));
+        assert!(!p.leave("a"));
+        assert!(p.leave("a"));
+        assert!(!p.leave("a"), "an id with no connection is not left twice");
+        for i in 0..Presence::FEW + 3 {
+            assert!(p.leave(&format!("id{i}")));
+        }
+        assert_eq!(p.ids().count(), 0);
+        // Empty again: back to the short list.
+        assert!(p.join("b"));
+        assert_eq!(p.few.len(), 1);
     }
 
     #[test]

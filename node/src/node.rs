@@ -126,6 +126,18 @@ impl Node {
         self.registration.get()
     }
 
+    /// Starts the node's shutdown: whatever waits on `shutdown` stops, and every client
+    /// subscribed here is kicked with 1001. A WebSocket session waits on its own kick,
+    /// not on the node-wide token: an idle connection keeps no waiter on it.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+        self.keys.kick_all(|_| Kick {
+            frame: None,
+            code: crate::ws::CLOSE_GOING_AWAY,
+            reason: "node shutting down".into(),
+        });
+    }
+
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }

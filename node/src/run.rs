@@ -94,7 +94,7 @@ pub async fn run(
     let registration = tokio::select! {
         r = membership.register(record, &tasks, lease_stop.clone()) => r?,
         _ = stop.cancelled() => {
-            shutdown.cancel();
+            node.shut_down();
             lease_stop.cancel();
             tasks.close();
             tasks.wait().await;
@@ -143,7 +143,7 @@ pub async fn run(
 
     stop.cancelled().await;
     drain(&node, &registration).await;
-    shutdown.cancel();
+    node.shut_down();
     tracing::info!("shutting down: deregistering and closing clients");
     if let Err(e) = registration.deregister().await {
         tracing::warn!(error = %e, "deregistration failed; the lease will expire instead");

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
 use tokio::sync::OwnedSemaphorePermit;
@@ -22,7 +22,7 @@ use crate::keys::{ApplyError, Control, Kick, Publish, Start, SubscribeError};
 use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
 use crate::replication::{self, PublishError};
-use crate::session::{self, Placement, Subscription};
+use crate::session::{self, LiveSubscription, Placement, Subscription};
 
 /// Close codes of PROTOCOL.md used here.
 pub const CLOSE_BAD_REQUEST: u16 = 4400;
@@ -45,6 +45,9 @@ const MAX_FRAMES_PER_FLUSH: usize = 256;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
+/// One thing a live session does after waking: write, answer, ping, close.
+type Step<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ControlFlow<()>> + Send + 'a>>;
+
 /// The tungstenite settings of every server-side socket: small explicit buffers and
 /// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages). Clients
 /// send little (pings, the odd publish), and the read buffer is held for the life of
@@ -58,32 +61,74 @@ pub fn socket_config(max_frame: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame))
 }
 
-/// Runs one client connection on an upgraded socket until it ends.
-pub async fn serve(
-    node: Arc<Node>,
-    upgraded: Upgraded,
-    query: Result<ClientQuery, String>,
-    permit: OwnedSemaphorePermit,
-) {
-    // Every step is boxed: a connection lives for hours in the state of its longest
-    // await, and an async fn's state is as large as its largest one.
-    let socket = Box::pin(WebSocketStream::from_raw_socket(
+/// What a WebSocket session starts from: the handshake's request, answered with 101.
+pub struct Connect {
+    pub node: Arc<Node>,
+    pub on_upgrade: OnUpgrade,
+    pub query: Result<ClientQuery, String>,
+    /// The connection's place under the node's connection limit.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Runs one client connection, from the upgrade until it ends. This future is the
+/// connection's task: what it holds while the client idles is what an idle connection
+/// costs. So its one input is a box that set-up consumes (an async fn keeps its
+/// arguments for its whole life), every set-up step is boxed and dropped before the
+/// live loop starts, and the live loop runs inline rather than in a box of its own.
+pub async fn serve(connect: Box<Connect>) {
+    let Some(mut live) = Box::pin(set_up(connect)).await else {
+        return;
+    };
+    live.session.live(&live.key, &live.sub.control).await;
+}
+
+/// A session that went live: the socket, the key, the subscription (which unsubscribes
+/// on drop) and the connection's permit.
+struct Live {
+    session: Session,
+    key: Key,
+    sub: LiveSubscription,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The upgrade, the handshake's checks, the subscription and the start: a `Live`
+/// session, or `None` once the connection has been ended.
+async fn set_up(connect: Box<Connect>) -> Option<Live> {
+    let Connect {
+        node,
+        on_upgrade,
+        query,
+        permit,
+    } = *connect;
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    let socket = WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         Role::Server,
         Some(socket_config(node.config.max_frame)),
-    ))
+    )
     .await;
     let mut session = Session { node, socket };
     match query {
         Ok(query) => {
-            if let Some((key, sub)) = Box::pin(session.run(query)).await {
-                let sub = sub.into_live();
-                Box::pin(session.live(&key, &sub.control)).await;
-            }
+            let (key, sub) = session.run(query).await?;
+            Some(Live {
+                session,
+                key,
+                sub: sub.into_live(),
+                _permit: permit,
+            })
         }
-        Err(message) => Box::pin(session.close(CLOSE_BAD_REQUEST, &message)).await,
+        Err(message) => {
+            session.close(CLOSE_BAD_REQUEST, &message).await;
+            None
+        }
     }
-    drop(permit);
 }
 
 struct Session {
@@ -150,6 +195,12 @@ impl Session {
                 return None;
             }
         };
+        // The shutdown kicks every subscriber: one that subscribed as it began is
+        // told here instead.
+        if self.node.shutdown.is_cancelled() {
+            Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await;
+            return None;
+        }
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
         match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub.start))).await
         {
@@ -187,58 +238,84 @@ impl Session {
     async fn live(&mut self, key: &Key, control: &Control) {
         let heartbeat = self.node.config.heartbeat();
         let silence = heartbeat.mul_f64(1.5);
-        // One timer each, held inline (an `Interval` boxes its own): the next ping, and
-        // the end of the client's silence.
-        let ping_at = tokio::time::sleep(heartbeat);
-        tokio::pin!(ping_at);
-        // Anything the client sends proves it alive; nothing for 1.5 heartbeats ends it.
-        let dead_at = tokio::time::sleep(silence);
-        tokio::pin!(dead_at);
-        // Pinned once, not made anew for every frame: each waiter registration on the
-        // kick switch and on the node-wide shutdown token takes a lock, and the latter
-        // is shared by every connection.
-        let kicked = control.kicked();
-        tokio::pin!(kicked);
-        let shutdown = self.node.shutdown.clone();
-        let shutdown = shutdown.cancelled();
-        tokio::pin!(shutdown);
+        // Two deadlines, one timer (a `Sleep` is 112 bytes and a place in the timer
+        // wheel): the next ping, and the end of the client's silence. The timer is set
+        // to the earlier one; a client frame only moves `dead_at` later, so the timer
+        // never fires late for it, and it is re-armed each time it fires.
+        let now = tokio::time::Instant::now();
+        let mut ping_at = now + heartbeat;
+        let mut dead_at = now + silence;
+        let timer = tokio::time::sleep_until(ping_at.min(dead_at));
+        tokio::pin!(timer);
         loop {
-            tokio::select! {
+            // Each arm only decides, and hands back what to do as a boxed step: what an
+            // arm binds (a client message, a kick) is then dropped with the `select!`,
+            // not kept in the state an idle connection waits in.
+            let step: Option<Step<'_>> = tokio::select! {
                 biased;
-                kick = &mut kicked => return Box::pin(self.kicked(kick)).await,
-                () = &mut shutdown => return Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await,
-                () = &mut dead_at => {
-                    tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
-                    return Box::pin(self.close(CLOSE_GOING_AWAY, "heartbeat timeout")).await;
-                }
-                frame = control.recv() => {
-                    let Some(frame) = frame else { return };
-                    // A client that stops reading must not keep its session from
-                    // noticing the kick that its full queue causes.
-                    tokio::select! {
-                        written = self.write_batch(frame, control) => if written.is_err() { return },
-                        kick = &mut kicked => return Box::pin(self.kicked(kick)).await,
+                // The kick (a redirect, a slow consumer, the node's shutdown) and the
+                // queue wake this task through one waker, and cost nothing while idle.
+                kick = control.kicked() => Some(Box::pin(self.end_kicked(kick))),
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= dead_at {
+                        tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
+                        Some(Box::pin(self.end(CLOSE_GOING_AWAY, "heartbeat timeout")))
+                    } else {
+                        let ping = now >= ping_at;
+                        if ping {
+                            ping_at = now + heartbeat;
+                        }
+                        timer.as_mut().reset(ping_at.min(dead_at));
+                        if ping { Some(Box::pin(self.ping())) } else { None }
                     }
                 }
+                frame = control.recv() => match frame {
+                    Some(frame) => Some(Box::pin(self.write_frames(frame, control))),
+                    None => return,
+                },
                 msg = self.socket.next() => {
-                    dead_at.as_mut().reset(tokio::time::Instant::now() + silence);
-                    // Boxed, with the message moved in: the loop's state does not hold
-                    // a message (or tungstenite's large error) for the hours it idles.
-                    if Box::pin(self.client_message(key, msg)).await.is_break() {
-                        return;
-                    }
+                    dead_at = tokio::time::Instant::now() + silence;
+                    Some(Box::pin(self.client_message(key, msg)))
                 }
-                () = &mut ping_at => {
-                    ping_at.as_mut().reset(tokio::time::Instant::now() + heartbeat);
-                    // Boxed, as every rare await here: the loop's state is as large as
-                    // its largest await, and a connection idles in it for hours.
-                    let ping = self.socket.send(Message::Ping(Default::default()));
-                    if !matches!(Box::pin(tokio::time::timeout(WRITE_TIMEOUT, ping)).await, Ok(Ok(()))) {
-                        return;
-                    }
+            };
+            if let Some(step) = step {
+                if step.await.is_break() {
+                    return;
                 }
             }
         }
+    }
+
+    /// Writes `first` and whatever else is queued. A client that stops reading must
+    /// not keep its session from noticing the kick that its full queue causes.
+    async fn write_frames(&mut self, first: Utf8Bytes, control: &Control) -> ControlFlow<()> {
+        tokio::select! {
+            written = self.write_batch(first, control) => match written {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            },
+            kick = control.kicked() => self.end_kicked(kick).await,
+        }
+    }
+
+    /// Sends a heartbeat ping.
+    async fn ping(&mut self) -> ControlFlow<()> {
+        let ping = self.socket.send(Message::Ping(Default::default()));
+        match tokio::time::timeout(WRITE_TIMEOUT, ping).await {
+            Ok(Ok(())) => ControlFlow::Continue(()),
+            _ => ControlFlow::Break(()),
+        }
+    }
+
+    async fn end_kicked(&mut self, kick: Kick) -> ControlFlow<()> {
+        self.kicked(kick).await;
+        ControlFlow::Break(())
+    }
+
+    async fn end(&mut self, code: u16, reason: &'static str) -> ControlFlow<()> {
+        self.close(code, reason).await;
+        ControlFlow::Break(())
     }
 
     /// Handles what the client sent; `Break` once the session has ended.
