@@ -70,6 +70,10 @@ struct Shared {
     receiving: AtomicU64,
     closed: AtomicU64,
     hist: Vec<Mutex<Histogram<u64>>>,
+    /// The largest latency (µs) since the last tick, and how many exceeded 2 ms: where
+    /// in a run the tail happens (a stall every few seconds, or spread evenly).
+    tick_max_us: AtomicU64,
+    tick_over_2ms: AtomicU64,
 }
 
 impl Shared {
@@ -78,6 +82,10 @@ impl Shared {
         let latency_us = now.saturating_sub(ts) / 1000;
         self.received.fetch_add(1, Ordering::Relaxed);
         self.last_receipt_ns.fetch_max(now, Ordering::Relaxed);
+        self.tick_max_us.fetch_max(latency_us, Ordering::Relaxed);
+        if latency_us > 2_000 {
+            self.tick_over_2ms.fetch_add(1, Ordering::Relaxed);
+        }
         let mut h = self.hist[conn % SHARDS].lock().expect("histogram lock");
         h.saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
     }
@@ -106,6 +114,8 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
         received: AtomicU64::new(0),
         receiving: AtomicU64::new(0),
         closed: AtomicU64::new(0),
+        tick_max_us: AtomicU64::new(0),
+        tick_over_2ms: AtomicU64::new(0),
         hist: (0..SHARDS)
             .map(|_| Mutex::new(Histogram::new_with_max(MAX_LATENCY_US, 3).expect("bounds")))
             .collect(),
@@ -191,6 +201,8 @@ pub async fn run(args: SubArgs) -> anyhow::Result<()> {
                     "receiving": shared.receiving.load(Ordering::Relaxed),
                     "interrupted": shared.follow.interrupted.load(Ordering::Relaxed),
                     "down": shared.follow.down.load(Ordering::Relaxed),
+                    "max_us": shared.tick_max_us.swap(0, Ordering::Relaxed),
+                    "over_2ms": shared.tick_over_2ms.swap(0, Ordering::Relaxed),
                 }));
             }
         })
