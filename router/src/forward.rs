@@ -1,14 +1,16 @@
 //! Getting updates to the owner of their key.
 //!
 //! A [`Forwarder`] hashes each key on the current ring, groups the items per owner,
-//! sends one `Node.Deliver` per owner over a pooled channel, and retries what did not
-//! land: `NOT_OWNER` → catch up to the ring the node decided on, then again; an
+//! hands each group to that owner's [`lane`](Lane), and retries what did not land. A
+//! lane coalesces the groups of concurrent calls (unary `Publish`es above all) into
+//! one `Node.Deliver`, with at most [`LANE_CALLS`] in flight: an idle lane sends at
+//! once, a busy one batches what queued meanwhile. Retries: `NOT_OWNER` → catch up to the ring the node decided on, then again; an
 //! unreachable owner → jittered back-off until the ring changes or the deadline ends,
 //! then `UNAVAILABLE`. Every item carries an idempotency key (made here when the caller
 //! gave none), so a retry can never apply an update twice.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -16,6 +18,7 @@ use rand::Rng;
 use ringfeed_proto::v1::{
     self as pb, deliver_result, key_presence_reply, node_client::NodeClient, publish_result,
 };
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -45,11 +48,34 @@ impl Default for ForwardConfig {
     }
 }
 
-/// Pooled channels to nodes, and the retry logic around them.
+/// `Deliver` calls a lane keeps in flight to its node.
+pub const LANE_CALLS: usize = 4;
+/// Groups queued on a lane before callers wait for room.
+const LANE_QUEUE: usize = 4096;
+
+/// Pooled channels to nodes, a lane per node, and the retry logic around them.
 pub struct Forwarder {
     membership: Membership,
     config: ForwardConfig,
     channels: Mutex<HashMap<String, NodeClient<Channel>>>,
+    lanes: Mutex<HashMap<String, Lane>>,
+}
+
+/// What each item of a group came to, in order, or why the call carrying it failed.
+type GroupResult = Result<Vec<pb::DeliverResult>, Status>;
+
+/// One caller's items for one owner, decided on `ring`.
+struct Group {
+    ring: pb::RingRef,
+    items: Vec<pb::PublishRequest>,
+    deadline: Instant,
+    reply: oneshot::Sender<GroupResult>,
+}
+
+/// The way to one node's `Deliver`: a bounded queue of groups, drained by one task.
+#[derive(Clone)]
+struct Lane {
+    tx: mpsc::Sender<Group>,
 }
 
 impl Forwarder {
@@ -58,7 +84,25 @@ impl Forwarder {
             membership,
             config,
             channels: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The lane to the node at `grpc`, started on first use. Starting one also ends the
+    /// lanes of nodes no longer on the ring (their tasks stop once their queue closes).
+    fn lane(&self, grpc: &str) -> Result<Lane, Status> {
+        let mut lanes = self.lanes.lock().expect("lane lock poisoned");
+        if let Some(lane) = lanes.get(grpc).filter(|l| !l.tx.is_closed()) {
+            return Ok(lane.clone());
+        }
+        let client = self.client(grpc)?;
+        let view = self.membership.view();
+        lanes.retain(|addr, _| view.ring.members().iter().any(|m| &m.grpc == addr));
+        let (tx, rx) = mpsc::channel(LANE_QUEUE);
+        tokio::spawn(run_lane(client, rx, self.config.max_batch));
+        let lane = Lane { tx };
+        lanes.insert(grpc.to_owned(), lane.clone());
+        Ok(lane)
     }
 
     pub fn config(&self) -> &ForwardConfig {
@@ -149,24 +193,33 @@ impl Forwarder {
             }
 
             let calls = groups.into_iter().map(|(grpc, indices)| {
-                let request = pb::DeliverRequest {
-                    ring: Some(ring_ref.clone()),
-                    items: indices.iter().map(|&i| items[i].clone()).collect(),
-                };
-                let client = self.client(grpc);
+                let lane = self.lane(grpc);
+                let group_items: Vec<pb::PublishRequest> =
+                    indices.iter().map(|&i| items[i].clone()).collect();
+                let ring = ring_ref.clone();
                 async move {
-                    let reply = match client {
-                        Ok(mut client) => {
-                            let mut request = tonic::Request::new(request);
-                            request.set_timeout(
-                                deadline
-                                    .saturating_duration_since(Instant::now())
-                                    .max(Duration::from_millis(1)),
-                            );
-                            // The header tells the node; this bounds our own wait.
+                    let reply = match lane {
+                        Ok(lane) => {
+                            let (tx, rx) = oneshot::channel();
+                            let group = Group {
+                                ring,
+                                items: group_items,
+                                deadline,
+                                reply: tx,
+                            };
+                            let answered = async {
+                                lane.tx
+                                    .send(group)
+                                    .await
+                                    .map_err(|_| Status::unavailable("lane closed"))?;
+                                rx.await
+                                    .unwrap_or_else(|_| Err(Status::unavailable("deliver dropped")))
+                            };
+                            // The lane bounds the call by the latest deadline it carries;
+                            // this bounds our own wait.
                             let left = deadline.saturating_duration_since(Instant::now());
-                            match tokio::time::timeout(left, client.deliver(request)).await {
-                                Ok(reply) => reply.map(|r| r.into_inner()),
+                            match tokio::time::timeout(left, answered).await {
+                                Ok(reply) => reply,
                                 Err(_) => Err(Status::deadline_exceeded("deliver timed out")),
                             }
                         }
@@ -181,8 +234,8 @@ impl Forwarder {
             let mut transport_failure = !retry.is_empty();
             for (grpc, indices, reply) in answers {
                 match reply {
-                    Ok(reply) if reply.results.len() == indices.len() => {
-                        for (i, result) in indices.into_iter().zip(reply.results) {
+                    Ok(answered) if answered.len() == indices.len() => {
+                        for (i, result) in indices.into_iter().zip(answered) {
                             match result.result {
                                 Some(deliver_result::Result::Ok(ok)) => results[i] = Some(Ok(ok)),
                                 // The node asks for a retry (the key is moving, or the
@@ -335,6 +388,98 @@ impl Forwarder {
     }
 }
 
+/// Drains one node's lane: takes what is queued (up to `max_batch` items, all decided on
+/// one ring) into one `Deliver`, with at most [`LANE_CALLS`] in flight. Room is taken
+/// before the queue is read, so while every call is out, groups gather for the next.
+async fn run_lane(client: NodeClient<Channel>, mut rx: mpsc::Receiver<Group>, max_batch: usize) {
+    let calls = Arc::new(Semaphore::new(LANE_CALLS));
+    let mut carried: Option<Group> = None;
+    loop {
+        let Ok(permit) = calls.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carried.take() {
+            Some(group) => group,
+            None => match rx.recv().await {
+                Some(group) => group,
+                None => return,
+            },
+        };
+        let mut count = first.items.len();
+        let mut batch = vec![first];
+        while count < max_batch {
+            match rx.try_recv() {
+                // A group decided on another ring goes in the next call.
+                Ok(group) if group.ring != batch[0].ring => {
+                    carried = Some(group);
+                    break;
+                }
+                Ok(group) => {
+                    count += group.items.len();
+                    batch.push(group);
+                }
+                Err(_) => break,
+            }
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            deliver(client, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One `Deliver` carrying `batch`; each group is answered with its own items' results.
+async fn deliver(mut client: NodeClient<Channel>, batch: Vec<Group>) {
+    let deadline = batch
+        .iter()
+        .map(|g| g.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let ring = batch[0].ring.clone();
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut items = Vec::with_capacity(batch.iter().map(|g| g.items.len()).sum());
+    for group in batch {
+        replies.push((group.items.len(), group.reply));
+        items.extend(group.items);
+    }
+    let sent = items.len();
+    let mut request = tonic::Request::new(pb::DeliverRequest {
+        ring: Some(ring),
+        items,
+    });
+    let left = deadline.saturating_duration_since(Instant::now());
+    // The header tells the node; the timeout bounds our own wait.
+    request.set_timeout(left.max(Duration::from_millis(1)));
+    let answer = match tokio::time::timeout(left, client.deliver(request)).await {
+        Ok(Ok(reply)) => {
+            let results = reply.into_inner().results;
+            if results.len() == sent {
+                Ok(results)
+            } else {
+                Err(Status::internal(
+                    "node answered a different number of items",
+                ))
+            }
+        }
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Status::deadline_exceeded("deliver timed out")),
+    };
+    match answer {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for (n, reply) in replies {
+                let _ = reply.send(Ok(results.by_ref().take(n).collect()));
+            }
+        }
+        Err(status) => {
+            for (_, reply) in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
 fn note_behind(behind: &mut Option<(u64, RingId)>, ring: pb::RingRef) {
     if behind.as_ref().is_none_or(|(v, _)| ring.ring_version > *v) {
         *behind = Some((ring.ring_version, RingId(ring.ring_id)));
@@ -411,6 +556,195 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    /// The calls a test node saw: each one's ring and its items' keys.
+    type Calls = Mutex<Vec<(pb::RingRef, Vec<String>)>>;
+
+    /// A node whose `Deliver` records each call's items and holds every call until
+    /// told to answer (the lane is a router part; the node here is only its peer).
+    struct HeldNode {
+        calls: Arc<Calls>,
+        release: Arc<tokio::sync::Semaphore>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::node_server::Node for HeldNode {
+        async fn deliver(
+            &self,
+            request: tonic::Request<pb::DeliverRequest>,
+        ) -> Result<tonic::Response<pb::DeliverReply>, Status> {
+            let request = request.into_inner();
+            let keys: Vec<String> = request.items.iter().map(|i| i.key.clone()).collect();
+            let ring = request.ring.clone().unwrap_or_default();
+            self.calls.lock().unwrap().push((ring, keys.clone()));
+            self.release.acquire().await.expect("open").forget();
+            // Each item is answered with its key as the epoch, to check the order.
+            let results = keys
+                .into_iter()
+                .map(|key| pb::DeliverResult {
+                    result: Some(deliver_result::Result::Ok(pb::PublishReply {
+                        epoch: key,
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            Ok(tonic::Response::new(pb::DeliverReply {
+                results,
+                ring: request.ring,
+            }))
+        }
+        async fn key_presence(
+            &self,
+            _: tonic::Request<pb::KeyPresenceRequest>,
+        ) -> Result<tonic::Response<pb::KeyPresenceReply>, Status> {
+            Err(Status::unimplemented("test node"))
+        }
+        async fn replicate(
+            &self,
+            _: tonic::Request<pb::ReplicateRequest>,
+        ) -> Result<tonic::Response<pb::ReplicateReply>, Status> {
+            Err(Status::unimplemented("test node"))
+        }
+        async fn handoff(
+            &self,
+            _: tonic::Request<pb::HandoffRequest>,
+        ) -> Result<tonic::Response<pb::HandoffReply>, Status> {
+            Err(Status::unimplemented("test node"))
+        }
+        async fn status(
+            &self,
+            _: tonic::Request<pb::StatusRequest>,
+        ) -> Result<tonic::Response<pb::StatusReply>, Status> {
+            Err(Status::unimplemented("test node"))
+        }
+        async fn drain(
+            &self,
+            _: tonic::Request<pb::DrainRequest>,
+        ) -> Result<tonic::Response<pb::DrainReply>, Status> {
+            Err(Status::unimplemented("test node"))
+        }
+    }
+
+    fn group(ring: u64, keys: &[&str]) -> (Group, oneshot::Receiver<GroupResult>) {
+        let (reply, answer) = oneshot::channel();
+        let group = Group {
+            ring: pb::RingRef {
+                ring_version: ring,
+                ring_id: format!("r{ring}"),
+            },
+            items: keys
+                .iter()
+                .map(|k| pb::PublishRequest {
+                    key: (*k).to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+            deadline: Instant::now() + Duration::from_secs(10),
+            reply,
+        };
+        (group, answer)
+    }
+
+    /// Waits (bounded) until the node has seen `n` calls.
+    async fn calls_reach(calls: &Calls, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while calls.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the node saw fewer than {n} calls"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_lane_coalesces_groups_into_one_deliver_and_answers_each_its_own() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let node = HeldNode {
+            calls: calls.clone(),
+            release: release.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::node_server::NodeServer::new(node))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let client = NodeClient::new(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy(),
+        );
+        let (tx, rx) = mpsc::channel(LANE_QUEUE);
+        tokio::spawn(run_lane(client, rx, 1000));
+
+        // An idle lane sends each group at once, up to LANE_CALLS in flight.
+        let mut answers = Vec::new();
+        for i in 0..LANE_CALLS {
+            let (g, a) = group(1, &[&format!("k{i}")]);
+            tx.send(g).await.unwrap();
+            answers.push(a);
+            calls_reach(&calls, i + 1).await;
+        }
+        // While all are out, groups gather: two on ring 1, then one on ring 2.
+        let (g1, a1) = group(1, &["a", "b"]);
+        let (g2, a2) = group(1, &["c"]);
+        let (g3, a3) = group(2, &["d"]);
+        for g in [g1, g2, g3] {
+            tx.send(g).await.unwrap();
+        }
+        release.add_permits(LANE_CALLS + 2);
+        calls_reach(&calls, LANE_CALLS + 2).await;
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), LANE_CALLS + 2);
+        // The two ring-1 groups went as one call; the ring-2 group on its own.
+        assert_eq!(calls[LANE_CALLS].1, vec!["a", "b", "c"]);
+        assert_eq!(calls[LANE_CALLS].0.ring_version, 1);
+        assert_eq!(calls[LANE_CALLS + 1].1, vec!["d"]);
+        assert_eq!(calls[LANE_CALLS + 1].0.ring_version, 2);
+        let epochs = |r: GroupResult| -> Vec<String> {
+            r.unwrap()
+                .into_iter()
+                .map(|d| match d.result {
+                    Some(deliver_result::Result::Ok(ok)) => ok.epoch,
+                    other => panic!("unexpected result {other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(epochs(a1.await.unwrap()), vec!["a", "b"]);
+        assert_eq!(epochs(a2.await.unwrap()), vec!["c"]);
+        assert_eq!(epochs(a3.await.unwrap()), vec!["d"]);
+        for (i, a) in answers.into_iter().enumerate() {
+            assert_eq!(epochs(a.await.unwrap()), vec![format!("k{i}")]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_deliver_fails_every_group_it_carried() {
+        // Nothing listens here: every group gets the call's error, retryable.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let client = NodeClient::new(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_timeout(Duration::from_millis(500))
+                .connect_lazy(),
+        );
+        let (tx, rx) = mpsc::channel(LANE_QUEUE);
+        tokio::spawn(run_lane(client, rx, 1000));
+        let (g1, a1) = group(1, &["a"]);
+        let (g2, a2) = group(1, &["b", "c"]);
+        tx.send(g1).await.unwrap();
+        tx.send(g2).await.unwrap();
+        for a in [a1, a2] {
+            let status = a.await.unwrap().unwrap_err();
+            assert!(retryable(&status), "{status:?}");
+        }
     }
 
     #[test]
