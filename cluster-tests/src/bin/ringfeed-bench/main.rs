@@ -162,6 +162,9 @@ struct Publishing {
     concurrency: usize,
     /// Updates in all; 0: until the window ends.
     count: u64,
+    /// ringfeed's `ack` (BENCH.md: `replicated` unless a scenario says otherwise;
+    /// `owner` is reported beside it where it differs). The peers have no such choice.
+    ack_owner: bool,
 }
 
 /// What one run measured.
@@ -445,6 +448,8 @@ fn publish_args(flag: &str, addr: &str, keys: &str, p: Publishing) -> Vec<String
         p.concurrency.to_string(),
         "--count".into(),
         p.count.to_string(),
+        "--ack".into(),
+        if p.ack_owner { "owner" } else { "replicated" }.into(),
     ]
 }
 
@@ -530,9 +535,11 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
         rate: 0,
         concurrency: 4,
         count: 0,
+        ack_owner: false,
     };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut last: Vec<Option<RunResult>> = systems.iter().map(|_| None).collect();
+    let mut owner_rates = Vec::new();
     for run in 0..args.runs {
         for (i, system) in systems.iter().enumerate() {
             let r = fanout_run(
@@ -558,8 +565,34 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
             rates[i].push(r.rate);
             last[i] = Some(r);
         }
+        // BENCH.md: ack=owner beside the default where it differs (fan-out still waits
+        // for the successor's copy; only the publisher's answer does not).
+        let r = fanout_run(
+            &systems[0],
+            &keys,
+            sizes.per_key,
+            sizes.sub_procs,
+            Publishing {
+                ack_owner: true,
+                ..publishing
+            },
+            Duration::from_secs(2),
+            Duration::from_secs(args.window_secs),
+        )
+        .await?;
+        println!(
+            "P1 run {}/{} {:>18}: {} delivered to {} sockets (p99 {:.1} ms)",
+            run + 1,
+            args.runs,
+            "ringfeed ack=owner",
+            fmt_rate(r.rate),
+            r.connected,
+            r.hist.value_at_quantile(0.99) as f64 / 1000.0
+        );
+        owner_rates.push(r.rate);
     }
     let m: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+    let owner = median(&owner_rates);
     let calibration = m[2].max(m[3]);
     let ratio = m[0] / m[1];
     let fraction = m[0] / calibration;
@@ -571,11 +604,19 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
         fraction * 100.0
     );
     println!("P1 medians: ringfeed {} · seed reference {} · Socket.IO {} · calibration tcp {} / ws {} → {summary}; bar {}", fmt_rate(m[0]), fmt_rate(m[1]), fmt_rate(m[4]), fmt_rate(m[2]), fmt_rate(m[3]), if met { "met" } else { "not met" });
+    let owner_summary = format!(
+        "ack=owner: {} = {:.0}% of calibration, {:.2}× the seed reference",
+        fmt_rate(owner),
+        owner / calibration * 100.0,
+        owner / m[1]
+    );
+    println!("P1 {owner_summary}");
     let result = json!({
         "id": "P1",
         "what": "delivered msg/s, PublishBatch, 1,000 keys × 10 subscribers, 3 nodes",
         "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "batch": publishing.batch, "publish_concurrency": publishing.concurrency, "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated", "seed_endpoints": 2},
-        "ringfeed": {"runs": rates[0], "median": m[0], "unit": "msg/s", "latency": last[0].as_ref().map(|r| report::percentiles(&r.hist))},
+        "ringfeed": {"runs": rates[0], "median": m[0], "unit": "msg/s", "latency": last[0].as_ref().map(|r| report::percentiles(&r.hist)),
+            "ack_owner": {"runs": owner_rates, "median": owner, "ratio_vs_seed_reference": owner / m[1], "fraction_of_calibration": owner / calibration}},
         "peers": {
             "seed-reference": {"runs": rates[1], "median": m[1], "unit": "msg/s", "latency": last[1].as_ref().map(|r| report::percentiles(&r.hist))},
             "socketio": {"runs": rates[4], "median": m[4], "unit": "msg/s", "latency": last[4].as_ref().map(|r| report::percentiles(&r.hist)), "endpoints": 2},
@@ -586,7 +627,7 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
         "fraction_of_calibration": fraction,
         "bar": "≥ 60% of calibration and ≥ 1.5× seed reference",
         "met": met,
-        "summary_ringfeed": summary,
+        "summary_ringfeed": format!("{summary} ({owner_summary})"),
         "summary_peers": format!("seed reference {}, Socket.IO {}", fmt_rate(m[1]), fmt_rate(m[4])),
         "summary_calibration": format!("{} (tcp {}, ws {})", fmt_rate(calibration), fmt_rate(m[2]), fmt_rate(m[3])),
         "machine": report::machine(),
@@ -637,6 +678,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
             rate: 0,
             concurrency: 64,
             count: 0,
+            ack_owner: false,
         },
         Duration::from_secs(2),
         Duration::from_secs(args.window_secs),
@@ -654,6 +696,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         rate,
         concurrency: 64,
         count: 0,
+        ack_owner: false,
     };
     let systems = [ringfeed, seed.system(), socketio.system()];
     let mut p99: Vec<Vec<f64>> = vec![Vec::new(); 3];
@@ -881,6 +924,7 @@ async fn p5(args: &Args, sizes: &Sizes) -> Result<()> {
         rate: 0,
         concurrency: 1,
         count: 1,
+        ack_owner: false,
     };
     let mut last_ms: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     for run in 0..args.runs {
@@ -990,6 +1034,7 @@ async fn p4(args: &Args) -> Result<()> {
         rate: 0,
         concurrency: 8,
         count: connections as u64,
+        ack_owner: false,
     };
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); 3];
     // One run: 100k connections take a while to open, and the figure is stable.
