@@ -435,6 +435,50 @@ async fn raw_frame(stream: &mut tokio::net::TcpStream) -> Result<Option<(u8, Vec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_closes_every_websocket_client_with_1001_without_waiting_out_the_grace() {
+    bounded(async {
+        // The last node of its cluster: nobody to hand its keys to, so SIGTERM closes
+        // its clients. A session waits on its own kick, not on a node-wide token.
+        let mut cluster = Cluster::builder()
+            .nodes(1)
+            .node_args(&["--shutdown-grace-ms", "30000"])
+            .start()
+            .await?;
+        let mut readers = Vec::new();
+        for i in 0..3 {
+            let mut sub =
+                Subscription::connect(&cluster.nodes[0].connect_url(&format!("bye:{i}"))).await?;
+            // Read while the node shuts down: the client answers the close as it reads.
+            readers.push(tokio::spawn(async move {
+                sub.next_within(Duration::from_secs(15)).await
+            }));
+        }
+        let started = Instant::now();
+        let status = cluster
+            .node_mut("n1")
+            .terminate(Duration::from_secs(20))
+            .await?;
+        let exited_after = started.elapsed();
+        ensure!(status.success(), "n1 exited with {status}");
+        for reader in readers {
+            match reader.await? {
+                Ok(Event::Closed { code: 1001, reason }) => {
+                    ensure!(reason.contains("shutting down"), "close reason {reason:?}")
+                }
+                other => bail!("expected a 1001 close, got {other:?}"),
+            }
+        }
+        // A session left waiting would have held the exit for the 30 s grace.
+        ensure!(
+            exited_after < Duration::from_secs(10),
+            "the node took {exited_after:?} to exit"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_answering_pings_is_dropped_within_one_and_a_half_heartbeats() {
     bounded(async {
         let heartbeat = Duration::from_millis(400);
