@@ -199,7 +199,8 @@ pub struct Kick {
 /// 32-slot block) — most of an idle connection's cost.
 #[derive(Debug)]
 pub struct Control {
-    kick: Mutex<Option<Kick>>,
+    /// Boxed: a kick (64 bytes) is rare, and every idle connection holds the slot.
+    kick: Mutex<Option<Box<Kick>>>,
     outbox: Mutex<Outbox>,
     /// The reader's waker, woken by a push, a close and a kick: one atomic swap (a
     /// `Notify` would take its waiter lock for each of a hot key's subscribers, and
@@ -243,7 +244,7 @@ impl Control {
             if slot.is_some() {
                 return;
             }
-            *slot = Some(kick);
+            *slot = Some(Box::new(kick));
         }
         self.ready.wake();
     }
@@ -251,7 +252,13 @@ impl Control {
     /// Waits until someone kicks, and returns the kick. Waits in the same task as
     /// [`recv`](Self::recv) (one reader, one waker), and costs nothing until polled.
     pub async fn kicked(&self) -> Kick {
-        let kick = || self.kick.lock().expect("kick lock poisoned").clone();
+        let kick = || {
+            self.kick
+                .lock()
+                .expect("kick lock poisoned")
+                .as_deref()
+                .cloned()
+        };
         std::future::poll_fn(|cx| {
             if let Some(kick) = kick() {
                 return Poll::Ready(kick);
