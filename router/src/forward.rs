@@ -405,10 +405,16 @@ async fn run_lane(client: NodeClient<Channel>, mut rx: mpsc::Receiver<Group>, ma
                 None => return,
             },
         };
+        // A group whose caller stopped waiting (its deadline passed while it queued)
+        // is not sent: nobody would learn what became of it.
+        if first.reply.is_closed() {
+            continue;
+        }
         let mut count = first.items.len();
         let mut batch = vec![first];
         while count < max_batch {
             match rx.try_recv() {
+                Ok(group) if group.reply.is_closed() => {}
                 // A group decided on another ring goes in the next call.
                 Ok(group) if group.ring != batch[0].ring => {
                     carried = Some(group);
@@ -690,18 +696,22 @@ mod tests {
             answers.push(a);
             calls_reach(&calls, i + 1).await;
         }
-        // While all are out, groups gather: two on ring 1, then one on ring 2.
+        // While all are out, groups gather: one whose caller gave up, two on ring 1,
+        // then one on ring 2.
+        let (g0, a0) = group(1, &["gone"]);
+        drop(a0);
         let (g1, a1) = group(1, &["a", "b"]);
         let (g2, a2) = group(1, &["c"]);
         let (g3, a3) = group(2, &["d"]);
-        for g in [g1, g2, g3] {
+        for g in [g0, g1, g2, g3] {
             tx.send(g).await.unwrap();
         }
         release.add_permits(LANE_CALLS + 2);
         calls_reach(&calls, LANE_CALLS + 2).await;
         let calls = calls.lock().unwrap().clone();
         assert_eq!(calls.len(), LANE_CALLS + 2);
-        // The two ring-1 groups went as one call; the ring-2 group on its own.
+        // The two ring-1 groups went as one call, without the abandoned one; the
+        // ring-2 group on its own.
         assert_eq!(calls[LANE_CALLS].1, vec!["a", "b", "c"]);
         assert_eq!(calls[LANE_CALLS].0.ring_version, 1);
         assert_eq!(calls[LANE_CALLS + 1].1, vec!["d"]);
