@@ -73,8 +73,8 @@ pub struct Connect {
 /// Runs one client connection, from the upgrade until it ends. This future is the
 /// connection's task: what it holds while the client idles is what an idle connection
 /// costs. So its one input is a box that set-up consumes (an async fn keeps its
-/// arguments for its whole life), every set-up step is boxed and dropped before the
-/// live loop starts, and the live loop runs inline rather than in a box of its own.
+/// arguments for its whole life), set-up runs in a box of its own that is dropped
+/// before the live loop starts, and the live loop runs inline.
 pub async fn serve(connect: Box<Connect>) {
     let Some(mut live) = Box::pin(set_up(connect)).await else {
         return;
@@ -308,11 +308,13 @@ impl Session {
         }
     }
 
+    /// Ends the session as `kick` asks (a redirect frame first, if any).
     async fn end_kicked(&mut self, kick: Kick) -> ControlFlow<()> {
         self.kicked(kick).await;
         ControlFlow::Break(())
     }
 
+    /// Ends the session with a close frame.
     async fn end(&mut self, code: u16, reason: &'static str) -> ControlFlow<()> {
         self.close(code, reason).await;
         ControlFlow::Break(())
