@@ -252,21 +252,26 @@ impl Control {
     /// Waits until someone kicks, and returns the kick. Waits in the same task as
     /// [`recv`](Self::recv) (one reader, one waker), and costs nothing until polled.
     pub async fn kicked(&self) -> Kick {
-        let kick = || {
+        self.wait(|| {
             self.kick
                 .lock()
                 .expect("kick lock poisoned")
                 .as_deref()
                 .cloned()
-        };
+        })
+        .await
+    }
+
+    /// Waits until `look` finds something, woken by `ready`.
+    async fn wait<T>(&self, look: impl Fn() -> Option<T>) -> T {
         std::future::poll_fn(|cx| {
-            if let Some(kick) = kick() {
-                return Poll::Ready(kick);
+            if let Some(found) = look() {
+                return Poll::Ready(found);
             }
             self.ready.register(cx.waker());
-            // A kick between the first look and the registration woke nobody.
-            match kick() {
-                Some(kick) => Poll::Ready(kick),
+            // A wake between the first look and the registration woke nobody: look again.
+            match look() {
+                Some(found) => Poll::Ready(found),
                 None => Poll::Pending,
             }
         })
@@ -297,18 +302,7 @@ impl Control {
     /// Waits for the next queued frame; `None` once the key let go of the subscriber
     /// and the queue is empty. One reader at a time.
     pub async fn recv(&self) -> Option<Utf8Bytes> {
-        std::future::poll_fn(|cx| {
-            if let Some(next) = self.next() {
-                return Poll::Ready(next);
-            }
-            self.ready.register(cx.waker());
-            // A push between the first look and the registration woke nobody: look again.
-            match self.next() {
-                Some(next) => Poll::Ready(next),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        self.wait(|| self.next()).await
     }
 
     /// `Some(Some(frame))`, `Some(None)` once closed and drained, `None` while empty.
@@ -412,7 +406,7 @@ pub enum ToReplica {
     /// not copied for each publish).
     Entry(Arc<(String, String)>, String, LogEntry),
     /// The successor changed: the whole key, to the new one.
-    Snapshot((String, String), KeySnapshot),
+    Snapshot(Arc<(String, String)>, KeySnapshot),
 }
 
 /// A staged publish.
@@ -564,8 +558,8 @@ impl KeyState {
             return ToReplica::Nothing;
         }
         self.replica_version = version;
-        self.replica_at = successor.clone().map(Arc::new);
-        match successor {
+        self.replica_at = successor.map(Arc::new);
+        match self.replica_at.clone() {
             Some(to) => ToReplica::Snapshot(to, self.snapshot()),
             None => {
                 // Nobody to wait for: show what was waiting.
@@ -2066,7 +2060,7 @@ mod tests {
         // The successor changes on a newer ring: committed history and pending, whole.
         match table.replicate_to("k", succ("n3"), 6) {
             ToReplica::Snapshot(to, snapshot) => {
-                assert_eq!(to, succ("n3").unwrap());
+                assert_eq!(*to, succ("n3").unwrap());
                 assert_eq!(snapshot.seq, 1);
                 assert_eq!(
                     snapshot.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),

@@ -1,12 +1,12 @@
 //! Getting updates to the owner of their key.
 //!
 //! A [`Forwarder`] hashes each key on the current ring, groups the items per owner,
-//! hands each group to that owner's [`lane`](Lane), and retries what did not land. A
-//! lane coalesces the groups of concurrent calls (unary `Publish`es above all) into
-//! one `Node.Deliver`, with at most [`LANE_CALLS`] in flight: an idle lane sends at
-//! once, a busy one batches what queued meanwhile. Retries: `NOT_OWNER` → catch up to the ring the node decided on, then again; an
-//! unreachable owner → jittered back-off until the ring changes or the deadline ends,
-//! then `UNAVAILABLE`. Every item carries an idempotency key (made here when the caller
+//! hands each group to that owner's lane, and retries what did not land. A lane
+//! coalesces the groups of concurrent calls (unary `Publish`es above all) into one
+//! `Node.Deliver`, with at most [`LANE_CALLS`] in flight: an idle lane sends at once,
+//! a busy one batches what queued meanwhile. Retries: `NOT_OWNER` → catch up to the
+//! ring the node decided on, then again; an unreachable owner → jittered back-off
+//! until the ring changes or the deadline ends, then `UNAVAILABLE`. Every item carries an idempotency key (made here when the caller
 //! gave none), so a retry can never apply an update twice.
 
 use std::collections::HashMap;
