@@ -7,15 +7,14 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::frames::{self, ClientFrame, ServerFrame};
 use crate::keys::{ApplyError, Control, Kick, Publish, Start, SubscribeError};
@@ -23,6 +22,10 @@ use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
 use crate::replication::{self, PublishError};
 use crate::session::{self, LiveSubscription, Placement, Subscription};
+
+mod socket;
+
+use socket::Socket;
 
 /// Close codes of PROTOCOL.md used here.
 pub const CLOSE_BAD_REQUEST: u16 = 4400;
@@ -43,20 +46,21 @@ const CLIENT_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// Most queued frames written in one flush.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
-
 /// One thing a live session does after waking: write, answer, ping, close.
 type Step<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ControlFlow<()>> + Send + 'a>>;
 
-/// The tungstenite settings of every server-side socket: small explicit buffers and
+/// The tungstenite settings of every server-side socket: no buffers kept and explicit
 /// frame limits (the defaults are a 128 KiB read buffer and 64 MiB messages). Clients
-/// send little (pings, the odd publish), and the read buffer is held for the life of
-/// the connection: 256 bytes, grown only by a connection that sends a larger frame.
+/// send little (pings, the odd publish). The read buffer is held for the life of the
+/// connection, so it starts empty and grows only to the largest frame the client has
+/// sent (reads from the kernel are chunked by [`socket`], not by tungstenite).
+/// tungstenite writes only pongs and close frames, at once; the session's own frames
+/// never pass through its write buffer.
 pub fn socket_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(256)
-        .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(1024 * 1024)
+        .read_buffer_size(0)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
 }
@@ -107,12 +111,19 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
             return None;
         }
     };
-    let socket = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(socket_config(node.config.max_frame)),
-    )
-    .await;
+    // The listener serves plain TCP, so the stream comes back whole: the session reads
+    // and writes it without hyper's box around it.
+    let socket = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Socket::new(
+            parts.io.into_inner(),
+            parts.read_buf,
+            socket_config(node.config.max_frame),
+        ),
+        Err(_) => {
+            tracing::error!("an upgraded connection is not a TCP stream");
+            return None;
+        }
+    };
     let mut session = Session { node, socket };
     match query {
         Ok(query) => {
@@ -220,17 +231,15 @@ impl Session {
             seq: c.seq,
             heartbeat_ms: self.node.config.heartbeat_ms,
         };
-        self.socket.feed(Message::Text(welcome.encode())).await?;
+        self.socket.queue_text(&welcome.encode());
         if let Some(reset) = &c.reset {
-            self.socket
-                .feed(Message::Text(reset.frame(key.as_str(), &c.epoch)))
-                .await?;
+            self.socket.queue_text(&reset.frame(key.as_str(), &c.epoch));
         }
         for frame in &c.updates {
-            self.socket.feed(Message::Text(frame.clone())).await?;
+            self.socket.queue_text(frame);
         }
         if let Some(presence) = &start.presence {
-            self.socket.feed(Message::Text(presence.clone())).await?;
+            self.socket.queue_text(presence);
         }
         self.socket.flush().await
     }
@@ -301,8 +310,8 @@ impl Session {
 
     /// Sends a heartbeat ping.
     async fn ping(&mut self) -> ControlFlow<()> {
-        let ping = self.socket.send(Message::Ping(Default::default()));
-        match tokio::time::timeout(WRITE_TIMEOUT, ping).await {
+        self.socket.queue_ping();
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await {
             Ok(Ok(())) => ControlFlow::Continue(()),
             _ => ControlFlow::Break(()),
         }
@@ -348,7 +357,12 @@ impl Session {
                     return ControlFlow::Break(());
                 }
             }
-            Some(Ok(Message::Close(_))) | None => return ControlFlow::Break(()),
+            Some(Ok(Message::Close(_))) => {
+                // tungstenite queued the answering close frame; push it out.
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await;
+                return ControlFlow::Break(());
+            }
+            None => return ControlFlow::Break(()),
             Some(Err(WsError::Capacity(e))) => {
                 self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}"))
                     .await;
@@ -365,10 +379,10 @@ impl Session {
 
     /// Writes `first` and whatever else is queued, then flushes once.
     async fn write_batch(&mut self, first: Utf8Bytes, control: &Control) -> Result<(), WsError> {
-        self.socket.feed(Message::Text(first)).await?;
+        self.socket.queue_text(&first);
         for _ in 1..MAX_FRAMES_PER_FLUSH {
             match control.try_recv() {
-                Some(frame) => self.socket.feed(Message::Text(frame)).await?,
+                Some(frame) => self.socket.queue_text(&frame),
                 None => break,
             }
         }
@@ -403,7 +417,8 @@ impl Session {
                 }
             }
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Text(reply))).await {
+        self.socket.queue_text(&reply);
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(("io", String::new())),
         }
@@ -452,14 +467,14 @@ impl Session {
 
     async fn kicked(&mut self, kick: Kick) {
         if let Some(frame) = kick.frame {
-            let _ = self.socket.feed(Message::Text(frame)).await;
+            self.socket.queue_text(&frame);
         }
         self.close(kick.code, &kick.reason).await;
     }
 
     async fn error(&mut self, code: &str, message: &str) {
         let frame = ServerFrame::Error { code, message }.encode();
-        let _ = self.socket.feed(Message::Text(frame)).await;
+        self.socket.queue_text(&frame);
         self.close(CLOSE_BAD_REQUEST, message).await;
     }
 
@@ -476,7 +491,7 @@ impl Session {
         };
         // A client that does not read cannot be waited for forever.
         let goodbye = async {
-            if self.socket.close(Some(frame)).await.is_ok() {
+            if self.socket.close(frame).await.is_ok() {
                 while let Some(Ok(_)) = self.socket.next().await {}
             }
         };
