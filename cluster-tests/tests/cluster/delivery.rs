@@ -434,6 +434,92 @@ async fn raw_frame(stream: &mut tokio::net::TcpStream) -> Result<Option<(u8, Vec
     Ok(Some((head[0] & 0x0f, payload)))
 }
 
+/// A masked client frame (RFC 6455 §5.3) with FIN set.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(
+                &u16::try_from(n)
+                    .expect("test frames are small")
+                    .to_be_bytes(),
+            );
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The next text frame, parsed; control frames on the way are returned too.
+async fn raw_text(stream: &mut tokio::net::TcpStream) -> Result<(u8, serde_json::Value)> {
+    match tokio::time::timeout(FRAME_TIMEOUT, raw_frame(stream)).await?? {
+        Some((0x1, payload)) => Ok((0x1, serde_json::from_slice(&payload)?)),
+        Some((opcode, payload)) => Ok((opcode, json!(String::from_utf8_lossy(&payload)))),
+        None => bail!("the connection ended"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_frames_behind_the_handshake_or_split_across_writes_are_read_whole() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(1).start().await?;
+        let host = cluster.nodes[0].http.trim_start_matches("http://").to_owned();
+        let mut stream = tokio::net::TcpStream::connect(&host).await?;
+        // The request, a control ping and a JSON ping in one write: the frames arrive
+        // with the handshake and must not be lost with hyper's read buffer.
+        let mut first = format!(
+            "GET /v1/connect?key=wire:1 HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes();
+        first.extend(client_frame(0x9, b"early"));
+        first.extend(client_frame(0x1, br#"{"type":"ping"}"#));
+        stream.write_all(&first).await?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            head.push(byte[0]);
+        }
+        ensure!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let (opcode, welcome) = raw_text(&mut stream).await?;
+        ensure!(opcode == 0x1 && welcome["type"] == "welcome", "first frame {opcode:#x} {welcome}");
+        ensure!(raw_text(&mut stream).await? == (0xA, json!("early")), "the control ping is answered");
+        ensure!(raw_text(&mut stream).await? == (0x1, json!({"type": "pong"})), "the JSON ping is answered");
+
+        // A publish of ~6 KB, written in three pieces: read whole, acked and delivered
+        // to its sender.
+        let big = "x".repeat(6000);
+        let publish = client_frame(0x1, json!({"type": "publish", "data": big, "id": "big"}).to_string().as_bytes());
+        for piece in publish.chunks(publish.len() / 3 + 1) {
+            stream.write_all(piece).await?;
+            stream.flush().await?;
+        }
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let (opcode, frame) = raw_text(&mut stream).await?;
+            ensure!(opcode == 0x1, "unexpected control frame {opcode:#x}");
+            answers.push(frame);
+        }
+        answers.sort_by_key(|f| f["type"].as_str().unwrap_or_default().to_owned());
+        ensure!(answers[0]["type"] == "ack" && answers[0]["id"] == "big", "{}", answers[0]);
+        ensure!(answers[1]["type"] == "update" && answers[1]["data"] == json!(big), "update of {} bytes", answers[1].to_string().len());
+
+        // The client's close is answered with a close before the connection ends.
+        stream.write_all(&client_frame(0x8, &1000u16.to_be_bytes())).await?;
+        match tokio::time::timeout(FRAME_TIMEOUT, raw_frame(&mut stream)).await?? {
+            Some((0x8, payload)) => ensure!(payload.starts_with(&1000u16.to_be_bytes()), "close {payload:?}"),
+            other => bail!("expected the close answered, got {other:?}"),
+        }
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_closes_every_websocket_client_with_1001_without_waiting_out_the_grace() {
     bounded(async {
