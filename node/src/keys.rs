@@ -14,6 +14,7 @@
 //! the replication step that needs awaiting comes with its own ordering, later.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -251,20 +252,21 @@ impl Control {
 
     /// Waits until someone kicks, and returns the kick. Waits in the same task as
     /// [`recv`](Self::recv) (one reader, one waker), and costs nothing until polled.
-    pub async fn kicked(&self) -> Kick {
-        self.wait(|| {
+    pub fn kicked(&self) -> impl Future<Output = Kick> + '_ {
+        self.wait(move || {
             self.kick
                 .lock()
                 .expect("kick lock poisoned")
                 .as_deref()
                 .cloned()
         })
-        .await
     }
 
-    /// Waits until `look` finds something, woken by `ready`.
-    async fn wait<T>(&self, look: impl Fn() -> Option<T>) -> T {
-        std::future::poll_fn(|cx| {
+    /// Waits until `look` finds something, woken by `ready`. A plain `poll_fn`, not an
+    /// async fn: an idle connection waits in two of these, and an async fn's state
+    /// would keep `look` twice (64 bytes instead of 16).
+    fn wait<'a, T>(&'a self, look: impl Fn() -> Option<T> + 'a) -> impl Future<Output = T> + 'a {
+        std::future::poll_fn(move |cx| {
             if let Some(found) = look() {
                 return Poll::Ready(found);
             }
@@ -275,7 +277,6 @@ impl Control {
                 None => Poll::Pending,
             }
         })
-        .await
     }
 
     /// Queues `frame` for the connection's writer.
@@ -301,8 +302,8 @@ impl Control {
 
     /// Waits for the next queued frame; `None` once the key let go of the subscriber
     /// and the queue is empty. One reader at a time.
-    pub async fn recv(&self) -> Option<Utf8Bytes> {
-        self.wait(|| self.next()).await
+    pub fn recv(&self) -> impl Future<Output = Option<Utf8Bytes>> + '_ {
+        self.wait(move || self.next())
     }
 
     /// `Some(Some(frame))`, `Some(None)` once closed and drained, `None` while empty.
@@ -440,8 +441,8 @@ pub struct KeyState {
     retired: bool,
     log: VecDeque<Entry>,
     log_bytes: usize,
-    idempotency: HashMap<String, u64>,
-    idempotency_order: VecDeque<String>,
+    /// Made by the first publish that carries an idempotency key.
+    idempotency: Option<Box<Idempotency>>,
     pub subscribers: Vec<Subscriber>,
     /// Connections per presence id.
     present: Presence,
@@ -465,8 +466,7 @@ impl KeyState {
             retired: false,
             log: VecDeque::new(),
             log_bytes: 0,
-            idempotency: HashMap::new(),
-            idempotency_order: VecDeque::new(),
+            idempotency: None,
             subscribers: Vec::new(),
             present: Presence::default(),
             changes: None,
@@ -516,7 +516,8 @@ impl KeyState {
         let seq_of: HashMap<u64, &str> = self
             .idempotency
             .iter()
-            .map(|(k, &s)| (s, k.as_str()))
+            .flat_map(|window| window.oldest_first())
+            .map(|(k, s)| (s, k))
             .collect();
         let mut entries: Vec<LogEntry> = self
             .log
@@ -535,9 +536,10 @@ impl KeyState {
             idempotency_key: p.idempotency_key.clone(),
         }));
         let idempotency = self
-            .idempotency_order
+            .idempotency
             .iter()
-            .filter_map(|k| self.idempotency.get(k).map(|&s| (k.clone(), s)))
+            .flat_map(|window| window.oldest_first())
+            .map(|(k, s)| (k.to_owned(), s))
             .collect();
         KeySnapshot {
             epoch: self.epoch.clone(),
@@ -592,14 +594,8 @@ impl KeyState {
             state.seq = snapshot.seq;
         }
         for (id, seq) in snapshot.idempotency {
-            if seq <= state.seq && !state.idempotency.contains_key(&id) {
-                state.idempotency.insert(id.clone(), seq);
-                state.idempotency_order.push_back(id);
-            }
-        }
-        while state.idempotency_order.len() > limits.idempotency_window {
-            if let Some(old) = state.idempotency_order.pop_front() {
-                state.idempotency.remove(&old);
+            if seq <= state.seq && state.seq_of(&id).is_none() {
+                state.remember(id, seq, limits.idempotency_window);
             }
         }
         state.next = state.seq;
@@ -664,12 +660,24 @@ impl KeyState {
             }
         }
         if !idempotency_key.is_empty() && limits.idempotency_window > 0 {
-            self.idempotency.insert(idempotency_key.to_owned(), seq);
-            self.idempotency_order.push_back(idempotency_key.to_owned());
-            while self.idempotency_order.len() > limits.idempotency_window {
-                if let Some(old) = self.idempotency_order.pop_front() {
-                    self.idempotency.remove(&old);
-                }
+            self.remember(idempotency_key.to_owned(), seq, limits.idempotency_window);
+        }
+    }
+
+    /// The seq that idempotency key `id` got, if the window remembers it.
+    fn seq_of(&self, id: &str) -> Option<u64> {
+        self.idempotency.as_ref()?.seqs.get(id).copied()
+    }
+
+    /// Remembers that idempotency key `id` got `seq`, forgetting the oldest past
+    /// `window`.
+    fn remember(&mut self, id: String, seq: u64, window: usize) {
+        let remembered = self.idempotency.get_or_insert_with(Box::default);
+        remembered.seqs.insert(id.clone(), seq);
+        remembered.order.push_back(id);
+        while remembered.order.len() > window {
+            if let Some(old) = remembered.order.pop_front() {
+                remembered.seqs.remove(&old);
             }
         }
     }
@@ -693,6 +701,25 @@ impl KeyState {
         {
             s.offer(&frame);
         }
+    }
+}
+
+/// A key's idempotency window: the seq each remembered idempotency key got. Boxed in
+/// [`KeyState`] and made by the first publish that carries a key: most keys never see
+/// one, and an empty map and queue would cost every key 80 bytes.
+#[derive(Debug, Default)]
+struct Idempotency {
+    seqs: HashMap<String, u64>,
+    /// The keys, oldest first.
+    order: VecDeque<String>,
+}
+
+impl Idempotency {
+    /// The window, oldest first.
+    fn oldest_first(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.order
+            .iter()
+            .filter_map(|k| self.seqs.get(k).map(|&s| (k.as_str(), s)))
     }
 }
 
@@ -877,7 +904,7 @@ impl KeyTable {
             return Err(ApplyError::Moved);
         }
         if !publish.idempotency_key.is_empty() {
-            if let Some(&seq) = state.idempotency.get(publish.idempotency_key) {
+            if let Some(seq) = state.seq_of(publish.idempotency_key) {
                 return Ok(Staged::Duplicate(Applied {
                     seq,
                     epoch: state.epoch.clone(),

@@ -58,7 +58,7 @@ impl Subscription {
     pub fn into_live(self) -> LiveSubscription {
         LiveSubscription {
             control: self.control,
-            _guard: self._guard,
+            guard: self._guard,
         }
     }
 }
@@ -66,7 +66,14 @@ impl Subscription {
 /// A subscription whose start has been sent; unsubscribes on drop.
 pub struct LiveSubscription {
     pub control: Arc<Control>,
-    _guard: SubscriptionGuard,
+    guard: SubscriptionGuard,
+}
+
+impl LiveSubscription {
+    /// The key subscribed to.
+    pub fn key(&self) -> &str {
+        &self.guard.key
+    }
 }
 
 /// Subscribes a client of `key` on this node.

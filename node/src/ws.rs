@@ -83,14 +83,13 @@ pub async fn serve(connect: Box<Connect>) {
     let Some(mut live) = Box::pin(set_up(connect)).await else {
         return;
     };
-    live.session.live(&live.key, &live.sub.control).await;
+    live.session.live(&live.sub).await;
 }
 
-/// A session that went live: the socket, the key, the subscription (which unsubscribes
-/// on drop) and the connection's permit.
+/// A session that went live: the socket, the subscription (its key and queue; it
+/// unsubscribes on drop) and the connection's permit.
 struct Live {
     session: Session,
-    key: Key,
     sub: LiveSubscription,
     _permit: OwnedSemaphorePermit,
 }
@@ -127,10 +126,9 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
     let mut session = Session { node, socket };
     match query {
         Ok(query) => {
-            let (key, sub) = session.run(query).await?;
+            let sub = session.run(query).await?;
             Some(Live {
                 session,
-                key,
                 sub: sub.into_live(),
                 _permit: permit,
             })
@@ -148,11 +146,11 @@ struct Session {
 }
 
 impl Session {
-    /// Places and subscribes the client, and sends it where it starts: the key and the
-    /// subscription to go live with, or `None` once the connection has been ended.
+    /// Places and subscribes the client, and sends it where it starts: the subscription
+    /// to go live with, or `None` once the connection has been ended.
     /// Its state is dropped before the connection goes live (the live loop is not
     /// nested in it), so an idle connection does not keep it.
-    async fn run(&mut self, query: ClientQuery) -> Option<(Key, Subscription)> {
+    async fn run(&mut self, query: ClientQuery) -> Option<Subscription> {
         let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
             Ok(key) => key,
             Err(e) if query.key.is_none() => {
@@ -218,7 +216,7 @@ impl Session {
             Ok(Ok(())) => {}
             _ => return None,
         }
-        Some((key, sub))
+        Some(sub)
     }
 
     /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
@@ -244,16 +242,15 @@ impl Session {
         self.socket.flush().await
     }
 
-    async fn live(&mut self, key: &Key, control: &Control) {
-        let heartbeat = self.node.config.heartbeat();
-        let silence = heartbeat.mul_f64(1.5);
+    async fn live(&mut self, sub: &LiveSubscription) {
+        let (key, control) = (sub.key(), &sub.control);
         // Two deadlines, one timer (a `Sleep` is 112 bytes and a place in the timer
         // wheel): the next ping, and the end of the client's silence. The timer is set
         // to the earlier one; a client frame only moves `dead_at` later, so the timer
         // never fires late for it, and it is re-armed each time it fires.
         let now = tokio::time::Instant::now();
-        let mut ping_at = now + heartbeat;
-        let mut dead_at = now + silence;
+        let mut ping_at = now + self.heartbeat();
+        let mut dead_at = now + self.silence();
         let timer = tokio::time::sleep_until(ping_at.min(dead_at));
         tokio::pin!(timer);
         loop {
@@ -273,7 +270,7 @@ impl Session {
                     } else {
                         let ping = now >= ping_at;
                         if ping {
-                            ping_at = now + heartbeat;
+                            ping_at = now + self.heartbeat();
                         }
                         timer.as_mut().reset(ping_at.min(dead_at));
                         if ping { Some(Box::pin(self.ping())) } else { None }
@@ -284,7 +281,7 @@ impl Session {
                     None => return,
                 },
                 msg = self.socket.next() => {
-                    dead_at = tokio::time::Instant::now() + silence;
+                    dead_at = tokio::time::Instant::now() + self.silence();
                     Some(Box::pin(self.client_message(key, msg)))
                 }
             };
@@ -294,6 +291,17 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// How often the client is pinged. Read from the config when needed rather than
+    /// kept: the state an idle connection waits in is what it costs.
+    fn heartbeat(&self) -> std::time::Duration {
+        self.node.config.heartbeat()
+    }
+
+    /// How long the client may send nothing (not even a pong) before it is dropped.
+    fn silence(&self) -> std::time::Duration {
+        self.heartbeat().mul_f64(1.5)
     }
 
     /// Writes `first` and whatever else is queued. A client that stops reading must
@@ -332,7 +340,7 @@ impl Session {
     /// Handles what the client sent; `Break` once the session has ended.
     async fn client_message(
         &mut self,
-        key: &Key,
+        key: &str,
         msg: Option<Result<Message, WsError>>,
     ) -> ControlFlow<()> {
         match msg {
@@ -390,7 +398,7 @@ impl Session {
     }
 
     /// Handles one text frame from the client; an `Err` ends the session.
-    async fn client_frame(&mut self, key: &Key, text: &str) -> Result<(), (&'static str, String)> {
+    async fn client_frame(&mut self, key: &str, text: &str) -> Result<(), (&'static str, String)> {
         let frame = frames::parse_client(text).map_err(|e| (e.code, e.message))?;
         let reply = match frame {
             ClientFrame::Ping => ServerFrame::Pong.encode(),
@@ -428,17 +436,17 @@ impl Session {
     /// successor holds it (bounded by [`CLIENT_PUBLISH_TIMEOUT`]).
     async fn publish(
         node: Arc<Node>,
-        key: &Key,
+        key: &str,
         publish: Publish<'_>,
     ) -> Result<u64, (&'static str, String)> {
         let view = node.membership.view();
-        if !matches!(node.decide(view.clone(), key.as_str()), Decision::Mine(_)) {
+        if !matches!(node.decide(view.clone(), key), Decision::Mine(_)) {
             return Err((
                 "not_owner",
                 "this node no longer owns the key; reconnect".into(),
             ));
         }
-        let published = replication::publish(&node, &view, key.as_str(), publish, true);
+        let published = replication::publish(&node, &view, key, publish, true);
         match tokio::time::timeout(CLIENT_PUBLISH_TIMEOUT, published).await {
             Err(_) => Err((
                 "timeout",
