@@ -203,10 +203,16 @@ pub struct Control {
     /// Boxed: a kick (64 bytes) is rare, and every idle connection holds the slot.
     kick: Mutex<Option<Box<Kick>>>,
     outbox: Mutex<Outbox>,
-    /// The reader's waker, woken by a push, a close and a kick: one atomic swap (a
-    /// `Notify` would take its waiter lock for each of a hot key's subscribers, and
-    /// cost every idle connection its size and a waiter).
+    /// The reader's waker, woken by a push, a close, a kick and its clock: one atomic
+    /// swap (a `Notify` would take its waiter lock for each of a hot key's
+    /// subscribers, and cost every idle connection its size and a waiter).
     ready: AtomicWaker,
+    /// When the reader's clock is next due, in ms of the node's clock
+    /// ([`crate::node::Node::clock_ms`]): [`Control::NEVER`], or [`Control::FIRED`]
+    /// once the node's sweep ([`KeyTable::fire_due`]) found it due. A WebSocket
+    /// session keeps its deadlines (next ping, end of the client's silence) here
+    /// rather than in a timer of its own, which every idle connection would hold.
+    due: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -225,6 +231,11 @@ pub enum Refused {
 }
 
 impl Control {
+    /// No clock set.
+    pub const NEVER: u64 = u64::MAX;
+    /// The clock went off.
+    const FIRED: u64 = 0;
+
     /// A connection's control with room for `capacity` queued frames.
     pub fn new(capacity: usize) -> Arc<Control> {
         Arc::new(Control {
@@ -235,7 +246,32 @@ impl Control {
                 closed: false,
             }),
             ready: AtomicWaker::new(),
+            due: AtomicU64::new(Control::NEVER),
         })
+    }
+
+    /// Sets the reader's clock to go off at `at_ms` (ms of the node's clock, from 1).
+    pub fn set_due(&self, at_ms: u64) {
+        self.due.store(at_ms.max(1), Ordering::Release);
+    }
+
+    /// Sets the clock off, and wakes the reader, if it is due by `now_ms`.
+    fn fire_if_due(&self, now_ms: u64) {
+        let due = self.due.load(Ordering::Acquire);
+        if due != Control::FIRED
+            && due <= now_ms
+            && self
+                .due
+                .compare_exchange(due, Control::FIRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.ready.wake();
+        }
+    }
+
+    /// Waits until the clock goes off; the reader then sets it again.
+    pub fn due(&self) -> impl Future<Output = ()> + '_ {
+        self.wait(move || (self.due.load(Ordering::Acquire) == Control::FIRED).then_some(()))
     }
 
     /// Asks the connection to close; the first kick wins.
@@ -328,8 +364,9 @@ impl Control {
 #[derive(Debug)]
 pub struct Subscriber {
     pub id: u64,
-    /// Who it is for presence: the ticket's subject, or a connection id.
-    pub presence_id: String,
+    /// Who it is for presence: the ticket's subject, or a connection id. Shared with
+    /// the key's presence counts, not copied into them.
+    pub presence_id: Arc<str>,
     /// Whether it is sent `presence` frames.
     pub wants_presence: bool,
     /// The query it connected with, to build its redirect.
@@ -683,9 +720,9 @@ impl KeyState {
     }
 
     fn presence_frame(&self, key: &str) -> Utf8Bytes {
-        let mut ids: Vec<&String> = self.present.ids().collect();
+        let mut ids: Vec<&Arc<str>> = self.present.ids().collect();
         ids.sort();
-        let members: Vec<_> = ids.into_iter().map(|id| json!({"id": id})).collect();
+        let members: Vec<_> = ids.into_iter().map(|id| json!({"id": &**id})).collect();
         Utf8Bytes::from(json!({"type": "presence", "key": key, "members": members}).to_string())
     }
 
@@ -728,18 +765,18 @@ impl Idempotency {
 /// map takes over past [`Presence::FEW`].
 #[derive(Debug, Default)]
 struct Presence {
-    few: Vec<(String, usize)>,
+    few: Vec<(Arc<str>, usize)>,
     /// Made only past `FEW` ids. Boxed on purpose: an empty map is 48 bytes in every
     /// key, the box 8, and most keys never need it.
     #[allow(clippy::box_collection)]
-    many: Option<Box<HashMap<String, usize>>>,
+    many: Option<Box<HashMap<Arc<str>, usize>>>,
 }
 
 impl Presence {
     const FEW: usize = 8;
 
     /// Counts a connection of `id`; whether it is the id's first.
-    fn join(&mut self, id: &str) -> bool {
+    fn join(&mut self, id: &Arc<str>) -> bool {
         if self.many.is_none() {
             if let Some((_, n)) = self.few.iter_mut().find(|(i, _)| i == id) {
                 *n += 1;
@@ -749,7 +786,7 @@ impl Presence {
                 if self.few.capacity() == 0 {
                     self.few.reserve_exact(1);
                 }
-                self.few.push((id.to_owned(), 1));
+                self.few.push((id.clone(), 1));
                 return true;
             }
             self.many = Some(Box::new(
@@ -757,14 +794,14 @@ impl Presence {
             ));
         }
         let many = self.many.get_or_insert_with(Box::default);
-        let n = many.entry(id.to_owned()).or_insert(0);
+        let n = many.entry(id.clone()).or_insert(0);
         *n += 1;
         *n == 1
     }
 
     /// Uncounts a connection of `id`; whether it was the id's last.
     fn leave(&mut self, id: &str) -> bool {
-        if let Some(at) = self.few.iter().position(|(i, _)| i == id) {
+        if let Some(at) = self.few.iter().position(|(i, _)| **i == *id) {
             self.few[at].1 -= 1;
             if self.few[at].1 == 0 {
                 self.few.swap_remove(at);
@@ -794,7 +831,7 @@ impl Presence {
     }
 
     /// Every id with a connection, each once, in no order.
-    fn ids(&self) -> impl Iterator<Item = &String> {
+    fn ids(&self) -> impl Iterator<Item = &Arc<str>> {
         self.few
             .iter()
             .map(|(id, _)| id)
@@ -1121,7 +1158,7 @@ impl KeyTable {
             _ => None,
         };
         if state.present.join(&subscriber.presence_id) {
-            state.announce(key, &[&subscriber.presence_id], &[], subscriber.id);
+            state.announce(key, &[&*subscriber.presence_id], &[], subscriber.id);
         }
         let presence = subscriber.wants_presence.then(|| state.presence_frame(key));
         if state.subscribers.capacity() == 0 {
@@ -1150,7 +1187,7 @@ impl KeyTable {
         let gone = state.subscribers.swap_remove(at);
         let last_of_id = state.present.leave(&gone.presence_id);
         if last_of_id {
-            state.announce(key, &[], &[&gone.presence_id], id);
+            state.announce(key, &[], &[&*gone.presence_id], id);
         }
     }
 
@@ -1181,7 +1218,7 @@ impl KeyTable {
             return Vec::new();
         };
         let state = entry.lock().expect("key lock poisoned");
-        let mut ids: Vec<String> = state.present.ids().cloned().collect();
+        let mut ids: Vec<String> = state.present.ids().map(|id| id.to_string()).collect();
         ids.sort();
         ids
     }
@@ -1249,6 +1286,22 @@ impl KeyTable {
                 let state = entry.lock().expect("key lock poisoned");
                 for s in &state.subscribers {
                     s.control.kick(kick(&key));
+                }
+            }
+        }
+    }
+
+    /// Sets off the clock of every subscriber due by `now_ms` (see
+    /// [`Control::set_due`]). One sweep of the table serves every connection's
+    /// heartbeat; key locks are taken one at a time, after the shard's.
+    pub fn fire_due(&self, now_ms: u64) {
+        let mut entries: Vec<KeyRef> = Vec::new();
+        for shard in &self.shards {
+            entries.extend(shard.lock().expect("shard lock poisoned").values().cloned());
+            for entry in entries.drain(..) {
+                let state = entry.lock().expect("key lock poisoned");
+                for s in &state.subscribers {
+                    s.control.fire_if_due(now_ms);
                 }
             }
         }
@@ -1569,7 +1622,7 @@ mod tests {
         let id = table.next_subscriber_id();
         let s = Subscriber {
             id,
-            presence_id: presence.map_or_else(|| format!("c{id}"), str::to_owned),
+            presence_id: presence.map_or_else(|| Arc::from(format!("c{id}")), Arc::from),
             wants_presence: presence.is_some(),
             query: Arc::from("key=k"),
             control: control.clone(),
@@ -1609,6 +1662,36 @@ mod tests {
         assert!(table.subscribe("held", s, None).is_ok());
         table.set_full(false);
         assert_eq!(table.apply("new", publish(b"1")).unwrap().seq, 1);
+    }
+
+    #[test]
+    fn the_sweep_sets_off_only_the_clocks_that_are_due() {
+        use std::task::{Context, Waker};
+        let table = table(100);
+        let (s, early) = subscriber(&table, 16, None);
+        table.subscribe("a", s, None).unwrap();
+        let (s, late) = subscriber(&table, 16, None);
+        table.subscribe("b", s, None).unwrap();
+        let (s, unset) = subscriber(&table, 16, None);
+        table.subscribe("b", s, None).unwrap();
+        early.set_due(10);
+        late.set_due(20);
+        let mut cx = Context::from_waker(Waker::noop());
+        let went_off = |c: &Control, cx: &mut Context<'_>| {
+            let due = std::pin::pin!(c.due());
+            due.poll(cx).is_ready()
+        };
+        table.fire_due(9);
+        assert!(!went_off(&early, &mut cx) && !went_off(&late, &mut cx));
+        table.fire_due(10);
+        assert!(went_off(&early, &mut cx) && !went_off(&late, &mut cx));
+        // It stays off until set again.
+        table.fire_due(11);
+        assert!(went_off(&early, &mut cx));
+        early.set_due(30);
+        table.fire_due(25);
+        assert!(!went_off(&early, &mut cx) && went_off(&late, &mut cx));
+        assert!(!went_off(&unset, &mut cx));
     }
 
     #[test]
@@ -1995,15 +2078,15 @@ mod tests {
     #[test]
     fn presence_counts_connections_per_id_past_the_short_list() {
         let mut p = Presence::default();
-        assert!(p.join("a"));
-        assert!(!p.join("a"));
+        assert!(p.join(&Arc::from("a")));
+        assert!(!p.join(&Arc::from("a")));
         // Past the short list, the map takes over and keeps every count.
         for i in 0..Presence::FEW + 3 {
-            assert!(p.join(&format!("id{i}")));
+            assert!(p.join(&Arc::from(format!("id{i}"))));
         }
         assert!(p.few.is_empty());
-        assert!(!p.join("a"));
-        let mut ids: Vec<&String> = p.ids().collect();
+        assert!(!p.join(&Arc::from("a")));
+        let mut ids: Vec<&Arc<str>> = p.ids().collect();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), Presence::FEW + 4);
@@ -2016,7 +2099,7 @@ mod tests {
         }
         assert_eq!(p.ids().count(), 0);
         // Empty again: back to the short list.
-        assert!(p.join("b"));
+        assert!(p.join(&Arc::from("b")));
         assert_eq!(p.few.len(), 1);
     }
 

@@ -50,6 +50,8 @@ pub struct Node {
     pub counters: Counters,
     /// A [`crate::fence::Fence`], as its discriminant.
     pub(crate) fence_state: AtomicU8,
+    /// Where the node's clock ([`Node::clock_ms`]) starts.
+    clock_origin: tokio::time::Instant,
 }
 
 /// The node's counters, exported by `/metrics`.
@@ -100,6 +102,36 @@ impl Node {
             registration: OnceLock::new(),
             draining: AtomicBool::new(false),
             fence_state: AtomicU8::new(0),
+            clock_origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// `at` in ms of the node's clock (from 1), which connections set their
+    /// [`Control`](crate::keys::Control) deadlines in; rounded up, so a clock never
+    /// goes off early.
+    pub fn clock_ms(&self, at: tokio::time::Instant) -> u64 {
+        let since = at.saturating_duration_since(self.clock_origin);
+        u64::try_from(since.as_micros().div_ceil(1000)).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// How often the clock sweeps: an eighth of a heartbeat, within 10 ms – 1 s. A
+    /// connection's ping or close is that much late at most.
+    pub fn clock_period(&self) -> Duration {
+        (self.config.heartbeat() / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// The node's clock: sets off every connection deadline that has passed (see
+    /// [`KeyTable::fire_due`]). One sweep per period replaces a timer per connection.
+    pub async fn run_clock(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.clock_period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.keys
+                .fire_due(self.clock_ms(tokio::time::Instant::now()));
         }
     }
 

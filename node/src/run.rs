@@ -85,6 +85,7 @@ pub async fn run(
     });
     tasks.spawn(node.clone().follow_ring());
     tasks.spawn(node.clone().sweep());
+    tasks.spawn(node.clone().run_clock());
     tasks.spawn(crate::fence::watch(node.clone()));
     tasks.spawn(crate::budget::watch(node.clone()));
 

@@ -89,7 +89,7 @@ pub fn subscribe(
     let id = node.keys.next_subscriber_id();
     let subscriber = Subscriber {
         id,
-        presence_id: format!("c{id}"),
+        presence_id: Arc::from(format!("c{id}")),
         wants_presence,
         query: query.clone(),
         control: control.clone(),

@@ -244,15 +244,15 @@ impl Session {
 
     async fn live(&mut self, sub: &LiveSubscription) {
         let (key, control) = (sub.key(), &sub.control);
-        // Two deadlines, one timer (a `Sleep` is 112 bytes and a place in the timer
-        // wheel): the next ping, and the end of the client's silence. The timer is set
-        // to the earlier one; a client frame only moves `dead_at` later, so the timer
-        // never fires late for it, and it is re-armed each time it fires.
+        // Two deadlines, kept on the node's clock rather than in a timer of our own (a
+        // `Sleep` is 112 bytes and a place in the timer wheel): the next ping, and the
+        // end of the client's silence. The clock is set to the earlier one; a client
+        // frame only moves `dead_at` later, so the clock never goes off late for it,
+        // and it is set again each time it goes off.
         let now = tokio::time::Instant::now();
         let mut ping_at = now + self.heartbeat();
         let mut dead_at = now + self.silence();
-        let timer = tokio::time::sleep_until(ping_at.min(dead_at));
-        tokio::pin!(timer);
+        control.set_due(self.node.clock_ms(ping_at.min(dead_at)));
         loop {
             // Each arm only decides, and hands back what to do as a boxed step: what an
             // arm binds (a client message, a kick) is then dropped with the `select!`,
@@ -262,7 +262,7 @@ impl Session {
                 // The kick (a redirect, a slow consumer, the node's shutdown) and the
                 // queue wake this task through one waker, and cost nothing while idle.
                 kick = control.kicked() => Some(Box::pin(self.end_kicked(kick))),
-                () = &mut timer => {
+                () = control.due() => {
                     let now = tokio::time::Instant::now();
                     if now >= dead_at {
                         tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
@@ -272,7 +272,7 @@ impl Session {
                         if ping {
                             ping_at = now + self.heartbeat();
                         }
-                        timer.as_mut().reset(ping_at.min(dead_at));
+                        control.set_due(self.node.clock_ms(ping_at.min(dead_at)));
                         if ping { Some(Box::pin(self.ping())) } else { None }
                     }
                 }
