@@ -108,10 +108,19 @@ impl Handoffs {
             }
         }
         for m in previous.members() {
-            if m.id == *me || !previous.is_active(&m.id) || !current.is_active(me) {
+            // An earlier process under this node's id, whose record was replaced by
+            // ours in one step (its expiry and our registration seen together), left
+            // like any member: its keys wait for every other member's offers of their
+            // replicas, not for nothing.
+            let earlier_me = m.id == *me
+                && current
+                    .member(me)
+                    .is_some_and(|c| c.incarnation != m.incarnation);
+            if (m.id == *me && !earlier_me) || !previous.is_active(&m.id) || !current.is_active(me)
+            {
                 continue;
             }
-            let from = if current.member(&m.id).is_some() {
+            let from = if current.member(&m.id).is_some() && !earlier_me {
                 HashSet::from([m.id.0.clone()])
             } else {
                 others.clone()
@@ -470,6 +479,34 @@ mod tests {
         h.marker("n3", r3.ring.id().clone());
         assert!(h.ready(&from_n1, &r3).await);
         assert!(h.settled(r3.ring.id()).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_incarnation_replaced_in_one_step_is_waited_for_like_a_departed_member() {
+        let before = view(&["n1", "n2", "n3"], 5);
+        // n2 restarted: its old record's expiry and its new registration in one view.
+        let after = View {
+            ring: Arc::new(Ring::new(["n1", "n2", "n3"].iter().map(|id| Member {
+                incarnation: if *id == "n2" {
+                    "inc-n2-again".into()
+                } else {
+                    format!("inc-{id}")
+                },
+                ..member(id)
+            }))),
+            version: 6,
+        };
+        let h = Handoffs::default();
+        h.begin(&NodeId("n2".into()), before.ring.clone(), &after);
+        let earlier = key_of(&before.ring, "n2");
+        // Its keys' replicas are offered by the others: not served before their markers.
+        h.marker("n1", after.ring.id().clone());
+        assert!(
+            !h.ready(&earlier, &after).await,
+            "n3 may still offer a replica"
+        );
+        h.marker("n3", after.ring.id().clone());
+        assert!(h.ready(&earlier, &after).await);
     }
 
     #[tokio::test(start_paused = true)]
