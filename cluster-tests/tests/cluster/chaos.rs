@@ -341,7 +341,9 @@ impl Run {
 /// Every acknowledged update arrived, once, in one epoch; names what was lost otherwise
 /// (with the cluster's logs).
 fn lossless(a: &Account, cluster: &Cluster) -> Result<()> {
-    if a.lost > 0 {
+    // Every node's log on any failure, not only a loss: a reset says some node served
+    // a key with state it should not have had.
+    if a.lost > 0 || a.conflicts > 0 || a.resets > 0 {
         eprintln!("lost: {:?}\n{}", a.lost_sample, cluster.logs());
     }
     ensure!(a.lost == 0 && a.conflicts == 0 && a.resets == 0, "{a:?}");
