@@ -232,7 +232,7 @@ pub enum Refused {
 
 impl Control {
     /// No clock set.
-    pub const NEVER: u64 = u64::MAX;
+    const NEVER: u64 = u64::MAX;
     /// The clock went off.
     const FIRED: u64 = 0;
 

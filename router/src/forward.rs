@@ -6,8 +6,9 @@
 //! `Node.Deliver`, with at most [`LANE_CALLS`] in flight: an idle lane sends at once,
 //! a busy one batches what queued meanwhile. Retries: `NOT_OWNER` → catch up to the
 //! ring the node decided on, then again; an unreachable owner → jittered back-off
-//! until the ring changes or the deadline ends, then `UNAVAILABLE`. Every item carries an idempotency key (made here when the caller
-//! gave none), so a retry can never apply an update twice.
+//! until the ring changes or the deadline ends, then `UNAVAILABLE`. Every item carries
+//! an idempotency key (made here when the caller gave none), so a retry can never apply
+//! an update twice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -388,14 +388,17 @@ async fn a_slow_consumer_is_closed_with_4408_and_resumes_without_loss() {
 }
 
 /// A raw WebSocket client that never answers pings: frames as (opcode, payload).
-async fn raw_ws(http: &str, key: &str) -> Result<tokio::net::TcpStream> {
+/// `behind` goes out in the same write as the upgrade request, before any answer.
+async fn raw_ws(http: &str, key: &str, behind: &[u8]) -> Result<tokio::net::TcpStream> {
     let host = http.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(host).await?;
-    let request = format!(
+    let mut request = format!(
         "GET /v1/connect?key={key} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
+    )
+    .into_bytes();
+    request.extend_from_slice(behind);
+    stream.write_all(&request).await?;
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
@@ -454,7 +457,7 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// The next text frame, parsed; control frames on the way are returned too.
+/// The next frame: a text frame's JSON, any other frame's payload as a JSON string.
 async fn raw_text(stream: &mut tokio::net::TcpStream) -> Result<(u8, serde_json::Value)> {
     match tokio::time::timeout(FRAME_TIMEOUT, raw_frame(stream)).await?? {
         Some((0x1, payload)) => Ok((0x1, serde_json::from_slice(&payload)?)),
@@ -467,34 +470,34 @@ async fn raw_text(stream: &mut tokio::net::TcpStream) -> Result<(u8, serde_json:
 async fn client_frames_behind_the_handshake_or_split_across_writes_are_read_whole() {
     bounded(async {
         let cluster = Cluster::builder().nodes(1).start().await?;
-        let host = cluster.nodes[0].http.trim_start_matches("http://").to_owned();
-        let mut stream = tokio::net::TcpStream::connect(&host).await?;
         // The request, a control ping and a JSON ping in one write: the frames arrive
         // with the handshake and must not be lost with hyper's read buffer.
-        let mut first = format!(
-            "GET /v1/connect?key=wire:1 HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .into_bytes();
-        first.extend(client_frame(0x9, b"early"));
-        first.extend(client_frame(0x1, br#"{"type":"ping"}"#));
-        stream.write_all(&first).await?;
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            stream.read_exact(&mut byte).await?;
-            head.push(byte[0]);
-        }
-        ensure!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let mut behind = client_frame(0x9, b"early");
+        behind.extend(client_frame(0x1, br#"{"type":"ping"}"#));
+        let mut stream = raw_ws(&cluster.nodes[0].http, "wire:1", &behind).await?;
         let (opcode, welcome) = raw_text(&mut stream).await?;
-        ensure!(opcode == 0x1 && welcome["type"] == "welcome", "first frame {opcode:#x} {welcome}");
-        ensure!(raw_text(&mut stream).await? == (0xA, json!("early")), "the control ping is answered");
-        ensure!(raw_text(&mut stream).await? == (0x1, json!({"type": "pong"})), "the JSON ping is answered");
+        ensure!(
+            opcode == 0x1 && welcome["type"] == "welcome",
+            "first frame {opcode:#x} {welcome}"
+        );
+        ensure!(
+            raw_text(&mut stream).await? == (0xA, json!("early")),
+            "the control ping is answered"
+        );
+        ensure!(
+            raw_text(&mut stream).await? == (0x1, json!({"type": "pong"})),
+            "the JSON ping is answered"
+        );
 
         // A publish of ~6 KB, written in three pieces: read whole, acked and delivered
         // to its sender.
         let big = "x".repeat(6000);
-        let publish = client_frame(0x1, json!({"type": "publish", "data": big, "id": "big"}).to_string().as_bytes());
+        let publish = client_frame(
+            0x1,
+            json!({"type": "publish", "data": big, "id": "big"})
+                .to_string()
+                .as_bytes(),
+        );
         for piece in publish.chunks(publish.len() / 3 + 1) {
             stream.write_all(piece).await?;
             stream.flush().await?;
@@ -506,13 +509,26 @@ async fn client_frames_behind_the_handshake_or_split_across_writes_are_read_whol
             answers.push(frame);
         }
         answers.sort_by_key(|f| f["type"].as_str().unwrap_or_default().to_owned());
-        ensure!(answers[0]["type"] == "ack" && answers[0]["id"] == "big", "{}", answers[0]);
-        ensure!(answers[1]["type"] == "update" && answers[1]["data"] == json!(big), "update of {} bytes", answers[1].to_string().len());
+        ensure!(
+            answers[0]["type"] == "ack" && answers[0]["id"] == "big",
+            "{}",
+            answers[0]
+        );
+        ensure!(
+            answers[1]["type"] == "update" && answers[1]["data"] == json!(big),
+            "update of {} bytes",
+            answers[1].to_string().len()
+        );
 
         // The client's close is answered with a close before the connection ends.
-        stream.write_all(&client_frame(0x8, &1000u16.to_be_bytes())).await?;
+        stream
+            .write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
+            .await?;
         match tokio::time::timeout(FRAME_TIMEOUT, raw_frame(&mut stream)).await?? {
-            Some((0x8, payload)) => ensure!(payload.starts_with(&1000u16.to_be_bytes()), "close {payload:?}"),
+            Some((0x8, payload)) => ensure!(
+                payload.starts_with(&1000u16.to_be_bytes()),
+                "close {payload:?}"
+            ),
             other => bail!("expected the close answered, got {other:?}"),
         }
         Ok(())
@@ -571,7 +587,7 @@ async fn a_peer_that_stops_answering_pings_is_dropped_within_one_and_a_half_hear
         let cluster = Cluster::builder().nodes(1).node_args(&["--heartbeat-ms", "400"]).start().await?;
         let node = &cluster.nodes[0];
 
-        let mut dead = raw_ws(&node.http, "hb:1").await?;
+        let mut dead = raw_ws(&node.http, "hb:1", &[]).await?;
         let connected = Instant::now();
         let mut pings = 0;
         let close = loop {
