@@ -94,6 +94,12 @@ pub struct Ring {
     hashes: Vec<u64>,
     /// `owners[i]` is the index in `members` of the point at `hashes[i]`.
     owners: Vec<u32>,
+    /// `starts[b]` is the first point whose hash has top bits `b` or more (of
+    /// `start_bits`; about one point per bucket), so a lookup searches one bucket of
+    /// `hashes`, not all of it: a few cache lines instead of a dozen halvings over
+    /// tens of KiB (1,024 points per member).
+    starts: Vec<u32>,
+    start_bits: u32,
     id: RingId,
 }
 
@@ -115,12 +121,15 @@ impl Ring {
         }
         // Members are sorted by id, so ordering ties by index orders them by id.
         points.sort_unstable();
-        let (hashes, owners) = points.into_iter().unzip();
+        let (hashes, owners): (Vec<u64>, Vec<u32>) = points.into_iter().unzip();
+        let (starts, start_bits) = bucket_starts(&hashes);
         let id = ring_id(&members);
         Ring {
             members,
             hashes,
             owners,
+            starts,
+            start_bits,
             id,
         }
     }
@@ -184,9 +193,36 @@ impl Ring {
         if self.hashes.is_empty() {
             return None;
         }
-        let at = self.hashes.partition_point(|&p| p < hash);
+        // Every point of bucket `b` lies in `starts[b]..starts[b + 1]`; the first one
+        // at or after `hash` is in there, or is the next bucket's first.
+        let bucket = (hash >> (64 - self.start_bits)) as usize;
+        let lo = self.starts[bucket] as usize;
+        let hi = self.starts[bucket + 1] as usize;
+        let at = lo + self.hashes[lo..hi].partition_point(|&p| p < hash);
         Some(if at == self.hashes.len() { 0 } else { at })
     }
+}
+
+/// The bucket index of `hashes` (ascending): `2^bits + 1` starts, `bits` the smallest
+/// with at least as many buckets as points (1 to 16), and the last start `hashes.len()`.
+fn bucket_starts(hashes: &[u64]) -> (Vec<u32>, u32) {
+    let bits = hashes
+        .len()
+        .next_power_of_two()
+        .trailing_zeros()
+        .clamp(1, 16);
+    let buckets = 1usize << bits;
+    let mut starts = Vec::with_capacity(buckets + 1);
+    let mut at = 0;
+    for b in 0..buckets as u64 {
+        let floor = b << (64 - bits);
+        while at < hashes.len() && hashes[at] < floor {
+            at += 1;
+        }
+        starts.push(u32::try_from(at).expect("fewer than 2^32 points"));
+    }
+    starts.push(u32::try_from(hashes.len()).expect("fewer than 2^32 points"));
+    (starts, bits)
 }
 
 /// The hash of a key: `xxh3_64` of its bytes, seed 0.
@@ -239,6 +275,36 @@ pub(crate) mod tests {
 
     fn keys(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("user:{i}")).collect()
+    }
+
+    #[test]
+    fn the_bucket_index_finds_what_a_search_of_every_point_finds() {
+        for ring in [
+            Ring::new([member("n1", 1)]),
+            Ring::new([member("n1", 3), member("n2", 5)]),
+            Ring::new((1..=7).map(|i| member(&format!("n{i}"), 1024))),
+        ] {
+            let whole = |hash: u64| {
+                let at = ring.hashes.partition_point(|&p| p < hash);
+                if at == ring.hashes.len() {
+                    0
+                } else {
+                    at
+                }
+            };
+            // Every point, either side of it, the ends of the hash space, and many keys.
+            let edges = ring
+                .hashes
+                .iter()
+                .flat_map(|&h| [h.wrapping_sub(1), h, h.wrapping_add(1)]);
+            let keys = keys(20_000);
+            let hashes = edges
+                .chain([0, 1, u64::MAX - 1, u64::MAX])
+                .chain(keys.iter().map(|k| key_hash(k)));
+            for hash in hashes {
+                assert_eq!(ring.point_at(hash), Some(whole(hash)), "hash {hash:#x}");
+            }
+        }
     }
 
     #[test]
