@@ -115,6 +115,10 @@ pub struct Config {
         default_value = "*"
     )]
     pub allowed_origins: Vec<String>,
+    /// Runtime worker threads (0: one per core). Several nodes sharing a box's cores
+    /// each want their share: spare workers only wake and park one another.
+    #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -151,6 +155,12 @@ impl Config {
             return Err(format!(
                 "--points {}: between 1 and {MAX_POINTS}",
                 self.points
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(format!(
+                "--worker-threads {}: at most 1024",
+                self.worker_threads
             ));
         }
         if self.max_connections == 0 {
@@ -287,6 +297,9 @@ mod tests {
         let mut c = base();
         c.id = "n 1".into();
         assert!(c.validate().unwrap_err().contains("--id"));
+        let mut c = base();
+        c.worker_threads = 5000;
+        assert!(c.validate().unwrap_err().contains("--worker-threads"));
         let mut c = base();
         c.http_listen = "0.0.0.0:1".parse().unwrap();
         assert!(c.validate().unwrap_err().contains("--advertise-http"));

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         let args = DrainArgs::parse_from(
             std::iter::once("ringfeed-node drain".to_owned()).chain(std::env::args().skip(2)),
         );
-        return match runtime().map(|rt| rt.block_on(admin::drain(args))) {
+        return match runtime(0).map(|rt| rt.block_on(admin::drain(args))) {
             Some(Ok(())) => ExitCode::SUCCESS,
             Some(Err(e)) => {
                 eprintln!("ringfeed-node drain: {e:#}");
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         eprintln!("ringfeed-node: bad configuration: {e}");
         return ExitCode::from(64);
     }
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(config.worker_threads) else {
         return ExitCode::FAILURE;
     };
     match runtime.block_on(start(config)) {
@@ -40,8 +40,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    tokio::runtime::Runtime::new()
+/// A multi-threaded runtime with `workers` threads (0: tokio's default, one per core).
+fn runtime(workers: usize) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    builder
+        .enable_all()
+        .build()
         .inspect_err(|e| eprintln!("ringfeed-node: cannot start the runtime: {e}"))
         .ok()
 }

@@ -41,6 +41,10 @@ struct Config {
     /// Most items in one PublishBatch.
     #[arg(long, env = "RINGFEED_MAX_BATCH", default_value_t = 1000)]
     max_batch: usize,
+    /// Runtime worker threads (0: one per core). A router sharing a box's cores with
+    /// nodes wants its share: spare workers only wake and park one another.
+    #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
 }
 
 impl Config {
@@ -60,19 +64,35 @@ impl Config {
         if self.max_payload == 0 || self.max_batch == 0 {
             return Err("--max-payload and --max-batch must be > 0".into());
         }
+        if self.worker_threads > 1024 {
+            return Err(format!(
+                "--worker-threads {}: at most 1024",
+                self.worker_threads
+            ));
+        }
         Ok(())
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     ringfeed_router::init_tracing();
     let config = Config::parse();
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-router: bad configuration: {e}");
         return ExitCode::from(64);
     }
-    match run(config).await {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ringfeed-router: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed-router: {e:#}");
