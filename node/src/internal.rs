@@ -7,6 +7,8 @@ use ringfeed_proto::v1::{self as pb, deliver_result, key_presence_reply, node_se
 use ringfeed_router::key;
 use ringfeed_router::membership::View;
 use ringfeed_router::ring::RingId;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
@@ -14,7 +16,12 @@ use crate::keys::{ApplyError, Publish};
 use crate::node::{Decision, Node};
 use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 
+/// Replies a `ReplicateStream` holds before it waits for the owner to read them (the
+/// owner keeps fewer requests than this in flight).
+const REPLICATE_STREAM_REPLIES: usize = 16;
+
 /// Serves `Node` for one node.
+#[derive(Clone)]
 pub struct NodeService {
     node: Arc<Node>,
     /// Cancelled to ask this node to drain (as SIGTERM does).
@@ -35,6 +42,57 @@ impl NodeService {
             }
             None => self.node.membership.view(),
         }
+    }
+
+    /// One `Replicate` request, from a unary call or a stream.
+    async fn replicate_one(
+        &self,
+        request: pb::ReplicateRequest,
+    ) -> Result<pb::ReplicateReply, Status> {
+        if self.node.is_fenced() {
+            return Err(Status::unavailable("fenced: this node's lease is in doubt"));
+        }
+        let view = self.view(request.ring.as_ref()).await;
+        let from = request.from;
+        // Fencing by the replica: only the owner in our own view may write.
+        let owns = |key: &str| view.ring.owner(key).is_some_and(|o| o.id.0 == from);
+        // Replicas remember the owner's incarnation: a node restarted under the same id
+        // is another owner, and the old one's replicas are orphans.
+        let owner = view
+            .ring
+            .member(&ringfeed_router::ring::NodeId(from.clone()))
+            .map(|m| crate::node::owner_label(&from, &m.incarnation))
+            .unwrap_or_default();
+        let mut refused = Vec::new();
+        for snapshot in request.snapshots {
+            if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
+                refused.push(snapshot.key);
+                continue;
+            }
+            let key = snapshot.key.clone();
+            self.node
+                .replicas
+                .snapshot(&key, &owner, snapshot_from_pb(snapshot));
+        }
+        for entry in request.entries {
+            if key::validate(&entry.key).is_err() || !owns(&entry.key) {
+                if !refused.contains(&entry.key) {
+                    refused.push(entry.key);
+                }
+                continue;
+            }
+            let (key, epoch) = (entry.key.clone(), entry.epoch.clone());
+            if let Some(entry) = entry_from_pb(entry) {
+                self.node.replicas.entry(&key, &owner, &epoch, entry);
+            }
+        }
+        for key in request.dropped {
+            self.node.replicas.drop_from(&key, &owner);
+        }
+        Ok(pb::ReplicateReply {
+            refused,
+            ring: Some(ring_ref(&view)),
+        })
     }
 
     async fn apply(&self, view: &Arc<View>, item: &pb::PublishRequest) -> deliver_result::Result {
@@ -160,51 +218,38 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateReply>, Status> {
-        if self.node.is_fenced() {
-            return Err(Status::unavailable("fenced: this node's lease is in doubt"));
-        }
-        let request = request.into_inner();
-        let view = self.view(request.ring.as_ref()).await;
-        let from = request.from;
-        // Fencing by the replica: only the owner in our own view may write.
-        let owns = |key: &str| view.ring.owner(key).is_some_and(|o| o.id.0 == from);
-        // Replicas remember the owner's incarnation: a node restarted under the same id
-        // is another owner, and the old one's replicas are orphans.
-        let owner = view
-            .ring
-            .member(&ringfeed_router::ring::NodeId(from.clone()))
-            .map(|m| crate::node::owner_label(&from, &m.incarnation))
-            .unwrap_or_default();
-        let mut refused = Vec::new();
-        for snapshot in request.snapshots {
-            if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
-                refused.push(snapshot.key);
-                continue;
-            }
-            let key = snapshot.key.clone();
-            self.node
-                .replicas
-                .snapshot(&key, &owner, snapshot_from_pb(snapshot));
-        }
-        for entry in request.entries {
-            if key::validate(&entry.key).is_err() || !owns(&entry.key) {
-                if !refused.contains(&entry.key) {
-                    refused.push(entry.key);
+        self.replicate_one(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type ReplicateStreamStream = ReceiverStream<Result<pb::ReplicateReply, Status>>;
+
+    async fn replicate_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::ReplicateRequest>>,
+    ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(REPLICATE_STREAM_REPLIES);
+        let service = self.clone();
+        self.node.tasks.spawn(async move {
+            loop {
+                // Ends with the node, so a shutting-down server is not held open.
+                let request = tokio::select! {
+                    _ = service.node.shutdown.cancelled() => return,
+                    request = requests.message() => match request {
+                        Ok(Some(request)) => request,
+                        Ok(None) | Err(_) => return,
+                    },
+                };
+                let reply = service.replicate_one(request).await;
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
                 }
-                continue;
             }
-            let (key, epoch) = (entry.key.clone(), entry.epoch.clone());
-            if let Some(entry) = entry_from_pb(entry) {
-                self.node.replicas.entry(&key, &owner, &epoch, entry);
-            }
-        }
-        for key in request.dropped {
-            self.node.replicas.drop_from(&key, &owner);
-        }
-        Ok(Response::new(pb::ReplicateReply {
-            refused,
-            ring: Some(ring_ref(&view)),
-        }))
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn status(

@@ -7,15 +7,18 @@
 //! replica lacks, and a promoted replica never reuses a seq for different data.
 //!
 //! Each successor gets one pipe: a bounded queue drained by one task that batches what
-//! is queued into one `Replicate` call at a time, retrying with jittered back-off while
-//! the successor is on the ring but unreachable (the entries wait; the guarantee is
-//! never lowered). When the successor leaves the ring, the keys it held are sent whole
+//! is queued and sends each batch on one long-lived `ReplicateStream`, up to [`WINDOW`]
+//! batches unanswered (the successor applies and answers them in order, so no batch
+//! waits for the one before it to come back). When the stream fails, or an answer is
+//! late, what it left unanswered is retried call by call with unary `Replicate`, with
+//! jittered back-off while the successor is on the ring but unreachable (the entries
+//! wait; the guarantee is never lowered), and the next batch opens a new stream. When the successor leaves the ring, the keys it held are sent whole
 //! to their new successors by the ring follower.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::membership::{Backoff, View};
@@ -199,7 +202,7 @@ pub async fn publish(
 /// Drains one successor's queue: batch, call, retry until it lands or the successor
 /// leaves the ring.
 async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiver<Job>) {
-    let client = match tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) {
+    let mut client = match tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) {
         Ok(endpoint) => NodeClient::new(
             endpoint
                 .connect_timeout(Duration::from_secs(1))
@@ -213,34 +216,178 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
         }
     };
     let shutdown = node.shutdown.clone();
+    // Batches sent on the stream and not yet answered, oldest first, with when sent.
+    let mut in_flight: VecDeque<(Vec<Job>, Instant)> = VecDeque::new();
+    let mut stream: Option<Stream> = None;
+    // Cleared for good when the successor does not know the stream (an older version).
+    let mut streaming = true;
     loop {
-        let first = tokio::select! {
+        let oldest = in_flight.front().map(|(_, sent)| *sent + CALL_TIMEOUT);
+        let event = tokio::select! {
             _ = shutdown.cancelled() => return,
-            job = rx.recv() => match job { Some(job) => job, None => return },
+            job = rx.recv(), if in_flight.len() < WINDOW => match job {
+                Some(job) => Event::Job(job),
+                None => return,
+            },
+            reply = next_reply(&mut stream), if !in_flight.is_empty() => Event::Reply(reply),
+            _ = sleep_until(oldest), if oldest.is_some() => {
+                Event::Reply(Err(tonic::Status::deadline_exceeded("replicate timed out")))
+            }
         };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        match event {
+            Event::Job(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let view = node.membership.view();
+                if !holds_place(&view, &to) {
+                    in_flight.push_back((batch, Instant::now()));
+                    return left_the_ring(&node, &to, rx, in_flight);
+                }
+                if streaming && stream.is_none() {
+                    match Stream::open(&mut client).await {
+                        Ok(opened) => stream = Some(opened),
+                        Err(status) if status.code() == tonic::Code::Unimplemented => {
+                            tracing::info!(successor = %to.0, "successor has no ReplicateStream; replicating call by call");
+                            streaming = false;
+                        }
+                        Err(status) => {
+                            tracing::debug!(successor = %to.0, %status, "cannot open the replicate stream");
+                        }
+                    }
+                }
+                let sent = stream
+                    .as_ref()
+                    .is_some_and(|s| s.requests.try_send(request(&node, &view, &batch)).is_ok());
+                in_flight.push_back((batch, Instant::now()));
+                if !sent {
+                    // No stream (or it just broke): call by call, in order.
+                    stream = None;
+                    if !retry(&node, &to, &client, &mut in_flight).await {
+                        return left_the_ring(&node, &to, rx, in_flight);
+                    }
+                }
             }
-        }
-        if !deliver_batch(&node, &to, client.clone(), &batch).await {
-            // The successor left the ring: its keys go whole to their new successors
-            // (the ring follower does that for every key; these are re-sent now).
-            node.replication
-                .pipes
-                .lock()
-                .expect("pipes lock poisoned")
-                .remove(&to);
-            rx.close();
-            while let Ok(job) = rx.try_recv() {
-                batch.push(job);
+            Event::Reply(Ok(reply)) => {
+                if let Some((batch, _)) = in_flight.pop_front() {
+                    settle(&node, &to, &batch, &reply.refused);
+                }
             }
-            resend(&node, batch);
-            return;
+            Event::Reply(Err(status)) => {
+                // What the stream did not answer may or may not have landed: a retry is
+                // harmless (the successor keeps what it already holds).
+                tracing::debug!(successor = %to.0, %status, "replicate stream failed; retrying call by call");
+                stream = None;
+                if !retry(&node, &to, &client, &mut in_flight).await {
+                    return left_the_ring(&node, &to, rx, in_flight);
+                }
+            }
         }
     }
+}
+
+/// `Replicate` batches a pipe keeps in flight on its stream.
+const WINDOW: usize = 4;
+
+/// What a pipe waits for.
+enum Event {
+    Job(Job),
+    Reply(Result<pb::ReplicateReply, tonic::Status>),
+}
+
+/// A pipe's `ReplicateStream`: requests go in, one reply each comes back in order.
+struct Stream {
+    requests: mpsc::Sender<pb::ReplicateRequest>,
+    replies: tonic::Streaming<pb::ReplicateReply>,
+}
+
+impl Stream {
+    async fn open(client: &mut NodeClient<Channel>) -> Result<Stream, tonic::Status> {
+        // Room for every request in flight: sending never waits.
+        let (requests, rx) = mpsc::channel(WINDOW);
+        let opened = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(
+                "replicate stream timed out",
+            ))
+        })?;
+        Ok(Stream {
+            requests,
+            replies: opened.into_inner(),
+        })
+    }
+}
+
+/// The next reply on `stream`; never, without one.
+async fn next_reply(stream: &mut Option<Stream>) -> Result<pb::ReplicateReply, tonic::Status> {
+    match stream {
+        Some(stream) => {
+            stream.replies.message().await?.ok_or_else(|| {
+                tonic::Status::unavailable("the successor ended the replicate stream")
+            })
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether `to` (this incarnation) is still on `view`'s ring.
+fn holds_place(view: &View, to: &Successor) -> bool {
+    view.ring
+        .member(&ringfeed_router::ring::NodeId(to.0.clone()))
+        .is_some_and(|m| m.incarnation == to.1)
+}
+
+/// Lands every batch in flight, in order, call by call; false once `to` left the ring
+/// (what did not land stays in `in_flight`).
+async fn retry(
+    node: &Arc<Node>,
+    to: &Successor,
+    client: &NodeClient<Channel>,
+    in_flight: &mut VecDeque<(Vec<Job>, Instant)>,
+) -> bool {
+    while let Some((batch, _)) = in_flight.front() {
+        if !deliver_batch(node, to, client.clone(), batch).await {
+            return false;
+        }
+        in_flight.pop_front();
+    }
+    true
+}
+
+/// The successor left the ring: its keys go whole to their new successors (the ring
+/// follower does that for every key; what this pipe still held is re-sent now).
+fn left_the_ring(
+    node: &Arc<Node>,
+    to: &Successor,
+    mut rx: mpsc::Receiver<Job>,
+    in_flight: VecDeque<(Vec<Job>, Instant)>,
+) {
+    node.replication
+        .pipes
+        .lock()
+        .expect("pipes lock poisoned")
+        .remove(to);
+    rx.close();
+    let mut jobs: Vec<Job> = in_flight.into_iter().flat_map(|(batch, _)| batch).collect();
+    while let Ok(job) = rx.try_recv() {
+        jobs.push(job);
+    }
+    resend(node, jobs);
 }
 
 /// Calls `Replicate` until the batch lands (true) or `to` is no longer on the ring (false).
@@ -254,11 +401,7 @@ async fn deliver_batch(
     let mut views = node.membership.subscribe();
     loop {
         let view = node.membership.view();
-        let present = view
-            .ring
-            .member(&ringfeed_router::ring::NodeId(to.0.clone()))
-            .is_some_and(|m| m.incarnation == to.1);
-        if !present {
+        if !holds_place(&view, to) {
             return false;
         }
         let request = request(node, &view, batch);

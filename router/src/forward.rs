@@ -613,6 +613,14 @@ mod tests {
         ) -> Result<tonic::Response<pb::ReplicateReply>, Status> {
             Err(Status::unimplemented("test node"))
         }
+        type ReplicateStreamStream =
+            futures_util::stream::Empty<Result<pb::ReplicateReply, Status>>;
+        async fn replicate_stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::ReplicateRequest>>,
+        ) -> Result<tonic::Response<Self::ReplicateStreamStream>, Status> {
+            Err(Status::unimplemented("test node"))
+        }
         async fn handoff(
             &self,
             _: tonic::Request<pb::HandoffRequest>,
