@@ -2,12 +2,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ringfeed_proto::v1::{self as pb, deliver_result, key_presence_reply, node_server};
 use ringfeed_router::key;
 use ringfeed_router::membership::View;
 use ringfeed_router::ring::RingId;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
@@ -15,6 +16,11 @@ use tonic::{Code, Request, Response, Status};
 use crate::keys::{ApplyError, Publish};
 use crate::node::{Decision, Node};
 use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
+
+/// `DeliverStream` requests one stream has handled at once (a router keeps 4 unanswered).
+const DELIVER_STREAM_CALLS: usize = 64;
+/// How long a `DeliverStream` request without `timeout_ms` may take.
+const DELIVER_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Replies a `ReplicateStream` holds before it waits for the owner to read them (the
 /// owner keeps fewer requests than this in flight).
@@ -41,6 +47,25 @@ impl NodeService {
                 self.node.view_for(Some(r.ring_version), Some(&id)).await
             }
             None => self.node.membership.view(),
+        }
+    }
+
+    /// One `Deliver` request, from a unary call or a stream: every item applied (at
+    /// once, each on its own), answered in the items' order.
+    async fn deliver_one(&self, request: pb::DeliverRequest) -> pb::DeliverReply {
+        let view = self.view(request.ring.as_ref()).await;
+        let applies = request.items.iter().map(|item| self.apply(&view, item));
+        let results = futures_util::future::join_all(applies)
+            .await
+            .into_iter()
+            .map(|result| pb::DeliverResult {
+                result: Some(result),
+            })
+            .collect();
+        pb::DeliverReply {
+            results,
+            ring: Some(ring_ref(&view)),
+            ..Default::default()
         }
     }
 
@@ -173,20 +198,58 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverReply>, Status> {
-        let request = request.into_inner();
-        let view = self.view(request.ring.as_ref()).await;
-        let applies = request.items.iter().map(|item| self.apply(&view, item));
-        let results = futures_util::future::join_all(applies)
-            .await
-            .into_iter()
-            .map(|result| pb::DeliverResult {
-                result: Some(result),
-            })
-            .collect();
-        Ok(Response::new(pb::DeliverReply {
-            results,
-            ring: Some(ring_ref(&view)),
-        }))
+        Ok(Response::new(self.deliver_one(request.into_inner()).await))
+    }
+
+    type DeliverStreamStream = ReceiverStream<Result<pb::DeliverReply, Status>>;
+
+    async fn deliver_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::DeliverRequest>>,
+    ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(DELIVER_STREAM_CALLS);
+        let calls = Arc::new(Semaphore::new(DELIVER_STREAM_CALLS));
+        let service = self.clone();
+        self.node.tasks.spawn(async move {
+            loop {
+                // At most DELIVER_STREAM_CALLS requests are handled at once; the next
+                // is read only when one is answered.
+                let Ok(permit) = calls.clone().acquire_owned().await else {
+                    return;
+                };
+                // Ends with the node, so a shutting-down server is not held open.
+                let request = tokio::select! {
+                    _ = service.node.shutdown.cancelled() => return,
+                    request = requests.message() => match request {
+                        Ok(Some(request)) => request,
+                        Ok(None) | Err(_) => return,
+                    },
+                };
+                let (service, tx) = (service.clone(), tx.clone());
+                service.node.tasks.clone().spawn(async move {
+                    let id = request.id;
+                    let limit = match request.timeout_ms {
+                        0 => DELIVER_STREAM_TIMEOUT,
+                        ms => Duration::from_millis(u64::from(ms)),
+                    };
+                    // As a call's grpc-timeout would: the handling stops at the limit.
+                    let mut reply = tokio::time::timeout(limit, service.deliver_one(request))
+                        .await
+                        .unwrap_or_else(|_| pb::DeliverReply {
+                            error: Some(pb::Error {
+                                code: Code::DeadlineExceeded as u32,
+                                message: "deliver timed out on the node".into(),
+                            }),
+                            ..Default::default()
+                        });
+                    reply.id = id;
+                    let _ = tx.send(Ok(reply)).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn key_presence(

@@ -4,13 +4,17 @@
 //! hands each group to that owner's lane, and retries what did not land. A lane
 //! coalesces the groups of concurrent calls (unary `Publish`es above all) into one
 //! `Node.Deliver`, with at most [`LANE_CALLS`] in flight: an idle lane sends at once,
-//! a busy one batches what queued meanwhile. Retries: `NOT_OWNER` → catch up to the
+//! a busy one batches what queued meanwhile. The requests go on one long-lived
+//! `DeliverStream` per lane, not a call each (unary `Deliver` for a node without it,
+//! or while it cannot be opened); when the stream ends, what it left unanswered fails
+//! as unavailable and is retried like any other. Retries: `NOT_OWNER` → catch up to the
 //! ring the node decided on, then again; an unreachable owner → jittered back-off
 //! until the ring changes or the deadline ends, then `UNAVAILABLE`. Every item carries
 //! an idempotency key (made here when the caller gave none), so a retry can never apply
 //! an update twice.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,7 +104,11 @@ impl Forwarder {
         let view = self.membership.view();
         lanes.retain(|addr, _| view.ring.members().iter().any(|m| &m.grpc == addr));
         let (tx, rx) = mpsc::channel(LANE_QUEUE);
-        tokio::spawn(run_lane(client, rx, self.config.max_batch));
+        tokio::spawn(run_lane(
+            Arc::new(Link::new(client)),
+            rx,
+            self.config.max_batch,
+        ));
         let lane = Lane { tx };
         lanes.insert(grpc.to_owned(), lane.clone());
         Ok(lane)
@@ -392,7 +400,7 @@ impl Forwarder {
 /// Drains one node's lane: takes what is queued (up to `max_batch` items, all decided on
 /// one ring) into one `Deliver`, with at most [`LANE_CALLS`] in flight. Room is taken
 /// before the queue is read, so while every call is out, groups gather for the next.
-async fn run_lane(client: NodeClient<Channel>, mut rx: mpsc::Receiver<Group>, max_batch: usize) {
+async fn run_lane(link: Arc<Link>, mut rx: mpsc::Receiver<Group>, max_batch: usize) {
     let calls = Arc::new(Semaphore::new(LANE_CALLS));
     let mut carried: Option<Group> = None;
     loop {
@@ -428,16 +436,16 @@ async fn run_lane(client: NodeClient<Channel>, mut rx: mpsc::Receiver<Group>, ma
                 Err(_) => break,
             }
         }
-        let client = client.clone();
+        let link = link.clone();
         tokio::spawn(async move {
-            deliver(client, batch).await;
+            deliver(&link, batch).await;
             drop(permit);
         });
     }
 }
 
 /// One `Deliver` carrying `batch`; each group is answered with its own items' results.
-async fn deliver(mut client: NodeClient<Channel>, batch: Vec<Group>) {
+async fn deliver(link: &Link, batch: Vec<Group>) {
     let deadline = batch
         .iter()
         .map(|g| g.deadline)
@@ -451,26 +459,18 @@ async fn deliver(mut client: NodeClient<Channel>, batch: Vec<Group>) {
         items.extend(group.items);
     }
     let sent = items.len();
-    let mut request = tonic::Request::new(pb::DeliverRequest {
+    let request = pb::DeliverRequest {
         ring: Some(ring),
         items,
-    });
+        ..Default::default()
+    };
     let left = deadline.saturating_duration_since(Instant::now());
-    // The header tells the node; the timeout bounds our own wait.
-    request.set_timeout(left.max(Duration::from_millis(1)));
-    let answer = match tokio::time::timeout(left, client.deliver(request)).await {
-        Ok(Ok(reply)) => {
-            let results = reply.into_inner().results;
-            if results.len() == sent {
-                Ok(results)
-            } else {
-                Err(Status::internal(
-                    "node answered a different number of items",
-                ))
-            }
-        }
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(Status::deadline_exceeded("deliver timed out")),
+    let answer = match link.deliver(request, left).await {
+        Ok(reply) if reply.results.len() == sent => Ok(reply.results),
+        Ok(_) => Err(Status::internal(
+            "node answered a different number of items",
+        )),
+        Err(status) => Err(status),
     };
     match answer {
         Ok(results) => {
@@ -483,6 +483,173 @@ async fn deliver(mut client: NodeClient<Channel>, batch: Vec<Group>) {
             for (_, reply) in replies {
                 let _ = reply.send(Err(status.clone()));
             }
+        }
+    }
+}
+
+/// How a lane reaches its node: one `DeliverStream`, reopened after it ends, or unary
+/// `Deliver` calls for a node that has no stream (an older version) and while a stream
+/// cannot be opened.
+struct Link {
+    client: NodeClient<Channel>,
+    stream: tokio::sync::Mutex<Option<Arc<DeliverStream>>>,
+    /// Cleared for good once the node answers that it has no `DeliverStream`.
+    streaming: AtomicBool,
+}
+
+impl Link {
+    fn new(client: NodeClient<Channel>) -> Link {
+        Link {
+            client,
+            stream: tokio::sync::Mutex::new(None),
+            streaming: AtomicBool::new(true),
+        }
+    }
+
+    /// Delivers `request` within `left`.
+    async fn deliver(
+        &self,
+        request: pb::DeliverRequest,
+        left: Duration,
+    ) -> Result<pb::DeliverReply, Status> {
+        if let Some(stream) = self.stream(left).await {
+            return stream.call(request, left).await;
+        }
+        let mut call = tonic::Request::new(request);
+        // The header tells the node; the timeout bounds our own wait.
+        call.set_timeout(left.max(Duration::from_millis(1)));
+        match tokio::time::timeout(left, self.client.clone().deliver(call)).await {
+            Ok(answer) => answer.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded("deliver timed out")),
+        }
+    }
+
+    /// The open stream, opened now if there is none; `None` to call unary instead.
+    async fn stream(&self, left: Duration) -> Option<Arc<DeliverStream>> {
+        if !self.streaming.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut slot = self.stream.lock().await;
+        if let Some(stream) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Some(stream.clone());
+        }
+        *slot = None;
+        match DeliverStream::open(self.client.clone(), left.min(STREAM_OPEN_TIMEOUT)).await {
+            Ok(stream) => {
+                *slot = Some(stream.clone());
+                Some(stream)
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                tracing::info!("node has no DeliverStream; delivering call by call");
+                self.streaming.store(false, Ordering::Relaxed);
+                None
+            }
+            Err(status) => {
+                tracing::debug!(%status, "cannot open a deliver stream; a unary call this time");
+                None
+            }
+        }
+    }
+}
+
+/// How long opening a `DeliverStream` may take.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests a `DeliverStream` queues before they are sent (a lane has at most
+/// [`LANE_CALLS`] unanswered).
+const STREAM_QUEUE: usize = 64;
+
+/// The callers of a `DeliverStream` waiting for their replies, by request id.
+type Waiting = HashMap<u64, oneshot::Sender<pb::DeliverReply>>;
+
+/// One `DeliverStream`: requests go out with an id, a task matches replies back.
+struct DeliverStream {
+    requests: mpsc::Sender<pb::DeliverRequest>,
+    /// The callers waiting, by request id; `None` once the stream ended (which
+    /// dropped every waiting sender, failing those calls).
+    pending: Arc<Mutex<Option<Waiting>>>,
+    next_id: AtomicU64,
+}
+
+impl DeliverStream {
+    async fn open(
+        mut client: NodeClient<Channel>,
+        limit: Duration,
+    ) -> Result<Arc<DeliverStream>, Status> {
+        let (requests, rx) = mpsc::channel(STREAM_QUEUE);
+        let mut replies = tokio::time::timeout(
+            limit,
+            client.deliver_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "opening a deliver stream timed out",
+            ))
+        })?
+        .into_inner();
+        let pending: Arc<Mutex<Option<Waiting>>> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(reply)) = replies.message().await {
+                let caller = waiting
+                    .lock()
+                    .expect("pending lock poisoned")
+                    .as_mut()
+                    .and_then(|p| p.remove(&reply.id));
+                if let Some(caller) = caller {
+                    let _ = caller.send(reply);
+                }
+            }
+            waiting.lock().expect("pending lock poisoned").take();
+        });
+        Ok(Arc::new(DeliverStream {
+            requests,
+            pending,
+            next_id: AtomicU64::new(0),
+        }))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.pending
+            .lock()
+            .expect("pending lock poisoned")
+            .is_none()
+            || self.requests.is_closed()
+    }
+
+    async fn call(
+        &self,
+        mut request: pb::DeliverRequest,
+        left: Duration,
+    ) -> Result<pb::DeliverReply, Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        request.id = id;
+        request.timeout_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1);
+        let (tx, rx) = oneshot::channel();
+        match self.pending.lock().expect("pending lock poisoned").as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(Status::unavailable("the deliver stream ended")),
+        };
+        if self.requests.try_send(request).is_err() {
+            self.forget(id);
+            return Err(Status::unavailable("the deliver stream ended"));
+        }
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(reply)) => match reply.error {
+                Some(e) => Err(error_status(e)),
+                None => Ok(reply),
+            },
+            Ok(Err(_)) => Err(Status::unavailable("the deliver stream ended")),
+            Err(_) => {
+                self.forget(id);
+                Err(Status::deadline_exceeded("deliver timed out"))
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(pending) = self.pending.lock().expect("pending lock poisoned").as_mut() {
+            pending.remove(&id);
         }
     }
 }
@@ -599,7 +766,15 @@ mod tests {
             Ok(tonic::Response::new(pb::DeliverReply {
                 results,
                 ring: request.ring,
+                ..Default::default()
             }))
+        }
+        type DeliverStreamStream = futures_util::stream::Empty<Result<pb::DeliverReply, Status>>;
+        async fn deliver_stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::DeliverRequest>>,
+        ) -> Result<tonic::Response<Self::DeliverStreamStream>, Status> {
+            Err(Status::unimplemented("test node"))
         }
         async fn key_presence(
             &self,
@@ -695,7 +870,7 @@ mod tests {
                 .connect_lazy(),
         );
         let (tx, rx) = mpsc::channel(LANE_QUEUE);
-        tokio::spawn(run_lane(client, rx, 1000));
+        tokio::spawn(run_lane(Arc::new(Link::new(client)), rx, 1000));
 
         // An idle lane sends each group at once, up to LANE_CALLS in flight.
         let mut answers = Vec::new();
@@ -755,7 +930,7 @@ mod tests {
                 .connect_lazy(),
         );
         let (tx, rx) = mpsc::channel(LANE_QUEUE);
-        tokio::spawn(run_lane(client, rx, 1000));
+        tokio::spawn(run_lane(Arc::new(Link::new(client)), rx, 1000));
         let (g1, a1) = group(1, &["a"]);
         let (g2, a2) = group(1, &["b", "c"]);
         tx.send(g1).await.unwrap();
