@@ -596,6 +596,14 @@ impl Cluster {
         http_json(&format!("{}/v1/ring", node.http)).await
     }
 
+    /// The router's log.
+    pub fn router_log(&self) -> String {
+        self.router
+            .as_ref()
+            .and_then(|r| std::fs::read_to_string(&r.log).ok())
+            .unwrap_or_default()
+    }
+
     /// Every process's log, for a failed test.
     pub fn logs(&self) -> String {
         let mut out = String::new();

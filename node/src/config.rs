@@ -91,6 +91,10 @@ pub struct Config {
     /// can kill the node in the middle of one.
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_handoff_delay_ms: u64,
+    /// Testing only: answer `DeliverStream` and `ReplicateStream` UNIMPLEMENTED, as a
+    /// node of an earlier version does, so its peers' fallback to unary calls is tested.
+    #[arg(long, hide = true)]
+    pub test_no_stream_rpcs: bool,
     /// Interval of SSE heartbeat comments.
     #[arg(long, env = "RINGFEED_SSE_HEARTBEAT_MS", default_value_t = 15_000)]
     pub sse_heartbeat_ms: u64,

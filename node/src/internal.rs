@@ -207,6 +207,11 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<tonic::Streaming<pb::DeliverRequest>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        if self.node.config.test_no_stream_rpcs {
+            return Err(Status::unimplemented(
+                "DeliverStream is off (--test-no-stream-rpcs)",
+            ));
+        }
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(DELIVER_STREAM_CALLS);
         let calls = Arc::new(Semaphore::new(DELIVER_STREAM_CALLS));
@@ -292,6 +297,11 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<tonic::Streaming<pb::ReplicateRequest>>,
     ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
+        if self.node.config.test_no_stream_rpcs {
+            return Err(Status::unimplemented(
+                "ReplicateStream is off (--test-no-stream-rpcs)",
+            ));
+        }
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(REPLICATE_STREAM_REPLIES);
         let service = self.clone();

@@ -497,3 +497,67 @@ async fn bad_input_gets_its_code_and_disturbs_nobody() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_stream_rpcs_is_delivered_and_replicated_to_call_by_call() {
+    bounded(async {
+        // n1 answers DeliverStream and ReplicateStream UNIMPLEMENTED, as an earlier
+        // version would in a rolling upgrade: the router and its peers fall back to
+        // unary Deliver and Replicate, and nothing is lost or left unreplicated.
+        let cluster = Cluster::builder()
+            .nodes(3)
+            .args_for("n1", &["--test-no-stream-rpcs"])
+            .start()
+            .await?;
+        let mut router = cluster.router().await?;
+        let mut owners = HashMap::new();
+        let started = Instant::now();
+        for i in 0..60 {
+            let key = format!("mixed:{i}");
+            let reply = router
+                .publish(publisher::json(&key, &json!({ "i": i })))
+                .await?
+                .into_inner();
+            assert_eq!(reply.seq, 1, "{key}");
+            assert!(reply.replicated, "{key} was acknowledged unreplicated");
+            *owners.entry(reply.node).or_insert(0) += 1;
+        }
+        // A fallback that waited for a stream to time out (2 s) would take 40 s here;
+        // falling back at once takes about a second.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "60 publishes took {:?}: a fallback waited for a timeout",
+            started.elapsed()
+        );
+        // Every node owned some of the keys, so each was both delivered to and (as the
+        // others' successor) replicated to.
+        assert_eq!(owners.len(), 3, "owners: {owners:?}");
+        let router_log = cluster.router_log();
+        assert!(
+            router_log.contains("node has no DeliverStream"),
+            "the router never fell back to unary Deliver:\n{}",
+            cluster.logs()
+        );
+        let fell_back = ["n2", "n3"].iter().any(|id| {
+            cluster
+                .node(id)
+                .log()
+                .contains("successor has no ReplicateStream")
+        });
+        assert!(
+            fell_back,
+            "no node fell back to unary Replicate:\n{}",
+            cluster.logs()
+        );
+        // The others still stream to each other and to the router.
+        assert!(
+            !cluster
+                .node("n1")
+                .log()
+                .contains("successor has no ReplicateStream"),
+            "n1 fell back although its successors have the stream"
+        );
+        Ok(())
+    })
+    .await
+}
