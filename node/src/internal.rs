@@ -185,6 +185,15 @@ fn error(code: Code, message: String) -> deliver_result::Result {
     })
 }
 
+/// The next request of a stream; `None` once it ends, fails, or the node shuts down (so
+/// a shutting-down server is not held open by it).
+async fn next_request<T>(node: &Node, requests: &mut tonic::Streaming<T>) -> Option<T> {
+    tokio::select! {
+        _ = node.shutdown.cancelled() => None,
+        request = requests.message() => request.ok().flatten(),
+    }
+}
+
 fn ring_ref(view: &View) -> pb::RingRef {
     pb::RingRef {
         ring_version: view.version,
@@ -223,13 +232,8 @@ impl node_server::Node for NodeService {
                 let Ok(permit) = calls.clone().acquire_owned().await else {
                     return;
                 };
-                // Ends with the node, so a shutting-down server is not held open.
-                let request = tokio::select! {
-                    _ = service.node.shutdown.cancelled() => return,
-                    request = requests.message() => match request {
-                        Ok(Some(request)) => request,
-                        Ok(None) | Err(_) => return,
-                    },
+                let Some(request) = next_request(&service.node, &mut requests).await else {
+                    return;
                 };
                 let (service, tx) = (service.clone(), tx.clone());
                 service.node.tasks.clone().spawn(async move {
@@ -307,13 +311,8 @@ impl node_server::Node for NodeService {
         let service = self.clone();
         self.node.tasks.spawn(async move {
             loop {
-                // Ends with the node, so a shutting-down server is not held open.
-                let request = tokio::select! {
-                    _ = service.node.shutdown.cancelled() => return,
-                    request = requests.message() => match request {
-                        Ok(Some(request)) => request,
-                        Ok(None) | Err(_) => return,
-                    },
+                let Some(request) = next_request(&service.node, &mut requests).await else {
+                    return;
                 };
                 let reply = service.replicate_one(request).await;
                 let failed = reply.is_err();

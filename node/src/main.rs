@@ -40,15 +40,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// A multi-threaded runtime with `workers` threads (0: tokio's default, one per core).
+/// The runtime with `workers` threads (0: one per core).
 fn runtime(workers: usize) -> Option<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
-    builder
-        .enable_all()
-        .build()
+    ringfeed_router::runtime(workers)
         .inspect_err(|e| eprintln!("ringfeed-node: cannot start the runtime: {e}"))
         .ok()
 }

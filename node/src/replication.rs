@@ -199,8 +199,8 @@ pub async fn publish(
     }
 }
 
-/// Drains one successor's queue: batch, call, retry until it lands or the successor
-/// leaves the ring.
+/// Drains one successor's queue: batch, send on the stream (or call), retry until it
+/// lands or the successor leaves the ring.
 async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiver<Job>) {
     let mut client = match tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) {
         Ok(endpoint) => NodeClient::new(

@@ -81,11 +81,7 @@ fn main() -> ExitCode {
         eprintln!("ringfeed-router: bad configuration: {e}");
         return ExitCode::from(64);
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
-        builder.worker_threads(config.worker_threads);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match ringfeed_router::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("ringfeed-router: cannot start the runtime: {e}");
