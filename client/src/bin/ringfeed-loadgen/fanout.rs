@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::bail;
 use bytes::Bytes;
@@ -37,9 +38,13 @@ pub struct FanoutArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 64)]
     payload: usize,
-    /// Messages to send in all after `go` (0: flat out until `stop`).
+    /// Messages to send in all after `go` (0: until `stop`).
     #[arg(long, default_value_t = 0)]
     count: u64,
+    /// Messages per second, each to every socket of its key, paced as `pub --rate`
+    /// paces publishes (0: flat out).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
 }
 
 type Subscribers = Arc<Mutex<BTreeMap<String, Vec<mpsc::Sender<Bytes>>>>>;
@@ -111,12 +116,20 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let sent = Arc::new(AtomicU64::new(0));
     let generator = {
         let sent = sent.clone();
-        let (count, size) = (args.count, args.payload);
+        let (count, size, rate) = (args.count, args.payload, args.rate);
         tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
             let mut i: u64 = 0;
             loop {
                 if count > 0 && i >= count {
                     return;
+                }
+                if rate > 0 {
+                    // Stamped when due, as a paced publisher stamps its payloads.
+                    tokio::time::sleep_until(
+                        started + Duration::from_secs_f64(i as f64 / rate as f64),
+                    )
+                    .await;
                 }
                 let (key, senders) = &targets[(i % targets.len() as u64) as usize];
                 let end = if ws { "" } else { "\n" };
