@@ -271,7 +271,7 @@ impl Control {
 
     /// Waits until the clock goes off; the reader then sets it again.
     pub fn due(&self) -> impl Future<Output = ()> + '_ {
-        self.wait(move || (self.due.load(Ordering::Acquire) == Control::FIRED).then_some(()))
+        self.wait(|c| (c.due.load(Ordering::Acquire) == Control::FIRED).then_some(()))
     }
 
     /// Asks the connection to close; the first kick wins.
@@ -289,8 +289,8 @@ impl Control {
     /// Waits until someone kicks, and returns the kick. Waits in the same task as
     /// [`recv`](Self::recv) (one reader, one waker), and costs nothing until polled.
     pub fn kicked(&self) -> impl Future<Output = Kick> + '_ {
-        self.wait(move || {
-            self.kick
+        self.wait(|c| {
+            c.kick
                 .lock()
                 .expect("kick lock poisoned")
                 .as_deref()
@@ -299,16 +299,20 @@ impl Control {
     }
 
     /// Waits until `look` finds something, woken by `ready`. A plain `poll_fn`, not an
-    /// async fn: an idle connection waits in two of these, and an async fn's state
-    /// would keep `look` twice (64 bytes instead of 16).
-    fn wait<'a, T>(&'a self, look: impl Fn() -> Option<T> + 'a) -> impl Future<Output = T> + 'a {
+    /// async fn: an idle connection waits in three of these, and an async fn's state
+    /// would keep `look` twice. `look` is handed the control rather than capturing
+    /// it, so it takes no room: each wait is one pointer.
+    fn wait<'a, T>(
+        &'a self,
+        look: impl Fn(&Control) -> Option<T> + 'a,
+    ) -> impl Future<Output = T> + 'a {
         std::future::poll_fn(move |cx| {
-            if let Some(found) = look() {
+            if let Some(found) = look(self) {
                 return Poll::Ready(found);
             }
             self.ready.register(cx.waker());
             // A wake between the first look and the registration woke nobody: look again.
-            match look() {
+            match look(self) {
                 Some(found) => Poll::Ready(found),
                 None => Poll::Pending,
             }
@@ -339,7 +343,7 @@ impl Control {
     /// Waits for the next queued frame; `None` once the key let go of the subscriber
     /// and the queue is empty. One reader at a time.
     pub fn recv(&self) -> impl Future<Output = Option<Utf8Bytes>> + '_ {
-        self.wait(move || self.next())
+        self.wait(Control::next)
     }
 
     /// `Some(Some(frame))`, `Some(None)` once closed and drained, `None` while empty.
@@ -486,9 +490,9 @@ pub struct KeyState {
     /// The latest seq, for long polls waiting on the key: made by the first poll and
     /// let go once none waits (a `watch` costs ~300 bytes; most keys are never polled).
     changes: Option<watch::Sender<u64>>,
-    /// When it was last published to, subscribed to, left or read: an owner drops a
-    /// key idle for long enough with no subscriber.
-    active: Instant,
+    /// When it was last published to, subscribed to, left or read ([`now_ms`]): an
+    /// owner drops a key idle for long enough with no subscriber.
+    active: u64,
 }
 
 impl KeyState {
@@ -507,7 +511,7 @@ impl KeyState {
             subscribers: Vec::new(),
             present: Presence::default(),
             changes: None,
-            active: Instant::now(),
+            active: now_ms(),
         }
     }
 
@@ -936,7 +940,7 @@ impl KeyTable {
             .entry_within_budget(key)
             .ok_or(ApplyError::MemoryBudget)?;
         let mut state = entry.lock().expect("key lock poisoned");
-        state.active = Instant::now();
+        state.active = now_ms();
         if state.retired {
             return Err(ApplyError::Moved);
         }
@@ -1145,7 +1149,7 @@ impl KeyTable {
             .entry_within_budget(key)
             .ok_or(SubscribeError::MemoryBudget)?;
         let mut state = entry.lock().expect("key lock poisoned");
-        state.active = Instant::now();
+        state.active = now_ms();
         if state.retired {
             return Err(SubscribeError::Moved);
         }
@@ -1180,7 +1184,7 @@ impl KeyTable {
             return;
         };
         let mut state = entry.lock().expect("key lock poisoned");
-        state.active = Instant::now();
+        state.active = now_ms();
         let Some(at) = state.subscribers.iter().position(|s| s.id == id) else {
             return;
         };
@@ -1196,7 +1200,7 @@ impl KeyTable {
     pub fn read(&self, key: &str, resume: &Resume, max: usize) -> (Catchup, watch::Receiver<u64>) {
         let entry = self.entry(key);
         let mut state = entry.lock().expect("key lock poisoned");
-        state.active = Instant::now();
+        state.active = now_ms();
         let seq = state.seq;
         let changes = state
             .changes
@@ -1262,7 +1266,7 @@ impl KeyTable {
                 let mut state = entry.lock().expect("key lock poisoned");
                 let idle = state.subscribers.is_empty()
                     && state.pending.is_empty()
-                    && state.active.elapsed() >= ttl;
+                    && u128::from(now_ms().saturating_sub(state.active)) >= ttl.as_millis();
                 if idle {
                     state.retired = true;
                     dropped.push((key.clone(), state.replica_at.as_deref().cloned()));
@@ -1525,7 +1529,8 @@ fn insert_entry(replica: &mut Replica, entry: LogEntry, limits: &Limits) {
 /// Removes its subscriber from its key when dropped, however the connection ends.
 pub struct SubscriptionGuard {
     pub table: Arc<crate::node::Node>,
-    pub key: String,
+    /// A `Box<str>`: every connection holds it, and it never grows.
+    pub key: Box<str>,
     pub id: u64,
 }
 
@@ -1533,6 +1538,13 @@ impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         self.table.keys.unsubscribe(&self.key, self.id);
     }
+}
+
+/// Milliseconds since this process first asked: when a key was last active, in 8
+/// bytes rather than an `Instant`'s 16 (every key holds one).
+fn now_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(ORIGIN.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A new epoch: 16 URL-safe characters, never containing `:` — 8 that encode the

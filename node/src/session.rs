@@ -97,7 +97,7 @@ pub fn subscribe(
     let start = node.keys.subscribe(key.as_str(), subscriber, resume)?;
     let guard = SubscriptionGuard {
         table: node.clone(),
-        key: key.as_str().to_owned(),
+        key: key.as_str().into(),
         id,
     };
     // The ring may have changed between the decision and the subscription; the ring

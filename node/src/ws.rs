@@ -86,12 +86,19 @@ pub async fn serve(connect: Box<Connect>) {
     live.session.live(&live.sub).await;
 }
 
-/// A session that went live: the socket, the subscription (its key and queue; it
-/// unsubscribes on drop) and the connection's permit.
+/// A session that went live: the socket and the subscription (its key and queue; it
+/// unsubscribes on drop). It holds the connection's place under the node's limit, as
+/// a permit forgotten when it went live and given back when it is dropped: an
+/// `OwnedSemaphorePermit` would cost every idle connection 16 bytes.
 struct Live {
     session: Session,
     sub: LiveSubscription,
-    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.session.node.connections.add_permits(1);
+    }
 }
 
 /// The upgrade, the handshake's checks, the subscription and the start: a `Live`
@@ -127,10 +134,10 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
     match query {
         Ok(query) => {
             let sub = session.run(query).await?;
+            permit.forget();
             Some(Live {
                 session,
                 sub: sub.into_live(),
-                _permit: permit,
             })
         }
         Err(message) => {
@@ -243,16 +250,17 @@ impl Session {
     }
 
     async fn live(&mut self, sub: &LiveSubscription) {
-        let (key, control) = (sub.key(), &sub.control);
-        // Two deadlines, kept on the node's clock rather than in a timer of our own (a
+        // Two deadlines, in ms of the node's clock rather than in a timer of our own (a
         // `Sleep` is 112 bytes and a place in the timer wheel): the next ping, and the
         // end of the client's silence. The clock is set to the earlier one; a client
         // frame only moves `dead_at` later, so the clock never goes off late for it,
-        // and it is set again each time it goes off.
-        let now = tokio::time::Instant::now();
-        let mut ping_at = now + self.heartbeat();
-        let mut dead_at = now + self.silence();
-        control.set_due(self.node.clock_ms(ping_at.min(dead_at)));
+        // and it is set again each time it goes off. The key and the control are read
+        // from `sub` where used, not kept: this loop's state is what an idle
+        // connection costs.
+        let now = self.now_ms();
+        let mut ping_at = now + self.heartbeat_ms();
+        let mut dead_at = now + self.silence_ms();
+        sub.control.set_due(ping_at.min(dead_at));
         loop {
             // Each arm only decides, and hands back what to do as a boxed step: what an
             // arm binds (a client message, a kick) is then dropped with the `select!`,
@@ -261,28 +269,28 @@ impl Session {
                 biased;
                 // The kick (a redirect, a slow consumer, the node's shutdown) and the
                 // queue wake this task through one waker, and cost nothing while idle.
-                kick = control.kicked() => Some(Box::pin(self.end_kicked(kick))),
-                () = control.due() => {
-                    let now = tokio::time::Instant::now();
+                kick = sub.control.kicked() => Some(Box::pin(self.end_kicked(kick))),
+                () = sub.control.due() => {
+                    let now = self.now_ms();
                     if now >= dead_at {
                         tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
                         Some(Box::pin(self.end(CLOSE_GOING_AWAY, "heartbeat timeout")))
                     } else {
                         let ping = now >= ping_at;
                         if ping {
-                            ping_at = now + self.heartbeat();
+                            ping_at = now + self.heartbeat_ms();
                         }
-                        control.set_due(self.node.clock_ms(ping_at.min(dead_at)));
+                        sub.control.set_due(ping_at.min(dead_at));
                         if ping { Some(Box::pin(self.ping())) } else { None }
                     }
                 }
-                frame = control.recv() => match frame {
-                    Some(frame) => Some(Box::pin(self.write_frames(frame, control))),
+                frame = sub.control.recv() => match frame {
+                    Some(frame) => Some(Box::pin(self.write_frames(frame, &sub.control))),
                     None => return,
                 },
                 msg = self.socket.next() => {
-                    dead_at = tokio::time::Instant::now() + self.silence();
-                    Some(Box::pin(self.client_message(key, msg)))
+                    dead_at = self.now_ms() + self.silence_ms();
+                    Some(Box::pin(self.client_message(sub.key(), msg)))
                 }
             };
             if let Some(step) = step {
@@ -293,15 +301,20 @@ impl Session {
         }
     }
 
-    /// How often the client is pinged. Read from the config when needed rather than
-    /// kept: the state an idle connection waits in is what it costs.
-    fn heartbeat(&self) -> std::time::Duration {
-        self.node.config.heartbeat()
+    /// Now, in ms of the node's clock.
+    fn now_ms(&self) -> u64 {
+        self.node.clock_ms(tokio::time::Instant::now())
+    }
+
+    /// How often the client is pinged, in ms. Read from the config when needed rather
+    /// than kept: the state an idle connection waits in is what it costs.
+    fn heartbeat_ms(&self) -> u64 {
+        self.node.config.heartbeat_ms
     }
 
     /// How long the client may send nothing (not even a pong) before it is dropped.
-    fn silence(&self) -> std::time::Duration {
-        self.heartbeat().mul_f64(1.5)
+    fn silence_ms(&self) -> u64 {
+        self.heartbeat_ms() * 3 / 2
     }
 
     /// Writes `first` and whatever else is queued. A client that stops reading must

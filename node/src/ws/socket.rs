@@ -11,7 +11,7 @@
 //! out before the session's are formatted behind them, and tungstenite is not asked to
 //! read or write while the session's bytes are half written.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, Read, Write};
 use std::task::{ready, Context, Poll};
 
@@ -45,11 +45,7 @@ impl Socket {
         let tcp = Tcp {
             stream,
             // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
-            spill: if read.is_empty() {
-                Bytes::new()
-            } else {
-                Bytes::copy_from_slice(&read)
-            },
+            spill: (!read.is_empty()).then(|| Box::new(Bytes::copy_from_slice(&read))),
             write_blocked: false,
         };
         Socket {
@@ -61,9 +57,10 @@ impl Socket {
     }
 
     /// The client's next message; `None` once the connection has ended. tungstenite
-    /// answers pings and close frames as it reads.
-    pub async fn next(&mut self) -> Option<Result<Message, WsError>> {
-        poll_fn(|cx| self.poll_next(cx)).await
+    /// answers pings and close frames as it reads. A `poll_fn` rather than an async
+    /// fn: an idle connection waits in it, and this is one pointer.
+    pub fn next(&mut self) -> impl Future<Output = Option<Result<Message, WsError>>> + '_ {
+        poll_fn(|cx| self.poll_next(cx))
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
@@ -187,32 +184,37 @@ impl Socket {
 /// `WouldBlock` when the kernel has nothing or no room.
 struct Tcp {
     stream: TcpStream,
-    /// What a read took from the kernel beyond what tungstenite asked for. Empty, with
-    /// no allocation, once it has been handed over.
-    spill: Bytes,
+    /// What a read took from the kernel beyond what tungstenite asked for; `None` once
+    /// it has been handed over. Boxed: it is rare, and every idle connection holds
+    /// the slot (8 bytes rather than a `Bytes`' 32).
+    spill: Option<Box<Bytes>>,
     /// The last write found no room; cleared by the next one that made progress.
     write_blocked: bool,
 }
 
 impl Read for Tcp {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.spill.is_empty() {
-            if buf.len() >= READ_CHUNK {
-                return self.stream.try_read(buf);
+        let spill = match &mut self.spill {
+            Some(spill) => spill,
+            None => {
+                if buf.len() >= READ_CHUNK {
+                    return self.stream.try_read(buf);
+                }
+                let mut chunk = [0u8; READ_CHUNK];
+                let n = self.stream.try_read(&mut chunk)?;
+                if n <= buf.len() {
+                    buf[..n].copy_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                self.spill
+                    .insert(Box::new(Bytes::copy_from_slice(&chunk[..n])))
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let n = self.stream.try_read(&mut chunk)?;
-            if n <= buf.len() {
-                buf[..n].copy_from_slice(&chunk[..n]);
-                return Ok(n);
-            }
-            self.spill = Bytes::copy_from_slice(&chunk[..n]);
-        }
-        let n = buf.len().min(self.spill.len());
-        buf[..n].copy_from_slice(&self.spill[..n]);
-        self.spill.advance(n);
-        if self.spill.is_empty() {
-            self.spill = Bytes::new();
+        };
+        let n = buf.len().min(spill.len());
+        buf[..n].copy_from_slice(&spill[..n]);
+        spill.advance(n);
+        if spill.is_empty() {
+            self.spill = None;
         }
         Ok(n)
     }
