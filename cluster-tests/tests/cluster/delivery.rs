@@ -859,6 +859,22 @@ async fn connection_limits_answer_503_before_the_upgrade() {
             async move { Ok(Subscription::connect(&url).await.ok().map(|_| ())) }
         })
         .await;
+        // Each ended session gave back exactly its one place: with 20 held again, the
+        // next is refused.
+        let url = node.connect_url("limit:back");
+        let back =
+            ringfeed_cluster_tests::eventually("the 20th place", Duration::from_secs(5), || {
+                let url = url.clone();
+                async move { Ok(Subscription::connect(&url).await.ok()) }
+            })
+            .await;
+        held.push(back);
+        match tokio_tungstenite::connect_async(node.connect_url("limit:y")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+            }
+            other => bail!("over the limit again: {:?}", other.map(|_| ())),
+        }
         Ok(())
     })
     .await;
