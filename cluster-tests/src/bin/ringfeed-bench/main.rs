@@ -508,6 +508,7 @@ impl NodePeer {
 /// Ringfeed, the seed reference, both calibrations and Socket.IO, in the order runs
 /// alternate.
 fn side_by_side(cluster: &Cluster, seed: &NodePeer, socketio: &NodePeer) -> [System; 5] {
+    let [tcp, ws] = calibrations();
     [
         System::Ringfeed {
             urls: ringfeed_urls(cluster),
@@ -515,16 +516,16 @@ fn side_by_side(cluster: &Cluster, seed: &NodePeer, socketio: &NodePeer) -> [Sys
             direct: None,
         },
         seed.system(),
-        System::Calibration {
-            mode: "tcp",
-            servers: 1,
-        },
-        System::Calibration {
-            mode: "ws",
-            servers: 1,
-        },
+        tcp,
+        ws,
         socketio.system(),
     ]
+}
+
+/// The two calibrations (BENCH.md), each one fan-out process: bare tokio TCP and bare
+/// tokio-tungstenite.
+fn calibrations() -> [System; 2] {
+    ["tcp", "ws"].map(|mode| System::Calibration { mode, servers: 1 })
 }
 
 /// P1: delivered messages/s, batched, 1,000 keys × 10 subscribers on 3 nodes.
@@ -717,19 +718,8 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         ack_owner: false,
     };
     // The calibrations at the same rate: this box's latency floor for one bare hop.
-    let systems = [
-        ringfeed,
-        seed.system(),
-        socketio.system(),
-        System::Calibration {
-            mode: "tcp",
-            servers: 1,
-        },
-        System::Calibration {
-            mode: "ws",
-            servers: 1,
-        },
-    ];
+    let [tcp, ws] = calibrations();
+    let systems = [ringfeed, seed.system(), socketio.system(), tcp, ws];
     let mut p99: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut p50: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut p999: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
