@@ -130,6 +130,13 @@ fn cpu_times() -> Result<(u64, u64)> {
     Ok((total - idle, total))
 }
 
+/// The box's busy CPU time so far, in ms over all cores (`/proc/stat` counts in
+/// USER_HZ, 100 per second on Linux). The difference of two readings is what every
+/// process on the box used between them, the kernel's network work included.
+pub fn busy_ms() -> Result<f64> {
+    Ok(cpu_times()?.0 as f64 * 10.0)
+}
+
 /// Waits until the box is quiet — under 15% busy over a quarter of a second — so a
 /// run does not share the cores with what the previous one left behind (a peer still
 /// draining a backlog of seconds, sockets closing). Gives up after `within`, saying so.
