@@ -518,7 +518,7 @@ impl NodePeer {
 /// Ringfeed, the seed reference, both calibrations and Socket.IO, in the order runs
 /// alternate.
 fn side_by_side(cluster: &Cluster, seed: &NodePeer, socketio: &NodePeer) -> [System; 5] {
-    let [tcp, ws] = calibrations();
+    let [tcp, ws] = calibrations(1);
     [
         System::Ringfeed {
             urls: ringfeed_urls(cluster),
@@ -532,10 +532,10 @@ fn side_by_side(cluster: &Cluster, seed: &NodePeer, socketio: &NodePeer) -> [Sys
     ]
 }
 
-/// The two calibrations (BENCH.md), each one fan-out process: bare tokio TCP and bare
-/// tokio-tungstenite.
-fn calibrations() -> [System; 2] {
-    ["tcp", "ws"].map(|mode| System::Calibration { mode, servers: 1 })
+/// The two calibrations (BENCH.md), bare tokio TCP and bare tokio-tungstenite, each
+/// from `servers` fan-out processes.
+fn calibrations(servers: usize) -> [System; 2] {
+    ["tcp", "ws"].map(|mode| System::Calibration { mode, servers })
 }
 
 /// P1: delivered messages/s, batched, 1,000 keys × 10 subscribers on 3 nodes.
@@ -728,7 +728,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         ack_owner: false,
     };
     // The calibrations at the same rate: this box's latency floor for one bare hop.
-    let [tcp, ws] = calibrations();
+    let [tcp, ws] = calibrations(1);
     let systems = [ringfeed, seed.system(), socketio.system(), tcp, ws];
     let mut p99: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut p50: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
@@ -1134,22 +1134,19 @@ async fn p4(args: &Args) -> Result<()> {
             "ringfeed: {} of {connections} connections received",
             r.receiving
         );
+        let cpu = r.box_cpu_ms * 1000.0 / connections as f64;
         println!(
-            "P4 run {}/{runs} ringfeed: {} connections on {nodes} nodes; all received {:.0} ms after the first publish; box CPU {:.1} µs per update",
+            "P4 run {}/{runs} ringfeed: {} connections on {nodes} nodes; all received {:.0} ms after the first publish; box CPU {cpu:.1} µs per update",
             run + 1,
             r.connected,
             r.last_receipt_ms,
-            r.box_cpu_ms * 1000.0 / connections as f64
         );
         times[0].push(r.last_receipt_ms);
-        cpu_us[0].push(r.box_cpu_ms * 1000.0 / connections as f64);
+        cpu_us[0].push(cpu);
         drop(cluster);
-        for (i, mode) in [(1, "tcp"), (2, "ws")] {
+        for (i, calibration) in (1..).zip(calibrations(procs)) {
             let r = fanout_run(
-                &System::Calibration {
-                    mode,
-                    servers: procs,
-                },
+                &calibration,
                 &format!("p4c:*{connections}"),
                 1,
                 procs,
@@ -1161,14 +1158,15 @@ async fn p4(args: &Args) -> Result<()> {
                 Duration::from_secs(60),
             )
             .await?;
+            let cpu = r.box_cpu_ms * 1000.0 / connections as f64;
             println!(
-                "P4 run {}/{runs} calibration-{mode}: one write to each of {connections} sockets from {procs} processes in {:.0} ms; box CPU {:.1} µs per message",
+                "P4 run {}/{runs} {}: one write to each of {connections} sockets from {procs} processes in {:.0} ms; box CPU {cpu:.1} µs per message",
                 run + 1,
+                calibration.name(),
                 r.last_receipt_ms,
-                r.box_cpu_ms * 1000.0 / connections as f64
             );
             times[i].push(r.last_receipt_ms);
-            cpu_us[i].push(r.box_cpu_ms * 1000.0 / connections as f64);
+            cpu_us[i].push(cpu);
         }
     }
     let m: Vec<f64> = times.iter().map(|v| median(v)).collect();
