@@ -40,8 +40,8 @@ struct Args {
     /// The README whose table `table` rewrites.
     #[arg(long, default_value = "README.md")]
     readme: PathBuf,
-    /// Alternating runs per system (medians are quoted).
-    #[arg(long, default_value_t = 3)]
+    /// Alternating runs per system (medians are quoted); at least 1.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     runs: usize,
     /// Seconds measured per throughput run (after a warm-up).
     #[arg(long, default_value_t = 8)]
