@@ -18,7 +18,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::task::AtomicWaker;
@@ -192,7 +192,8 @@ pub struct Kick {
 }
 
 /// The side of a connection that others can reach: its queue of frames and its kick
-/// switch.
+/// switch. It also names its subscription (key and subscriber id), so a connection
+/// holds this one pointer, not a copy of each.
 ///
 /// The queue is a `VecDeque` under a lock rather than a tokio `mpsc` channel: it is
 /// allocated only once something is queued and grows with what is queued, where a
@@ -200,8 +201,11 @@ pub struct Kick {
 /// 32-slot block) — most of an idle connection's cost.
 #[derive(Debug)]
 pub struct Control {
-    /// Boxed: a kick (64 bytes) is rare, and every idle connection holds the slot.
-    kick: Mutex<Option<Box<Kick>>>,
+    /// The key subscribed to. A `Box<str>`: it never grows.
+    key: Box<str>,
+    /// The subscriber's id in the key's list.
+    id: u64,
+    /// The queue and the kick, under one lock: a waking reader looks at both.
     outbox: Mutex<Outbox>,
     /// The reader's waker, woken by a push, a close, a kick and its clock: one atomic
     /// swap (a `Notify` would take its waiter lock for each of a hot key's
@@ -218,9 +222,34 @@ pub struct Control {
 #[derive(Debug)]
 struct Outbox {
     frames: VecDeque<Utf8Bytes>,
-    capacity: usize,
+    /// Boxed: a kick (64 bytes) is rare, and every idle connection holds the slot.
+    kick: Option<Box<Kick>>,
+    /// At most this many frames are queued (a `u32`, packed beside `closed`).
+    capacity: u32,
     /// The key let go of the subscriber: nothing more will come.
     closed: bool,
+}
+
+impl Outbox {
+    /// `Some(Some(frame))`, `Some(None)` once closed and drained, `None` while empty.
+    fn next(&mut self) -> Option<Option<Utf8Bytes>> {
+        match self.frames.pop_front() {
+            Some(frame) => Some(Some(frame)),
+            None if self.closed => Some(None),
+            None => None,
+        }
+    }
+}
+
+/// What woke a connection's reader ([`Control::poll_ready`]).
+#[derive(Debug)]
+pub enum Ready {
+    /// Someone asked the connection to close.
+    Kicked(Kick),
+    /// Its clock went off; the reader sets it again.
+    Due,
+    /// The next queued frame, or `None` once the key let go and the queue is drained.
+    Frame(Option<Utf8Bytes>),
 }
 
 /// Why a frame was not queued.
@@ -236,18 +265,30 @@ impl Control {
     /// The clock went off.
     const FIRED: u64 = 0;
 
-    /// A connection's control with room for `capacity` queued frames.
-    pub fn new(capacity: usize) -> Arc<Control> {
+    /// The control of subscriber `id` of `key`, with room for `capacity` queued frames.
+    pub fn new(key: &str, id: u64, capacity: usize) -> Arc<Control> {
         Arc::new(Control {
-            kick: Mutex::new(None),
+            key: key.into(),
+            id,
             outbox: Mutex::new(Outbox {
                 frames: VecDeque::new(),
-                capacity,
+                kick: None,
+                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
                 closed: false,
             }),
             ready: AtomicWaker::new(),
             due: AtomicU64::new(Control::NEVER),
         })
+    }
+
+    /// The key subscribed to.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The subscriber's id.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Sets the reader's clock to go off at `at_ms` (ms of the node's clock, from 1).
@@ -277,11 +318,11 @@ impl Control {
     /// Asks the connection to close; the first kick wins.
     pub fn kick(&self, kick: Kick) {
         {
-            let mut slot = self.kick.lock().expect("kick lock poisoned");
-            if slot.is_some() {
+            let mut outbox = self.outbox.lock().expect("outbox lock poisoned");
+            if outbox.kick.is_some() {
                 return;
             }
-            *slot = Some(Box::new(kick));
+            outbox.kick = Some(Box::new(kick));
         }
         self.ready.wake();
     }
@@ -290,11 +331,29 @@ impl Control {
     /// [`recv`](Self::recv) (one reader, one waker), and costs nothing until polled.
     pub fn kicked(&self) -> impl Future<Output = Kick> + '_ {
         self.wait(|c| {
-            c.kick
+            c.outbox
                 .lock()
-                .expect("kick lock poisoned")
+                .expect("outbox lock poisoned")
+                .kick
                 .as_deref()
                 .cloned()
+        })
+    }
+
+    /// What the reader should do next, in the order a live connection takes them: the
+    /// kick, then its clock, then the next frame (`None` once closed and drained).
+    /// One look and one waker registration for all three: an idle connection waits in
+    /// this, polled together with its socket.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Ready> {
+        self.poll_look(cx, |c| {
+            let mut outbox = c.outbox.lock().expect("outbox lock poisoned");
+            if let Some(kick) = outbox.kick.as_deref() {
+                return Some(Ready::Kicked(kick.clone()));
+            }
+            if c.due.load(Ordering::Acquire) == Control::FIRED {
+                return Some(Ready::Due);
+            }
+            outbox.next().map(Ready::Frame)
         })
     }
 
@@ -306,17 +365,20 @@ impl Control {
         &'a self,
         look: impl Fn(&Control) -> Option<T> + 'a,
     ) -> impl Future<Output = T> + 'a {
-        std::future::poll_fn(move |cx| {
-            if let Some(found) = look(self) {
-                return Poll::Ready(found);
-            }
-            self.ready.register(cx.waker());
-            // A wake between the first look and the registration woke nobody: look again.
-            match look(self) {
-                Some(found) => Poll::Ready(found),
-                None => Poll::Pending,
-            }
-        })
+        std::future::poll_fn(move |cx| self.poll_look(cx, &look))
+    }
+
+    /// `look`'s find, or `Pending` with the waker registered for the next `ready`.
+    fn poll_look<T>(&self, cx: &mut Context<'_>, look: impl Fn(&Control) -> Option<T>) -> Poll<T> {
+        if let Some(found) = look(self) {
+            return Poll::Ready(found);
+        }
+        self.ready.register(cx.waker());
+        // A wake between the first look and the registration woke nobody: look again.
+        match look(self) {
+            Some(found) => Poll::Ready(found),
+            None => Poll::Pending,
+        }
     }
 
     /// Queues `frame` for the connection's writer.
@@ -326,7 +388,7 @@ impl Control {
             if outbox.closed {
                 return Err(Refused::Closed);
             }
-            if outbox.frames.len() >= outbox.capacity {
+            if outbox.frames.len() >= outbox.capacity as usize {
                 return Err(Refused::Full);
             }
             outbox.frames.push_back(frame);
@@ -346,14 +408,9 @@ impl Control {
         self.wait(Control::next)
     }
 
-    /// `Some(Some(frame))`, `Some(None)` once closed and drained, `None` while empty.
+    /// [`Outbox::next`], under the lock.
     fn next(&self) -> Option<Option<Utf8Bytes>> {
-        let mut outbox = self.outbox.lock().expect("outbox lock poisoned");
-        match outbox.frames.pop_front() {
-            Some(frame) => Some(Some(frame)),
-            None if outbox.closed => Some(None),
-            None => None,
-        }
+        self.outbox.lock().expect("outbox lock poisoned").next()
     }
 
     /// Nothing more will be queued; the reader drains what is there, then sees `None`.
@@ -1526,17 +1583,40 @@ fn insert_entry(replica: &mut Replica, entry: LogEntry, limits: &Limits) {
     }
 }
 
-/// Removes its subscriber from its key when dropped, however the connection ends.
+/// Removes its subscriber from its key when dropped, however the connection ends,
+/// unless [released](SubscriptionGuard::release) to a holder that does so itself.
 pub struct SubscriptionGuard {
     pub table: Arc<crate::node::Node>,
-    /// A `Box<str>`: every connection holds it, and it never grows.
-    pub key: Box<str>,
-    pub id: u64,
+    /// `None` once released.
+    control: Option<Arc<Control>>,
+}
+
+impl SubscriptionGuard {
+    /// Guards the subscriber that `control` belongs to.
+    pub fn new(table: Arc<crate::node::Node>, control: Arc<Control>) -> SubscriptionGuard {
+        SubscriptionGuard {
+            table,
+            control: Some(control),
+        }
+    }
+
+    /// The subscriber's control.
+    pub fn control(&self) -> &Arc<Control> {
+        self.control.as_ref().expect("a guard is not used once released")
+    }
+
+    /// Hands over the control, and with it the duty to unsubscribe
+    /// ([`KeyTable::unsubscribe`]) when the connection ends.
+    pub fn release(mut self) -> Arc<Control> {
+        self.control.take().expect("a guard is released once")
+    }
 }
 
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
-        self.table.keys.unsubscribe(&self.key, self.id);
+        if let Some(control) = self.control.take() {
+            self.table.keys.unsubscribe(control.key(), control.id());
+        }
     }
 }
 
@@ -1630,8 +1710,8 @@ mod tests {
         queue: usize,
         presence: Option<&str>,
     ) -> (Subscriber, Arc<Control>) {
-        let control = Control::new(queue);
         let id = table.next_subscriber_id();
+        let control = Control::new("k", id, queue);
         let s = Subscriber {
             id,
             presence_id: presence.map_or_else(|| Arc::from(format!("c{id}")), Arc::from),
@@ -1932,7 +2012,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_queue_is_bounded_wakes_its_reader_and_drains_after_close() {
-        let control = Control::new(2);
+        let control = Control::new("k", 1, 2);
         assert_eq!(control.push(Utf8Bytes::from_static("a")), Ok(()));
         assert_eq!(control.push(Utf8Bytes::from_static("b")), Ok(()));
         assert_eq!(
@@ -1973,9 +2053,10 @@ mod tests {
             table.apply("k", publish(b"1")).unwrap();
         }
         let kick = slow_control
-            .kick
+            .outbox
             .lock()
             .unwrap()
+            .kick
             .clone()
             .expect("slow subscriber kicked");
         assert_eq!(kick.code, CLOSE_SLOW_CONSUMER);

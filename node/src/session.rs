@@ -44,35 +44,29 @@ pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
     }
 }
 
-/// A live subscription: what to send first, the control (the queue of what follows
-/// and the kick switch), and the guard that unsubscribes on drop.
+/// A subscription: what to send first, and the guard that unsubscribes on drop and
+/// holds the control (the queue of what follows and the kick switch).
 pub struct Subscription {
     pub start: Start,
-    pub control: Arc<Control>,
-    pub id: u64,
-    _guard: SubscriptionGuard,
-}
-
-impl Subscription {
-    /// What a connection keeps once its start has been sent: the control and the guard.
-    pub fn into_live(self) -> LiveSubscription {
-        LiveSubscription {
-            control: self.control,
-            guard: self._guard,
-        }
-    }
-}
-
-/// A subscription whose start has been sent; unsubscribes on drop.
-pub struct LiveSubscription {
-    pub control: Arc<Control>,
     guard: SubscriptionGuard,
 }
 
-impl LiveSubscription {
-    /// The key subscribed to.
-    pub fn key(&self) -> &str {
-        &self.guard.key
+impl Subscription {
+    /// The subscriber's control.
+    pub fn control(&self) -> &Arc<Control> {
+        self.guard.control()
+    }
+
+    /// The subscriber's id.
+    pub fn id(&self) -> u64 {
+        self.control().id()
+    }
+
+    /// What a connection keeps once its start has been sent: the control alone. The
+    /// caller now unsubscribes ([`crate::keys::KeyTable::unsubscribe`]) when the
+    /// connection ends, with the node it already holds (one pointer fewer for each).
+    pub fn release(self) -> Arc<Control> {
+        self.guard.release()
     }
 }
 
@@ -85,8 +79,8 @@ pub fn subscribe(
     wants_presence: bool,
 ) -> Result<Subscription, SubscribeError> {
     node.promote_if_due(key.as_str(), &node.membership.view());
-    let control = Control::new(node.config.subscriber_queue);
     let id = node.keys.next_subscriber_id();
+    let control = Control::new(key.as_str(), id, node.config.subscriber_queue);
     let subscriber = Subscriber {
         id,
         presence_id: Arc::from(format!("c{id}")),
@@ -95,20 +89,11 @@ pub fn subscribe(
         control: control.clone(),
     };
     let start = node.keys.subscribe(key.as_str(), subscriber, resume)?;
-    let guard = SubscriptionGuard {
-        table: node.clone(),
-        key: key.as_str().into(),
-        id,
-    };
+    let guard = SubscriptionGuard::new(node.clone(), control.clone());
     // The ring may have changed between the decision and the subscription; the ring
     // follower only redirects subscribers it can see, so look once more.
     if let Decision::Elsewhere(view, owner) = node.decide(node.membership.view(), key.as_str()) {
         control.kick(redirect_kick(&owner, &query, view.version));
     }
-    Ok(Subscription {
-        start,
-        control,
-        id,
-        _guard: guard,
-    })
+    Ok(Subscription { start, guard })
 }

@@ -155,15 +155,15 @@ impl EventStream {
         let epoch = self.sub.start.catchup.epoch.clone();
         tokio::select! {
             biased;
-            _ = self.sub.control.kicked() => None,
+            _ = self.sub.control().kicked() => None,
             _ = self.node.shutdown.cancelled() => None,
             _ = sleep_until_opt(self.ends_at) => None,
-            frame = self.sub.control.recv() => {
+            frame = self.sub.control().recv() => {
                 let frame = frame?;
                 let mut out = BytesMut::new();
                 event(&mut out, &epoch, frames::update_seq(frame.as_str()), &frame);
                 for _ in 1..MAX_EVENTS_PER_CHUNK {
-                    match self.sub.control.try_recv() {
+                    match self.sub.control().try_recv() {
                         Some(frame) => event(&mut out, &epoch, frames::update_seq(frame.as_str()), &frame),
                         None => break,
                     }

@@ -4,8 +4,10 @@
 //! key (see [`crate::keys`]); whatever is queued is written in one flush. Someone else
 //! can end the session only through its [`Control`] (slow consumer, redirect).
 
+use std::future::poll_fn;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::task::Poll;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -17,11 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::frames::{self, ClientFrame, ServerFrame};
-use crate::keys::{ApplyError, Control, Kick, Publish, Start, SubscribeError};
+use crate::keys::{ApplyError, Control, Kick, Publish, Ready, Start, SubscribeError};
 use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
 use crate::replication::{self, PublishError};
-use crate::session::{self, LiveSubscription, Placement, Subscription};
+use crate::session::{self, Placement, Subscription};
 
 mod socket;
 
@@ -45,6 +47,12 @@ const CLIENT_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 
 /// Most queued frames written in one flush.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
+
+/// What woke a live session: its control, or its client (`None` once it has gone).
+enum Wake {
+    Control(Ready),
+    Client(Option<Result<Message, WsError>>),
+}
 
 /// One thing a live session does after waking: write, answer, ping, close.
 type Step<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ControlFlow<()>> + Send + 'a>>;
@@ -78,26 +86,102 @@ pub struct Connect {
 /// connection's task: what it holds while the client idles is what an idle connection
 /// costs. So its one input is a box that set-up consumes (an async fn keeps its
 /// arguments for its whole life), set-up runs in a box of its own that is dropped
-/// before the live loop starts, and the live loop runs inline.
+/// before the live loop starts, and the live loop runs inline, here: its state is the
+/// [`Live`] session and one pointer into it while waiting, or a boxed step while
+/// acting. (A separate async fn for the loop would keep its arguments twice.)
 pub async fn serve(connect: Box<Connect>) {
     let Some(mut live) = Box::pin(set_up(connect)).await else {
         return;
     };
-    live.session.live(&live.sub).await;
+    loop {
+        let wake = live.wake().await;
+        if let Some(step) = live.decide(wake) {
+            if step.await.is_break() {
+                return;
+            }
+        }
+    }
 }
 
-/// A session that went live: the socket and the subscription (its key and queue; it
-/// unsubscribes on drop). It holds the connection's place under the node's limit, as
-/// a permit forgotten when it went live and given back when it is dropped: an
-/// `OwnedSemaphorePermit` would cost every idle connection 16 bytes.
+/// A session that went live: the socket, the subscription's control (its key and
+/// queue) and the two deadlines of its heartbeat.
+///
+/// It unsubscribes when dropped, with the node the session holds (a guard would hold
+/// the node a second time). It also holds the connection's place under the node's
+/// limit, as a permit forgotten when it went live and given back when it is dropped:
+/// an `OwnedSemaphorePermit` would cost every idle connection 16 bytes.
+///
+/// The deadlines are in ms of the node's clock rather than in a timer of our own (a
+/// `Sleep` is 112 bytes and a place in the timer wheel): the next ping, and the end of
+/// the client's silence. The control's clock is set to the earlier one; a client
+/// frame only moves `dead_at` later, so the clock never goes off late for it, and it
+/// is set again each time it goes off.
 struct Live {
     session: Session,
-    sub: LiveSubscription,
+    control: Arc<Control>,
+    ping_at: u64,
+    dead_at: u64,
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.session.node.connections.add_permits(1);
+        let node = &self.session.node;
+        node.keys.unsubscribe(self.control.key(), self.control.id());
+        node.connections.add_permits(1);
+    }
+}
+
+impl Live {
+    /// A session whose start has been sent, its clock set.
+    fn new(session: Session, control: Arc<Control>) -> Live {
+        let now = session.now_ms();
+        let live = Live {
+            ping_at: now + session.heartbeat_ms(),
+            dead_at: now + session.silence_ms(),
+            session,
+            control,
+        };
+        live.control.set_due(live.ping_at.min(live.dead_at));
+        live
+    }
+
+    /// Waits for the control (the kick, the clock and the queue, behind one waker) or
+    /// the client: what an idle connection waits in, one pointer.
+    fn wake(&mut self) -> impl std::future::Future<Output = Wake> + '_ {
+        poll_fn(|cx| match self.control.poll_ready(cx) {
+            Poll::Ready(ready) => Poll::Ready(Wake::Control(ready)),
+            Poll::Pending => self.session.socket.poll_next(cx).map(Wake::Client),
+        })
+    }
+
+    /// What to do about `wake`, as a boxed step: what it binds (a client message, a
+    /// kick) goes into the step, not into the state an idle connection waits in.
+    fn decide(&mut self, wake: Wake) -> Option<Step<'_>> {
+        let session = &mut self.session;
+        match wake {
+            Wake::Control(Ready::Kicked(kick)) => Some(Box::pin(session.end_kicked(kick))),
+            Wake::Control(Ready::Due) => {
+                let now = session.now_ms();
+                if now >= self.dead_at {
+                    tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
+                    return Some(Box::pin(session.end(CLOSE_GOING_AWAY, "heartbeat timeout")));
+                }
+                let ping = now >= self.ping_at;
+                if ping {
+                    self.ping_at = now + session.heartbeat_ms();
+                }
+                self.control.set_due(self.ping_at.min(self.dead_at));
+                ping.then(|| Box::pin(session.ping()) as Step<'_>)
+            }
+            Wake::Control(Ready::Frame(Some(frame))) => {
+                Some(Box::pin(session.write_frames(frame, &self.control)))
+            }
+            Wake::Control(Ready::Frame(None)) => Some(Box::pin(std::future::ready(ControlFlow::Break(())))),
+            Wake::Client(msg) => {
+                self.dead_at = session.now_ms() + session.silence_ms();
+                Some(Box::pin(session.client_message(self.control.key(), msg)))
+            }
+        }
     }
 }
 
@@ -135,10 +219,7 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
         Ok(query) => {
             let sub = session.run(query).await?;
             permit.forget();
-            Some(Live {
-                session,
-                sub: sub.into_live(),
-            })
+            Some(Live::new(session, sub.release()))
         }
         Err(message) => {
             session.close(CLOSE_BAD_REQUEST, &message).await;
@@ -217,7 +298,7 @@ impl Session {
             Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await;
             return None;
         }
-        tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
+        tracing::debug!(key = %key, subscriber = sub.id(), "subscribed");
         match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub.start))).await
         {
             Ok(Ok(())) => {}
@@ -247,58 +328,6 @@ impl Session {
             self.socket.queue_text(presence);
         }
         self.socket.flush().await
-    }
-
-    async fn live(&mut self, sub: &LiveSubscription) {
-        // Two deadlines, in ms of the node's clock rather than in a timer of our own (a
-        // `Sleep` is 112 bytes and a place in the timer wheel): the next ping, and the
-        // end of the client's silence. The clock is set to the earlier one; a client
-        // frame only moves `dead_at` later, so the clock never goes off late for it,
-        // and it is set again each time it goes off. The key and the control are read
-        // from `sub` where used, not kept: this loop's state is what an idle
-        // connection costs.
-        let now = self.now_ms();
-        let mut ping_at = now + self.heartbeat_ms();
-        let mut dead_at = now + self.silence_ms();
-        sub.control.set_due(ping_at.min(dead_at));
-        loop {
-            // Each arm only decides, and hands back what to do as a boxed step: what an
-            // arm binds (a client message, a kick) is then dropped with the `select!`,
-            // not kept in the state an idle connection waits in.
-            let step: Option<Step<'_>> = tokio::select! {
-                biased;
-                // The kick (a redirect, a slow consumer, the node's shutdown) and the
-                // queue wake this task through one waker, and cost nothing while idle.
-                kick = sub.control.kicked() => Some(Box::pin(self.end_kicked(kick))),
-                () = sub.control.due() => {
-                    let now = self.now_ms();
-                    if now >= dead_at {
-                        tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
-                        Some(Box::pin(self.end(CLOSE_GOING_AWAY, "heartbeat timeout")))
-                    } else {
-                        let ping = now >= ping_at;
-                        if ping {
-                            ping_at = now + self.heartbeat_ms();
-                        }
-                        sub.control.set_due(ping_at.min(dead_at));
-                        if ping { Some(Box::pin(self.ping())) } else { None }
-                    }
-                }
-                frame = sub.control.recv() => match frame {
-                    Some(frame) => Some(Box::pin(self.write_frames(frame, &sub.control))),
-                    None => return,
-                },
-                msg = self.socket.next() => {
-                    dead_at = self.now_ms() + self.silence_ms();
-                    Some(Box::pin(self.client_message(sub.key(), msg)))
-                }
-            };
-            if let Some(step) = step {
-                if step.await.is_break() {
-                    return;
-                }
-            }
-        }
     }
 
     /// Now, in ms of the node's clock.
@@ -517,5 +546,24 @@ impl Session {
             }
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `serve` returns, without making one.
+    fn future_size<A, F: std::future::Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle connection's task is tokio's cell around this future: 112 bytes of
+    /// header and trailer, 24 of core and the task tracker's token, rounded up to 128
+    /// (the cell is cache-aligned). Up to 400 bytes, the cell is 512; past it, 640.
+    #[test]
+    fn an_idle_connection_task_fits_in_512_bytes() {
+        let size = future_size(serve);
+        assert!(size <= 400, "the connection future is {size} bytes");
     }
 }

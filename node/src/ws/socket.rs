@@ -30,12 +30,17 @@ const READ_CHUNK: usize = 4096;
 /// One client's WebSocket.
 pub struct Socket {
     ws: WebSocket<Tcp>,
-    /// The session's frames not yet written: empty, with no allocation, while idle.
-    out: Vec<u8>,
-    /// How much of `out` the kernel has taken.
+    /// The session's frames not yet written: `None`, with no allocation, while idle
+    /// (one pointer, where a `Vec` and its count would take 32 bytes).
+    out: Option<Box<Out>>,
+}
+
+/// Frames being written.
+#[derive(Default)]
+struct Out {
+    bytes: Vec<u8>,
+    /// How much of `bytes` the kernel has taken.
     written: usize,
-    /// The client's side has ended (closed, reset, or broke the protocol).
-    ended: bool,
 }
 
 impl Socket {
@@ -47,12 +52,11 @@ impl Socket {
             // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
             spill: (!read.is_empty()).then(|| Box::new(Bytes::copy_from_slice(&read))),
             write_blocked: false,
+            ended: false,
         };
         Socket {
             ws: WebSocket::from_raw_socket(tcp, Role::Server, Some(config)),
-            out: Vec::new(),
-            written: 0,
-            ended: false,
+            out: None,
         }
     }
 
@@ -63,13 +67,15 @@ impl Socket {
         poll_fn(|cx| self.poll_next(cx))
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
-        if self.ended {
+    /// [`next`](Self::next) as a poll, for a caller that polls its socket together
+    /// with something else.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
+        if self.ws.get_ref().ended {
             return Poll::Ready(None);
         }
         // Reading may make tungstenite write a pong: never into half a frame of ours.
         if let Err(e) = ready!(self.poll_write_own(cx)) {
-            self.ended = true;
+            self.ws.get_mut().ended = true;
             return Poll::Ready(Some(Err(e)));
         }
         loop {
@@ -82,17 +88,17 @@ impl Socket {
                     let writable = tcp.write_blocked && tcp.stream.poll_write_ready(cx).is_ready();
                     if !writable {
                         if let Err(e) = ready!(tcp.stream.poll_read_ready(cx)) {
-                            self.ended = true;
+                            self.ws.get_mut().ended = true;
                             return Poll::Ready(Some(Err(WsError::Io(e))));
                         }
                     }
                 }
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                    self.ended = true;
+                    self.ws.get_mut().ended = true;
                     return Poll::Ready(None);
                 }
                 Err(e) => {
-                    self.ended = true;
+                    self.ws.get_mut().ended = true;
                     return Poll::Ready(Some(Err(e)));
                 }
             }
@@ -116,11 +122,12 @@ impl Socket {
             ..FrameHeader::default()
         };
         let length = payload.len() as u64;
-        self.out.reserve(header.len(length) + payload.len());
+        let out = &mut self.out.get_or_insert_with(Box::default).bytes;
+        out.reserve(header.len(length) + payload.len());
         header
-            .format(length, &mut self.out)
+            .format(length, out)
             .expect("formatting into a Vec cannot fail");
-        self.out.extend_from_slice(payload);
+        out.extend_from_slice(payload);
     }
 
     /// Writes everything queued, tungstenite's first; afterwards the session's buffer
@@ -130,7 +137,7 @@ impl Socket {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        if self.written == 0 {
+        if self.out.as_ref().is_none_or(|out| out.written == 0) {
             // Nothing of ours is on the wire yet: tungstenite's bytes go first.
             ready!(self.poll_flush_tungstenite(cx))?;
         }
@@ -152,18 +159,19 @@ impl Socket {
 
     /// Writes the rest of `out`, then frees it.
     fn poll_write_own(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        while self.written < self.out.len() {
+        if let Some(out) = &mut self.out {
             let stream = &self.ws.get_ref().stream;
-            match stream.try_write(&self.out[self.written..]) {
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(stream.poll_write_ready(cx))?;
+            while out.written < out.bytes.len() {
+                match stream.try_write(&out.bytes[out.written..]) {
+                    Ok(n) => out.written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(stream.poll_write_ready(cx))?;
+                    }
+                    Err(e) => return Poll::Ready(Err(WsError::Io(e))),
                 }
-                Err(e) => return Poll::Ready(Err(WsError::Io(e))),
             }
         }
-        self.out = Vec::new();
-        self.written = 0;
+        self.out = None;
         Poll::Ready(Ok(()))
     }
 
@@ -190,6 +198,9 @@ struct Tcp {
     spill: Option<Box<Bytes>>,
     /// The last write found no room; cleared by the next one that made progress.
     write_blocked: bool,
+    /// The client's side has ended (closed, reset, or broke the protocol). The
+    /// [`Socket`]'s state, kept here where it takes no room of its own.
+    ended: bool,
 }
 
 impl Read for Tcp {
