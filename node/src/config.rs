@@ -7,6 +7,9 @@ use std::time::Duration;
 use clap::Parser;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
+/// The most `--history-bytes` may be: a key counts its log's bytes in a `u32`.
+pub const MAX_HISTORY_BYTES: usize = 1 << 30;
+
 /// A ringfeed node: holds connections and per-key state for the keys it owns.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "ringfeed-node", version, args_override_self = true)]
@@ -188,9 +191,10 @@ impl Config {
                 self.history_len
             ));
         }
-        if self.history_bytes < self.max_payload.min(1024) {
+        if self.history_bytes < self.max_payload.min(1024) || self.history_bytes > MAX_HISTORY_BYTES
+        {
             return Err(format!(
-                "--history-bytes {}: at least 1024",
+                "--history-bytes {}: between 1024 and {MAX_HISTORY_BYTES} (1 GiB)",
                 self.history_bytes
             ));
         }
@@ -310,6 +314,11 @@ mod tests {
         let mut c = base();
         c.points = 0;
         assert!(c.validate().unwrap_err().contains("--points"));
+        let mut c = base();
+        c.history_bytes = MAX_HISTORY_BYTES + 1;
+        assert!(c.validate().unwrap_err().contains("--history-bytes"));
+        c.history_bytes = MAX_HISTORY_BYTES;
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -276,7 +276,7 @@ fn move_out(node: &Node, ring: &Ring, version: u64) {
         for s in &m.subscribers {
             clients += 1;
             s.control.kick(match owner {
-                Some(owner) => redirect_kick(owner, &s.query, version),
+                Some(owner) => redirect_kick(owner, &s.redirect_query(), version),
                 None => Kick {
                     frame: None,
                     code: CLOSE_UNAVAILABLE,

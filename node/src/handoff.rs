@@ -328,7 +328,7 @@ pub async fn hand_off(
     for (owner, subs) in subscribers {
         for s in subs {
             s.control
-                .kick(redirect_kick(&owner, &s.query, view.version));
+                .kick(redirect_kick(&owner, &s.redirect_query(), view.version));
             clients += 1;
             if clients.is_multiple_of(REDIRECT_BATCH) {
                 let pause = rand::rng().random_range(5..15);

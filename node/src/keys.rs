@@ -13,6 +13,7 @@
 //! synchronous work gives the same ordering without a channel hop and a task per key;
 //! the replication step that needs awaiting comes with its own ordering, later.)
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
@@ -430,12 +431,34 @@ pub struct Subscriber {
     pub presence_id: Arc<str>,
     /// Whether it is sent `presence` frames.
     pub wants_presence: bool,
-    /// The query it connected with, to build its redirect.
-    pub query: Arc<str>,
+    /// The query it connected with, to build its redirect; `None` when it said nothing
+    /// but the key and a ring version, as most do (see [`Subscriber::kept_query`]).
+    pub query: Option<Arc<str>>,
     pub control: Arc<Control>,
 }
 
 impl Subscriber {
+    /// What a subscriber keeps of the query `raw` it connected with: `None` if `raw`
+    /// names nothing but the key and a ring version, since a redirect replaces the
+    /// version and can rebuild the key (every idle connection would hold ~50 bytes).
+    pub fn kept_query(raw: &Arc<str>) -> Option<Arc<str>> {
+        form_urlencoded::parse(raw.as_bytes())
+            .any(|(name, _)| name != "key" && name != "rv")
+            .then(|| raw.clone())
+    }
+
+    /// The query its redirect carries on (the redirect replaces any `rv`).
+    pub fn redirect_query(&self) -> Cow<'_, str> {
+        match &self.query {
+            Some(query) => Cow::Borrowed(query),
+            None => Cow::Owned(
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("key", self.control.key())
+                    .finish(),
+            ),
+        }
+    }
+
     /// Queues `frame`; a full queue kicks the subscriber as a slow consumer.
     fn offer(&self, frame: &Utf8Bytes) -> bool {
         match self.control.push(frame.clone()) {
@@ -524,7 +547,8 @@ pub enum Staged {
 /// One key's state.
 #[derive(Debug)]
 pub struct KeyState {
-    pub epoch: String,
+    /// A `Box<str>`: every key holds it, and it never grows.
+    pub epoch: Box<str>,
     /// The last seq shown to subscribers: every update up to it is held by the
     /// successor too (the high watermark).
     pub seq: u64,
@@ -538,7 +562,9 @@ pub struct KeyState {
     /// The key moved away: whoever still holds this state must not use it.
     retired: bool,
     log: VecDeque<Entry>,
-    log_bytes: usize,
+    /// The log's frames' bytes: at most [`crate::config::MAX_HISTORY_BYTES`] and one
+    /// frame (a `u32`, packed beside `retired`).
+    log_bytes: u32,
     /// Made by the first publish that carries an idempotency key.
     idempotency: Option<Box<Idempotency>>,
     pub subscribers: Vec<Subscriber>,
@@ -555,7 +581,7 @@ pub struct KeyState {
 impl KeyState {
     fn new() -> KeyState {
         KeyState {
-            epoch: new_epoch(),
+            epoch: new_epoch().into(),
             seq: 0,
             next: 0,
             pending: BTreeMap::new(),
@@ -640,7 +666,7 @@ impl KeyState {
             .map(|(k, s)| (k.to_owned(), s))
             .collect();
         KeySnapshot {
-            epoch: self.epoch.clone(),
+            epoch: self.epoch.to_string(),
             seq: self.seq,
             entries,
             idempotency,
@@ -677,7 +703,7 @@ impl KeyState {
     /// without a gap.
     fn restored(snapshot: KeySnapshot, limits: &Limits) -> KeyState {
         let mut state = KeyState::new();
-        state.epoch = snapshot.epoch;
+        state.epoch = snapshot.epoch.into();
         let mut expected = None;
         for e in snapshot.entries {
             if expected.is_some_and(|x| x != e.seq) {
@@ -704,14 +730,14 @@ impl KeyState {
     /// What a reader at `resume` has missed (at most `max` updates).
     fn catchup(&self, resume: Option<&Resume>, max: usize) -> Catchup {
         let mut out = Catchup {
-            epoch: self.epoch.clone(),
+            epoch: self.epoch.to_string(),
             seq: self.seq,
             reset: None,
             updates: Vec::new(),
             position: self.seq,
         };
         let Some(resume) = resume else { return out };
-        if resume.epoch.as_deref().is_some_and(|e| e != self.epoch) {
+        if resume.epoch.as_deref().is_some_and(|e| *e != *self.epoch) {
             out.reset = Some(Reset {
                 reason: ResetReason::EpochChanged,
                 seq: self.seq,
@@ -748,13 +774,14 @@ impl KeyState {
     }
 
     fn append(&mut self, seq: u64, frame: Utf8Bytes, idempotency_key: &str, limits: &Limits) {
-        self.log_bytes += frame.len();
+        let bytes = |frame: &Utf8Bytes| u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        self.log_bytes = self.log_bytes.saturating_add(bytes(&frame));
         self.log.push_back(Entry { seq, frame });
         while self.log.len() > limits.history_len
-            || (self.log_bytes > limits.history_bytes && self.log.len() > 1)
+            || (self.log_bytes as usize > limits.history_bytes && self.log.len() > 1)
         {
             if let Some(old) = self.log.pop_front() {
-                self.log_bytes -= old.frame.len();
+                self.log_bytes = self.log_bytes.saturating_sub(bytes(&old.frame));
             }
         }
         if !idempotency_key.is_empty() && limits.idempotency_window > 0 {
@@ -1005,7 +1032,7 @@ impl KeyTable {
             if let Some(seq) = state.seq_of(publish.idempotency_key) {
                 return Ok(Staged::Duplicate(Applied {
                     seq,
-                    epoch: state.epoch.clone(),
+                    epoch: state.epoch.to_string(),
                     delivered: 0,
                     duplicate: true,
                 }));
@@ -1020,13 +1047,13 @@ impl KeyTable {
         }
         if let Some(expected) = publish.expected_seq {
             let epoch_ok =
-                publish.expected_epoch.is_empty() || publish.expected_epoch == state.epoch;
+                publish.expected_epoch.is_empty() || *publish.expected_epoch == *state.epoch;
             if !epoch_ok || expected != state.next {
                 return Err(ApplyError::SeqMismatch {
                     expected,
                     expected_epoch: publish.expected_epoch.to_owned(),
                     seq: state.next,
-                    epoch: state.epoch.clone(),
+                    epoch: state.epoch.to_string(),
                 });
             }
         }
@@ -1056,7 +1083,7 @@ impl KeyTable {
         );
         let to_replica = match state.replicate_to(successor, version, &self.limits) {
             ToReplica::Nothing => match state.replica_at.clone() {
-                Some(to) => ToReplica::Entry(to, state.epoch.clone(), log_entry),
+                Some(to) => ToReplica::Entry(to, state.epoch.to_string(), log_entry),
                 None => {
                     // No successor: nothing to wait for.
                     if let Some(p) = state.pending.get_mut(&seq) {
@@ -1070,7 +1097,7 @@ impl KeyTable {
         };
         let applied = Applied {
             seq,
-            epoch: state.epoch.clone(),
+            epoch: state.epoch.to_string(),
             delivered: 0,
             duplicate: false,
         };
@@ -1089,7 +1116,7 @@ impl KeyTable {
             return;
         };
         let mut state = entry.lock().expect("key lock poisoned");
-        if state.epoch != epoch || state.replica_at.as_deref() != Some(by) {
+        if *state.epoch != *epoch || state.replica_at.as_deref() != Some(by) {
             return;
         }
         if let Some(p) = state.pending.get_mut(&seq) {
@@ -1270,7 +1297,7 @@ impl KeyTable {
     pub fn position(&self, key: &str) -> (String, u64) {
         let entry = self.entry(key);
         let state = entry.lock().expect("key lock poisoned");
-        (state.epoch.clone(), state.seq)
+        (state.epoch.to_string(), state.seq)
     }
 
     /// The presence ids of every connection of `key`, sorted, each once.
@@ -1602,7 +1629,9 @@ impl SubscriptionGuard {
 
     /// The subscriber's control.
     pub fn control(&self) -> &Arc<Control> {
-        self.control.as_ref().expect("a guard is not used once released")
+        self.control
+            .as_ref()
+            .expect("a guard is not used once released")
     }
 
     /// Hands over the control, and with it the duty to unsubscribe
@@ -1716,10 +1745,42 @@ mod tests {
             id,
             presence_id: presence.map_or_else(|| Arc::from(format!("c{id}")), Arc::from),
             wants_presence: presence.is_some(),
-            query: Arc::from("key=k"),
+            query: None,
             control: control.clone(),
         };
         (s, control)
+    }
+
+    #[test]
+    fn a_subscriber_keeps_its_query_only_if_it_says_more_than_the_key() {
+        let kept = |raw: &str| Subscriber::kept_query(&Arc::from(raw)).map(|q| q.to_string());
+        assert_eq!(kept("key=user%3A1"), None);
+        assert_eq!(kept("rv=3&key=user%3A1"), None);
+        assert_eq!(kept("key=k&since=4"), Some("key=k&since=4".into()));
+        assert_eq!(
+            kept("key=k&presence=1&rv=2"),
+            Some("key=k&presence=1&rv=2".into())
+        );
+
+        // Without the query kept, the redirect carries the key, escaped.
+        let id = 7;
+        let control = Control::new("user:42 ü", id, 4);
+        let mut s = Subscriber {
+            id,
+            presence_id: Arc::from("c7"),
+            wants_presence: false,
+            query: None,
+            control,
+        };
+        let url = |s: &Subscriber| {
+            crate::node::redirect_url("ws://h:1", "/v1/connect", &s.redirect_query(), 9)
+        };
+        assert_eq!(url(&s), "ws://h:1/v1/connect?key=user%3A42+%C3%BC&rv=9");
+        s.query = Subscriber::kept_query(&Arc::from("key=user%3A42+%C3%BC&since=5&rv=1"));
+        assert_eq!(
+            url(&s),
+            "ws://h:1/v1/connect?key=user%3A42+%C3%BC&since=5&rv=9"
+        );
     }
 
     fn seq_of(frame: &Utf8Bytes) -> u64 {

@@ -456,7 +456,8 @@ impl Node {
         // Clients that reached a fresh state before the promotion reconnect into it.
         if let Some(me) = view.ring.member(&self.id) {
             for s in early {
-                s.control.kick(redirect_kick(me, &s.query, view.version));
+                s.control
+                    .kick(redirect_kick(me, &s.redirect_query(), view.version));
             }
         }
         let to_replica = self

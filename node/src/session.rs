@@ -85,7 +85,7 @@ pub fn subscribe(
         id,
         presence_id: Arc::from(format!("c{id}")),
         wants_presence,
-        query: query.clone(),
+        query: Subscriber::kept_query(&query),
         control: control.clone(),
     };
     let start = node.keys.subscribe(key.as_str(), subscriber, resume)?;

@@ -176,7 +176,9 @@ impl Live {
             Wake::Control(Ready::Frame(Some(frame))) => {
                 Some(Box::pin(session.write_frames(frame, &self.control)))
             }
-            Wake::Control(Ready::Frame(None)) => Some(Box::pin(std::future::ready(ControlFlow::Break(())))),
+            Wake::Control(Ready::Frame(None)) => {
+                Some(Box::pin(std::future::ready(ControlFlow::Break(()))))
+            }
             Wake::Client(msg) => {
                 self.dead_at = session.now_ms() + session.silence_ms();
                 Some(Box::pin(session.client_message(self.control.key(), msg)))
