@@ -193,8 +193,8 @@ pub struct Kick {
 }
 
 /// The side of a connection that others can reach: its queue of frames and its kick
-/// switch. It also names its subscription (key and subscriber id), so a connection
-/// holds this one pointer, not a copy of each.
+/// switch. It also names its key, so a connection holds this one pointer and not a
+/// copy of the key; the key finds its subscriber by this control.
 ///
 /// The queue is a `VecDeque` under a lock rather than a tokio `mpsc` channel: it is
 /// allocated only once something is queued and grows with what is queued, where a
@@ -204,8 +204,6 @@ pub struct Kick {
 pub struct Control {
     /// The key subscribed to. A `Box<str>`: it never grows.
     key: Box<str>,
-    /// The subscriber's id in the key's list.
-    id: u64,
     /// The queue and the kick, under one lock: a waking reader looks at both.
     outbox: Mutex<Outbox>,
     /// The reader's waker, woken by a push, a close, a kick and its clock: one atomic
@@ -266,11 +264,10 @@ impl Control {
     /// The clock went off.
     const FIRED: u64 = 0;
 
-    /// The control of subscriber `id` of `key`, with room for `capacity` queued frames.
-    pub fn new(key: &str, id: u64, capacity: usize) -> Arc<Control> {
+    /// The control of a subscriber of `key`, with room for `capacity` queued frames.
+    pub fn new(key: &str, capacity: usize) -> Arc<Control> {
         Arc::new(Control {
             key: key.into(),
-            id,
             outbox: Mutex::new(Outbox {
                 frames: VecDeque::new(),
                 kick: None,
@@ -285,11 +282,6 @@ impl Control {
     /// The key subscribed to.
     pub fn key(&self) -> &str {
         &self.key
-    }
-
-    /// The subscriber's id.
-    pub fn id(&self) -> u64 {
-        self.id
     }
 
     /// Sets the reader's clock to go off at `at_ms` (ms of the node's clock, from 1).
@@ -1261,21 +1253,26 @@ impl KeyTable {
         })
     }
 
-    /// Removes subscriber `id` of `key`, if it is still there, and tells the others
-    /// who left.
-    pub fn unsubscribe(&self, key: &str, id: u64) {
+    /// Removes the subscriber whose control is `control` from its key, if it is still
+    /// there, and tells the others who left.
+    pub fn unsubscribe(&self, control: &Control) {
+        let key = control.key();
         let Some(entry) = self.existing(key) else {
             return;
         };
         let mut state = entry.lock().expect("key lock poisoned");
         state.active = now_ms();
-        let Some(at) = state.subscribers.iter().position(|s| s.id == id) else {
+        let Some(at) = state
+            .subscribers
+            .iter()
+            .position(|s| std::ptr::eq(&*s.control, control))
+        else {
             return;
         };
         let gone = state.subscribers.swap_remove(at);
         let last_of_id = state.present.leave(&gone.presence_id);
         if last_of_id {
-            state.announce(key, &[], &[&*gone.presence_id], id);
+            state.announce(key, &[], &[&*gone.presence_id], gone.id);
         }
     }
 
@@ -1644,7 +1641,7 @@ impl SubscriptionGuard {
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         if let Some(control) = self.control.take() {
-            self.table.keys.unsubscribe(control.key(), control.id());
+            self.table.keys.unsubscribe(&control);
         }
     }
 }
@@ -1740,7 +1737,7 @@ mod tests {
         presence: Option<&str>,
     ) -> (Subscriber, Arc<Control>) {
         let id = table.next_subscriber_id();
-        let control = Control::new("k", id, queue);
+        let control = Control::new("k", queue);
         let s = Subscriber {
             id,
             presence_id: presence.map_or_else(|| Arc::from(format!("c{id}")), Arc::from),
@@ -1764,7 +1761,7 @@ mod tests {
 
         // Without the query kept, the redirect carries the key, escaped.
         let id = 7;
-        let control = Control::new("user:42 ü", id, 4);
+        let control = Control::new("user:42 ü", 4);
         let mut s = Subscriber {
             id,
             presence_id: Arc::from("c7"),
@@ -2073,7 +2070,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_queue_is_bounded_wakes_its_reader_and_drains_after_close() {
-        let control = Control::new("k", 1, 2);
+        let control = Control::new("k", 2);
         assert_eq!(control.push(Utf8Bytes::from_static("a")), Ok(()));
         assert_eq!(control.push(Utf8Bytes::from_static("b")), Ok(()));
         assert_eq!(
@@ -2192,10 +2189,8 @@ mod tests {
             .unwrap()
             .as_str()
             .contains(r#""members":[{"id":"alice"}]"#));
-        let (b1, _rb1) = subscriber(&table, 16, Some("bob"));
-        let b1_id = b1.id;
-        let (b2, _rb2) = subscriber(&table, 16, Some("bob"));
-        let b2_id = b2.id;
+        let (b1, rb1) = subscriber(&table, 16, Some("bob"));
+        let (b2, rb2) = subscriber(&table, 16, Some("bob"));
         table.subscribe("k", b1, None).unwrap();
         table.subscribe("k", b2, None).unwrap();
         assert_eq!(table.presence("k"), vec!["alice", "bob"]);
@@ -2209,9 +2204,9 @@ mod tests {
             ra.try_recv().is_none(),
             "bob's second connection is not a second join"
         );
-        table.unsubscribe("k", b1_id);
+        table.unsubscribe(&rb1);
         assert!(ra.try_recv().is_none(), "bob is still there");
-        table.unsubscribe("k", b2_id);
+        table.unsubscribe(&rb2);
         assert!(ra
             .try_recv()
             .unwrap()

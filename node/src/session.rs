@@ -48,6 +48,8 @@ pub async fn place(node: &Node, key: &Key, rv: Option<u64>) -> Placement {
 /// holds the control (the queue of what follows and the kick switch).
 pub struct Subscription {
     pub start: Start,
+    /// The subscriber's id.
+    pub id: u64,
     guard: SubscriptionGuard,
 }
 
@@ -55,11 +57,6 @@ impl Subscription {
     /// The subscriber's control.
     pub fn control(&self) -> &Arc<Control> {
         self.guard.control()
-    }
-
-    /// The subscriber's id.
-    pub fn id(&self) -> u64 {
-        self.control().id()
     }
 
     /// What a connection keeps once its start has been sent: the control alone. The
@@ -80,7 +77,7 @@ pub fn subscribe(
 ) -> Result<Subscription, SubscribeError> {
     node.promote_if_due(key.as_str(), &node.membership.view());
     let id = node.keys.next_subscriber_id();
-    let control = Control::new(key.as_str(), id, node.config.subscriber_queue);
+    let control = Control::new(key.as_str(), node.config.subscriber_queue);
     let subscriber = Subscriber {
         id,
         presence_id: Arc::from(format!("c{id}")),
@@ -95,5 +92,5 @@ pub fn subscribe(
     if let Decision::Elsewhere(view, owner) = node.decide(node.membership.view(), key.as_str()) {
         control.kick(redirect_kick(&owner, &query, view.version));
     }
-    Ok(Subscription { start, guard })
+    Ok(Subscription { start, id, guard })
 }

@@ -126,7 +126,7 @@ struct Live {
 impl Drop for Live {
     fn drop(&mut self) {
         let node = &self.session.node;
-        node.keys.unsubscribe(self.control.key(), self.control.id());
+        node.keys.unsubscribe(&self.control);
         node.connections.add_permits(1);
     }
 }
@@ -300,7 +300,7 @@ impl Session {
             Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await;
             return None;
         }
-        tracing::debug!(key = %key, subscriber = sub.id(), "subscribed");
+        tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
         match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub.start))).await
         {
             Ok(Ok(())) => {}
