@@ -7,6 +7,12 @@ use ringfeed_node::admin::{self, DrainArgs};
 use ringfeed_node::config::Config;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc: an idle connection is a dozen small long-lived allocations made between
+/// each set-up's short-lived ones, around which glibc's heap fragments (~10% more RSS
+/// per connection in P3).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     ringfeed_router::init_tracing();
     // `ringfeed-node drain …` asks a running node to drain; anything else runs a node.
