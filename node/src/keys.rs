@@ -351,7 +351,7 @@ impl Control {
     }
 
     /// Waits until `look` finds something, woken by `ready`. A plain `poll_fn`, not an
-    /// async fn: an idle connection waits in three of these, and an async fn's state
+    /// async fn: an idle SSE stream waits in two of these, and an async fn's state
     /// would keep `look` twice. `look` is handed the control rather than capturing
     /// it, so it takes no room: each wait is one pointer.
     fn wait<'a, T>(
