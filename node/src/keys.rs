@@ -303,11 +303,6 @@ impl Control {
         }
     }
 
-    /// Waits until the clock goes off; the reader then sets it again.
-    pub fn due(&self) -> impl Future<Output = ()> + '_ {
-        self.wait(|c| (c.due.load(Ordering::Acquire) == Control::FIRED).then_some(()))
-    }
-
     /// Asks the connection to close; the first kick wins.
     pub fn kick(&self, kick: Kick) {
         {
@@ -1827,10 +1822,8 @@ mod tests {
         early.set_due(10);
         late.set_due(20);
         let mut cx = Context::from_waker(Waker::noop());
-        let went_off = |c: &Control, cx: &mut Context<'_>| {
-            let due = std::pin::pin!(c.due());
-            due.poll(cx).is_ready()
-        };
+        let went_off =
+            |c: &Control, cx: &mut Context<'_>| matches!(c.poll_ready(cx), Poll::Ready(Ready::Due));
         table.fire_due(9);
         assert!(!went_off(&early, &mut cx) && !went_off(&late, &mut cx));
         table.fire_due(10);
