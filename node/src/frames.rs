@@ -3,6 +3,8 @@
 //! Server frames on the fan-out path are written by hand into one buffer, once per
 //! update, and shared by every subscriber; the rest go through serde.
 
+use std::fmt::Write as _;
+
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -37,11 +39,11 @@ pub fn update(
     if data.len() > max_payload {
         return Err(PayloadError::TooLarge(data.len(), max_payload));
     }
-    let mut out = String::with_capacity(48 + key.len() + data.len() * 4 / 3);
+    let mut out = String::with_capacity(update_capacity(key, data.len(), content_type));
     out.push_str(r#"{"type":"update","key":"#);
     push_json_str(&mut out, key);
     out.push_str(r#","seq":"#);
-    out.push_str(&seq.to_string());
+    write!(out, "{seq}").expect("writing to a String cannot fail");
     if is_json(content_type) {
         let text = std::str::from_utf8(data)
             .map_err(|e| PayloadError::BadJson(content_type.to_owned(), e.to_string()))?;
@@ -65,6 +67,17 @@ pub fn update(
     }
     out.push('}');
     Ok(Utf8Bytes::from(out))
+}
+
+/// Room for a whole `update` frame (a key or content type needing escapes may grow
+/// it): one allocation, which the log then keeps.
+fn update_capacity(key: &str, data_len: usize, content_type: &str) -> usize {
+    let payload = if is_json(content_type) {
+        data_len
+    } else {
+        data_len.div_ceil(3) * 4 + 32 + content_type.len()
+    };
+    64 + key.len() + payload
 }
 
 /// The seq of an `update` frame made by [`update`], read without parsing the payload.
@@ -207,6 +220,25 @@ mod tests {
             r#"{"type":"update","key":"k","seq":1,"data":3}"#
         );
         assert!(update("k", 1, b"1", "application/vnd.x+json; charset=utf-8", 8).is_ok());
+    }
+
+    #[test]
+    fn an_update_frame_fits_the_room_made_for_it() {
+        for (data, content_type) in [
+            (&b"{\"a\":1}"[..], ""),
+            (&b"1234567890"[..], "application/json"),
+            (&[0u8, 1, 2, 3, 4][..], "application/octet-stream"),
+            (&[7u8; 64][..], "x"),
+            (&[][..], "application/x-anything-at-all"),
+        ] {
+            let key = "user:a-fairly-long-key-42";
+            let f = update(key, u64::MAX, data, content_type, 1024).unwrap();
+            assert!(
+                f.len() <= update_capacity(key, data.len(), content_type),
+                "{}",
+                f.as_str()
+            );
+        }
     }
 
     #[test]
