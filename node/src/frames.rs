@@ -98,7 +98,17 @@ fn display_type(content_type: &str) -> String {
 }
 
 fn push_json_str(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("a string serialises"));
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        // Nothing to escape (every valid key): as serde_json writes it, without its
+        // allocation.
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
+    }
 }
 
 /// Frames the server sends, other than `update`.
@@ -238,6 +248,24 @@ mod tests {
                 "{}",
                 f.as_str()
             );
+        }
+    }
+
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "user:42",
+            "a/b@c.d_e-f",
+            "",
+            "quote\"d",
+            "back\\slash",
+            "tab\t",
+            "é",
+            "\u{7f}",
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap());
         }
     }
 

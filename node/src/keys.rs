@@ -16,7 +16,9 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -986,9 +988,13 @@ pub struct Moved {
     pub snapshot: KeySnapshot,
 }
 
+/// A map keyed by client-chosen strings: foldhash, seeded at random per map (so its
+/// collisions cannot be precomputed): cheaper than std's SipHash on the hot path.
+type StrMap<V> = HashMap<String, V, RandomState>;
+
 /// Every key this node holds state for.
 pub struct KeyTable {
-    shards: Vec<Mutex<HashMap<String, KeyRef>>>,
+    shards: Vec<Mutex<StrMap<KeyRef>>>,
     hasher: RandomState,
     next_subscriber: AtomicU64,
     limits: Limits,
@@ -999,8 +1005,8 @@ pub struct KeyTable {
 impl KeyTable {
     pub fn new(limits: Limits) -> KeyTable {
         KeyTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(StrMap::default())).collect(),
+            hasher: RandomState::default(),
             next_subscriber: AtomicU64::new(1),
             limits,
             full: AtomicBool::new(false),
@@ -1011,7 +1017,7 @@ impl KeyTable {
         &self.limits
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, KeyRef>> {
+    fn shard(&self, key: &str) -> &Mutex<StrMap<KeyRef>> {
         let h = self.hasher.hash_one(key) as usize;
         &self.shards[h % SHARDS]
     }
@@ -1512,14 +1518,14 @@ pub struct Replicas {
     /// first publishes), and each growth copies every slot into fresh memory — 32 bytes
     /// a slot rather than a `Replica`'s 152.
     #[allow(clippy::vec_box)]
-    map: Mutex<HashMap<String, Box<Replica>>>,
+    map: Mutex<StrMap<Box<Replica>>>,
     limits: Limits,
 }
 
 impl Replicas {
     pub fn new(limits: Limits) -> Replicas {
         Replicas {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(StrMap::default()),
             limits,
         }
     }
@@ -1619,8 +1625,14 @@ impl Replicas {
 
     /// Every replica's key and owner.
     pub fn owners(&self) -> Vec<(String, String)> {
+        self.owners_unchanged_for(Duration::ZERO)
+    }
+
+    /// The key and owner of every replica that has not changed for `age`.
+    pub fn owners_unchanged_for(&self, age: Duration) -> Vec<(String, String)> {
         let map = self.map.lock().expect("replicas lock poisoned");
         map.iter()
+            .filter(|(_, r)| age.is_zero() || r.touched.elapsed() >= age)
             .map(|(k, r)| (k.clone(), r.owner.clone()))
             .collect()
     }

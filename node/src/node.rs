@@ -333,16 +333,22 @@ impl Node {
                 }
             }
             let view = self.membership.view();
+            // Only replicas unchanged for the grace can go: the others are not looked
+            // at (nor copied — a successor holds one for each of its predecessors' keys).
+            let grace = ttl.min(REPLICA_GRACE);
             let stale: HashSet<String> = self
                 .replicas
-                .owners()
+                .owners_unchanged_for(grace)
                 .into_iter()
                 .filter(|(key, owner)| self.replica_is_stale(&view, key, owner))
                 .map(|(key, _)| key)
                 .collect();
+            if stale.is_empty() {
+                continue;
+            }
             let gone = self
                 .replicas
-                .drop_where(|key, _, age| age >= ttl.min(REPLICA_GRACE) && stale.contains(key));
+                .drop_where(|key, _, age| age >= grace && stale.contains(key));
             if gone > 0 {
                 tracing::debug!(replicas = gone, "dropped stale replicas");
             }
