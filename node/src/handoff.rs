@@ -220,19 +220,25 @@ impl Handoffs {
         self.changed.send_modify(|g| *g += 1);
     }
 
+    /// Whether [`ready`](Self::ready) would answer `true` at once.
+    pub fn ready_now(&self, key: &str, view: &View) -> bool {
+        let w = self.waiting.lock().expect("handoff lock poisoned");
+        let caught_up = w.ring == *view.ring.id() || w.version >= view.version;
+        caught_up && !w.blocks.iter().any(|b| b.holds(key))
+    }
+
     /// Waits until this node has taken `view`'s ring into account and nothing `key`
     /// waits for is outstanding; `false` when that did not happen within
     /// [`HANDOFF_WAIT`].
     pub async fn ready(&self, key: &str, view: &View) -> bool {
+        if self.ready_now(key, view) {
+            return true;
+        }
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + HANDOFF_WAIT;
         loop {
-            {
-                let w = self.waiting.lock().expect("handoff lock poisoned");
-                let caught_up = w.ring == *view.ring.id() || w.version >= view.version;
-                if caught_up && !w.blocks.iter().any(|b| b.holds(key)) {
-                    return true;
-                }
+            if self.ready_now(key, view) {
+                return true;
             }
             tokio::select! {
                 _ = changes.changed() => {}

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
-use crate::keys::{ApplyError, Publish};
+use crate::keys::{Applied, ApplyError, Publish};
 use crate::node::{Decision, Node};
 use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 
@@ -52,16 +52,39 @@ impl NodeService {
 
     /// One `Deliver` request, from a unary call or a stream: every item applied (at
     /// once, each on its own), answered in the items' order.
+    ///
+    /// Items are started one after another without waiting — staged and sent to the
+    /// successor — and then waited for, each on its oneshot: a request of 500 updates
+    /// is not 500 futures polled and woken one by one. Only an item whose key is still
+    /// being handed over takes the long way ([`apply`](Self::apply)), concurrently.
     async fn deliver_one(&self, request: pb::DeliverRequest) -> pb::DeliverReply {
         let view = self.view(request.ring.as_ref()).await;
-        let applies = request.items.iter().map(|item| self.apply(&view, item));
-        let results = futures_util::future::join_all(applies)
-            .await
-            .into_iter()
-            .map(|result| pb::DeliverResult {
-                result: Some(result),
-            })
+        let steps: Vec<Step> = request
+            .items
+            .iter()
+            .map(|item| self.start(&view, item))
             .collect();
+        let mut waited = futures_util::future::join_all(
+            request
+                .items
+                .iter()
+                .zip(&steps)
+                .filter(|(_, step)| matches!(step, Step::Handoff))
+                .map(|(item, _)| self.apply(&view, item)),
+        )
+        .await
+        .into_iter();
+        let mut results = Vec::with_capacity(steps.len());
+        for (item, step) in request.items.iter().zip(steps) {
+            let result = match step {
+                Step::Done(result) => result,
+                Step::Started(started) => self.answer(started.finish(wait_for(item)).await),
+                Step::Handoff => waited.next().expect("one answer per item waited for"),
+            };
+            results.push(pb::DeliverResult {
+                result: Some(result),
+            });
+        }
         pb::DeliverReply {
             results,
             ring: Some(ring_ref(&view)),
@@ -120,6 +143,26 @@ impl NodeService {
         })
     }
 
+    /// Starts `item` without waiting, unless its key is still being handed over.
+    fn start(&self, view: &Arc<View>, item: &pb::PublishRequest) -> Step {
+        if let Err(e) = key::validate(&item.key) {
+            return Step::Done(error(Code::InvalidArgument, format!("invalid key: {e}")));
+        }
+        let view = match self.node.decide(view.clone(), &item.key) {
+            Decision::Mine(view) => view,
+            _ => return Step::Done(deliver_result::Result::NotOwner(ring_ref(view))),
+        };
+        if !self.node.handoffs.ready_now(&item.key, &view) {
+            return Step::Handoff;
+        }
+        self.node.promote_if_due(&item.key, &view);
+        match replication::start(&self.node, &view, &item.key, publish_of(item)) {
+            Ok(started) => Step::Started(started),
+            Err(e) => Step::Done(self.answer(Err(e))),
+        }
+    }
+
+    /// `item`, waiting first for its key's hand-over if one is outstanding.
     async fn apply(&self, view: &Arc<View>, item: &pb::PublishRequest) -> deliver_result::Result {
         if let Err(e) = key::validate(&item.key) {
             return error(Code::InvalidArgument, format!("invalid key: {e}"));
@@ -140,15 +183,19 @@ impl NodeService {
             _ => return deliver_result::Result::NotOwner(ring_ref(&newest)),
         };
         self.node.promote_if_due(&item.key, view);
-        let publish = Publish {
-            data: &item.data,
-            content_type: &item.content_type,
-            expected_seq: item.expected_seq,
-            expected_epoch: &item.expected_epoch,
-            idempotency_key: &item.idempotency_key,
-        };
-        let wait = item.ack() == pb::Ack::Replicated;
-        match replication::publish(&self.node, view, &item.key, publish, wait).await {
+        let published = replication::publish(
+            &self.node,
+            view,
+            &item.key,
+            publish_of(item),
+            wait_for(item),
+        );
+        self.answer(published.await)
+    }
+
+    /// The answer to a publish that landed or did not.
+    fn answer(&self, published: Result<(Applied, bool), PublishError>) -> deliver_result::Result {
+        match published {
             Ok((applied, replicated)) => deliver_result::Result::Ok(pb::PublishReply {
                 seq: applied.seq,
                 epoch: applied.epoch,
@@ -176,6 +223,32 @@ impl NodeService {
             ) => error(Code::Unavailable, e.to_string()),
         }
     }
+}
+
+/// Where one item of a `Deliver` request stands after [`NodeService::start`].
+enum Step {
+    /// Answered already (refused, or not this node's key).
+    Done(deliver_result::Result),
+    /// Staged and on its way to the successor.
+    Started(replication::Started),
+    /// Its key is still being handed over to this node: wait, the long way.
+    Handoff,
+}
+
+/// `item` as the key table takes it.
+fn publish_of(item: &pb::PublishRequest) -> Publish<'_> {
+    Publish {
+        data: &item.data,
+        content_type: &item.content_type,
+        expected_seq: item.expected_seq,
+        expected_epoch: &item.expected_epoch,
+        idempotency_key: &item.idempotency_key,
+    }
+}
+
+/// Whether `item`'s caller waits until its successor holds it (`ack=replicated`).
+fn wait_for(item: &pb::PublishRequest) -> bool {
+    item.ack() == pb::Ack::Replicated
 }
 
 fn error(code: Code, message: String) -> deliver_result::Result {

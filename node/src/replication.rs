@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::membership::{Backoff, View};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::keys::{Applied, ApplyError, KeySnapshot, LogEntry, Publish, Staged, ToReplica};
@@ -166,6 +166,42 @@ pub async fn publish(
     publish: Publish<'_>,
     wait: bool,
 ) -> Result<(Applied, bool), PublishError> {
+    let started = start(node, view, key, publish)?;
+    started.finish(wait).await
+}
+
+/// A publish staged and on its way to the successor: [`Started::finish`] waits until
+/// it is shown.
+pub struct Started {
+    applied: Applied,
+    /// Whether a successor holds (or will hold) it.
+    replicated: bool,
+    /// Told the subscribers reached once shown; `None` for a duplicate.
+    done: Option<oneshot::Receiver<u32>>,
+}
+
+impl Started {
+    /// What was applied, once shown when `wait`.
+    pub async fn finish(self, wait: bool) -> Result<(Applied, bool), PublishError> {
+        let Started {
+            mut applied,
+            replicated,
+            done,
+        } = self;
+        if let (true, Some(done)) = (wait, done) {
+            applied.delivered = done.await.map_err(|_| PublishError::Moved)?;
+        }
+        Ok((applied, replicated))
+    }
+}
+
+/// The part of [`publish`] that does not wait: stage, and send to the successor.
+pub fn start(
+    node: &Arc<Node>,
+    view: &View,
+    key: &str,
+    publish: Publish<'_>,
+) -> Result<Started, PublishError> {
     if node.is_fenced() {
         return Err(PublishError::Fenced);
     }
@@ -180,9 +216,13 @@ pub async fn publish(
             Err(ApplyError::InFlight.into())
         }
         Err(e) => Err(e.into()),
-        Ok(Staged::Duplicate(applied)) => Ok((applied, replicated)),
+        Ok(Staged::Duplicate(applied)) => Ok(Started {
+            applied,
+            replicated,
+            done: None,
+        }),
         Ok(Staged::Waiting {
-            mut applied,
+            applied,
             to_replica,
             done,
         }) => {
@@ -191,10 +231,11 @@ pub async fn publish(
                 node.counters.unreplicated.fetch_add(1, Ordering::Relaxed);
             }
             node.replication.dispatch(node, key, to_replica);
-            if wait {
-                applied.delivered = done.await.map_err(|_| PublishError::Moved)?;
-            }
-            Ok((applied, replicated))
+            Ok(Started {
+                applied,
+                replicated,
+                done: Some(done),
+            })
         }
     }
 }
