@@ -1517,7 +1517,6 @@ pub struct Replicas {
     /// Boxed values: the table grows by doubling while replicas arrive (a new owner's
     /// first publishes), and each growth copies every slot into fresh memory — 32 bytes
     /// a slot rather than a `Replica`'s 152.
-    #[allow(clippy::vec_box)]
     map: Mutex<StrMap<Box<Replica>>>,
     limits: Limits,
 }
