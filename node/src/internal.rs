@@ -1,5 +1,6 @@
 //! The internal `ringfeed.v1.Node` gRPC service: deliveries from routers, presence.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,31 +56,54 @@ impl NodeService {
     ///
     /// Items are started one after another without waiting — staged and sent to the
     /// successor — and then waited for, each on its oneshot: a request of 500 updates
-    /// is not 500 futures polled and woken one by one. Only an item whose key is still
-    /// being handed over takes the long way ([`apply`](Self::apply)), concurrently.
+    /// is not 500 futures polled and woken one by one. An item that cannot start yet
+    /// (its key is being handed over, or this node has not caught up to the ring) waits
+    /// for that ([`start_when_ready`](Self::start_when_ready)); so does every later
+    /// item for the same key, and a key's waiting items start in the request's order
+    /// (keys concurrently): a key's items get their seqs in the request's order.
     async fn deliver_one(&self, request: pb::DeliverRequest) -> pb::DeliverReply {
         let view = self.view(request.ring.as_ref()).await;
-        let steps: Vec<Step> = request
-            .items
-            .iter()
-            .map(|item| self.start(&view, item))
-            .collect();
-        let mut waited = futures_util::future::join_all(
-            request
-                .items
-                .iter()
-                .zip(&steps)
-                .filter(|(_, step)| matches!(step, Step::Handoff))
-                .map(|(item, _)| self.apply(&view, item)),
-        )
-        .await
-        .into_iter();
+        // The indices of the items that wait, per key in order, and where each key is
+        // in `held` (both empty, unallocated, in the common case).
+        let mut held: Vec<Vec<usize>> = Vec::new();
+        let mut held_at: HashMap<&str, usize> = HashMap::new();
+        let mut steps: Vec<Step> = Vec::with_capacity(request.items.len());
+        for (i, item) in request.items.iter().enumerate() {
+            if let Some(&at) = held_at.get(item.key.as_str()) {
+                held[at].push(i);
+                steps.push(Step::Held);
+                continue;
+            }
+            let step = self.start(&view, item);
+            if matches!(step, Step::Held) {
+                held_at.insert(&item.key, held.len());
+                held.push(vec![i]);
+            }
+            steps.push(step);
+        }
+        if !held.is_empty() {
+            let (view, items) = (&view, &request.items);
+            let per_key = held.iter().map(|indices| async move {
+                let mut started = Vec::with_capacity(indices.len());
+                for &i in indices {
+                    started.push((i, self.start_when_ready(view, &items[i]).await));
+                }
+                started
+            });
+            for (i, step) in futures_util::future::join_all(per_key)
+                .await
+                .into_iter()
+                .flatten()
+            {
+                steps[i] = step;
+            }
+        }
         let mut results = Vec::with_capacity(steps.len());
         for (item, step) in request.items.iter().zip(steps) {
             let result = match step {
                 Step::Done(result) => result,
                 Step::Started(started) => self.answer(started.finish(wait_for(item)).await),
-                Step::Handoff => waited.next().expect("one answer per item waited for"),
+                Step::Held => error(Code::Internal, "an update was never started".into()),
             };
             results.push(pb::DeliverResult {
                 result: Some(result),
@@ -153,7 +177,7 @@ impl NodeService {
             _ => return Step::Done(deliver_result::Result::NotOwner(ring_ref(view))),
         };
         if !self.node.handoffs.ready_now(&item.key, &view) {
-            return Step::Handoff;
+            return Step::Held;
         }
         self.node.promote_if_due(&item.key, &view);
         match replication::start(&self.node, &view, &item.key, publish_of(item)) {
@@ -162,35 +186,32 @@ impl NodeService {
         }
     }
 
-    /// `item`, waiting first for its key's hand-over if one is outstanding.
-    async fn apply(&self, view: &Arc<View>, item: &pb::PublishRequest) -> deliver_result::Result {
+    /// Starts `item` once this node has caught up to the ring and its key's hand-over
+    /// is done; answers it instead when that takes too long or the key moved meanwhile.
+    async fn start_when_ready(&self, view: &Arc<View>, item: &pb::PublishRequest) -> Step {
         if let Err(e) = key::validate(&item.key) {
-            return error(Code::InvalidArgument, format!("invalid key: {e}"));
+            return Step::Done(error(Code::InvalidArgument, format!("invalid key: {e}")));
         }
         if !matches!(self.node.decide(view.clone(), &item.key), Decision::Mine(_)) {
-            return deliver_result::Result::NotOwner(ring_ref(view));
+            return Step::Done(deliver_result::Result::NotOwner(ring_ref(view)));
         }
         if !self.node.handoffs.ready(&item.key, view).await {
-            return error(
+            return Step::Done(error(
                 Code::Unavailable,
                 "the key's state is still being handed over; retry".into(),
-            );
+            ));
         }
         // The ring may have moved while we waited: decide on the newest view.
         let newest = self.node.membership.view();
-        let view = &match self.node.decide(newest.clone(), &item.key) {
+        let view = match self.node.decide(newest.clone(), &item.key) {
             Decision::Mine(view) => view,
-            _ => return deliver_result::Result::NotOwner(ring_ref(&newest)),
+            _ => return Step::Done(deliver_result::Result::NotOwner(ring_ref(&newest))),
         };
-        self.node.promote_if_due(&item.key, view);
-        let published = replication::publish(
-            &self.node,
-            view,
-            &item.key,
-            publish_of(item),
-            wait_for(item),
-        );
-        self.answer(published.await)
+        self.node.promote_if_due(&item.key, &view);
+        match replication::start(&self.node, &view, &item.key, publish_of(item)) {
+            Ok(started) => Step::Started(started),
+            Err(e) => Step::Done(self.answer(Err(e))),
+        }
     }
 
     /// The answer to a publish that landed or did not.
@@ -231,8 +252,9 @@ enum Step {
     Done(deliver_result::Result),
     /// Staged and on its way to the successor.
     Started(replication::Started),
-    /// Its key is still being handed over to this node: wait, the long way.
-    Handoff,
+    /// Not started yet: its key is being handed over to this node, or this node has
+    /// not caught up to the ring (or an earlier item for its key is held).
+    Held,
 }
 
 /// `item` as the key table takes it.

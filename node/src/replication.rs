@@ -170,8 +170,8 @@ pub async fn publish(
     started.finish(wait).await
 }
 
-/// A publish staged and on its way to the successor: [`Started::finish`] waits until
-/// it is shown.
+/// A publish staged and on its way to the successor: [`Started::finish`] answers
+/// with it, after waiting until it is shown when asked to.
 pub struct Started {
     applied: Applied,
     /// Whether a successor holds (or will hold) it.
