@@ -179,11 +179,7 @@ impl NodeService {
         if !self.node.handoffs.ready_now(&item.key, &view) {
             return Step::Held;
         }
-        self.node.promote_if_due(&item.key, &view);
-        match replication::start(&self.node, &view, &item.key, publish_of(item)) {
-            Ok(started) => Step::Started(started),
-            Err(e) => Step::Done(self.answer(Err(e))),
-        }
+        self.stage(&view, item)
     }
 
     /// Starts `item` once this node has caught up to the ring and its key's hand-over
@@ -207,8 +203,13 @@ impl NodeService {
             Decision::Mine(view) => view,
             _ => return Step::Done(deliver_result::Result::NotOwner(ring_ref(&newest))),
         };
-        self.node.promote_if_due(&item.key, &view);
-        match replication::start(&self.node, &view, &item.key, publish_of(item)) {
+        self.stage(&view, item)
+    }
+
+    /// Stages `item` on `view`, where this node owns its key and nothing holds it.
+    fn stage(&self, view: &View, item: &pb::PublishRequest) -> Step {
+        self.node.promote_if_due(&item.key, view);
+        match replication::start(&self.node, view, &item.key, publish_of(item)) {
             Ok(started) => Step::Started(started),
             Err(e) => Step::Done(self.answer(Err(e))),
         }

@@ -2107,41 +2107,24 @@ mod tests {
             ..Limits::default()
         });
         for id in ["a", "b", "c"] {
-            table
-                .apply(
-                    "k",
-                    Publish {
-                        idempotency_key: id,
-                        ..publish(b"1")
-                    },
-                )
-                .unwrap();
+            apply_with_id(&table, id);
         }
         // "a" fell out of the window: a retry applies again.
-        assert!(
-            !table
-                .apply(
-                    "k",
-                    Publish {
-                        idempotency_key: "a",
-                        ..publish(b"1")
-                    }
-                )
-                .unwrap()
-                .duplicate
-        );
-        assert!(
-            table
-                .apply(
-                    "k",
-                    Publish {
-                        idempotency_key: "c",
-                        ..publish(b"1")
-                    }
-                )
-                .unwrap()
-                .duplicate
-        );
+        assert!(!apply_with_id(&table, "a").duplicate);
+        assert!(apply_with_id(&table, "c").duplicate);
+    }
+
+    /// Publishes to "k" with idempotency key `id`.
+    fn apply_with_id(table: &KeyTable, id: &str) -> Applied {
+        table
+            .apply(
+                "k",
+                Publish {
+                    idempotency_key: id,
+                    ..publish(b"1")
+                },
+            )
+            .unwrap()
     }
 
     #[test]
@@ -2150,17 +2133,7 @@ mod tests {
             idempotency_window: 3 * Idempotency::FEW,
             ..Limits::default()
         });
-        let apply = |id: &str| {
-            table
-                .apply(
-                    "k",
-                    Publish {
-                        idempotency_key: id,
-                        ..publish(b"1")
-                    },
-                )
-                .unwrap()
-        };
+        let apply = |id: &str| apply_with_id(&table, id);
         let ids: Vec<String> = (0..4 * Idempotency::FEW).map(|i| format!("i{i}")).collect();
         for (i, id) in ids.iter().enumerate() {
             assert_eq!(apply(id).seq, i as u64 + 1);
