@@ -28,6 +28,10 @@ use clap::{Parser, Subcommand};
     about = "ringfeed's benchmark load generator"
 )]
 struct Args {
+    /// Tokio worker threads (0: one per core). P4 runs seven fan-out processes on
+    /// this box's cores and gives each one, as it does ringfeed's seven nodes.
+    #[arg(long, global = true, default_value_t = 0)]
+    worker_threads: usize,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -44,9 +48,11 @@ enum Mode {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.worker_threads > 0 {
+        runtime.worker_threads(args.worker_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     match args.mode {
         Mode::Sub(a) => runtime.block_on(subscribe::run(a)),
         Mode::Pub(a) => runtime.block_on(publish::run(a)),
