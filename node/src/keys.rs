@@ -1539,7 +1539,9 @@ impl Replicas {
         // beyond it (entries whose callers were told to retry) survives.
         replica.entries.clear();
         replica.bytes = 0;
-        replica.owner = owner.to_owned();
+        if replica.owner != owner {
+            replica.owner = owner.to_owned();
+        }
         replica.epoch = snapshot.epoch;
         replica.idempotency = snapshot.idempotency;
         for e in snapshot.entries {
@@ -1560,7 +1562,9 @@ impl Replicas {
             replica.idempotency.clear();
             replica.epoch = epoch.to_owned();
         }
-        replica.owner = owner.to_owned();
+        if replica.owner != owner {
+            replica.owner = owner.to_owned();
+        }
         if !entry.idempotency_key.is_empty() {
             if replica.idempotency.capacity() == 0 {
                 replica.idempotency.reserve_exact(1);

@@ -100,12 +100,14 @@ impl Replication {
                 }
             }
         };
-        let key = job_key(&job).to_owned();
-        let drop = matches!(job, Job::Drop { .. });
-        if tx.try_send(job).is_err() && !drop {
-            // Full (or closing): make the key's next publish send it whole instead.
-            tracing::warn!(successor = %to.0, %key, "replication queue full");
-            node.keys.forget_replica(&key);
+        if let Err(e) = tx.try_send(job) {
+            let job = e.into_inner();
+            if !matches!(job, Job::Drop { .. }) {
+                // Full (or closing): make the key's next publish send it whole instead.
+                let key = job_key(&job);
+                tracing::warn!(successor = %to.0, %key, "replication queue full");
+                node.keys.forget_replica(key);
+            }
         }
     }
 
