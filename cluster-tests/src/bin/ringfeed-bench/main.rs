@@ -1211,7 +1211,7 @@ async fn p4(args: &Args) -> Result<()> {
     let result = json!({
         "id": "P4",
         "what": "100k WebSocket connections across 7 nodes, one publish to each",
-        "setup": {"connections": connections, "nodes": nodes, "loadgen_processes": procs, "sources": SOURCES, "batch": 500, "runs": runs},
+        "setup": {"connections": connections, "nodes": nodes, "loadgen_processes": procs, "sources": SOURCES, "batch": 500, "runs": runs, "worker_threads_per_node_and_fanout_process": P4_WORKERS},
         "ringfeed": {"all_received_ms": times[0], "median_ms": m[0]},
         "peers": {"seed-reference": {"measured": false, "why": "P4 is ringfeed against the calibration"}, "socketio": {"measured": false, "why": "P4 is ringfeed against the calibration"}},
         "calibration": {"how": format!("one write to each of {connections} sockets from {procs} fan-out processes (the fd limit is per process), read by {procs} subscriber processes as ringfeed's are"), "tcp_ms": times[1], "ws_ms": times[2], "best_ms": calibration},
