@@ -165,9 +165,17 @@ pub enum ClientFrame {
 struct RawClientFrame<'a> {
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
+    /// `None` only when absent: `"data":null` publishes `null`.
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     #[serde(default)]
     id: serde_json::Value,
+}
+
+/// A field that is there, whatever its value (`null` included); `Option`'s own
+/// deserializer would read `null` as absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 /// Why a client frame was refused: a code for the `error` frame and a message.
@@ -327,5 +335,10 @@ mod tests {
             parse_client(r#"{"type":"publish"}"#).unwrap_err().code,
             "bad_frame"
         );
+        // `null` is a JSON value like any other: published, not taken for "no data".
+        match parse_client(r#"{"type":"publish","data":null,"id":"n"}"#).unwrap() {
+            ClientFrame::Publish { data, .. } => assert_eq!(data.get(), "null"),
+            other => panic!("{other:?}"),
+        }
     }
 }

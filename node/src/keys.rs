@@ -1338,9 +1338,15 @@ impl KeyTable {
     }
 
     /// What a reader at `resume` has missed, at most `max` updates, and a receiver
-    /// that changes when the key's seq does (for long polls).
-    pub fn read(&self, key: &str, resume: &Resume, max: usize) -> (Catchup, watch::Receiver<u64>) {
-        let entry = self.entry(key);
+    /// that changes when the key's seq does (for long polls); `None` for a key not held
+    /// here while the node is past its memory budget (a read creates the key).
+    pub fn read(
+        &self,
+        key: &str,
+        resume: &Resume,
+        max: usize,
+    ) -> Option<(Catchup, watch::Receiver<u64>)> {
+        let entry = self.entry_within_budget(key)?;
         let mut state = entry.lock().expect("key lock poisoned");
         state.active = now_ms();
         let seq = state.seq;
@@ -1348,7 +1354,7 @@ impl KeyTable {
             .changes
             .get_or_insert_with(|| watch::Sender::new(seq))
             .subscribe();
-        (state.catchup(Some(resume), max), changes)
+        Some((state.catchup(Some(resume), max), changes))
     }
 
     /// The latest `(epoch, seq)` of `key`.
@@ -1888,7 +1894,19 @@ mod tests {
             table.subscribe("new", s, None).err(),
             Some(SubscribeError::MemoryBudget)
         );
+        let from_start = Resume {
+            since: 0,
+            epoch: None,
+        };
+        assert!(
+            table.read("new", &from_start, 10).is_none(),
+            "a poll creates no key"
+        );
         assert_eq!(table.len(), 1, "nothing created for the refused key");
+        let (held, _) = table
+            .read("held", &from_start, 10)
+            .expect("a held key reads");
+        assert_eq!(held.updates.len(), 1);
         assert_eq!(table.apply("held", publish(b"2")).unwrap().seq, 2);
         let (s, _rx2) = subscriber(&table, 16, None);
         assert!(table.subscribe("held", s, None).is_ok());
@@ -1983,14 +2001,16 @@ mod tests {
             table.apply("k", publish(b"1")).unwrap();
         }
         let epoch = table.position("k").0;
-        let (c, _) = table.read(
-            "k",
-            &Resume {
-                since: 2,
-                epoch: Some(epoch.clone()),
-            },
-            100,
-        );
+        let (c, _) = table
+            .read(
+                "k",
+                &Resume {
+                    since: 2,
+                    epoch: Some(epoch.clone()),
+                },
+                100,
+            )
+            .expect("under the budget");
         assert_eq!(
             c.reset,
             Some(Reset {
@@ -2003,14 +2023,16 @@ mod tests {
             vec![6, 7, 8, 9, 10]
         );
         assert_eq!(c.position, 10);
-        let (c, _) = table.read(
-            "k",
-            &Resume {
-                since: 11,
-                epoch: Some(epoch),
-            },
-            100,
-        );
+        let (c, _) = table
+            .read(
+                "k",
+                &Resume {
+                    since: 11,
+                    epoch: Some(epoch),
+                },
+                100,
+            )
+            .expect("under the budget");
         assert_eq!(
             c.reset,
             Some(Reset {
@@ -2018,14 +2040,16 @@ mod tests {
                 seq: 10
             })
         );
-        let (c, _) = table.read(
-            "k",
-            &Resume {
-                since: 3,
-                epoch: Some("other".into()),
-            },
-            100,
-        );
+        let (c, _) = table
+            .read(
+                "k",
+                &Resume {
+                    since: 3,
+                    epoch: Some("other".into()),
+                },
+                100,
+            )
+            .expect("under the budget");
         assert_eq!(
             c.reset,
             Some(Reset {
@@ -2047,14 +2071,16 @@ mod tests {
         for _ in 0..20 {
             table.apply("k", publish(b"\"0123456789\"")).unwrap();
         }
-        let (c, _) = table.read(
-            "k",
-            &Resume {
-                since: 0,
-                epoch: None,
-            },
-            100,
-        );
+        let (c, _) = table
+            .read(
+                "k",
+                &Resume {
+                    since: 0,
+                    epoch: None,
+                },
+                100,
+            )
+            .expect("under the budget");
         assert_eq!(
             c.reset.as_ref().map(|r| r.reason),
             Some(ResetReason::HistoryGap)

@@ -2,6 +2,7 @@
 //! (or a `reset` is due), else with an empty list after `wait` seconds. `wait=0` is a
 //! plain poll with `ETag: "{epoch}:{seq}"` and 304 on a matching `If-None-Match`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +34,12 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
     };
     let max = node.keys.limits().history_len.max(1);
 
+    // Reading a key creates it: past the memory budget only keys held are read.
+    let read = || node.keys.read(key.as_str(), &resume, max);
     if wait.is_zero() {
-        let (catchup, _) = node.keys.read(key.as_str(), &resume, max);
+        let Some((catchup, _)) = read() else {
+            return Ok(over_budget(&node));
+        };
         let etag = format!("\"{}:{}\"", catchup.epoch, catchup.seq);
         let unchanged = request
             .headers()
@@ -59,7 +64,9 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
     };
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let (catchup, mut changes) = node.keys.read(key.as_str(), &resume, max);
+        let Some((catchup, mut changes)) = read() else {
+            return Ok(over_budget(&node));
+        };
         if catchup.reset.is_some() || !catchup.updates.is_empty() {
             return Ok(answer(&key, &catchup));
         }
@@ -72,6 +79,12 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
             _ = node.shutdown.cancelled() => return Ok(answer(&key, &catchup)),
         }
     }
+}
+
+/// 503 for a key not held here while the node is past its memory budget; counted.
+fn over_budget(node: &Node) -> Response {
+    node.counters.refused_memory.fetch_add(1, Ordering::Relaxed);
+    unavailable("memory budget reached", 1)
 }
 
 /// `{"key","epoch","updates":[…],"seq"}`, a `reset` frame leading `updates` when one

@@ -1011,10 +1011,21 @@ async fn past_its_memory_budget_a_node_refuses_new_keys_and_connections_and_keep
             ),
             Ok(reply) => bail!("a new key past the budget: {reply:?}"),
         }
+        // A poll would create the key too: plain and waiting polls are refused alike.
+        for wait in [0, 1] {
+            let url = format!("{}/v1/poll?key=budget:2&since=0&wait={wait}", node.http);
+            let (status, headers, body) = http_request_full(&url, &[]).await?;
+            ensure!(status == 503, "poll wait={wait}: {status} {body}");
+            ensure!(
+                headers.iter().any(|(k, _)| k == "retry-after"),
+                "{headers:?}"
+            );
+            ensure!(body.contains("memory budget"), "{body}");
+        }
         // The node keeps answering and says why it refuses.
         let (status, _, _) = http_request_full(&format!("{}/healthz", node.http), &[]).await?;
         ensure!(status == 200);
-        ensure!(metric(&node.http, "ringfeed_refused_memory_total").await? >= 2);
+        ensure!(metric(&node.http, "ringfeed_refused_memory_total").await? >= 4);
         ensure!(metric(&node.http, "ringfeed_keys").await? == 0);
         Ok(())
     })
