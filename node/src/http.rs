@@ -170,7 +170,8 @@ async fn cors(
 
 /// `GET /v1/connect`: the WebSocket upgrade. Refusals that need no socket (not an
 /// upgrade, a foreign origin, the connection limit) are HTTP answers; everything about
-/// the key is said on the socket (close 4400, redirect + 4300).
+/// the key and this node's state is said on the socket (close 4400, redirect + 4300,
+/// 4503 while draining).
 async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Response {
     // A bad parameter is said on the socket (4400) once upgraded.
     let query = ClientQuery::parse(request.uri().query());
@@ -186,9 +187,9 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
             return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
         }
     }
-    if node.shutdown.is_cancelled() || node.is_draining() {
-        return unavailable("node is draining", 1);
-    }
+    // A draining node says so on the socket (PROTOCOL.md keeps an HTTP 503 for the
+    // connection limit): a redirect (4300) for a key the ring gives another node, else
+    // 4503, so the client asks /v1/route elsewhere rather than retrying here.
     let permit = match node.admit() {
         Ok(permit) => permit,
         Err(why) => return unavailable(why, 1),

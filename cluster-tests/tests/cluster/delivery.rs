@@ -537,6 +537,78 @@ async fn client_frames_behind_the_handshake_or_split_across_writes_are_read_whol
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_says_so_on_the_socket_and_redirects_what_it_no_longer_owns() {
+    bounded(async {
+        let mut cluster = Cluster::builder().nodes(2).start().await?;
+        // Another planned change in progress holds n2's drain before it leaves the ring
+        // (planned changes go one at a time), so n2 is draining and still the owner of
+        // its keys for as long as this test keeps the transition open.
+        let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint.as_str()], None).await?;
+        let transition = format!("/ringfeed/{}/transition", cluster.name);
+        etcd.put(
+            transition.as_str(),
+            r#"{"kind":"join","node":"test","from_ring_id":"","from_ring_version":0}"#,
+            None,
+        )
+        .await?;
+        let mut n2_key = None;
+        let mut n1_key = None;
+        for i in 0..200 {
+            let key = format!("draining:{i}");
+            match owner_of(&cluster, &key).await?.as_str() {
+                "n2" => n2_key = n2_key.or(Some(key)),
+                _ => n1_key = n1_key.or(Some(key)),
+            }
+        }
+        let (n2_key, n1_key) = n2_key
+            .zip(n1_key)
+            .ok_or_else(|| anyhow!("keys of both nodes"))?;
+        let n2 = cluster.node("n2");
+        let pid = n2.pid().ok_or_else(|| anyhow!("n2 has no pid"))?;
+        ensure!(std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?
+            .success());
+        let http = n2.http.clone();
+        eventually("n2 draining (not ready)", Duration::from_secs(10), || {
+            let http = http.clone();
+            async move {
+                let (status, _) =
+                    ringfeed_cluster_tests::http_get(&format!("{http}/readyz")).await?;
+                Ok((status != 200).then_some(()))
+            }
+        })
+        .await;
+        // A key it still owns: upgraded, then close 4503 (ask /v1/route elsewhere), not
+        // an HTTP 503, which PROTOCOL.md keeps for the connection limit.
+        match Subscription::connect(&n2.connect_url(&n2_key)).await {
+            Err(ringfeed_client::ClientError::Closed { code: 4503, reason }) => {
+                ensure!(reason.contains("draining"), "close reason {reason:?}")
+            }
+            Err(e) => bail!("{n2_key} on draining n2: {e}"),
+            Ok(sub) => bail!("{n2_key} subscribed on draining n2 at {}", sub.node()),
+        }
+        // A key of the other node: redirected there as by any node (4300).
+        let sub = Subscription::connect(&n2.connect_url(&n1_key)).await?;
+        ensure!(
+            sub.node() == "n1" && sub.redirects == 1,
+            "served by {} after {} redirects",
+            sub.node(),
+            sub.redirects
+        );
+        // The transition ends; n2 leaves the ring and exits.
+        etcd.delete(transition.as_str(), None).await?;
+        let status = cluster
+            .node_mut("n2")
+            .wait_exit(Duration::from_secs(40))
+            .await?;
+        ensure!(status.success(), "n2 exited with {status}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_closes_every_websocket_client_with_1001_without_waiting_out_the_grace() {
     bounded(async {
         // The last node of its cluster: nobody to hand its keys to, so SIGTERM closes
