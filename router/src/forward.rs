@@ -179,6 +179,10 @@ impl Forwarder {
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         let mut behind: Option<(u64, RingId)> = None;
         let mut last_error = String::from("no owner reachable");
+        // Whether the last failure was an owner that took the call but did not answer
+        // in time (DEADLINE_EXCEEDED at the end) rather than no owner reachable
+        // (UNAVAILABLE), as PROTOCOL.md tells the two apart.
+        let mut timed_out = false;
         while !pending.is_empty() {
             if let Some((version, id)) = behind.take() {
                 self.membership.catch_up(version, Some(&id), deadline).await;
@@ -199,6 +203,7 @@ impl Forwarder {
             }
             if !unowned.is_empty() {
                 last_error = "the ring has no active members".into();
+                timed_out = false;
             }
 
             let calls = groups.into_iter().map(|(grpc, indices)| {
@@ -254,6 +259,7 @@ impl Forwarder {
                                     if e.code == Code::Unavailable as u32 =>
                                 {
                                     last_error = e.message;
+                                    timed_out = false;
                                     transport_failure = true;
                                     retry.push(i);
                                 }
@@ -285,7 +291,12 @@ impl Forwarder {
                     }
                     Err(status) if retryable(&status) => {
                         tracing::debug!(node = %grpc, %status, "deliver failed; will retry");
-                        last_error = format!("owner {grpc} unreachable: {}", status.message());
+                        timed_out = status.code() == Code::DeadlineExceeded;
+                        last_error = if timed_out {
+                            format!("owner {grpc} did not answer in time: {}", status.message())
+                        } else {
+                            format!("owner {grpc} unreachable: {}", status.message())
+                        };
                         transport_failure = true;
                         retry.extend(indices);
                     }
@@ -315,10 +326,16 @@ impl Forwarder {
                 }
             }
         }
+        let code = if timed_out {
+            Code::DeadlineExceeded
+        } else {
+            Code::Unavailable
+        };
         for i in pending {
-            results[i] = Some(Err(Status::unavailable(format!(
-                "{last_error} before the deadline"
-            ))));
+            results[i] = Some(Err(Status::new(
+                code,
+                format!("{last_error} before the deadline"),
+            )));
         }
         results
             .into_iter()

@@ -499,6 +499,55 @@ async fn bad_input_gets_its_code_and_disturbs_nobody() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_its_owner_cannot_answer_in_time_is_deadline_exceeded_not_unavailable() {
+    bounded(async {
+        // Lease TTL 5 s: a stopped node stays on the ring well past the 1 s deadline.
+        let cluster = Cluster::builder().nodes(2).lease_ttl(5).start().await?;
+        let key = "deadline:1";
+        let owner = owner_of(&cluster, key).await?;
+        let successor = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id != owner)
+            .ok_or_else(|| anyhow::anyhow!("two nodes"))?;
+        let mut router = cluster.router().await?;
+        router.publish(publisher::json(key, &json!(1))).await?;
+        // The owner is reachable but cannot answer: its update waits for the stopped
+        // successor's copy (ack=replicated).
+        let pid = successor
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("no pid"))?
+            .to_string();
+        let signal = |sig: &str| {
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+        };
+        anyhow::ensure!(signal("-STOP")?.success());
+        let mut request = tonic::Request::new(publisher::json(key, &json!(2)));
+        request.set_timeout(Duration::from_secs(1));
+        let started = Instant::now();
+        let outcome = router.publish(request).await;
+        let took = started.elapsed();
+        anyhow::ensure!(signal("-CONT")?.success());
+        match outcome {
+            Err(status) => anyhow::ensure!(
+                status.code() == Code::DeadlineExceeded,
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            ),
+            Ok(reply) => anyhow::bail!("answered while its replica was stopped: {reply:?}"),
+        }
+        anyhow::ensure!(took < Duration::from_secs(3), "answered after {took:?}");
+        // With the successor back, the key takes publishes again.
+        router.publish(publisher::json(key, &json!(3))).await?;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_stream_rpcs_is_delivered_and_replicated_to_call_by_call() {
     bounded(async {
         // n1 answers DeliverStream and ReplicateStream UNIMPLEMENTED, as an earlier
