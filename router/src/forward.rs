@@ -183,7 +183,13 @@ impl Forwarder {
         // in time (DEADLINE_EXCEEDED at the end) rather than no owner reachable
         // (UNAVAILABLE), as PROTOCOL.md tells the two apart.
         let mut timed_out = false;
+        let mut first = true;
         while !pending.is_empty() {
+            // A retry is only started with time left: one started at the deadline would
+            // time out at once and read as an owner that did not answer.
+            if !std::mem::take(&mut first) && Instant::now() >= deadline {
+                break;
+            }
             if let Some((version, id)) = behind.take() {
                 self.membership.catch_up(version, Some(&id), deadline).await;
             }

@@ -1083,7 +1083,8 @@ async fn past_its_memory_budget_a_node_refuses_new_keys_and_connections_and_keep
             ),
             Ok(reply) => bail!("a new key past the budget: {reply:?}"),
         }
-        // A poll would create the key too: plain and waiting polls are refused alike.
+        // A poll would create the key too, so a plain poll is refused; a waiting poll
+        // holds a connection, so admission refuses it first (for a held key too).
         for wait in [0, 1] {
             let url = format!("{}/v1/poll?key=budget:2&since=0&wait={wait}", node.http);
             let (status, headers, body) = http_request_full(&url, &[]).await?;

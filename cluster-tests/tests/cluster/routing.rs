@@ -502,7 +502,7 @@ async fn bad_input_gets_its_code_and_disturbs_nobody() {
 async fn a_publish_its_owner_cannot_answer_in_time_is_deadline_exceeded_not_unavailable() {
     bounded(async {
         // Lease TTL 5 s: a stopped node stays on the ring well past the 1 s deadline.
-        let cluster = Cluster::builder().nodes(2).lease_ttl(5).start().await?;
+        let mut cluster = Cluster::builder().nodes(2).lease_ttl(5).start().await?;
         let key = "deadline:1";
         let owner = owner_of(&cluster, key).await?;
         let successor = cluster
@@ -542,6 +542,22 @@ async fn a_publish_its_owner_cannot_answer_in_time_is_deadline_exceeded_not_unav
         anyhow::ensure!(took < Duration::from_secs(3), "answered after {took:?}");
         // With the successor back, the key takes publishes again.
         router.publish(publisher::json(key, &json!(3))).await?;
+
+        // An owner that is gone (killed, still on the ring for its TTL) refuses every
+        // retry until the deadline: no owner reachable, UNAVAILABLE — even though the
+        // retries run right up to the deadline.
+        cluster.node_mut(&owner).kill().await;
+        let mut request = tonic::Request::new(publisher::json(key, &json!(4)));
+        request.set_timeout(Duration::from_secs(1));
+        match router.publish(request).await {
+            Err(status) => anyhow::ensure!(
+                status.code() == Code::Unavailable,
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            ),
+            Ok(reply) => anyhow::bail!("answered by a killed owner: {reply:?}"),
+        }
         Ok(())
     })
     .await;
