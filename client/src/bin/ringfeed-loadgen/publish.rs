@@ -1,12 +1,15 @@
 //! `pub`: stamped payloads through the router (`Publish` / `PublishBatch`) or as
 //! pipelined Redis `PUBLISH`es of whole `update` frames (the seed reference's
-//! publishers), at a target rate or flat out.
+//! publishers), at a target rate or flat out. `done` also reports the round trip of
+//! each call (sent → answered: the ack for ringfeed, the `PUBLISH` reply for Redis), so
+//! a latency can be split into the part before the ack and the part after it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
+use hdrhistogram::Histogram;
 use ringfeed_proto::v1::router_client::RouterClient;
 use ringfeed_proto::v1::{Ack, PublishBatchRequest, PublishRequest};
 use serde_json::json;
@@ -92,7 +95,7 @@ pub async fn run(args: PubArgs) -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let per_call = args.batch.max(1) as u64;
-    let mut workers = tokio::task::JoinSet::new();
+    let mut workers: tokio::task::JoinSet<Histogram<u64>> = tokio::task::JoinSet::new();
     if let Some(grpc) = &args.grpc {
         let client = ringfeed_client::publisher::connect(grpc)
             .await
@@ -139,8 +142,15 @@ pub async fn run(args: PubArgs) -> anyhow::Result<()> {
         _ = shared.done.notified() => {}
     }
     shared.stop.store(true, Ordering::Relaxed);
-    while workers.join_next().await.is_some() {}
+    // Each call's round trip, in µs, merged over the workers.
+    let mut calls = round_trips();
+    while let Some(joined) = workers.join_next().await {
+        if let Ok(h) = joined {
+            calls.add(&h)?;
+        }
+    }
     ticker.abort();
+    let us = |q: f64| calls.value_at_quantile(q);
     let secs = started.elapsed().as_secs_f64();
     let published = shared.published.load(Ordering::Relaxed);
     emit(json!({
@@ -150,8 +160,22 @@ pub async fn run(args: PubArgs) -> anyhow::Result<()> {
         "error": shared.first_error.lock().expect("error lock").clone(),
         "secs": secs,
         "rate": published as f64 / secs,
+        "calls": calls.len(),
+        "call_p50_us": us(0.5),
+        "call_p99_us": us(0.99),
+        "call_p999_us": us(0.999),
     }));
     Ok(())
+}
+
+/// A histogram of call round trips in µs, up to a minute.
+fn round_trips() -> Histogram<u64> {
+    Histogram::new_with_max(60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records the round trip of a call sent at `sent`.
+fn record(calls: &mut Histogram<u64>, sent: Instant) {
+    calls.saturating_record(sent.elapsed().as_micros() as u64);
 }
 
 /// The index of the next call's first update, once it is due; `None` to stop.
@@ -192,7 +216,8 @@ async fn grpc_worker(
     ack: Ack,
     per_call: u64,
     started: Instant,
-) {
+) -> Histogram<u64> {
+    let mut calls = round_trips();
     let request = |i: u64| PublishRequest {
         key: keys[(i % keys.len() as u64) as usize].clone(),
         data: payload(args.payload).into_bytes(),
@@ -203,7 +228,10 @@ async fn grpc_worker(
     while let Some(first) = next_call(&shared, &args, per_call, started).await {
         let n = calls_in(&args, first, per_call);
         if args.batch == 0 {
-            match client.publish(request(first)).await {
+            let sent = Instant::now();
+            let reply = client.publish(request(first)).await;
+            record(&mut calls, sent);
+            match reply {
                 Ok(_) => {
                     shared.published.fetch_add(1, Ordering::Relaxed);
                 }
@@ -211,7 +239,10 @@ async fn grpc_worker(
             }
         } else {
             let items = (first..first + n).map(request).collect();
-            match client.publish_batch(PublishBatchRequest { items }).await {
+            let sent = Instant::now();
+            let reply = client.publish_batch(PublishBatchRequest { items }).await;
+            record(&mut calls, sent);
+            match reply {
                 Ok(reply) => {
                     let mut ok = 0;
                     for r in reply.into_inner().results {
@@ -229,6 +260,7 @@ async fn grpc_worker(
             }
         }
     }
+    calls
 }
 
 /// `PUBLISH key frame` pipelined `per_call` deep: the frame is the whole `update` the
@@ -240,7 +272,8 @@ async fn redis_worker(
     args: PubArgs,
     per_call: u64,
     started: Instant,
-) {
+) -> Histogram<u64> {
+    let mut calls = round_trips();
     let (read, mut write) = stream.into_split();
     let mut replies = tokio::io::BufReader::new(read);
     let mut buf = Vec::with_capacity(256 * per_call as usize);
@@ -279,16 +312,17 @@ async fn redis_worker(
                 );
             }
         }
+        let sent = Instant::now();
         if let Err(e) = write.write_all(&buf).await {
             shared.failed(e);
-            return;
+            return calls;
         }
         for _ in 0..n {
             line.clear();
             match replies.read_line(&mut line).await {
                 Ok(0) | Err(_) => {
                     shared.failed("redis closed the connection");
-                    return;
+                    return calls;
                 }
                 Ok(_) if line.starts_with(':') => {
                     shared.published.fetch_add(1, Ordering::Relaxed);
@@ -296,7 +330,9 @@ async fn redis_worker(
                 Ok(_) => shared.failed(line.trim().to_owned()),
             }
         }
+        record(&mut calls, sent);
     }
+    calls
 }
 
 /// The message `@socket.io/redis-emitter` publishes for `io.to(room).emit("update",

@@ -46,6 +46,11 @@ struct Args {
     /// Seconds measured per throughput run (after a warm-up).
     #[arg(long, default_value_t = 8)]
     window_secs: u64,
+    /// P2 only: publish at this rate (publishes/s) instead of half of ringfeed's
+    /// measured maximum, e.g. to see where the latency goes at a lighter load. The
+    /// JSON records that the rate was given.
+    #[arg(long)]
+    p2_rate: Option<u64>,
     /// A seconds-long run with tiny sizes: does the harness still work?
     #[arg(long)]
     smoke: bool,
@@ -189,6 +194,9 @@ struct RunResult {
     /// from the start until every subscriber received (count runs), or over the
     /// window (throughput runs), in ms over all cores.
     box_cpu_ms: f64,
+    /// The publisher's call round trips (sent → acked), p50/p99/p999 in ms; `None`
+    /// for the calibration, which has no publisher.
+    calls_ms: Option<[f64; 3]>,
 }
 
 fn ringfeed_urls(cluster: &Cluster) -> Vec<String> {
@@ -402,6 +410,7 @@ async fn fanout_run(
             })
             .sum();
     }
+    let mut calls_ms = None;
     let mut published = match publisher.as_mut() {
         Some(p) => {
             let done = p.finish(Duration::from_secs(30)).await?;
@@ -411,6 +420,8 @@ async fn fanout_run(
                     p.name, done["errors"], done["error"]
                 );
             }
+            let ms = |field: &str| done[field].as_f64().unwrap_or(f64::NAN) / 1000.0;
+            calls_ms = Some([ms("call_p50_us"), ms("call_p99_us"), ms("call_p999_us")]);
             done["published"].as_u64().unwrap_or(0)
         }
         None => 0,
@@ -456,6 +467,7 @@ async fn fanout_run(
         published,
         last_receipt_ms: last_receipt.saturating_sub(started_ns) as f64 / 1e6,
         box_cpu_ms,
+        calls_ms,
     })
 }
 
@@ -717,30 +729,39 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         router: cluster.router_grpc(),
         direct: None,
     };
-    // Ringfeed's own maximum unbatched rate, with the subscribers connected.
-    let max = fanout_run(
-        &ringfeed,
-        &keys,
-        sizes.per_key,
-        sizes.sub_procs,
-        Publishing {
-            batch: 0,
-            rate: 0,
-            concurrency: 64,
-            count: 0,
-            ack_owner: false,
-        },
-        Duration::from_secs(2),
-        Duration::from_secs(args.window_secs),
-    )
-    .await?;
-    let max_publish = max.rate / sizes.per_key as f64;
-    let rate = (max_publish / 2.0).max(10.0) as u64;
-    println!(
-        "P2: ringfeed's maximum unbatched rate {:.0} publishes/s ({}); measuring at {rate}/s",
-        max_publish,
-        fmt_rate(max.rate)
-    );
+    let (max_publish, rate) = match args.p2_rate {
+        Some(rate) => {
+            println!("P2: at the rate given, {rate} publishes/s (not half of the maximum)");
+            (f64::NAN, rate.max(1))
+        }
+        None => {
+            // Ringfeed's own maximum unbatched rate, with the subscribers connected.
+            let max = fanout_run(
+                &ringfeed,
+                &keys,
+                sizes.per_key,
+                sizes.sub_procs,
+                Publishing {
+                    batch: 0,
+                    rate: 0,
+                    concurrency: 64,
+                    count: 0,
+                    ack_owner: false,
+                },
+                Duration::from_secs(2),
+                Duration::from_secs(args.window_secs),
+            )
+            .await?;
+            let max_publish = max.rate / sizes.per_key as f64;
+            let rate = (max_publish / 2.0).max(10.0) as u64;
+            println!(
+                "P2: ringfeed's maximum unbatched rate {:.0} publishes/s ({}); measuring at {rate}/s",
+                max_publish,
+                fmt_rate(max.rate)
+            );
+            (max_publish, rate)
+        }
+    };
     let publishing = Publishing {
         batch: 0,
         rate,
@@ -754,6 +775,11 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
     let mut p99: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut p50: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut p999: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    // Evidence for where the latency goes: the publisher's ack round trip (p99, ms)
+    // and how busy the whole box was over the window (% of all cores).
+    let mut ack99: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut busy: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut last: Vec<Option<RunResult>> = systems.iter().map(|_| None).collect();
     for run in 0..args.runs {
         for (i, system) in systems.iter().enumerate() {
@@ -768,8 +794,13 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
             )
             .await?;
             let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+            let busy_pct = r.box_cpu_ms / (args.window_secs as f64 * 1000.0 * cores) * 100.0;
+            let ack = match r.calls_ms {
+                Some([a50, a99, _]) => format!("; ack p50 {a50:.2} / p99 {a99:.2} ms"),
+                None => String::new(),
+            };
             println!(
-                "P2 run {}/{} {:>15}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms over {} receipts ({} published)",
+                "P2 run {}/{} {:>15}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms over {} receipts ({} published); box {busy_pct:.0}% busy{ack}",
                 run + 1,
                 args.runs,
                 system.name(),
@@ -782,6 +813,10 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
             p50[i].push(ms(0.5));
             p99[i].push(ms(0.99));
             p999[i].push(ms(0.999));
+            busy[i].push(busy_pct);
+            if let Some([_, a99, _]) = r.calls_ms {
+                ack99[i].push(a99);
+            }
             last[i] = Some(r);
         }
     }
@@ -804,19 +839,28 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         systems[best].name(),
         if met { "met" } else { "not met" }
     );
+    println!(
+        "P2 where it goes: ack p99 (publish → ack) ringfeed {:.2} ms, seed reference {:.2} ms (Redis reply); box busy ringfeed {:.0}%, seed reference {:.0}%, Socket.IO {:.0}%, calibration {:.0}%",
+        median(&ack99[0]),
+        median(&ack99[1]),
+        median(&busy[0]),
+        median(&busy[1]),
+        median(&busy[2]),
+        median(&busy[best]),
+    );
     let result = json!({
         "id": "P2",
         "what": "latency, unbatched Publish at half of ringfeed's max rate, 1,000 keys × 10 subscribers, 3 nodes",
-        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": max_publish, "rate_publishes_per_s": rate, "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
-        "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99},
+        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": if max_publish.is_nan() { Value::Null } else { json!(max_publish) }, "rate_publishes_per_s": rate, "rate_given": args.p2_rate.is_some(), "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
+        "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99, "ack_p99_ms": ack99[0], "box_busy_pct": busy[0]},
         "peers": {
-            "seed-reference": {"p50_ms": p50[1], "p99_ms": p99[1], "p999_ms": p999[1], "median_p99_ms": s99},
-            "socketio": {"p50_ms": p50[2], "p99_ms": p99[2], "p999_ms": p999[2], "median_p99_ms": io99},
+            "seed-reference": {"p50_ms": p50[1], "p99_ms": p99[1], "p999_ms": p999[1], "median_p99_ms": s99, "redis_reply_p99_ms": ack99[1], "box_busy_pct": busy[1]},
+            "socketio": {"p50_ms": p50[2], "p99_ms": p99[2], "p999_ms": p999[2], "median_p99_ms": io99, "redis_reply_p99_ms": ack99[2], "box_busy_pct": busy[2]},
         },
         "calibration": {
             "what": "the bare fan-out (one process, one write per message) at the same rate to the same sockets: this box's latency floor for one hop",
-            "tcp": {"p50_ms": p50[3], "p99_ms": p99[3], "p999_ms": p999[3], "median_p99_ms": median(&p99[3])},
-            "ws": {"p50_ms": p50[4], "p99_ms": p99[4], "p999_ms": p999[4], "median_p99_ms": median(&p99[4])},
+            "tcp": {"p50_ms": p50[3], "p99_ms": p99[3], "p999_ms": p999[3], "median_p99_ms": median(&p99[3]), "box_busy_pct": busy[3]},
+            "ws": {"p50_ms": p50[4], "p99_ms": p99[4], "p999_ms": p999[4], "median_p99_ms": median(&p99[4]), "box_busy_pct": busy[4]},
             "best": {"name": systems[best].name(), "median_p50_ms": c50, "median_p99_ms": c99, "median_p999_ms": c999},
         },
         "ratio_vs_calibration_p99": r99 / c99,
