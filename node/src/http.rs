@@ -464,6 +464,16 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
     }
+    counters.deliver.render(
+        "ringfeed_deliver_seconds",
+        "a Deliver request from a router, from its arrival to its answer (replication included)",
+        &mut body,
+    );
+    counters.replication.render(
+        "ringfeed_replication_seconds",
+        "a replication batch, from being sent to the successor to its answer (retries included)",
+        &mut body,
+    );
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

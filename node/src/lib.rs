@@ -17,6 +17,7 @@
 //! * [`admin`] — `ringfeed-node drain`: ask a running node to drain.
 //! * [`budget`] — the memory budget: past it, new keys and connections are refused.
 //! * [`fence`] — self-fencing when the lease is in doubt.
+//! * [`latency`] — latency histograms for `/metrics`.
 //!
 //! Data flows one way: transport → key → subscribers' queues → transport.
 
@@ -29,6 +30,7 @@ pub mod handoff;
 pub mod http;
 pub mod internal;
 pub mod keys;
+pub mod latency;
 pub mod node;
 pub mod params;
 pub mod poll;

@@ -67,6 +67,12 @@ pub struct Counters {
     pub refused_memory: AtomicU64,
     /// Times this node fenced itself (paused, or found itself off the ring).
     pub fenced: AtomicU64,
+    /// A `Deliver` request (a router's batch for this owner), from its arrival to its
+    /// answer: the owner's share of a publish's latency, replication included.
+    pub deliver: crate::latency::Latency,
+    /// A replication batch, from being sent to the successor to its answer (retries
+    /// included).
+    pub replication: crate::latency::Latency,
 }
 
 /// Who owns a key, as this node decided it.

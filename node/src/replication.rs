@@ -316,7 +316,8 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
                 }
             }
             Event::Reply(Ok(reply)) => {
-                if let Some((batch, _)) = in_flight.pop_front() {
+                if let Some((batch, sent)) = in_flight.pop_front() {
+                    node.counters.replication.record(sent.elapsed());
                     settle(&node, &to, &batch, &reply.refused);
                 }
             }
@@ -403,10 +404,11 @@ async fn retry(
     client: &NodeClient<Channel>,
     in_flight: &mut VecDeque<(Vec<Job>, Instant)>,
 ) -> bool {
-    while let Some((batch, _)) = in_flight.front() {
+    while let Some((batch, sent)) = in_flight.front() {
         if !deliver_batch(node, to, client.clone(), batch).await {
             return false;
         }
+        node.counters.replication.record(sent.elapsed());
         in_flight.pop_front();
     }
     true

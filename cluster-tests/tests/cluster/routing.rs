@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 
-use crate::{bounded, next_update, owner_of, welcome_node, FRAME_TIMEOUT};
+use crate::{bounded, metric, next_update, owner_of, welcome_node, FRAME_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_sends_a_client_to_the_same_owner() {
@@ -114,6 +114,27 @@ async fn publishes_reach_subscribers_in_seq_order_and_batches_exactly_once() {
                 (i, owner.as_str(), 1)
             );
             assert_eq!(next_update(&mut sub).await?, (i, json!({"i": i})));
+        }
+        // The owner timed each of those Deliver requests, and each was acked only once
+        // its replication batch was answered: both histograms counted them.
+        let owner_http = &cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == owner)
+            .expect("owner")
+            .http;
+        for histogram in ["ringfeed_deliver_seconds", "ringfeed_replication_seconds"] {
+            let count = metric(owner_http, &format!("{histogram}_count")).await?;
+            assert!(
+                count >= 5,
+                "{histogram}_count {count} after 5 acked publishes"
+            );
+            let within_inf =
+                metric(owner_http, &format!("{histogram}_bucket{{le=\"+Inf\"}}")).await?;
+            assert!(
+                within_inf >= count,
+                "{histogram}: +Inf bucket {within_inf} < count {count}"
+            );
         }
 
         // 1,000 keys in one PublishBatch: every subscriber gets its update once.
@@ -621,6 +642,16 @@ async fn a_node_without_the_stream_rpcs_is_delivered_and_replicated_to_call_by_c
                 .log()
                 .contains("successor has no ReplicateStream"),
             "n1 fell back although its successors have the stream"
+        );
+        // Each acked publish waited for one replication batch of its own, streamed or
+        // call by call: the owners' histograms counted all 60 between them.
+        let mut replicated = 0;
+        for node in &cluster.nodes {
+            replicated += metric(&node.http, "ringfeed_replication_seconds_count").await?;
+        }
+        assert!(
+            replicated >= 60,
+            "{replicated} replication batches timed, not 60"
         );
         Ok(())
     })
