@@ -781,8 +781,17 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
     let mut busy: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut last: Vec<Option<RunResult>> = systems.iter().map(|_| None).collect();
+    // Ringfeed's hops, from the nodes' own histograms (bucket bounds, ms): the owner's
+    // Deliver (arrival → answer) and its replication batches (sent → answered), p99.
+    let mut deliver99 = Vec::new();
+    let mut replication99 = Vec::new();
     for run in 0..args.runs {
         for (i, system) in systems.iter().enumerate() {
+            let hops_before = if i == 0 {
+                Some(hop_histograms(&cluster).await?)
+            } else {
+                None
+            };
             let r = fanout_run(
                 system,
                 &keys,
@@ -793,6 +802,15 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
                 Duration::from_secs(args.window_secs),
             )
             .await?;
+            let mut hops = String::new();
+            if let Some(before) = hops_before {
+                let after = hop_histograms(&cluster).await?;
+                let d99 = bucket_quantile_ms(&before[0], &after[0], 0.99);
+                let r99 = bucket_quantile_ms(&before[1], &after[1], 0.99);
+                hops = format!("; at the owners p99 ≤ {d99} ms Deliver, ≤ {r99} ms replication");
+                deliver99.push(d99);
+                replication99.push(r99);
+            }
             let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
             let busy_pct = r.box_cpu_ms / (args.window_secs as f64 * 1000.0 * cores) * 100.0;
             let ack = match r.calls_ms {
@@ -800,7 +818,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
                 None => String::new(),
             };
             println!(
-                "P2 run {}/{} {:>15}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms over {} receipts ({} published); box {busy_pct:.0}% busy{ack}",
+                "P2 run {}/{} {:>15}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms over {} receipts ({} published); box {busy_pct:.0}% busy{ack}{hops}",
                 run + 1,
                 args.runs,
                 system.name(),
@@ -840,8 +858,10 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         if met { "met" } else { "not met" }
     );
     println!(
-        "P2 where it goes: ack p99 (publish → ack) ringfeed {:.2} ms, seed reference {:.2} ms (Redis reply); box busy ringfeed {:.0}%, seed reference {:.0}%, Socket.IO {:.0}%, calibration {:.0}%",
+        "P2 where it goes: ack p99 (publish → ack) ringfeed {:.2} ms (at the owners: Deliver p99 ≤ {} ms, replication ≤ {} ms), seed reference {:.2} ms (Redis reply); box busy ringfeed {:.0}%, seed reference {:.0}%, Socket.IO {:.0}%, calibration {:.0}%",
         median(&ack99[0]),
+        median(&deliver99),
+        median(&replication99),
         median(&ack99[1]),
         median(&busy[0]),
         median(&busy[1]),
@@ -852,7 +872,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         "id": "P2",
         "what": "latency, unbatched Publish at half of ringfeed's max rate, 1,000 keys × 10 subscribers, 3 nodes",
         "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": if max_publish.is_nan() { Value::Null } else { json!(max_publish) }, "rate_publishes_per_s": rate, "rate_given": args.p2_rate.is_some(), "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
-        "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99, "ack_p99_ms": ack99[0], "box_busy_pct": busy[0]},
+        "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99, "ack_p99_ms": ack99[0], "box_busy_pct": busy[0], "owner_deliver_p99_le_ms": deliver99, "owner_replication_p99_le_ms": replication99},
         "peers": {
             "seed-reference": {"p50_ms": p50[1], "p99_ms": p99[1], "p999_ms": p999[1], "median_p99_ms": s99, "redis_reply_p99_ms": ack99[1], "box_busy_pct": busy[1]},
             "socketio": {"p50_ms": p50[2], "p99_ms": p99[2], "p999_ms": p999[2], "median_p99_ms": io99, "redis_reply_p99_ms": ack99[2], "box_busy_pct": busy[2]},
@@ -891,6 +911,66 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         &latency,
     )?;
     Ok(())
+}
+
+/// The nodes' latency histograms (`ringfeed_deliver_seconds`,
+/// `ringfeed_replication_seconds`) summed over `cluster`: per histogram, the cumulative
+/// count at each bucket bound (seconds, `+Inf` as infinity).
+async fn hop_histograms(cluster: &Cluster) -> Result<[Vec<(f64, u64)>; 2]> {
+    let names = ["ringfeed_deliver_seconds", "ringfeed_replication_seconds"];
+    let mut sums: [std::collections::BTreeMap<u64, (f64, u64)>; 2] = Default::default();
+    for node in &cluster.nodes {
+        let (status, text) =
+            ringfeed_cluster_tests::http_get(&format!("{}/metrics", node.http)).await?;
+        ensure!(status == 200, "{} /metrics answered {status}", node.id);
+        for line in text.lines() {
+            for (i, name) in names.iter().enumerate() {
+                let Some(rest) = line
+                    .strip_prefix(name)
+                    .and_then(|r| r.strip_prefix("_bucket{le=\""))
+                else {
+                    continue;
+                };
+                let Some((le, count)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse()?
+                };
+                let slot = sums[i].entry(le.to_bits()).or_insert((le, 0));
+                slot.1 += count.trim().parse::<u64>()?;
+            }
+        }
+    }
+    let sorted = |m: &std::collections::BTreeMap<u64, (f64, u64)>| {
+        let mut v: Vec<(f64, u64)> = m.values().copied().collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    Ok([sorted(&sums[0]), sorted(&sums[1])])
+}
+
+/// The bucket bound (ms) under which quantile `q` of what was counted between two
+/// readings of a cumulative histogram falls: an upper bound, as fine as the buckets.
+fn bucket_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = delta.last().map_or(0, |d| d.1);
+    if total == 0 {
+        return f64::NAN;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    delta
+        .iter()
+        .find(|d| d.1 >= want)
+        .map_or(f64::INFINITY, |d| d.0 * 1000.0)
 }
 
 /// P3: memory per idle connection, each on its own key, at 10k and 17k connections.
@@ -1278,4 +1358,24 @@ async fn p4(args: &Args) -> Result<()> {
     });
     report::write_json(&args.out, "P4", &result)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_quantile_counts_only_what_came_between_the_readings() {
+        let before = [(0.001, 10), (0.005, 10), (f64::INFINITY, 10)];
+        // 100 new: 90 under 1 ms, 9 more under 5 ms, 1 past the last bound.
+        let after = [(0.001, 100), (0.005, 109), (f64::INFINITY, 110)];
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.5), 1.0);
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.9), 1.0);
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.99), 5.0);
+        assert_eq!(bucket_quantile_ms(&before, &after, 1.0), f64::INFINITY);
+        assert!(
+            bucket_quantile_ms(&after, &after, 0.99).is_nan(),
+            "nothing new"
+        );
+    }
 }
