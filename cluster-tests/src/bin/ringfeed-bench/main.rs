@@ -871,7 +871,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
     let result = json!({
         "id": "P2",
         "what": "latency, unbatched Publish at half of ringfeed's max rate, 1,000 keys × 10 subscribers, 3 nodes",
-        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": if max_publish.is_nan() { Value::Null } else { json!(max_publish) }, "rate_publishes_per_s": rate, "rate_given": args.p2_rate.is_some(), "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
+        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": max_publish, "rate_publishes_per_s": rate, "rate_given": args.p2_rate.is_some(), "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
         "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99, "ack_p99_ms": ack99[0], "box_busy_pct": busy[0], "owner_deliver_p99_le_ms": deliver99, "owner_replication_p99_le_ms": replication99},
         "peers": {
             "seed-reference": {"p50_ms": p50[1], "p99_ms": p99[1], "p999_ms": p999[1], "median_p99_ms": s99, "redis_reply_p99_ms": ack99[1], "box_busy_pct": busy[1]},
@@ -915,10 +915,11 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
 
 /// The nodes' latency histograms (`ringfeed_deliver_seconds`,
 /// `ringfeed_replication_seconds`) summed over `cluster`: per histogram, the cumulative
-/// count at each bucket bound (seconds, `+Inf` as infinity).
+/// count at each bucket bound (seconds, `+Inf` as infinity), in the nodes' order: low
+/// to high.
 async fn hop_histograms(cluster: &Cluster) -> Result<[Vec<(f64, u64)>; 2]> {
     let names = ["ringfeed_deliver_seconds", "ringfeed_replication_seconds"];
-    let mut sums: [std::collections::BTreeMap<u64, (f64, u64)>; 2] = Default::default();
+    let mut sums: [Vec<(f64, u64)>; 2] = Default::default();
     for node in &cluster.nodes {
         let (status, text) =
             ringfeed_cluster_tests::http_get(&format!("{}/metrics", node.http)).await?;
@@ -939,17 +940,15 @@ async fn hop_histograms(cluster: &Cluster) -> Result<[Vec<(f64, u64)>; 2]> {
                 } else {
                     le.parse()?
                 };
-                let slot = sums[i].entry(le.to_bits()).or_insert((le, 0));
-                slot.1 += count.trim().parse::<u64>()?;
+                let count: u64 = count.trim().parse()?;
+                match sums[i].iter_mut().find(|b| b.0 == le) {
+                    Some(bucket) => bucket.1 += count,
+                    None => sums[i].push((le, count)),
+                }
             }
         }
     }
-    let sorted = |m: &std::collections::BTreeMap<u64, (f64, u64)>| {
-        let mut v: Vec<(f64, u64)> = m.values().copied().collect();
-        v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        v
-    };
-    Ok([sorted(&sums[0]), sorted(&sums[1])])
+    Ok(sums)
 }
 
 /// The bucket bound (ms) under which quantile `q` of what was counted between two
