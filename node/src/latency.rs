@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Upper bounds of the buckets, in µs: 100 µs … 10 s, then `+Inf`.
 const BOUNDS_US: [u64; 16] = [
@@ -31,6 +31,16 @@ impl Latency {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Starts timing: the time until the returned guard is dropped is counted, also when
+    /// it is dropped early (a timeout dropping the future that holds it), so the slowest
+    /// cases are not the ones left out.
+    pub fn start(&self) -> Timer<'_> {
+        Timer {
+            latency: self,
+            started: Instant::now(),
+        }
+    }
+
     /// Appends the histogram as Prometheus metric `name` (in seconds) to `out`.
     pub fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -49,6 +59,19 @@ impl Latency {
         }
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// Counts the time from [`Latency::start`] until it is dropped.
+#[must_use = "the time is counted when the timer is dropped"]
+pub struct Timer<'a> {
+    latency: &'a Latency,
+    started: Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.latency.record(self.started.elapsed());
     }
 }
 
@@ -84,6 +107,26 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_timer_counts_once_when_dropped_even_unfinished() {
+        let latency = Latency::default();
+        {
+            let _timer = latency.start();
+            assert!(rendered(&latency).contains("t_seconds_count 0\n"));
+        }
+        // A future holding a timer, dropped before it finished (as a timeout does).
+        let future = async {
+            let _timer = latency.start();
+            std::future::pending::<()>().await;
+        };
+        let mut future = Box::pin(future);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(std::future::Future::poll(future.as_mut(), &mut cx).is_pending());
+        drop(future);
+        assert!(rendered(&latency).contains("t_seconds_count 2\n"));
     }
 
     #[test]

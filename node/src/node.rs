@@ -68,7 +68,8 @@ pub struct Counters {
     /// Times this node fenced itself (paused, or found itself off the ring).
     pub fenced: AtomicU64,
     /// A `Deliver` request (a router's batch for this owner), from its arrival to its
-    /// answer: the owner's share of a publish's latency, replication included.
+    /// answer or its time limit: the owner's share of a publish's latency, replication
+    /// included.
     pub deliver: crate::latency::Latency,
     /// A replication batch, from being sent to the successor to its answer (retries
     /// included).
