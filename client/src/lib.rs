@@ -102,6 +102,24 @@ pub enum Event {
         code: u16,
         reason: String,
     },
+    /// A text frame this client cannot decode (too deep for its JSON parser, say). It
+    /// is reported, not fatal: the connection goes on. `seq` is the frame's, when it
+    /// names one, so a subscriber still knows where it is.
+    Unreadable {
+        error: String,
+        seq: Option<u64>,
+    },
+}
+
+/// The `"seq":N` of a frame that could not be decoded, read without a parser.
+fn seq_of_unreadable(text: &str) -> Option<u64> {
+    const SEQ: &str = "\"seq\":";
+    let at = text.find(SEQ)? + SEQ.len();
+    let digits: &str = &text[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
 }
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -170,6 +188,7 @@ impl Subscription {
                     });
                 }
                 Event::Frame(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                Event::Unreadable { error, .. } => return Err(ClientError::Unexpected(error)),
                 Event::Closed { code, reason } => return Err(ClientError::Closed { code, reason }),
             }
         }
@@ -222,9 +241,13 @@ where
     loop {
         match socket.next().await {
             Some(Ok(Message::Text(text))) => {
-                let frame = serde_json::from_str::<Frame>(text.as_str())
-                    .map_err(|e| ClientError::Unexpected(format!("{e}: {}", text.as_str())))?;
-                return Ok(Event::Frame(frame));
+                return Ok(match serde_json::from_str::<Frame>(text.as_str()) {
+                    Ok(frame) => Event::Frame(frame),
+                    Err(e) => Event::Unreadable {
+                        error: e.to_string(),
+                        seq: seq_of_unreadable(text.as_str()),
+                    },
+                });
             }
             Some(Ok(Message::Close(close))) => {
                 let (code, reason) = close.map_or((1005, String::new()), |c| {
@@ -284,6 +307,42 @@ pub mod publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame too deep for serde_json is reported with its seq, not an error.
+    #[tokio::test]
+    async fn an_unreadable_frame_is_reported_and_the_connection_goes_on() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut server = WebSocketStream::from_raw_socket(
+            a,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let mut client = WebSocketStream::from_raw_socket(
+            b,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        let deep = format!(
+            r#"{{"type":"update","key":"k","seq":7,"data":{}1{}}}"#,
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        server.send(Message::text(deep)).await.unwrap();
+        server
+            .send(Message::text(r#"{"type":"pong"}"#))
+            .await
+            .unwrap();
+        match read_event(&mut client).await.unwrap() {
+            Event::Unreadable { seq, .. } => assert_eq!(seq, Some(7)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            read_event(&mut client).await.unwrap(),
+            Event::Frame(Frame::Pong)
+        );
+    }
 
     #[test]
     fn urls() {

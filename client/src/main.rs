@@ -121,6 +121,12 @@ async fn subscribe(node: &str, key: &str, count: Option<u64>) -> anyhow::Result<
                         }
                     }
                 }
+                Event::Unreadable { error, seq } => {
+                    eprintln!("a frame could not be read ({error}); going on");
+                    if let (Some(seq), Some((s, _))) = (seq, last.as_mut()) {
+                        *s = seq;
+                    }
+                }
                 Event::Closed { code, reason } => {
                     eprintln!("closed {code}: {reason}");
                     if matches!(code, 4300 | 4408 | 4503 | 1001) {

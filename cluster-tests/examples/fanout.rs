@@ -89,7 +89,7 @@ async fn subscribers(
                             latencies.push(now_ns().saturating_sub(sent) / 1000);
                             last = Instant::now();
                         }
-                        Event::Frame(_) => {}
+                        Event::Frame(_) | Event::Unreadable { .. } => {}
                         Event::Closed { code, reason } => bail!("closed {code} {reason}"),
                     }
                 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
 /// The most `--history-bytes` may be: a key counts its log's bytes in a `u32`.
@@ -59,6 +60,30 @@ pub struct Config {
     /// Largest payload of one update, in bytes.
     #[arg(long, env = "RINGFEED_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub max_payload: usize,
+    /// Deepest nesting of arrays and objects in a JSON payload; deeper is refused at
+    /// publish (clients' JSON parsers have recursion limits of their own).
+    #[arg(long, env = "RINGFEED_MAX_JSON_DEPTH", default_value_t = 64)]
+    pub max_json_depth: usize,
+    /// Most items in one `Deliver` request from a router (its `PublishBatch` limit):
+    /// with the payload limit, it bounds what the internal gRPC service decodes.
+    #[arg(long, env = "RINGFEED_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+    /// Most control frames (WebSocket ping, pong, close) a client may send in one
+    /// second; past it the connection is closed with 1008 and counted.
+    #[arg(long, env = "RINGFEED_CLIENT_CONTROL_RATE", default_value_t = 20)]
+    pub client_control_rate: u32,
+    /// Most messages of any kind a client may send in one second; past it the
+    /// connection is closed with 1008 and counted.
+    #[arg(long, env = "RINGFEED_CLIENT_MESSAGE_RATE", default_value_t = 1000)]
+    pub client_message_rate: u32,
+    /// A client message (all of its fragments) must arrive within this long of its
+    /// first byte, or the connection is closed with 1008 and counted.
+    #[arg(
+        long,
+        env = "RINGFEED_CLIENT_MESSAGE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub client_message_timeout_ms: u64,
     /// SO_SNDBUF of client sockets in bytes; 0 leaves it to the kernel's autotuning.
     /// A small buffer costs less kernel memory per idle connection and makes a client
     /// that stops reading show up as a slow consumer sooner.
@@ -182,6 +207,33 @@ impl Config {
         if self.max_frame < 1024 || self.max_payload == 0 {
             return Err("--max-frame must be ≥ 1024 and --max-payload > 0".into());
         }
+        if self.max_json_depth == 0 || self.max_json_depth > crate::frames::MAX_JSON_DEPTH {
+            return Err(format!(
+                "--max-json-depth {}: between 1 and {}",
+                self.max_json_depth,
+                crate::frames::MAX_JSON_DEPTH
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > 100_000 {
+            return Err(format!(
+                "--max-batch {}: between 1 and 100000",
+                self.max_batch
+            ));
+        }
+        for (name, rate) in [
+            ("--client-control-rate", self.client_control_rate),
+            ("--client-message-rate", self.client_message_rate),
+        ] {
+            if rate == 0 || rate >= u32::from(u16::MAX) {
+                return Err(format!("{name} {rate}: between 1 and 65534"));
+            }
+        }
+        if self.client_message_timeout_ms < 100 {
+            return Err(format!(
+                "--client-message-timeout-ms {}: at least 100",
+                self.client_message_timeout_ms
+            ));
+        }
         if self.max_subscribers_per_key == 0 {
             return Err("--max-subscribers-per-key must be > 0".into());
         }
@@ -259,11 +311,31 @@ impl Config {
     pub fn key_limits(&self) -> crate::keys::Limits {
         crate::keys::Limits {
             max_payload: self.max_payload,
+            max_json_depth: self.max_json_depth,
             max_subscribers: self.max_subscribers_per_key,
             history_len: self.history_len,
             history_bytes: self.history_bytes,
             idempotency_window: self.idempotency_window,
         }
+    }
+
+    /// The largest gRPC message the internal service decodes: a `Deliver` request of
+    /// `max_batch` items at the payload limit, or a peer's request (replication,
+    /// hand-off) of [`REQUEST_BUDGET`](crate::keys::REQUEST_BUDGET) bytes and one more
+    /// key, plus framing. Anything larger is refused before it is read.
+    pub fn max_grpc_message(&self) -> usize {
+        let per_item = self.max_payload + crate::frames::ITEM_OVERHEAD;
+        let deliver = self.max_batch.saturating_mul(per_item);
+        // One key's snapshot: its history (frames), what is in flight (bounded like
+        // the history, in practice far less) and its idempotency window.
+        let snapshot = (self.history_bytes + self.max_payload)
+            .saturating_mul(2)
+            .saturating_add(
+                self.idempotency_window
+                    .saturating_mul(MAX_IDEMPOTENCY_KEY + 24),
+            );
+        let peer = crate::keys::REQUEST_BUDGET.saturating_add(snapshot);
+        deliver.max(peer).saturating_add(64 * 1024)
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -319,6 +391,36 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("--history-bytes"));
         c.history_bytes = MAX_HISTORY_BYTES;
         assert_eq!(c.validate(), Ok(()));
+        let mut c = base();
+        c.max_json_depth = 0;
+        assert!(c.validate().unwrap_err().contains("--max-json-depth"));
+        let mut c = base();
+        c.client_message_timeout_ms = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("--client-message-timeout-ms"));
+    }
+
+    #[test]
+    fn the_grpc_decode_limit_follows_the_request_limits() {
+        let c = base();
+        let limit = c.max_grpc_message();
+        // Room for a full batch at the payload limit…
+        assert!(limit >= 1000 * 64 * 1024);
+        // …and nowhere near the 256 MiB it used to be.
+        assert!(limit < 80 << 20, "{limit}");
+        // Smaller limits, a smaller bound (a peer's request budget, 4 MiB, and one
+        // key's snapshot are its floor).
+        let mut small = base();
+        small.max_payload = 1024;
+        small.max_batch = 10;
+        small.history_bytes = 64 * 1024;
+        assert!(
+            small.max_grpc_message() < 6 << 20,
+            "{}",
+            small.max_grpc_message()
+        );
     }
 
     #[test]

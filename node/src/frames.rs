@@ -10,11 +10,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+pub use ringfeed_router::key::MAX_CONTENT_TYPE;
+
+/// The deepest `--max-json-depth` may be: serde_json (ours and most clients') refuses
+/// to parse past 128 levels, and an update frame adds one.
+pub const MAX_JSON_DEPTH: usize = 120;
+
+/// What one item of a `Deliver` request costs beyond its payload, at most: the key,
+/// the content type, the idempotency key, the expected epoch and protobuf framing.
+pub const ITEM_OVERHEAD: usize = 256 + MAX_CONTENT_TYPE + 256 + 64 + 64;
+
 /// Why a payload was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
     #[error("payload is {0} bytes; the limit is {1}")]
     TooLarge(usize, usize),
+    #[error("content type is {0} bytes; the limit is {MAX_CONTENT_TYPE}")]
+    ContentTypeTooLong(usize),
+    #[error("JSON payload nests deeper than {0} levels")]
+    TooDeep(usize),
     #[error("payload is not valid JSON for content type {0}: {1}")]
     BadJson(String, String),
 }
@@ -34,10 +48,13 @@ pub fn update(
     seq: u64,
     data: &[u8],
     content_type: &str,
-    max_payload: usize,
+    limits: PayloadLimits,
 ) -> Result<Utf8Bytes, PayloadError> {
-    if data.len() > max_payload {
-        return Err(PayloadError::TooLarge(data.len(), max_payload));
+    if data.len() > limits.max_payload {
+        return Err(PayloadError::TooLarge(data.len(), limits.max_payload));
+    }
+    if content_type.len() > MAX_CONTENT_TYPE {
+        return Err(PayloadError::ContentTypeTooLong(content_type.len()));
     }
     let mut out = String::with_capacity(update_capacity(key, data.len(), content_type));
     out.push_str(r#"{"type":"update","key":"#);
@@ -46,7 +63,10 @@ pub fn update(
     write!(out, "{seq}").expect("writing to a String cannot fail");
     if is_json(content_type) {
         let text = std::str::from_utf8(data)
-            .map_err(|e| PayloadError::BadJson(content_type.to_owned(), e.to_string()))?;
+            .map_err(|e| PayloadError::BadJson(display_type(content_type), e.to_string()))?;
+        if json_depth(text.as_bytes()) > limits.max_json_depth {
+            return Err(PayloadError::TooDeep(limits.max_json_depth));
+        }
         serde_json::from_str::<&RawValue>(text)
             .map_err(|e| PayloadError::BadJson(display_type(content_type), e.to_string()))?;
         out.push_str(r#","data":"#);
@@ -67,6 +87,57 @@ pub fn update(
     }
     out.push('}');
     Ok(Utf8Bytes::from(out))
+}
+
+/// The bounds a payload is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct PayloadLimits {
+    pub max_payload: usize,
+    pub max_json_depth: usize,
+}
+
+/// How deeply `json`'s arrays and objects nest (brackets inside strings do not count).
+/// It does not check that `json` is valid: that is serde's, after this has made sure
+/// that serde's recursion will stay within bounds.
+pub fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// What identifies an update's payload apart from its seq: a digest of its frame from
+/// the seq on (the data, or the base64 data and content type). An idempotency key
+/// reused for another payload is told apart by it. The frame is ours, so the key
+/// before the seq holds no `"seq":` (keys have no quotes).
+pub fn payload_digest(frame: &str) -> u64 {
+    const SEQ: &str = r#","seq":"#;
+    let rest = frame
+        .find(SEQ)
+        .map(|at| &frame[at + SEQ.len()..])
+        .map(|rest| rest.trim_start_matches(|c: char| c.is_ascii_digit()))
+        .unwrap_or(frame);
+    xxhash_rust::xxh3::xxh3_64(rest.as_bytes())
 }
 
 /// Room for a whole `update` frame (a key or content type needing escapes may grow
@@ -187,6 +258,13 @@ pub struct FrameError {
 
 /// Parses one text frame from a client.
 pub fn parse_client(text: &str) -> Result<ClientFrame, FrameError> {
+    // serde_json stops at 128 levels with a recursion error; say what it is instead.
+    if json_depth(text.as_bytes()) > MAX_JSON_DEPTH + 1 {
+        return Err(FrameError {
+            code: "too_deep",
+            message: format!("frame nests deeper than {} levels", MAX_JSON_DEPTH + 1),
+        });
+    }
     let raw: RawClientFrame<'_> = serde_json::from_str(text).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
             FrameError {
@@ -220,24 +298,96 @@ pub fn parse_client(text: &str) -> Result<ClientFrame, FrameError> {
 mod tests {
     use super::*;
 
+    fn lim(max_payload: usize) -> PayloadLimits {
+        PayloadLimits {
+            max_payload,
+            max_json_depth: 64,
+        }
+    }
+
+    #[test]
+    fn depth_counts_brackets_outside_strings() {
+        assert_eq!(json_depth(b"1"), 0);
+        assert_eq!(json_depth(br#"{"a":[1,{"b":2}]}"#), 3);
+        assert_eq!(json_depth(br#""[[[[\"[[" "#), 0);
+        assert_eq!(json_depth(br#"["\\",[]]"#), 2);
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(json_depth(deep.as_bytes()), 200);
+    }
+
+    #[test]
+    fn payloads_past_the_limits_are_refused() {
+        let at = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(update("k", 1, at.as_bytes(), "", lim(1024)).is_ok());
+        let past = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert_eq!(
+            update("k", 1, past.as_bytes(), "", lim(1024)),
+            Err(PayloadError::TooDeep(64))
+        );
+        // Binary payloads are not JSON: their bytes are not looked into.
+        assert!(update("k", 1, past.as_bytes(), "text/plain", lim(1024)).is_ok());
+        let long_type = format!("text/{}", "x".repeat(251));
+        assert_eq!(
+            update("k", 1, b"x", &long_type, lim(1024)),
+            Err(PayloadError::ContentTypeTooLong(256))
+        );
+        assert!(update("k", 1, b"x", &long_type[..255], lim(1024)).is_ok());
+    }
+
+    #[test]
+    fn the_digest_ignores_the_seq_only() {
+        let a1 = update("k", 1, b"{\"a\":1}", "", lim(1024)).unwrap();
+        let a9 = update("k", 9, b"{\"a\":1}", "", lim(1024)).unwrap();
+        let b1 = update("k", 1, b"{\"a\":2}", "", lim(1024)).unwrap();
+        let t1 = update("k", 1, b"x", "text/plain", lim(1024)).unwrap();
+        let o1 = update("k", 1, b"x", "application/octet-stream", lim(1024)).unwrap();
+        assert_eq!(payload_digest(&a1), payload_digest(&a9));
+        assert_ne!(payload_digest(&a1), payload_digest(&b1));
+        assert_ne!(payload_digest(&t1), payload_digest(&o1));
+    }
+
+    #[test]
+    fn a_client_frame_too_deep_for_serde_is_named() {
+        let deep = format!(
+            r#"{{"type":"publish","data":{}1{},"id":"d"}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(parse_client(&deep).unwrap_err().code, "too_deep");
+    }
+
     #[test]
     fn json_updates_embed_data() {
-        let f = update("user:1", 7, br#" {"a":[1,2]} "#, "application/json", 1024).unwrap();
+        let f = update(
+            "user:1",
+            7,
+            br#" {"a":[1,2]} "#,
+            "application/json",
+            lim(1024),
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"type":"update","key":"user:1","seq":7,"data":{"a":[1,2]}})
         );
-        let f = update("k", 1, b"{\"a\":\r\n 1}", "", 1024).unwrap();
+        let f = update("k", 1, b"{\"a\":\r\n 1}", "", lim(1024)).unwrap();
         assert!(!f.as_str().contains(['\n', '\r']));
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
         assert_eq!(v["data"]["a"], 1);
-        let f = update("k", 1, b"3", "", 1024).unwrap();
+        let f = update("k", 1, b"3", "", lim(1024)).unwrap();
         assert_eq!(
             f.as_str(),
             r#"{"type":"update","key":"k","seq":1,"data":3}"#
         );
-        assert!(update("k", 1, b"1", "application/vnd.x+json; charset=utf-8", 8).is_ok());
+        assert!(update(
+            "k",
+            1,
+            b"1",
+            "application/vnd.x+json; charset=utf-8",
+            lim(8)
+        )
+        .is_ok());
     }
 
     #[test]
@@ -250,7 +400,7 @@ mod tests {
             (&[][..], "application/x-anything-at-all"),
         ] {
             let key = "user:a-fairly-long-key-42";
-            let f = update(key, u64::MAX, data, content_type, 1024).unwrap();
+            let f = update(key, u64::MAX, data, content_type, lim(1024)).unwrap();
             assert!(
                 f.len() <= update_capacity(key, data.len(), content_type),
                 "{}",
@@ -279,14 +429,14 @@ mod tests {
 
     #[test]
     fn update_seqs_read_back() {
-        let f = update("a:b", 42, b"{\"seq\":1}", "", 1024).unwrap();
+        let f = update("a:b", 42, b"{\"seq\":1}", "", lim(1024)).unwrap();
         assert_eq!(update_seq(f.as_str()), Some(42));
         assert_eq!(update_seq(r#"{"type":"presence"}"#), None);
     }
 
     #[test]
     fn other_types_go_base64() {
-        let f = update("k", 2, &[0, 255], "application/octet-stream", 1024).unwrap();
+        let f = update("k", 2, &[0, 255], "application/octet-stream", lim(1024)).unwrap();
         let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
         assert_eq!(v["data_b64"], "AP8=");
         assert_eq!(v["content_type"], "application/octet-stream");
@@ -295,19 +445,19 @@ mod tests {
     #[test]
     fn bad_payloads_are_refused() {
         assert!(matches!(
-            update("k", 1, b"{nope", "application/json", 1024),
+            update("k", 1, b"{nope", "application/json", lim(1024)),
             Err(PayloadError::BadJson(..))
         ));
         assert!(matches!(
-            update("k", 1, b"1 2", "", 1024),
+            update("k", 1, b"1 2", "", lim(1024)),
             Err(PayloadError::BadJson(..))
         ));
         assert!(matches!(
-            update("k", 1, &[0xff], "", 1024),
+            update("k", 1, &[0xff], "", lim(1024)),
             Err(PayloadError::BadJson(..))
         ));
         assert_eq!(
-            update("k", 1, b"12345", "", 4),
+            update("k", 1, b"12345", "", lim(4)),
             Err(PayloadError::TooLarge(5, 4))
         );
     }

@@ -30,6 +30,32 @@ const EARLY_MARKERS: usize = 256;
 const REDIRECT_BATCH: usize = 500;
 /// Keys per `Handoff` call.
 const KEYS_PER_CALL: usize = 256;
+
+/// `snapshots` in calls of at most [`KEYS_PER_CALL`] keys and about
+/// [`REQUEST_BUDGET`](crate::keys::REQUEST_BUDGET) bytes (a larger key goes alone).
+fn chunks(
+    snapshots: &[(String, crate::keys::KeySnapshot)],
+) -> impl Iterator<Item = &[(String, crate::keys::KeySnapshot)]> {
+    let mut rest = snapshots;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len().min(KEYS_PER_CALL) {
+            let (key, snapshot) = &rest[n];
+            bytes += snapshot.wire_bytes(key);
+            if n > 0 && bytes > crate::keys::REQUEST_BUDGET {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, later) = rest.split_at(n);
+        rest = later;
+        Some(chunk)
+    })
+}
 /// How long one `Handoff` call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -286,7 +312,7 @@ pub async fn hand_off(
         let node = node.clone();
         let view = view.clone();
         async move {
-            for chunk in snapshots.chunks(KEYS_PER_CALL) {
+            for chunk in chunks(&snapshots) {
                 let request = pb::HandoffRequest {
                     ring: Some(ring_ref(&view)),
                     from: node.id.0.clone(),

@@ -2,6 +2,14 @@
 //!
 //! Connections are accepted by our own loop (bounded, with a header-read timeout and a
 //! graceful stop) and served by hyper with an axum router.
+//!
+//! Health does not share the connection budget. Past it (the connection limit plus
+//! [`ACCEPT_SLACK`]), a connection is still accepted, into a small [`Reserve`] whose
+//! connections get one request, a [`RESERVE_HEADER_TIMEOUT`] to send it, and only
+//! `/healthz`, `/readyz` and `/metrics` answered (anything else: 503 + `Retry-After`).
+//! When the reserve is full the oldest connection in it is closed for the newcomer, so
+//! a flood of idle connections cannot keep a liveness probe out: it is answered within
+//! a second however many connections are open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +37,12 @@ use crate::ws;
 /// Raw TCP connections accepted beyond the client-connection limit, so that a node at
 /// its limit can still answer 503 and serve health checks.
 const ACCEPT_SLACK: usize = 512;
+
+/// Connections accepted past the budget, for health checks (see the module's doc).
+const RESERVE: usize = 64;
+
+/// How long a connection in the reserve has to send its request.
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An error answer: `{"error": "…"}` with a status.
 #[derive(Debug)]
@@ -62,18 +76,54 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .with_state(node)
 }
 
+/// What a connection in the reserve is answered: health, readiness and metrics.
+fn reserve_router(node: Arc<Node>) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { unavailable("connection limit reached", 1) })
+        .with_state(node)
+}
+
+/// The connections accepted past the budget, oldest first; each can be told to close.
+#[derive(Default)]
+struct Reserve {
+    slots: std::sync::Mutex<std::collections::VecDeque<(u64, tokio_util::sync::CancellationToken)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Reserve {
+    /// A place for a new connection, closing the oldest one if the reserve is full.
+    fn admit(&self) -> (u64, tokio_util::sync::CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut slots = self.slots.lock().expect("reserve lock poisoned");
+        if slots.len() >= RESERVE {
+            if let Some((_, oldest)) = slots.pop_front() {
+                oldest.cancel();
+            }
+        }
+        slots.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    /// Gives back connection `id`'s place.
+    fn leave(&self, id: u64) {
+        let mut slots = self.slots.lock().expect("reserve lock poisoned");
+        if let Some(at) = slots.iter().position(|(slot, _)| *slot == id) {
+            slots.remove(at);
+        }
+    }
+}
+
 /// Accepts connections until shutdown, then lets open requests finish.
 pub async fn serve(node: Arc<Node>, listener: TcpListener) {
     let app = router(node.clone());
+    let reserve_app = reserve_router(node.clone());
+    let reserve = Arc::new(Reserve::default());
     let accepted = Arc::new(Semaphore::new(node.config.max_connections + ACCEPT_SLACK));
     loop {
-        let permit = tokio::select! {
-            _ = node.shutdown.cancelled() => break,
-            permit = accepted.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = node.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -85,6 +135,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
                     continue;
                 }
             },
+        };
+        let Ok(permit) = accepted.clone().try_acquire_owned() else {
+            serve_reserved(&node, &reserve, &reserve_app, stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         if node.config.socket_send_buffer > 0 {
@@ -114,6 +168,35 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
             drop(permit);
         });
     }
+}
+
+/// Serves one connection accepted past the budget: one request, health only.
+fn serve_reserved(
+    node: &Arc<Node>,
+    reserve: &Arc<Reserve>,
+    app: &axum::Router,
+    stream: tokio::net::TcpStream,
+) {
+    let (id, evicted) = reserve.admit();
+    let service = TowerToHyperService::new(app.clone());
+    let reserve = reserve.clone();
+    let shutdown = node.shutdown.clone();
+    node.tasks.spawn(async move {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(RESERVE_HEADER_TIMEOUT)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), service);
+        let _ = tokio::time::timeout(RESERVE_HEADER_TIMEOUT * 5, async {
+            tokio::select! {
+                _ = conn => {}
+                _ = evicted.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        })
+        .await;
+        reserve.leave(id);
+    });
 }
 
 /// CORS for browsers on other origins (PROTOCOL.md *Browsers*).
@@ -427,7 +510,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     ];
     let counters = &node.counters;
     let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let counted: [(&str, &str, u64); 5] = [
+    let counted: [(&str, &str, u64); 6] = [
         (
             "ringfeed_published_total",
             "updates this node assigned a seq to as their owner",
@@ -453,6 +536,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             "times this node fenced itself (paused with its lease in doubt, or found itself off the ring)",
             read(&counters.fenced),
         ),
+        (
+            "ringfeed_ring_fresh_reads_total",
+            "reads of the ring from etcd made on demand (a request carried a ring version not seen yet); at most one a second",
+            node.membership.fresh_reads(),
+        ),
     ];
     let mut body = String::new();
     let typed = gauges
@@ -462,6 +550,15 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     for ((name, help, value), kind) in typed {
         body.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    body.push_str(
+        "# HELP ringfeed_client_violations_total WebSocket clients closed (1008) for breaking a per-connection bound\n\
+         # TYPE ringfeed_client_violations_total counter\n",
+    );
+    for (bound, count) in counters.violations.read() {
+        body.push_str(&format!(
+            "ringfeed_client_violations_total{{bound=\"{bound}\"}} {count}\n"
         ));
     }
     counters.deliver.render(

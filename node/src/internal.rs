@@ -240,6 +240,9 @@ impl NodeService {
             Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. })) => {
                 error(Code::FailedPrecondition, e.to_string())
             }
+            Err(PublishError::Apply(e @ ApplyError::IdempotencyConflict { .. })) => {
+                error(Code::AlreadyExists, e.to_string())
+            }
             Err(
                 e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
                 | PublishError::Moved

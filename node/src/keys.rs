@@ -35,13 +35,14 @@ const SHARDS: usize = 64;
 /// WebSocket close code: slow consumer.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4408;
 
-/// The longest idempotency key, in bytes.
-pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+pub use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 
 /// The bounds of every key's state.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_payload: usize,
+    /// Deepest nesting of a JSON payload.
+    pub max_json_depth: usize,
     pub max_subscribers: usize,
     /// Updates kept for resume, at most…
     pub history_len: usize,
@@ -51,10 +52,21 @@ pub struct Limits {
     pub idempotency_window: usize,
 }
 
+impl Limits {
+    /// The bounds of one payload.
+    pub fn payload(&self) -> frames::PayloadLimits {
+        frames::PayloadLimits {
+            max_payload: self.max_payload,
+            max_json_depth: self.max_json_depth,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_payload: 64 * 1024,
+            max_json_depth: 64,
             max_subscribers: 100_000,
             history_len: 1000,
             history_bytes: 1024 * 1024,
@@ -72,6 +84,8 @@ pub enum ApplyError {
     IdempotencyKeyTooLong(usize),
     #[error("an update with this idempotency key is still being replicated; retry")]
     InFlight,
+    #[error("idempotency key already used for a different payload or content type (seq {seq}, within the idempotency window)")]
+    IdempotencyConflict { seq: u64 },
     #[error("the key moved to another node; retry")]
     Moved,
     #[error("the node is past its memory budget and takes no new keys")]
@@ -210,6 +224,11 @@ pub struct Control {
     /// swap (a `Notify` would take its waiter lock for each of a hot key's
     /// subscribers, and cost every idle connection its size and a waiter).
     ready: AtomicWaker,
+    /// What the client sent in the current second, for its transport's per-second
+    /// bounds ([`Control::count_from_client`]): the second in the high half, messages
+    /// and control frames in two `u16`s below. Here rather than in the connection's
+    /// task, which must stay within its 512-byte cell; one reader and writer.
+    from_client: AtomicU64,
     /// When the reader's clock is next due, in ms of the node's clock
     /// ([`crate::node::Node::clock_ms`]): [`Control::NEVER`], or [`Control::FIRED`]
     /// once the node's sweep ([`KeyTable::fire_due`]) found it due. A WebSocket
@@ -275,8 +294,27 @@ impl Control {
                 closed: false,
             }),
             ready: AtomicWaker::new(),
+            from_client: AtomicU64::new(0),
             due: AtomicU64::new(Control::NEVER),
         })
+    }
+
+    /// Counts one message from the client in `second` (a control frame if `control`)
+    /// and returns the second's counts so far: (messages, control frames). Only the
+    /// connection's own task calls it.
+    pub fn count_from_client(&self, second: u64, control: bool) -> (u32, u32) {
+        let packed = self.from_client.load(Ordering::Relaxed);
+        let second = second as u32;
+        let (mut messages, mut controls) = if (packed >> 32) as u32 == second {
+            ((packed >> 16) as u16, packed as u16)
+        } else {
+            (0, 0)
+        };
+        messages = messages.saturating_add(1);
+        controls = controls.saturating_add(u16::from(control));
+        let packed = (u64::from(second) << 32) | (u64::from(messages) << 16) | u64::from(controls);
+        self.from_client.store(packed, Ordering::Relaxed);
+        (u32::from(messages), u32::from(controls))
     }
 
     /// The key subscribed to.
@@ -503,9 +541,35 @@ pub struct KeySnapshot {
     pub seq: u64,
     /// The buffered history, then the entries still in flight, in seq order.
     pub entries: Vec<LogEntry>,
-    /// The idempotency window, oldest first.
-    pub idempotency: Vec<(String, u64)>,
+    /// The idempotency window, oldest first: key, seq, and its payload's digest
+    /// ([`frames::payload_digest`]; 0 when not known).
+    pub idempotency: Vec<(String, u64, u64)>,
 }
+
+impl LogEntry {
+    /// About what the entry takes on the wire (with `key` and `epoch` beside it).
+    pub fn wire_bytes(&self, key: &str, epoch: &str) -> usize {
+        self.frame.len() + self.idempotency_key.len() + key.len() + epoch.len() + 32
+    }
+}
+
+impl KeySnapshot {
+    /// About what the snapshot of `key` takes on the wire.
+    pub fn wire_bytes(&self, key: &str) -> usize {
+        let entries: usize = self
+            .entries
+            .iter()
+            .map(|e| e.wire_bytes(key, &self.epoch))
+            .sum();
+        let window: usize = self.idempotency.iter().map(|(id, ..)| id.len() + 24).sum();
+        entries + window + key.len() + self.epoch.len() + 32
+    }
+}
+
+/// The most a node puts in one request to a peer (a replication batch, a hand-off
+/// call) before starting another; one key's snapshot may take it past this, never two.
+/// The receiver's decode limit ([`crate::config::Config::max_grpc_message`]) allows it.
+pub const REQUEST_BUDGET: usize = 4 << 20;
 
 /// What must go to the successor after staging an update.
 #[derive(Debug)]
@@ -647,7 +711,7 @@ impl KeyState {
             .idempotency
             .iter()
             .flat_map(|window| window.oldest_first())
-            .map(|(k, s)| (s, k))
+            .map(|(k, s, _)| (s, k))
             .collect();
         let mut entries: Vec<LogEntry> = self
             .log
@@ -669,7 +733,7 @@ impl KeyState {
             .idempotency
             .iter()
             .flat_map(|window| window.oldest_first())
-            .map(|(k, s)| (k.to_owned(), s))
+            .map(|(k, s, d)| (k.to_owned(), s, d))
             .collect();
         KeySnapshot {
             epoch: self.epoch.to_string(),
@@ -723,9 +787,9 @@ impl KeyState {
         if expected.is_none() {
             state.seq = snapshot.seq;
         }
-        for (id, seq) in snapshot.idempotency {
+        for (id, seq, digest) in snapshot.idempotency {
             if seq <= state.seq && state.seq_of(&id).is_none() {
-                state.remember(id, seq, limits.idempotency_window);
+                state.remember(id, seq, digest, limits.idempotency_window);
             }
         }
         state.next = state.seq;
@@ -780,6 +844,10 @@ impl KeyState {
     }
 
     fn append(&mut self, seq: u64, frame: Utf8Bytes, idempotency_key: String, limits: &Limits) {
+        if !idempotency_key.is_empty() && limits.idempotency_window > 0 {
+            let digest = frames::payload_digest(&frame);
+            self.remember(idempotency_key, seq, digest, limits.idempotency_window);
+        }
         let bytes = |frame: &Utf8Bytes| u32::try_from(frame.len()).unwrap_or(u32::MAX);
         self.log_bytes = self.log_bytes.saturating_add(bytes(&frame));
         if self.log.capacity() == 0 {
@@ -794,22 +862,20 @@ impl KeyState {
                 self.log_bytes = self.log_bytes.saturating_sub(bytes(&old.frame));
             }
         }
-        if !idempotency_key.is_empty() && limits.idempotency_window > 0 {
-            self.remember(idempotency_key, seq, limits.idempotency_window);
-        }
     }
 
-    /// The seq that idempotency key `id` got, if the window remembers it.
-    fn seq_of(&self, id: &str) -> Option<u64> {
+    /// The seq that idempotency key `id` got and its payload's digest, if the window
+    /// remembers it.
+    fn seq_of(&self, id: &str) -> Option<(u64, u64)> {
         self.idempotency.as_ref()?.get(id)
     }
 
-    /// Remembers that idempotency key `id` got `seq`, forgetting the oldest past
-    /// `window`.
-    fn remember(&mut self, id: String, seq: u64, window: usize) {
+    /// Remembers that idempotency key `id` got `seq` for a payload of `digest`,
+    /// forgetting the oldest past `window`.
+    fn remember(&mut self, id: String, seq: u64, digest: u64, window: usize) {
         self.idempotency
             .get_or_insert_with(Box::default)
-            .remember(id, seq, window);
+            .remember(id, seq, digest, window);
     }
 
     fn presence_frame(&self, key: &str) -> Utf8Bytes {
@@ -841,60 +907,65 @@ impl KeyState {
 /// and a second copy of each key would cost every key published to ~300 bytes.
 #[derive(Debug, Default)]
 struct Idempotency {
-    /// The keys and their seqs, oldest first.
-    order: VecDeque<(Box<str>, u64)>,
+    /// The keys with their seqs and payload digests, oldest first.
+    order: VecDeque<(Box<str>, u64, u64)>,
     /// Made once the window holds more than `FEW`. Boxed on purpose: an empty map is
     /// 48 bytes in every window, the box 8.
     #[allow(clippy::box_collection)]
-    index: Option<Box<HashMap<Box<str>, u64>>>,
+    index: Option<Box<HashMap<Box<str>, (u64, u64)>>>,
 }
 
 impl Idempotency {
     const FEW: usize = 8;
 
-    /// The seq that `id` got, if the window holds it.
-    fn get(&self, id: &str) -> Option<u64> {
+    /// The seq that `id` got and its payload's digest, if the window holds it.
+    fn get(&self, id: &str) -> Option<(u64, u64)> {
         match &self.index {
             Some(index) => index.get(id).copied(),
             None => self
                 .order
                 .iter()
                 .rev()
-                .find(|(k, _)| **k == *id)
-                .map(|&(_, seq)| seq),
+                .find(|(k, _, _)| **k == *id)
+                .map(|&(_, seq, digest)| (seq, digest)),
         }
     }
 
-    /// Remembers that `id` got `seq`, forgetting the oldest past `window`.
-    fn remember(&mut self, id: String, seq: u64, window: usize) {
+    /// Remembers that `id` got `seq` for a payload of `digest`, forgetting the oldest
+    /// past `window`.
+    fn remember(&mut self, id: String, seq: u64, digest: u64, window: usize) {
         if self.order.capacity() == 0 {
             // Room for exactly one: most keys never get a second.
             self.order.reserve_exact(1);
         }
         let id: Box<str> = id.into();
         if let Some(index) = &mut self.index {
-            index.insert(id.clone(), seq);
+            index.insert(id.clone(), (seq, digest));
         }
-        self.order.push_back((id, seq));
+        self.order.push_back((id, seq, digest));
         while self.order.len() > window {
-            let Some((old, old_seq)) = self.order.pop_front() else {
+            let Some((old, old_seq, _)) = self.order.pop_front() else {
                 break;
             };
             if let Some(index) = &mut self.index {
-                if index.get(&old) == Some(&old_seq) {
+                if index.get(&old).is_some_and(|&(seq, _)| seq == old_seq) {
                     index.remove(&old);
                 }
             }
         }
         if self.index.is_none() && self.order.len() > Self::FEW {
-            let index = self.order.iter().map(|(k, s)| (k.clone(), *s)).collect();
+            let index = self
+                .order
+                .iter()
+                .map(|(k, s, d)| (k.clone(), (*s, *d)))
+                .collect();
             self.index = Some(Box::new(index));
         }
     }
 
     /// The window, oldest first.
-    fn oldest_first(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.order.iter().map(|(k, s)| (&**k, *s))
+    fn oldest_first(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.order.iter().map(|(k, s, d)| (&**k, *s, *d))
     }
 }
 
@@ -1083,8 +1154,23 @@ impl KeyTable {
         if state.retired {
             return Err(ApplyError::Moved);
         }
+        // The frame is made first: it checks the payload, and a reused idempotency
+        // key is a retry only if it carries the same payload.
+        let seq = state.next + 1;
+        let frame = frames::update(
+            key,
+            seq,
+            publish.data,
+            publish.content_type,
+            self.limits.payload(),
+        )?;
         if !publish.idempotency_key.is_empty() {
-            if let Some(seq) = state.seq_of(publish.idempotency_key) {
+            let digest = || frames::payload_digest(&frame);
+            if let Some((seq, known)) = state.seq_of(publish.idempotency_key) {
+                // 0: a window restored from a peer that did not send digests.
+                if known != 0 && known != digest() {
+                    return Err(ApplyError::IdempotencyConflict { seq });
+                }
                 return Ok(Staged::Duplicate(Applied {
                     seq,
                     epoch: state.epoch.to_string(),
@@ -1092,11 +1178,14 @@ impl KeyTable {
                     duplicate: true,
                 }));
             }
-            if state
+            if let Some(p) = state
                 .pending
                 .iter()
-                .any(|p| p.idempotency_key == publish.idempotency_key)
+                .find(|p| p.idempotency_key == publish.idempotency_key)
             {
+                if frames::payload_digest(&p.frame) != digest() {
+                    return Err(ApplyError::IdempotencyConflict { seq: p.seq });
+                }
                 return Err(ApplyError::InFlight);
             }
         }
@@ -1112,14 +1201,6 @@ impl KeyTable {
                 });
             }
         }
-        let seq = state.next + 1;
-        let frame = frames::update(
-            key,
-            seq,
-            publish.data,
-            publish.content_type,
-            self.limits.max_payload,
-        )?;
         state.next = seq;
         let (done_tx, done) = oneshot::channel();
         let log_entry = LogEntry {
@@ -1483,7 +1564,7 @@ pub struct Replica {
     /// replicated key ~700 bytes.
     entries: VecDeque<LogEntry>,
     bytes: usize,
-    idempotency: Vec<(String, u64)>,
+    idempotency: Vec<(String, u64, u64)>,
     /// When it last changed, for dropping copies nobody updates any more.
     touched: Instant,
 }
@@ -1575,9 +1656,10 @@ impl Replicas {
             if replica.idempotency.capacity() == 0 {
                 replica.idempotency.reserve_exact(1);
             }
+            let digest = frames::payload_digest(&entry.frame);
             replica
                 .idempotency
-                .push((entry.idempotency_key.clone(), entry.seq));
+                .push((entry.idempotency_key.clone(), entry.seq, digest));
             let excess = replica
                 .idempotency
                 .len()
@@ -2131,6 +2213,36 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_idempotency_key_with_another_payload_is_refused() {
+        let table = table(100);
+        let with = |data: &'static [u8], content_type: &'static str| Publish {
+            idempotency_key: "x",
+            content_type,
+            ..publish(data)
+        };
+        let first = table.apply("k", with(b"1", "")).unwrap();
+        assert!(table.apply("k", with(b"1", "")).unwrap().duplicate);
+        assert!(matches!(
+            table.apply("k", with(b"2", "")),
+            Err(ApplyError::IdempotencyConflict { seq }) if seq == first.seq
+        ));
+        assert!(matches!(
+            table.apply("k", with(b"1", "text/plain")),
+            Err(ApplyError::IdempotencyConflict { .. })
+        ));
+        // The window travels with the key: a replica promoted, or a key handed over,
+        // still tells the payloads apart.
+        let moved = table.take_where(|k| k == "k").pop().unwrap();
+        let restored = KeyTable::new(Limits::default());
+        restored.restore("k", || Some(moved.snapshot));
+        assert!(restored.apply("k", with(b"1", "")).unwrap().duplicate);
+        assert!(matches!(
+            restored.apply("k", with(b"2", "")),
+            Err(ApplyError::IdempotencyConflict { .. })
+        ));
+    }
+
+    #[test]
     fn the_idempotency_window_is_bounded() {
         let table = KeyTable::new(Limits {
             idempotency_window: 2,
@@ -2489,7 +2601,8 @@ mod tests {
     #[test]
     fn a_restored_key_keeps_its_epoch_and_the_gap_free_run() {
         let table = table(100);
-        let frame = |seq: u64| frames::update("k", seq, b"1", "", 64).unwrap();
+        let frame =
+            |seq: u64| frames::update("k", seq, b"1", "", Limits::default().payload()).unwrap();
         let snapshot = KeySnapshot {
             epoch: "E".into(),
             seq: 3,
@@ -2501,7 +2614,7 @@ mod tests {
                     idempotency_key: format!("i{seq}"),
                 })
                 .collect(),
-            idempotency: vec![("i2".into(), 2), ("i5".into(), 5)],
+            idempotency: vec![("i2".into(), 2, 0), ("i5".into(), 5, 0)],
         };
         assert!(table.restore("k", || Some(snapshot)).is_some());
         assert_eq!(table.position("k"), ("E".to_owned(), 3));

@@ -67,6 +67,8 @@ pub struct Counters {
     pub refused_memory: AtomicU64,
     /// Times this node fenced itself (paused, or found itself off the ring).
     pub fenced: AtomicU64,
+    /// WebSocket clients closed (1008) for breaking a per-connection bound.
+    pub violations: Violations,
     /// A `Deliver` request (a router's batch for this owner), from its arrival to its
     /// answer or its time limit: the owner's share of a publish's latency, replication
     /// included.
@@ -74,6 +76,29 @@ pub struct Counters {
     /// A replication batch, from being sent to the successor to its answer (retries
     /// included).
     pub replication: crate::latency::Latency,
+}
+
+/// Clients closed for breaking a per-connection bound, by the bound.
+#[derive(Debug, Default)]
+pub struct Violations {
+    /// More control frames (ping, pong, close) in a second than allowed.
+    pub control_flood: AtomicU64,
+    /// More messages in a second than allowed.
+    pub message_flood: AtomicU64,
+    /// A message (with its fragments) not complete within the time allowed.
+    pub message_timeout: AtomicU64,
+}
+
+impl Violations {
+    /// Each bound's label and count.
+    pub fn read(&self) -> [(&'static str, u64); 3] {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("control_flood", read(&self.control_flood)),
+            ("message_flood", read(&self.message_flood)),
+            ("message_timeout", read(&self.message_timeout)),
+        ]
+    }
 }
 
 /// Who owns a key, as this node decided it.

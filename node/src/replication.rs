@@ -56,6 +56,17 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// About what the job takes in a request.
+    fn wire_bytes(&self) -> usize {
+        match self {
+            Job::Entry { key, epoch, entry } => entry.wire_bytes(key, epoch),
+            Job::Snapshot { key, snapshot } => snapshot.wire_bytes(key),
+            Job::Drop { key } => key.len() + 8,
+        }
+    }
+}
+
 /// Why a publish did not land.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -279,10 +290,14 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
         };
         match event {
             Event::Job(first) => {
+                let mut bytes = first.wire_bytes();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                while batch.len() < MAX_BATCH && bytes < crate::keys::REQUEST_BUDGET {
                     match rx.try_recv() {
-                        Ok(job) => batch.push(job),
+                        Ok(job) => {
+                            bytes += job.wire_bytes();
+                            batch.push(job);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -508,9 +523,10 @@ pub fn snapshot_pb(key: &str, snapshot: &KeySnapshot) -> pb::ReplicaSnapshot {
         idempotency: snapshot
             .idempotency
             .iter()
-            .map(|(id, seq)| pb::IdempotencyRecord {
+            .map(|(id, seq, digest)| pb::IdempotencyRecord {
                 id: id.clone(),
                 seq: *seq,
+                digest: *digest,
             })
             .collect(),
     }
@@ -529,7 +545,7 @@ pub fn snapshot_from_pb(snapshot: pb::ReplicaSnapshot) -> KeySnapshot {
         idempotency: snapshot
             .idempotency
             .into_iter()
-            .map(|r| (r.id, r.seq))
+            .map(|r| (r.id, r.seq, r.digest))
             .collect(),
     }
 }

@@ -59,6 +59,7 @@ pub async fn run(
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let grace = config.shutdown_grace();
+    let max_grpc_message = config.max_grpc_message();
     let node = Arc::new(Node::new(
         config,
         membership.clone(),
@@ -70,7 +71,7 @@ pub async fn run(
     tasks.spawn(crate::http::serve(node.clone(), http));
     let grpc_stop = shutdown.clone();
     let service = NodeServer::new(NodeService::new(node.clone(), stop.clone()))
-        .max_decoding_message_size(256 * 1024 * 1024);
+        .max_decoding_message_size(max_grpc_message);
     tasks.spawn(async move {
         // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
         // set here, or every reply larger than a segment waits for a delayed ACK.

@@ -34,6 +34,13 @@ pub const CLOSE_BAD_REQUEST: u16 = 4400;
 pub const CLOSE_TOO_LARGE: u16 = 4413;
 pub const CLOSE_TOO_MANY: u16 = 4429;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// RFC 6455's policy violation: a client past a per-connection bound (control frames
+/// or messages per second, the time to complete a message).
+pub const CLOSE_POLICY: u16 = 1008;
+
+/// The most client messages read while waiting for the answer to our close frame: a
+/// client that keeps sending instead of closing is not waited for.
+const CLOSE_DRAIN_MESSAGES: usize = 64;
 
 /// How long a close waits for the client to take the close frame and answer.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -123,6 +130,26 @@ struct Live {
     dead_at: u64,
 }
 
+/// The per-second bound `count` (messages, control frames in the second so far)
+/// breaks, if any.
+fn flood(count: (u32, u32), config: &crate::config::Config) -> Option<Flood> {
+    let (messages, controls) = count;
+    if controls > config.client_control_rate {
+        Some(Flood::Control)
+    } else if messages > config.client_message_rate {
+        Some(Flood::Messages)
+    } else {
+        None
+    }
+}
+
+/// A per-second bound a client broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flood {
+    Control,
+    Messages,
+}
+
 impl Drop for Live {
     fn drop(&mut self) {
         let node = &self.session.node;
@@ -145,12 +172,33 @@ impl Live {
         live
     }
 
+    /// After a read that found no whole message: a message the client has begun must
+    /// be complete within the message timeout. Its deadline is the end of the
+    /// client's silence, brought forward: what the client sends meanwhile (pongs) does
+    /// not move it later, only a whole message does. No field of its own: what an idle
+    /// connection waits in is what it costs.
+    fn watch_message(&mut self) {
+        if self.session.socket.message_open() {
+            let by = self.session.now_ms() + self.session.node.config.client_message_timeout_ms;
+            if by < self.dead_at {
+                self.dead_at = by;
+                self.control.set_due(self.ping_at.min(self.dead_at));
+            }
+        }
+    }
+
     /// Waits for the control (the kick, the clock and the queue, behind one waker) or
     /// the client: what an idle connection waits in, one pointer.
     fn wake(&mut self) -> impl std::future::Future<Output = Wake> + '_ {
         poll_fn(|cx| match self.control.poll_ready(cx) {
             Poll::Ready(ready) => Poll::Ready(Wake::Control(ready)),
-            Poll::Pending => self.session.socket.poll_next(cx).map(Wake::Client),
+            Poll::Pending => {
+                let next = self.session.socket.poll_next(cx).map(Wake::Client);
+                if next.is_pending() {
+                    self.watch_message();
+                }
+                next
+            }
         })
     }
 
@@ -162,6 +210,18 @@ impl Live {
             Wake::Control(Ready::Kicked(kick)) => Some(Box::pin(session.end_kicked(kick))),
             Wake::Control(Ready::Due) => {
                 let now = session.now_ms();
+                if now >= self.dead_at && session.socket.message_open() {
+                    tracing::debug!("the client's message was not completed in time; closing");
+                    session
+                        .node
+                        .counters
+                        .violations
+                        .message_timeout
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Some(Box::pin(
+                        session.end(CLOSE_POLICY, "message not completed in time"),
+                    ));
+                }
                 if now >= self.dead_at {
                     tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
                     return Some(Box::pin(session.end(CLOSE_GOING_AWAY, "heartbeat timeout")));
@@ -180,7 +240,21 @@ impl Live {
                 Some(Box::pin(std::future::ready(ControlFlow::Break(()))))
             }
             Wake::Client(msg) => {
-                self.dead_at = session.now_ms() + session.silence_ms();
+                let now = session.now_ms();
+                // While a message is under way, only its end moves the deadline on.
+                if !session.socket.message_open() {
+                    self.dead_at = now + session.silence_ms();
+                }
+                if let Some(Ok(message)) = &msg {
+                    let control = matches!(
+                        message,
+                        Message::Ping(_) | Message::Pong(_) | Message::Close(_)
+                    );
+                    let count = self.control.count_from_client(now / 1000, control);
+                    if let Some(flood) = flood(count, &session.node.config) {
+                        return Some(Box::pin(session.flooded(flood)));
+                    }
+                }
                 Some(Box::pin(session.client_message(self.control.key(), msg)))
             }
         }
@@ -375,6 +449,18 @@ impl Session {
         ControlFlow::Break(())
     }
 
+    /// Ends the session of a client past a per-second bound, and counts it.
+    async fn flooded(&mut self, flood: Flood) -> ControlFlow<()> {
+        let violations = &self.node.counters.violations;
+        let (counter, reason) = match flood {
+            Flood::Control => (&violations.control_flood, "too many control frames"),
+            Flood::Messages => (&violations.message_flood, "too many messages"),
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(?flood, "client past its rate; closing");
+        self.end(CLOSE_POLICY, reason).await
+    }
+
     /// Ends the session with a close frame.
     async fn end(&mut self, code: u16, reason: &'static str) -> ControlFlow<()> {
         self.close(code, reason).await;
@@ -506,6 +592,9 @@ impl Session {
             Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyKeyTooLong(_)))) => {
                 Err(("bad_id", e.to_string()))
             }
+            Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyConflict { .. }))) => {
+                Err(("already_exists", e.to_string()))
+            }
             Ok(Err(PublishError::Apply(e @ ApplyError::MemoryBudget))) => {
                 Err(("resource_exhausted", e.to_string()))
             }
@@ -541,10 +630,14 @@ impl Session {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from(&reason[..end]),
         };
-        // A client that does not read cannot be waited for forever.
+        // A client that does not read, or keeps sending, cannot be waited for forever.
         let goodbye = async {
             if self.socket.close(frame).await.is_ok() {
-                while let Some(Ok(_)) = self.socket.next().await {}
+                for _ in 0..CLOSE_DRAIN_MESSAGES {
+                    if !matches!(self.socket.next().await, Some(Ok(_))) {
+                        break;
+                    }
+                }
             }
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;

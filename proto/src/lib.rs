@@ -17,3 +17,8 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of every ringfeed proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ringfeed_descriptor");
+
+/// The encoded `FileDescriptorSet` of the public `ringfeed.v1.Router` service alone:
+/// what the router's reflection lists.
+pub const ROUTER_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("ringfeed_router_descriptor");

@@ -150,6 +150,26 @@ impl Forwarder {
                 self.config.max_payload
             )));
         }
+        let bounded = [
+            (
+                "content_type",
+                item.content_type.len(),
+                key::MAX_CONTENT_TYPE,
+            ),
+            (
+                "idempotency_key",
+                item.idempotency_key.len(),
+                key::MAX_IDEMPOTENCY_KEY,
+            ),
+            ("expected_epoch", item.expected_epoch.len(), key::MAX_EPOCH),
+        ];
+        for (field, len, max) in bounded {
+            if len > max {
+                return Err(Status::invalid_argument(format!(
+                    "{field} is {len} bytes; the limit is {max}"
+                )));
+            }
+        }
         if item.idempotency_key.is_empty() {
             item.idempotency_key = new_idempotency_key();
         }

@@ -5,6 +5,16 @@ use std::fmt;
 /// The longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 256;
 
+/// The longest `content_type` of a publish, in bytes (RFC 6838's 127 + `/` + 127,
+/// rounded to 255 as PROTOCOL.md states it).
+pub const MAX_CONTENT_TYPE: usize = 255;
+
+/// The longest idempotency key of a publish, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The longest `expected_epoch` of a publish, in bytes (epochs are 16 characters).
+pub const MAX_EPOCH: usize = 64;
+
 /// A validated routing key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(String);

@@ -48,6 +48,22 @@ struct Config {
 }
 
 impl Config {
+    /// The largest request decoded: a batch of `max_batch` items at the payload limit,
+    /// each with its key, content type, idempotency key and epoch at their limits, plus
+    /// framing. A larger one is refused (`OUT_OF_RANGE`) before it is read.
+    fn max_grpc_message(&self) -> usize {
+        use ringfeed_router::key::{MAX_CONTENT_TYPE, MAX_EPOCH, MAX_IDEMPOTENCY_KEY, MAX_KEY_LEN};
+        let item = self.max_payload
+            + MAX_KEY_LEN
+            + MAX_CONTENT_TYPE
+            + MAX_IDEMPOTENCY_KEY
+            + MAX_EPOCH
+            + 64;
+        self.max_batch
+            .saturating_mul(item)
+            .saturating_add(64 * 1024)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.cluster.is_empty() || self.cluster.contains('/') {
             return Err(format!(
@@ -63,6 +79,9 @@ impl Config {
         }
         if self.max_payload == 0 || self.max_batch == 0 {
             return Err("--max-payload and --max-batch must be > 0".into());
+        }
+        if self.max_payload > 64 << 20 || self.max_batch > 100_000 {
+            return Err("--max-payload is at most 64 MiB and --max-batch at most 100000".into());
         }
         if self.worker_threads > 1024 {
             return Err(format!(
@@ -120,11 +139,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    // Reflection lists what this process serves: the public Router service, not the
+    // nodes' internal one.
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ringfeed_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(ringfeed_proto::ROUTER_FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let router = RouterServer::new(RouterService::new(forwarder))
-        .max_decoding_message_size(128 * 1024 * 1024);
+        .max_decoding_message_size(config.max_grpc_message());
 
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     println!("ringfeed-router ready grpc={addr}");

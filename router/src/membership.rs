@@ -86,7 +86,16 @@ struct Inner {
     members: std::sync::Mutex<BTreeMap<String, Member>>,
     /// One fresh read at a time; others wait for its result.
     reading: tokio::sync::Mutex<()>,
+    /// When the last fresh read started: reads on demand (a request carrying a ring
+    /// version this process has not seen) are at most one per [`FRESH_READ_INTERVAL`],
+    /// whatever the request rate, so a forged version cannot make etcd's load.
+    last_read: std::sync::Mutex<Option<Instant>>,
+    /// Fresh reads made on demand, for `/metrics`.
+    fresh_reads: AtomicU64,
 }
+
+/// The least time between two fresh reads of the ring made on demand.
+pub const FRESH_READ_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Membership {
     /// Connects to etcd, reads the current ring and starts watching it. The watch runs
@@ -117,6 +126,8 @@ impl Membership {
                 history: broadcast::channel(HISTORY).0,
                 members: std::sync::Mutex::new(BTreeMap::new()),
                 reading: tokio::sync::Mutex::new(()),
+                last_read: std::sync::Mutex::new(None),
+                fresh_reads: AtomicU64::new(0),
             }),
         };
         membership.read_fresh().await?;
@@ -172,13 +183,27 @@ impl Membership {
             {
                 continue;
             }
+            // Read etcd afresh: single-flight, and at most once per interval; until the
+            // next read is due, wait for the watch instead.
+            let pause = self.until_next_read();
+            if !pause.is_zero() {
+                let wait = pause.min(deadline.saturating_duration_since(Instant::now()));
+                let _ = tokio::time::timeout(wait, rx.changed()).await;
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(_reading) = tokio::time::timeout(left, self.inner.reading.lock()).await else {
                 return self.view();
             };
-            if self.view().has_seen(version, id) {
+            if self.view().has_seen(version, id) || !self.until_next_read().is_zero() {
                 continue;
             }
+            *self
+                .inner
+                .last_read
+                .lock()
+                .expect("last read lock poisoned") = Some(Instant::now());
+            self.inner.fresh_reads.fetch_add(1, Ordering::Relaxed);
             match tokio::time::timeout(left, self.read_fresh()).await {
                 Ok(Ok(revision)) if revision < version => {
                     // etcd itself is not at `version` yet: whoever sent it was not
@@ -197,6 +222,23 @@ impl Membership {
                 tokio::time::sleep(Duration::from_millis(100).min(deadline - now)).await;
             }
         }
+    }
+
+    /// How long until a fresh read on demand may start (zero: now).
+    fn until_next_read(&self) -> Duration {
+        let last = *self
+            .inner
+            .last_read
+            .lock()
+            .expect("last read lock poisoned");
+        last.map_or(Duration::ZERO, |at| {
+            (at + FRESH_READ_INTERVAL).saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// Fresh reads of the ring made on demand so far (see [`catch_up`](Self::catch_up)).
+    pub fn fresh_reads(&self) -> u64 {
+        self.inner.fresh_reads.load(Ordering::Relaxed)
     }
 
     fn nodes_prefix(&self) -> String {

@@ -97,6 +97,7 @@ fn follow(
                         epoch = Some(reset_epoch);
                     }
                     Ok(Event::Frame(_)) => {}
+                    Ok(Event::Unreadable { error, .. }) => panic!("unreadable frame: {error}"),
                     Err(ringfeed_client::ClientError::Timeout) => {
                         if stop.load(Ordering::Relaxed) {
                             return;

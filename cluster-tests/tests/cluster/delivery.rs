@@ -368,6 +368,7 @@ async fn a_slow_consumer_is_closed_with_4408_and_resumes_without_loss() {
             match tokio::time::timeout(FRAME_TIMEOUT, ringfeed_client::read_event(&mut slow)).await?? {
                 Event::Frame(Frame::Update { seq, .. }) => seqs.push(seq),
                 Event::Frame(other) => bail!("slow consumer got {other:?}"),
+                Event::Unreadable { error, .. } => bail!("slow consumer got {error}"),
                 Event::Closed { code, reason } => break (code, reason),
             }
         };

@@ -7,6 +7,15 @@
 //! buffer, a write buffer as large as the largest batch ever sent, and two waker
 //! proxies; an idle connection here keeps its socket and two empty `Vec`s.
 //!
+//! Reads are cooperative: every message handed to the session spends one unit of
+//! tokio's task budget, so a client that never stops sending (a ping flood) cannot
+//! keep its task from yielding — `try_read` alone would bypass the budget.
+//!
+//! The bytes read are also scanned for WebSocket frame headers ([`Scan`]), so that the
+//! session can tell whether a data message has begun and not yet ended: tungstenite
+//! keeps an unfinished message to itself, and a client that starts one and never ends
+//! it must not hold the node's memory for as long as it answers pings.
+//!
 //! The two writers never interleave: tungstenite's queued bytes (a pong, a close) go
 //! out before the session's are formatted behind them, and tungstenite is not asked to
 //! read or write while the session's bytes are half written.
@@ -47,12 +56,13 @@ impl Socket {
     /// A WebSocket on `stream`, whose handshake is done; `read` is what was read past
     /// the handshake (a client may send frames right behind its request).
     pub fn new(stream: TcpStream, read: Bytes, config: WebSocketConfig) -> Self {
+        let mut scan = Scan::default();
+        scan.feed(&read);
         let tcp = Tcp {
             stream,
             // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
             spill: (!read.is_empty()).then(|| Box::new(Bytes::copy_from_slice(&read))),
-            write_blocked: false,
-            ended: false,
+            scan,
         };
         Socket {
             ws: WebSocket::from_raw_socket(tcp, Role::Server, Some(config)),
@@ -70,39 +80,52 @@ impl Socket {
     /// [`next`](Self::next) as a poll, for a caller that polls its socket together
     /// with something else.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
-        if self.ws.get_ref().ended {
+        if self.ws.get_ref().scan.flag(Scan::ENDED) {
             return Poll::Ready(None);
         }
+        // One unit of the task's budget per message: past it, the task yields (and is
+        // woken at once), whatever the client keeps sending.
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
         // Reading may make tungstenite write a pong: never into half a frame of ours.
         if let Err(e) = ready!(self.poll_write_own(cx)) {
-            self.ws.get_mut().ended = true;
+            self.ws.get_mut().scan.set_flag(Scan::ENDED, true);
             return Poll::Ready(Some(Err(e)));
         }
         loop {
             match self.ws.read() {
-                Ok(message) => return Poll::Ready(Some(Ok(message))),
+                Ok(message) => {
+                    coop.made_progress();
+                    return Poll::Ready(Some(Ok(message)));
+                }
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A pong that could not be written is retried by the next read:
                     // wake for room to write it as well as for more to read.
                     let tcp = self.ws.get_ref();
-                    let writable = tcp.write_blocked && tcp.stream.poll_write_ready(cx).is_ready();
+                    let writable = tcp.scan.flag(Scan::WRITE_BLOCKED)
+                        && tcp.stream.poll_write_ready(cx).is_ready();
                     if !writable {
                         if let Err(e) = ready!(tcp.stream.poll_read_ready(cx)) {
-                            self.ws.get_mut().ended = true;
+                            self.ws.get_mut().scan.set_flag(Scan::ENDED, true);
                             return Poll::Ready(Some(Err(WsError::Io(e))));
                         }
                     }
                 }
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                    self.ws.get_mut().ended = true;
+                    self.ws.get_mut().scan.set_flag(Scan::ENDED, true);
                     return Poll::Ready(None);
                 }
                 Err(e) => {
-                    self.ws.get_mut().ended = true;
+                    self.ws.get_mut().scan.set_flag(Scan::ENDED, true);
                     return Poll::Ready(Some(Err(e)));
                 }
             }
         }
+    }
+
+    /// Whether the client has begun a data message (a text or binary frame, or the
+    /// first fragment of one) whose last byte has not arrived yet.
+    pub fn message_open(&self) -> bool {
+        self.ws.get_ref().scan.open()
     }
 
     /// Frames `text` as one text message behind whatever is queued; [`flush`](Self::flush)
@@ -196,11 +219,10 @@ struct Tcp {
     /// it has been handed over. Boxed: it is rare, and every idle connection holds
     /// the slot (8 bytes rather than a `Bytes`' 32).
     spill: Option<Box<Bytes>>,
-    /// The last write found no room; cleared by the next one that made progress.
-    write_blocked: bool,
-    /// The client's side has ended (closed, reset, or broke the protocol). The
-    /// [`Socket`]'s state, kept here where it takes no room of its own.
-    ended: bool,
+    /// Where the bytes read so far leave the client's frames, and two flags: the last
+    /// write found no room, and the client's side has ended (the [`Socket`]'s state,
+    /// kept here where it takes no room of its own).
+    scan: Scan,
 }
 
 impl Read for Tcp {
@@ -209,10 +231,13 @@ impl Read for Tcp {
             Some(spill) => spill,
             None => {
                 if buf.len() >= READ_CHUNK {
-                    return self.stream.try_read(buf);
+                    let n = self.stream.try_read(buf)?;
+                    self.scan.feed(&buf[..n]);
+                    return Ok(n);
                 }
                 let mut chunk = [0u8; READ_CHUNK];
                 let n = self.stream.try_read(&mut chunk)?;
+                self.scan.feed(&chunk[..n]);
                 if n <= buf.len() {
                     buf[..n].copy_from_slice(&chunk[..n]);
                     return Ok(n);
@@ -231,14 +256,228 @@ impl Read for Tcp {
     }
 }
 
+/// Follows the client's frame headers through the bytes read, to know whether a data
+/// message is under way. It only counts: tungstenite checks and decodes the frames, and
+/// a stream it finds malformed ends the connection whatever the scan thinks.
+///
+/// Eight bytes, with the socket's two flags packed in: every idle connection holds one,
+/// and its task must stay within tokio's 512-byte cell (see `ws`'s size test).
+#[derive(Debug, Default)]
+struct Scan {
+    /// In a header, its extended payload length as the bytes arrive; in a payload, the
+    /// bytes still to come (saturating: tungstenite refuses frames past the limit).
+    count: u32,
+    /// Header bytes seen of the current frame (0: a new frame starts)…
+    seen: u8,
+    /// …and how many it has, once its second byte says (0 until then).
+    need: u8,
+    /// [`Scan::FIN`], [`Scan::MASKED`], [`Scan::PAYLOAD`], the frame's kind, and
+    /// [`Scan::OPEN`].
+    bits: u8,
+    /// The socket's flags: [`Scan::ENDED`], [`Scan::WRITE_BLOCKED`].
+    io: u8,
+}
+
+impl Scan {
+    const FIN: u8 = 0x80;
+    /// A data message has begun and its final frame has not ended.
+    const OPEN: u8 = 0x40;
+    const MASKED: u8 = 0x20;
+    /// The header is done; `count` is the payload left.
+    const PAYLOAD: u8 = 0x10;
+    /// The current frame's kind: a continuation, text or binary, or control.
+    const KIND: u8 = 0x03;
+    const CONTINUATION: u8 = 0;
+    const DATA: u8 = 1;
+    const CONTROL: u8 = 2;
+
+    /// The client's side has ended (closed, reset, or broke the protocol).
+    const ENDED: u8 = 0x01;
+    /// The last write found no room; cleared by the next one that made progress.
+    const WRITE_BLOCKED: u8 = 0x02;
+
+    fn open(&self) -> bool {
+        self.bits & Self::OPEN != 0
+    }
+
+    fn flag(&self, flag: u8) -> bool {
+        self.io & flag != 0
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) {
+        if on {
+            self.io |= flag;
+        } else {
+            self.io &= !flag;
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.bits & Self::PAYLOAD != 0 {
+                let n = bytes.len().min(self.count as usize);
+                self.count -= n as u32;
+                bytes = &bytes[n..];
+                if self.count == 0 {
+                    self.end_frame();
+                }
+                continue;
+            }
+            let b = bytes[0];
+            bytes = &bytes[1..];
+            match self.seen {
+                0 => {
+                    let kind = match b & 0x0f {
+                        0 => Self::CONTINUATION,
+                        1 | 2 => Self::DATA,
+                        _ => Self::CONTROL,
+                    };
+                    let open = self.bits & Self::OPEN;
+                    self.bits = (b & Self::FIN) | kind | open;
+                    // Text or binary: a message begins (a continuation keeps it open).
+                    if kind == Self::DATA {
+                        self.bits |= Self::OPEN;
+                    }
+                }
+                1 => {
+                    let extended = match b & 0x7f {
+                        126 => 2,
+                        127 => 8,
+                        _ => 0,
+                    };
+                    self.count = if extended == 0 {
+                        u32::from(b & 0x7f)
+                    } else {
+                        0
+                    };
+                    let mask = if b & 0x80 != 0 {
+                        self.bits |= Self::MASKED;
+                        4
+                    } else {
+                        0
+                    };
+                    self.need = 2 + extended + mask;
+                }
+                n if n < self.need - if self.bits & Self::MASKED != 0 { 4 } else { 0 } => {
+                    self.count = self
+                        .count
+                        .checked_mul(256)
+                        .map_or(u32::MAX, |c| c | u32::from(b));
+                }
+                _ => {}
+            }
+            self.seen += 1;
+            if self.seen >= 2 && self.seen == self.need {
+                self.seen = 0;
+                self.need = 0;
+                self.bits |= Self::PAYLOAD;
+                if self.count == 0 {
+                    self.end_frame();
+                }
+            }
+        }
+    }
+
+    /// The current frame's payload has all arrived.
+    fn end_frame(&mut self) {
+        let kind = self.bits & Self::KIND;
+        if self.bits & Self::FIN != 0 && kind != Self::CONTROL {
+            self.bits &= !Self::OPEN;
+        }
+        self.bits &= Self::OPEN;
+    }
+}
+
 impl Write for Tcp {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let written = self.stream.try_write(buf);
-        self.write_blocked = matches!(&written, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        let blocked = matches!(&written, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        self.scan.set_flag(Scan::WRITE_BLOCKED, blocked);
         written
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scan;
+
+    /// A client frame: FIN + opcode, masked, with `len` payload bytes.
+    fn frame(first: u8, len: usize) -> Vec<u8> {
+        let mut out = vec![first];
+        match len {
+            0..=125 => out.push(0x80 | len as u8),
+            126..=0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        out.extend(std::iter::repeat_n(b'x', len));
+        out
+    }
+
+    #[test]
+    fn a_whole_message_closes_what_it_opened() {
+        for len in [0, 5, 125, 126, 300, 70_000] {
+            let mut scan = Scan::default();
+            let bytes = frame(0x81, len);
+            let (head, tail) = bytes.split_at(bytes.len() - 1);
+            scan.feed(head);
+            assert!(scan.open(), "{len}: open before its last byte");
+            scan.feed(tail);
+            assert!(!scan.open(), "{len}: still open after its last byte");
+        }
+    }
+
+    #[test]
+    fn fragments_stay_open_through_pings_until_the_final_one() {
+        let mut scan = Scan::default();
+        scan.feed(&frame(0x01, 60_000)); // text, not final
+        assert!(scan.open());
+        for _ in 0..3 {
+            scan.feed(&frame(0x89, 4)); // ping
+            scan.feed(&frame(0x8a, 0)); // pong
+            assert!(scan.open(), "control frames do not end a message");
+        }
+        scan.feed(&frame(0x00, 10)); // continuation, not final
+        assert!(scan.open());
+        scan.feed(&frame(0x80, 10)); // final continuation
+        assert!(!scan.open());
+    }
+
+    #[test]
+    fn the_scan_and_the_socket_flags_keep_out_of_each_other() {
+        let mut scan = Scan::default();
+        scan.set_flag(Scan::WRITE_BLOCKED, true);
+        scan.feed(&frame(0x01, 10));
+        assert!(scan.open() && scan.flag(Scan::WRITE_BLOCKED) && !scan.flag(Scan::ENDED));
+        scan.set_flag(Scan::WRITE_BLOCKED, false);
+        scan.set_flag(Scan::ENDED, true);
+        scan.feed(&frame(0x80, 3));
+        assert!(!scan.open() && scan.flag(Scan::ENDED));
+        assert_eq!(std::mem::size_of::<Scan>(), 8);
+    }
+
+    #[test]
+    fn bytes_arriving_one_at_a_time_are_followed() {
+        let mut scan = Scan::default();
+        let mut bytes = frame(0x89, 3);
+        bytes.extend(frame(0x82, 200));
+        bytes.extend(frame(0x88, 2));
+        let mut opened = false;
+        for b in &bytes {
+            scan.feed(std::slice::from_ref(b));
+            opened |= scan.open();
+        }
+        assert!(opened);
+        assert!(!scan.open());
     }
 }
