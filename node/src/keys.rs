@@ -912,8 +912,11 @@ struct Idempotency {
     /// Made once the window holds more than `FEW`. Boxed on purpose: an empty map is
     /// 48 bytes in every window, the box 8.
     #[allow(clippy::box_collection)]
-    index: Option<Box<HashMap<Box<str>, (u64, u64)>>>,
+    index: Option<Box<HashMap<Box<str>, SeqDigest>>>,
 }
+
+/// The seq an idempotency key got, and its payload's digest.
+type SeqDigest = (u64, u64);
 
 impl Idempotency {
     const FEW: usize = 8;
