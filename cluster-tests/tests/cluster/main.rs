@@ -1,6 +1,7 @@
 //! End-to-end tests: real etcd, real `ringfeed-node` and `ringfeed-router` processes,
 //! real sockets. One test binary; `.config/nextest.toml` runs the tests one at a time.
 
+mod adversarial;
 mod chaos;
 mod delivery;
 mod routing;
