@@ -278,6 +278,28 @@ async fn violations(http: &str, bound: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("no {series} in /metrics"))
 }
 
+/// Sends masked pings as fast as the socket takes them, for 3 s or until it fails.
+async fn flood_pings<W>(write: &mut W)
+where
+    W: futures_util::Sink<Message> + Unpin,
+{
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for _ in 0..256 {
+            if write
+                .feed(Message::Ping(vec![7u8; 16].into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if write.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A violation counter summed over every node.
 async fn all_violations(cluster: &Cluster, bound: &str) -> Result<u64> {
     let mut sum = 0;
@@ -316,23 +338,7 @@ async fn ping_flood(cluster: &Cluster) -> Result<()> {
         drop(sub);
         let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
         let (mut write, mut read) = ws.split();
-        let flood = async {
-            let until = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < until {
-                for _ in 0..256 {
-                    if write
-                        .feed(Message::Ping(vec![7u8; 16].into()))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                if write.flush().await.is_err() {
-                    return;
-                }
-            }
-        };
+        let flood = flood_pings(&mut write);
         let (code, ()) = tokio::join!(close_code(&mut read, Duration::from_secs(10)), flood);
         anyhow::Ok(code?)
     });
@@ -362,23 +368,7 @@ async fn ping_flood_while_closing(cluster: &Cluster) -> Result<()> {
     );
     let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
     let (mut write, mut read) = ws.split();
-    let flood = async {
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until {
-            for _ in 0..256 {
-                if write
-                    .feed(Message::Ping(vec![7u8; 16].into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if write.flush().await.is_err() {
-                return;
-            }
-        }
-    };
+    let flood = flood_pings(&mut write);
     let started = Instant::now();
     let (code, ()) = tokio::join!(close_code(&mut read, Duration::from_secs(10)), flood);
     let code = code?;
@@ -421,7 +411,11 @@ async fn unbounded_fields(cluster: &Cluster) -> Result<()> {
         ),
     ];
     for (request, field) in refused {
-        let status = router.publish(request).await.err().ok_or_else(|| anyhow!("accepted, not refused"))?;
+        let status = router
+            .publish(request)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("accepted, not refused"))?;
         ensure!(
             status.code() == Code::InvalidArgument,
             "{field}: {status:?}"
@@ -448,7 +442,11 @@ async fn deep_json(cluster: &Cluster) -> Result<()> {
             data: nested(depth).into_bytes(),
             ..Default::default()
         };
-        let status = router.publish(request).await.err().ok_or_else(|| anyhow!("accepted, not refused"))?;
+        let status = router
+            .publish(request)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("accepted, not refused"))?;
         ensure!(
             status.code() == Code::InvalidArgument,
             "{depth}: {status:?}"
@@ -577,7 +575,8 @@ async fn reused_idempotency_key(cluster: &Cluster) -> Result<()> {
         let status = router
             .publish(with(data, content_type))
             .await
-            .err().ok_or_else(|| anyhow!("accepted, not refused"))?;
+            .err()
+            .ok_or_else(|| anyhow!("accepted, not refused"))?;
         ensure!(status.code() == Code::AlreadyExists, "{status:?}");
         ensure!(status.message().contains("different payload"), "{status:?}");
     }
@@ -599,7 +598,9 @@ async fn huge_grpc_messages(cluster: &Cluster) -> Result<()> {
         async move { router.publish(request).await }
     });
     for answer in futures_util::future::join_all(calls).await {
-        let status = answer.err().ok_or_else(|| anyhow!("accepted, not refused"))?;
+        let status = answer
+            .err()
+            .ok_or_else(|| anyhow!("accepted, not refused"))?;
         ensure!(status.code() == Code::OutOfRange, "router: {status:?}");
         ensure!(
             status.message().contains("decoded message"),
@@ -621,7 +622,8 @@ async fn huge_grpc_messages(cluster: &Cluster) -> Result<()> {
             ..Default::default()
         })
         .await
-        .err().ok_or_else(|| anyhow!("accepted, not refused"))?;
+        .err()
+        .ok_or_else(|| anyhow!("accepted, not refused"))?;
     ensure!(status.code() == Code::OutOfRange, "node: {status:?}");
     ensure!(
         status.message().contains("decoded message"),
