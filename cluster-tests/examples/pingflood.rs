@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use futures_util::StreamExt;
 
 #[derive(Parser)]
 struct Args {
@@ -79,20 +78,8 @@ async fn flood(url: String, until: Instant) -> Result<usize> {
         };
         let (mut write, mut read) = ws.split();
         let drain = tokio::spawn(async move { while let Some(Ok(_)) = read.next().await {} });
-        'sending: while Instant::now() < until {
-            for _ in 0..256 {
-                if write
-                    .feed(Message::Ping(vec![7u8; 16].into()))
-                    .await
-                    .is_err()
-                {
-                    break 'sending;
-                }
-            }
-            if write.flush().await.is_err() {
-                break;
-            }
-        }
+        let left = until.saturating_duration_since(Instant::now());
+        ringfeed_cluster_tests::flood_pings(&mut write, left).await;
         drain.abort();
         if Instant::now() < until {
             closed += 1;

@@ -1022,3 +1022,25 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// Sends masked WebSocket pings as fast as `write` takes them, for `lasting` or until
+/// the socket fails (the node closed it): a ping flood, for the adversarial suite and
+/// `examples/pingflood`.
+pub async fn flood_pings<W>(write: &mut W, lasting: Duration)
+where
+    W: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    use futures_util::SinkExt;
+    let until = Instant::now() + lasting;
+    while Instant::now() < until {
+        for _ in 0..256 {
+            let ping = tokio_tungstenite::tungstenite::Message::Ping(vec![7u8; 16].into());
+            if write.feed(ping).await.is_err() {
+                return;
+            }
+        }
+        if write.flush().await.is_err() {
+            return;
+        }
+    }
+}

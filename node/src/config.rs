@@ -324,8 +324,7 @@ impl Config {
     /// hand-off) of [`REQUEST_BUDGET`](crate::keys::REQUEST_BUDGET) bytes and one more
     /// key, plus framing. Anything larger is refused before it is read.
     pub fn max_grpc_message(&self) -> usize {
-        let per_item = self.max_payload + crate::frames::ITEM_OVERHEAD;
-        let deliver = self.max_batch.saturating_mul(per_item);
+        let deliver = ringfeed_router::key::max_batch_message(self.max_batch, self.max_payload);
         // One key's snapshot: its history (frames), what is in flight (bounded like
         // the history, in practice far less) and its idempotency window.
         let snapshot = (self.history_bytes + self.max_payload)
@@ -335,7 +334,7 @@ impl Config {
                     .saturating_mul(MAX_IDEMPOTENCY_KEY + 24),
             );
         let peer = crate::keys::REQUEST_BUDGET.saturating_add(snapshot);
-        deliver.max(peer).saturating_add(64 * 1024)
+        deliver.max(peer.saturating_add(64 * 1024))
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -16,10 +16,6 @@ pub use ringfeed_router::key::MAX_CONTENT_TYPE;
 /// to parse past 128 levels, and an update frame adds one.
 pub const MAX_JSON_DEPTH: usize = 120;
 
-/// What one item of a `Deliver` request costs beyond its payload, at most: the key,
-/// the content type, the idempotency key, the expected epoch and protobuf framing.
-pub const ITEM_OVERHEAD: usize = 256 + MAX_CONTENT_TYPE + 256 + 64 + 64;
-
 /// Why a payload was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {

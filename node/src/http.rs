@@ -11,6 +11,8 @@
 //! a flood of idle connections cannot keep a liveness probe out: it is answered within
 //! a second however many connections are open.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_util::sync::CancellationToken;
 
 use crate::node::{redirect_url, Node};
 use crate::params::ClientQuery;
@@ -41,8 +44,10 @@ const ACCEPT_SLACK: usize = 512;
 /// Connections accepted past the budget, for health checks (see the module's doc).
 const RESERVE: usize = 64;
 
-/// How long a connection in the reserve has to send its request.
+/// How long a connection in the reserve has to send its request…
 const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// …and to be answered (a `/metrics` reader that stops reading is not waited for).
+const RESERVE_LIFETIME: Duration = Duration::from_secs(5);
 
 /// An error answer: `{"error": "…"}` with a status.
 #[derive(Debug)]
@@ -89,15 +94,15 @@ fn reserve_router(node: Arc<Node>) -> axum::Router {
 /// The connections accepted past the budget, oldest first; each can be told to close.
 #[derive(Default)]
 struct Reserve {
-    slots: std::sync::Mutex<std::collections::VecDeque<(u64, tokio_util::sync::CancellationToken)>>,
-    next: std::sync::atomic::AtomicU64,
+    slots: std::sync::Mutex<VecDeque<(u64, CancellationToken)>>,
+    next: AtomicU64,
 }
 
 impl Reserve {
     /// A place for a new connection, closing the oldest one if the reserve is full.
-    fn admit(&self) -> (u64, tokio_util::sync::CancellationToken) {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let token = tokio_util::sync::CancellationToken::new();
+    fn admit(&self) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
         let mut slots = self.slots.lock().expect("reserve lock poisoned");
         if slots.len() >= RESERVE {
             if let Some((_, oldest)) = slots.pop_front() {
@@ -187,7 +192,7 @@ fn serve_reserved(
             .header_read_timeout(RESERVE_HEADER_TIMEOUT)
             .keep_alive(false)
             .serve_connection(TokioIo::new(stream), service);
-        let _ = tokio::time::timeout(RESERVE_HEADER_TIMEOUT * 5, async {
+        let _ = tokio::time::timeout(RESERVE_LIFETIME, async {
             tokio::select! {
                 _ = conn => {}
                 _ = evicted.cancelled() => {}
@@ -509,7 +514,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         ),
     ];
     let counters = &node.counters;
-    let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let counted: [(&str, &str, u64); 6] = [
         (
             "ringfeed_published_total",

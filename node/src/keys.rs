@@ -866,7 +866,7 @@ impl KeyState {
 
     /// The seq that idempotency key `id` got and its payload's digest, if the window
     /// remembers it.
-    fn seq_of(&self, id: &str) -> Option<(u64, u64)> {
+    fn seq_of(&self, id: &str) -> Option<SeqDigest> {
         self.idempotency.as_ref()?.get(id)
     }
 
@@ -922,7 +922,7 @@ impl Idempotency {
     const FEW: usize = 8;
 
     /// The seq that `id` got and its payload's digest, if the window holds it.
-    fn get(&self, id: &str) -> Option<(u64, u64)> {
+    fn get(&self, id: &str) -> Option<SeqDigest> {
         match &self.index {
             Some(index) => index.get(id).copied(),
             None => self

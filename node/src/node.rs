@@ -78,26 +78,56 @@ pub struct Counters {
     pub replication: crate::latency::Latency,
 }
 
-/// Clients closed for breaking a per-connection bound, by the bound.
-#[derive(Debug, Default)]
-pub struct Violations {
+/// A per-connection bound a client broke (it is then closed with 1008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
     /// More control frames (ping, pong, close) in a second than allowed.
-    pub control_flood: AtomicU64,
+    ControlFlood,
     /// More messages in a second than allowed.
-    pub message_flood: AtomicU64,
+    MessageFlood,
     /// A message (with its fragments) not complete within the time allowed.
-    pub message_timeout: AtomicU64,
+    MessageTimeout,
 }
 
+impl Violation {
+    const ALL: [Violation; 3] = [
+        Violation::ControlFlood,
+        Violation::MessageFlood,
+        Violation::MessageTimeout,
+    ];
+
+    /// Its `bound` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Violation::ControlFlood => "control_flood",
+            Violation::MessageFlood => "message_flood",
+            Violation::MessageTimeout => "message_timeout",
+        }
+    }
+
+    /// The close frame's reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Violation::ControlFlood => "too many control frames",
+            Violation::MessageFlood => "too many messages",
+            Violation::MessageTimeout => "message not completed in time",
+        }
+    }
+}
+
+/// Clients closed for breaking a per-connection bound, by the bound.
+#[derive(Debug, Default)]
+pub struct Violations([AtomicU64; 3]);
+
 impl Violations {
+    /// Counts one client closed for `violation`.
+    pub fn count(&self, violation: Violation) {
+        self.0[violation as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Each bound's label and count.
     pub fn read(&self) -> [(&'static str, u64); 3] {
-        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        [
-            ("control_flood", read(&self.control_flood)),
-            ("message_flood", read(&self.message_flood)),
-            ("message_timeout", read(&self.message_timeout)),
-        ]
+        Violation::ALL.map(|v| (v.label(), self.0[v as usize].load(Ordering::Relaxed)))
     }
 }
 

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::frames::{self, ClientFrame, ServerFrame};
 use crate::keys::{ApplyError, Control, Kick, Publish, Ready, Start, SubscribeError};
-use crate::node::{redirect_kick, Decision, Node, CLOSE_UNAVAILABLE};
+use crate::node::{redirect_kick, Decision, Node, Violation, CLOSE_UNAVAILABLE};
 use crate::params::ClientQuery;
 use crate::replication::{self, PublishError};
 use crate::session::{self, Placement, Subscription};
@@ -132,22 +132,15 @@ struct Live {
 
 /// The per-second bound `count` (messages, control frames in the second so far)
 /// breaks, if any.
-fn flood(count: (u32, u32), config: &crate::config::Config) -> Option<Flood> {
+fn flood(count: (u32, u32), config: &crate::config::Config) -> Option<Violation> {
     let (messages, controls) = count;
     if controls > config.client_control_rate {
-        Some(Flood::Control)
+        Some(Violation::ControlFlood)
     } else if messages > config.client_message_rate {
-        Some(Flood::Messages)
+        Some(Violation::MessageFlood)
     } else {
         None
     }
-}
-
-/// A per-second bound a client broke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flood {
-    Control,
-    Messages,
 }
 
 impl Drop for Live {
@@ -211,16 +204,7 @@ impl Live {
             Wake::Control(Ready::Due) => {
                 let now = session.now_ms();
                 if now >= self.dead_at && session.socket.message_open() {
-                    tracing::debug!("the client's message was not completed in time; closing");
-                    session
-                        .node
-                        .counters
-                        .violations
-                        .message_timeout
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Some(Box::pin(
-                        session.end(CLOSE_POLICY, "message not completed in time"),
-                    ));
+                    return Some(Box::pin(session.violated(Violation::MessageTimeout)));
                 }
                 if now >= self.dead_at {
                     tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
@@ -251,8 +235,8 @@ impl Live {
                         Message::Ping(_) | Message::Pong(_) | Message::Close(_)
                     );
                     let count = self.control.count_from_client(now / 1000, control);
-                    if let Some(flood) = flood(count, &session.node.config) {
-                        return Some(Box::pin(session.flooded(flood)));
+                    if let Some(violation) = flood(count, &session.node.config) {
+                        return Some(Box::pin(session.violated(violation)));
                     }
                 }
                 Some(Box::pin(session.client_message(self.control.key(), msg)))
@@ -449,16 +433,11 @@ impl Session {
         ControlFlow::Break(())
     }
 
-    /// Ends the session of a client past a per-second bound, and counts it.
-    async fn flooded(&mut self, flood: Flood) -> ControlFlow<()> {
-        let violations = &self.node.counters.violations;
-        let (counter, reason) = match flood {
-            Flood::Control => (&violations.control_flood, "too many control frames"),
-            Flood::Messages => (&violations.message_flood, "too many messages"),
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(?flood, "client past its rate; closing");
-        self.end(CLOSE_POLICY, reason).await
+    /// Ends the session of a client past a per-connection bound (1008), and counts it.
+    async fn violated(&mut self, violation: Violation) -> ControlFlow<()> {
+        self.node.counters.violations.count(violation);
+        tracing::debug!(?violation, "client past a per-connection bound; closing");
+        self.end(CLOSE_POLICY, violation.reason()).await
     }
 
     /// Ends the session with a close frame.

@@ -15,6 +15,14 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// The longest `expected_epoch` of a publish, in bytes (epochs are 16 characters).
 pub const MAX_EPOCH: usize = 64;
 
+/// The largest encoded batch of `max_batch` publishes of at most `max_payload` bytes
+/// each, every other field at its limit, plus framing: what a gRPC server that takes
+/// such a batch (the router's `PublishBatch`, a node's `Deliver`) needs to decode.
+pub fn max_batch_message(max_batch: usize, max_payload: usize) -> usize {
+    let item = max_payload + MAX_KEY_LEN + MAX_CONTENT_TYPE + MAX_IDEMPOTENCY_KEY + MAX_EPOCH + 64;
+    max_batch.saturating_mul(item).saturating_add(64 * 1024)
+}
+
 /// A validated routing key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(String);

@@ -52,16 +52,7 @@ impl Config {
     /// each with its key, content type, idempotency key and epoch at their limits, plus
     /// framing. A larger one is refused (`OUT_OF_RANGE`) before it is read.
     fn max_grpc_message(&self) -> usize {
-        use ringfeed_router::key::{MAX_CONTENT_TYPE, MAX_EPOCH, MAX_IDEMPOTENCY_KEY, MAX_KEY_LEN};
-        let item = self.max_payload
-            + MAX_KEY_LEN
-            + MAX_CONTENT_TYPE
-            + MAX_IDEMPOTENCY_KEY
-            + MAX_EPOCH
-            + 64;
-        self.max_batch
-            .saturating_mul(item)
-            .saturating_add(64 * 1024)
+        ringfeed_router::key::max_batch_message(self.max_batch, self.max_payload)
     }
 
     fn validate(&self) -> Result<(), String> {

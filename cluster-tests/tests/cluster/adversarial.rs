@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
-use ringfeed_cluster_tests::{http_get, Cluster};
+use ringfeed_cluster_tests::{flood_pings, http_get, Cluster};
 use ringfeed_proto::v1::{node_client::NodeClient, DeliverRequest, PublishRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -278,28 +278,6 @@ async fn violations(http: &str, bound: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("no {series} in /metrics"))
 }
 
-/// Sends masked pings as fast as the socket takes them, for 3 s or until it fails.
-async fn flood_pings<W>(write: &mut W)
-where
-    W: futures_util::Sink<Message> + Unpin,
-{
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
-        for _ in 0..256 {
-            if write
-                .feed(Message::Ping(vec![7u8; 16].into()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        if write.flush().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// A violation counter summed over every node.
 async fn all_violations(cluster: &Cluster, bound: &str) -> Result<u64> {
     let mut sum = 0;
@@ -338,7 +316,7 @@ async fn ping_flood(cluster: &Cluster) -> Result<()> {
         drop(sub);
         let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
         let (mut write, mut read) = ws.split();
-        let flood = flood_pings(&mut write);
+        let flood = flood_pings(&mut write, Duration::from_secs(3));
         let (code, ()) = tokio::join!(close_code(&mut read, Duration::from_secs(10)), flood);
         anyhow::Ok(code?)
     });
@@ -368,7 +346,7 @@ async fn ping_flood_while_closing(cluster: &Cluster) -> Result<()> {
     );
     let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
     let (mut write, mut read) = ws.split();
-    let flood = flood_pings(&mut write);
+    let flood = flood_pings(&mut write, Duration::from_secs(3));
     let started = Instant::now();
     let (code, ()) = tokio::join!(close_code(&mut read, Duration::from_secs(10)), flood);
     let code = code?;
