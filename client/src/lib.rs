@@ -1,7 +1,7 @@
 //! A Rust client for ringfeed.
 //!
 //! * [`Subscription`] — a WebSocket subscriber to one key that follows `redirect`
-//!   frames (at most [`MAX_REDIRECTS`] hops, as PROTOCOL.md asks of every client).
+//!   frames (at most [`MAX_REDIRECTS`] hops, as docs/protocol.md asks of every client).
 //! * [`Frame`] — the server frames, parsed.
 //! * [`publisher`] — a `Router` gRPC client for publishing.
 //!
@@ -36,7 +36,7 @@ pub enum ClientError {
     Timeout,
 }
 
-/// A server frame (PROTOCOL.md *WebSocket frames*).
+/// A server frame (docs/protocol.md *WebSocket frames*).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Frame {

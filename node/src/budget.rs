@@ -1,4 +1,4 @@
-//! The memory budget (DESIGN.md, *Memory bound*): the node samples its resident set
+//! The memory budget (docs/design.md, *Memory bound*): the node samples its resident set
 //! and, past its budget, refuses new keys and new connections (`RESOURCE_EXHAUSTED`,
 //! 503, 4429) rather than being killed by the kernel. Keys it already holds, keys handed
 //! to it and replicas are never refused: refusing those would lose acknowledged updates.

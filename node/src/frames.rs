@@ -1,4 +1,4 @@
-//! JSON frames of the client protocol (PROTOCOL.md *WebSocket frames*).
+//! JSON frames of the client protocol (docs/protocol.md *WebSocket frames*).
 //!
 //! Server frames on the fan-out path are written by hand into one buffer, once per
 //! update, and shared by every subscriber; the rest go through serde.

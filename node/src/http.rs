@@ -204,7 +204,7 @@ fn serve_reserved(
     });
 }
 
-/// CORS for browsers on other origins (PROTOCOL.md *Browsers*).
+/// CORS for browsers on other origins (docs/protocol.md *Browsers*).
 async fn cors(
     State(node): State<Arc<Node>>,
     request: Request,
@@ -275,7 +275,7 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
             return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
         }
     }
-    // A draining node says so on the socket (PROTOCOL.md keeps an HTTP 503 for the
+    // A draining node says so on the socket (docs/protocol.md keeps an HTTP 503 for the
     // connection limit): a redirect (4300) for a key the ring gives another node, else
     // 4503, so the client asks /v1/route elsewhere rather than retrying here.
     let permit = match node.admit() {

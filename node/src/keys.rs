@@ -9,7 +9,7 @@
 //! (the replay snapshot and the registration happen under the same lock). A full queue
 //! never blocks the key: that subscriber is kicked with 4408 and resumes with `since`.
 //!
-//! (DESIGN.md suggests one task per key as the single writer. A mutex held only for
+//! (docs/design.md suggests one task per key as the single writer. A mutex held only for
 //! synchronous work gives the same ordering without a channel hop and a task per key;
 //! the replication step that needs awaiting comes with its own ordering, later.)
 

@@ -29,7 +29,7 @@ mod socket;
 
 use socket::Socket;
 
-/// Close codes of PROTOCOL.md used here.
+/// Close codes of docs/protocol.md used here.
 pub const CLOSE_BAD_REQUEST: u16 = 4400;
 pub const CLOSE_TOO_LARGE: u16 = 4413;
 pub const CLOSE_TOO_MANY: u16 = 4429;

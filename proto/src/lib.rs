@@ -1,7 +1,7 @@
 //! The ringfeed protobuf contract, and nothing else.
 //!
 //! * `ringfeed/v1/router.proto` — the public `ringfeed.v1.Router` service, exactly as
-//!   PROTOCOL.md numbers it.
+//!   docs/protocol.md numbers it.
 //! * `ringfeed/v1/node.proto` — the internal `ringfeed.v1.Node` service that routers
 //!   (and later peers) use to reach the owner of a key.
 //!

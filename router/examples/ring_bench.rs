@@ -1,4 +1,4 @@
-//! Ring quality (BENCH.md P6): 1M random keys over 5 nodes — max/mean keys per node,
+//! Ring quality (docs/benchmarks.md P6): 1M random keys over 5 nodes — max/mean keys per node,
 //! the share of keys moved when a 6th node joins, and the owner-lookup time.
 //!
 //! `cargo run --release -p ringfeed-router --example ring_bench [-- --json PATH]`

@@ -201,7 +201,7 @@ impl Forwarder {
         let mut last_error = String::from("no owner reachable");
         // Whether the last failure was an owner that took the call but did not answer
         // in time (DEADLINE_EXCEEDED at the end) rather than no owner reachable
-        // (UNAVAILABLE), as PROTOCOL.md tells the two apart.
+        // (UNAVAILABLE), as docs/protocol.md tells the two apart.
         let mut timed_out = false;
         let mut first = true;
         while !pending.is_empty() {

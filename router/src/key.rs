@@ -1,4 +1,4 @@
-//! Routing keys: 1–256 bytes of `A-Z a-z 0-9 . _ - : @ /` (PROTOCOL.md *Keys*).
+//! Routing keys: 1–256 bytes of `A-Z a-z 0-9 . _ - : @ /` (docs/protocol.md *Keys*).
 
 use std::fmt;
 
@@ -6,7 +6,7 @@ use std::fmt;
 pub const MAX_KEY_LEN: usize = 256;
 
 /// The longest `content_type` of a publish, in bytes (RFC 6838's 127 + `/` + 127,
-/// rounded to 255 as PROTOCOL.md states it).
+/// rounded to 255 as docs/protocol.md states it).
 pub const MAX_CONTENT_TYPE: usize = 255;
 
 /// The longest idempotency key of a publish, in bytes.

@@ -1,6 +1,6 @@
 //! etcd membership: register a node under a lease, and keep a view of the ring.
 //!
-//! Layout (PROTOCOL.md *etcd layout*): `/ringfeed/{cluster}/nodes/{node_id}` → a JSON
+//! Layout (docs/protocol.md *etcd layout*): `/ringfeed/{cluster}/nodes/{node_id}` → a JSON
 //! [`Member`] record attached to the node's lease, created only if absent.
 //!
 //! A [`View`] is a ring plus the etcd revision it was read at (the *ring version*).
@@ -710,7 +710,7 @@ impl Registration {
         format!("/ringfeed/{}/transition", self.membership.inner.cluster)
     }
 
-    /// The transition record (PROTOCOL.md *etcd layout*).
+    /// The transition record (docs/protocol.md *etcd layout*).
     fn transition_record(&self, kind: &str) -> String {
         let view = self.membership.view();
         serde_json::json!({

@@ -1,7 +1,7 @@
 //! The consistent-hash ring: members → points → owner and successor of a key.
 //!
 //! Pure: no IO, no clock. The same member records give the same ring in every node,
-//! router and client, whatever order they arrive in (PROTOCOL.md *Ring function*):
+//! router and client, whatever order they arrive in (docs/protocol.md *Ring function*):
 //!
 //! * a key hashes to `xxh3_64(key)` (seed 0);
 //! * each *active* member contributes `points` virtual nodes at `xxh3_64("{id}#{i}")`;
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 /// Points per node when a record does not say otherwise: about a thousand per unit of
-/// weight keeps max/mean load ≤ 1.10 at 5 nodes (BENCH.md P6, `examples/ring_bench.rs`).
+/// weight keeps max/mean load ≤ 1.10 at 5 nodes (docs/benchmarks.md P6, `examples/ring_bench.rs`).
 pub const DEFAULT_POINTS: u32 = 1024;
 
 /// The largest `points` a record may carry; larger records are ignored as corrupt.
@@ -49,7 +49,7 @@ impl MemberState {
     }
 }
 
-/// A member record, as stored at `/ringfeed/{cluster}/nodes/{id}` (PROTOCOL.md).
+/// A member record, as stored at `/ringfeed/{cluster}/nodes/{id}` (docs/protocol.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub id: NodeId,

@@ -581,7 +581,7 @@ async fn a_draining_node_says_so_on_the_socket_and_redirects_what_it_no_longer_o
         })
         .await;
         // A key it still owns: upgraded, then close 4503 (ask /v1/route elsewhere), not
-        // an HTTP 503, which PROTOCOL.md keeps for the connection limit.
+        // an HTTP 503, which docs/protocol.md keeps for the connection limit.
         match Subscription::connect(&n2.connect_url(&n2_key)).await {
             Err(ringfeed_client::ClientError::Closed { code: 4503, reason }) => {
                 ensure!(reason.contains("draining"), "close reason {reason:?}")

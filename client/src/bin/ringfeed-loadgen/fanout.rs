@@ -1,4 +1,4 @@
-//! `fanout`: the calibration (BENCH.md). A bare server — plain tokio TCP, or
+//! `fanout`: the calibration (docs/benchmarks.md). A bare server — plain tokio TCP, or
 //! tokio-tungstenite — that sends the same `update` frames ringfeed would to the same
 //! sockets, one write per message per socket: no routing, no JSON work beyond the
 //! stamp, no replication, no gRPC. Whatever the box can do for this stack.

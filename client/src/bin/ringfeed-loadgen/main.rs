@@ -1,4 +1,4 @@
-//! `ringfeed-loadgen`: the benchmark load generator (BENCH.md).
+//! `ringfeed-loadgen`: the benchmark load generator (docs/benchmarks.md).
 //!
 //! * `sub` — holds many subscriber connections (WebSocket, or raw TCP for the
 //!   calibration), spread over several 127.0.0.x source addresses, and records the

@@ -430,7 +430,7 @@ async fn follow_moves(
     let mut at = Position::default();
     let mut attempt = 0usize;
     // Failed reconnects in a row: the pause doubles from 50 ms up to 250 ms, jittered,
-    // as PROTOCOL.md asks of clients (a dead owner stays on the ring until its lease
+    // as docs/protocol.md asks of clients (a dead owner stays on the ring until its lease
     // expires, and hammering the survivors meanwhile helps nobody).
     let mut failures = 0u32;
     loop {

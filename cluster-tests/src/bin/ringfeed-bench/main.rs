@@ -1,4 +1,4 @@
-//! `ringfeed-bench`: runs the BENCH.md scenarios side by side — ringfeed, the seed
+//! `ringfeed-bench`: runs the docs/benchmarks.md scenarios side by side — ringfeed, the seed
 //! reference (Node.js `ws` + `ioredis` behind Redis) and the calibration (bare tokio TCP
 //! and tokio-tungstenite fan-outs) — alternating runs in one invocation, and writes
 //! `bench/results/P*.json`, a plot per scenario, and the README's table.
@@ -94,7 +94,7 @@ async fn main() -> Result<()> {
     }
 }
 
-/// Scenario sizes: BENCH.md's, or tiny for `--smoke`.
+/// Scenario sizes: docs/benchmarks.md's, or tiny for `--smoke`.
 struct Sizes {
     keys: usize,
     per_key: usize,
@@ -171,7 +171,7 @@ struct Publishing {
     concurrency: usize,
     /// Updates in all; 0: until the window ends.
     count: u64,
-    /// ringfeed's `ack` (BENCH.md: `replicated` unless a scenario says otherwise;
+    /// ringfeed's `ack` (docs/benchmarks.md: `replicated` unless a scenario says otherwise;
     /// `owner` is reported beside it where it differs). The peers have no such choice.
     ack_owner: bool,
 }
@@ -561,7 +561,7 @@ fn side_by_side(cluster: &Cluster, seed: &NodePeer, socketio: &NodePeer) -> [Sys
     ]
 }
 
-/// The two calibrations (BENCH.md), bare tokio TCP and bare tokio-tungstenite, each
+/// The two calibrations (docs/benchmarks.md), bare tokio TCP and bare tokio-tungstenite, each
 /// from `servers` fan-out processes of `workers` worker threads each (0: one per core).
 fn calibrations(servers: usize, workers: usize) -> [System; 2] {
     ["tcp", "ws"].map(|mode| System::Calibration {
@@ -590,7 +590,7 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
         count: 0,
         ack_owner: false,
     };
-    // The five systems, then ringfeed again with ack=owner (BENCH.md: beside the
+    // The five systems, then ringfeed again with ack=owner (docs/benchmarks.md: beside the
     // default where it differs; fan-out still waits for the successor's copy, only
     // the publisher's answer does not), and with the 4-call window of earlier runs.
     let owner_publishing = Publishing {
