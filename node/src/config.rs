@@ -8,6 +8,8 @@ use clap::Parser;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
+use crate::protocol::frames;
+
 /// The most `--history-bytes` may be: a key counts its log's bytes in a `u32`.
 pub const MAX_HISTORY_BYTES: usize = 1 << 30;
 
@@ -153,6 +155,44 @@ pub struct Config {
     pub worker_threads: usize,
 }
 
+/// The bounds of every key's state.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_payload: usize,
+    /// Deepest nesting of a JSON payload.
+    pub max_json_depth: usize,
+    pub max_subscribers: usize,
+    /// Updates kept for resume, at most…
+    pub history_len: usize,
+    /// …and at most this many bytes of encoded frames.
+    pub history_bytes: usize,
+    /// Idempotency keys remembered per key (those of the last N updates).
+    pub idempotency_window: usize,
+}
+
+impl Limits {
+    /// The bounds of one payload.
+    pub fn payload(&self) -> frames::PayloadLimits {
+        frames::PayloadLimits {
+            max_payload: self.max_payload,
+            max_json_depth: self.max_json_depth,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: 64 * 1024,
+            max_json_depth: 64,
+            max_subscribers: 100_000,
+            history_len: 1000,
+            history_bytes: 1024 * 1024,
+            idempotency_window: 1000,
+        }
+    }
+}
+
 impl Config {
     /// Checks every setting; the error names the one that is wrong.
     pub fn validate(&self) -> Result<(), String> {
@@ -207,11 +247,11 @@ impl Config {
         if self.max_frame < 1024 || self.max_payload == 0 {
             return Err("--max-frame must be ≥ 1024 and --max-payload > 0".into());
         }
-        if self.max_json_depth == 0 || self.max_json_depth > crate::frames::MAX_JSON_DEPTH {
+        if self.max_json_depth == 0 || self.max_json_depth > frames::MAX_JSON_DEPTH {
             return Err(format!(
                 "--max-json-depth {}: between 1 and {}",
                 self.max_json_depth,
-                crate::frames::MAX_JSON_DEPTH
+                frames::MAX_JSON_DEPTH
             ));
         }
         if self.max_batch == 0 || self.max_batch > 100_000 {
@@ -308,8 +348,8 @@ impl Config {
     }
 
     /// The bounds of every key's state.
-    pub fn key_limits(&self) -> crate::keys::Limits {
-        crate::keys::Limits {
+    pub fn key_limits(&self) -> Limits {
+        Limits {
             max_payload: self.max_payload,
             max_json_depth: self.max_json_depth,
             max_subscribers: self.max_subscribers_per_key,
@@ -321,7 +361,7 @@ impl Config {
 
     /// The largest gRPC message the internal service decodes: a `Deliver` request of
     /// `max_batch` items at the payload limit, or a peer's request (replication,
-    /// hand-off) of [`REQUEST_BUDGET`](crate::keys::REQUEST_BUDGET) bytes and one more
+    /// hand-off) of [`REQUEST_BUDGET`](crate::state::REQUEST_BUDGET) bytes and one more
     /// key, plus framing. Anything larger is refused before it is read.
     pub fn max_grpc_message(&self) -> usize {
         let deliver = ringfeed_router::key::max_batch_message(self.max_batch, self.max_payload);
@@ -333,7 +373,7 @@ impl Config {
                 self.idempotency_window
                     .saturating_mul(MAX_IDEMPOTENCY_KEY + 24),
             );
-        let peer = crate::keys::REQUEST_BUDGET.saturating_add(snapshot);
+        let peer = crate::state::REQUEST_BUDGET.saturating_add(snapshot);
         deliver.max(peer.saturating_add(64 * 1024))
     }
 

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::ring::{Member, Ring};
 
-use crate::keys::Kick;
 use crate::node::{redirect_kick, Node, CLOSE_UNAVAILABLE};
+use crate::state::Kick;
 
 /// How often the lease is checked (and peers asked while it is in doubt).
 const TICK: Duration = Duration::from_millis(100);

@@ -18,8 +18,8 @@ use ringfeed_router::membership::{Backoff, View};
 use ringfeed_router::ring::{NodeId, Ring, RingId};
 use tokio::sync::watch;
 
-use crate::keys::{KeySnapshot, Moved};
 use crate::node::{redirect_kick, Node};
+use crate::state::{KeySnapshot, Moved};
 
 /// How long a request for a key in flight waits for its previous owner's marker before
 /// it is answered UNAVAILABLE / 4503 (the node keeps waiting).
@@ -32,10 +32,10 @@ const REDIRECT_BATCH: usize = 500;
 const KEYS_PER_CALL: usize = 256;
 
 /// `snapshots` in calls of at most [`KEYS_PER_CALL`] keys and about
-/// [`REQUEST_BUDGET`](crate::keys::REQUEST_BUDGET) bytes (a larger key goes alone).
+/// [`REQUEST_BUDGET`](crate::state::REQUEST_BUDGET) bytes (a larger key goes alone).
 fn chunks(
-    snapshots: &[(String, crate::keys::KeySnapshot)],
-) -> impl Iterator<Item = &[(String, crate::keys::KeySnapshot)]> {
+    snapshots: &[(String, crate::state::KeySnapshot)],
+) -> impl Iterator<Item = &[(String, crate::state::KeySnapshot)]> {
     let mut rest = snapshots;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -46,7 +46,7 @@ fn chunks(
         while n < rest.len().min(KEYS_PER_CALL) {
             let (key, snapshot) = &rest[n];
             bytes += snapshot.wire_bytes(key);
-            if n > 0 && bytes > crate::keys::REQUEST_BUDGET {
+            if n > 0 && bytes > crate::state::REQUEST_BUDGET {
                 break;
             }
             n += 1;

@@ -33,7 +33,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::{redirect_url, Node};
-use crate::params::ClientQuery;
+use crate::protocol::params::ClientQuery;
 use crate::session::{self, Placement};
 use crate::ws;
 

@@ -14,9 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
-use crate::keys::{Applied, ApplyError, Publish};
 use crate::node::{Decision, Node};
 use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
+use crate::state::{Applied, ApplyError, Publish};
 
 /// `DeliverStream` requests one stream has handled at once (a router keeps 4 unanswered).
 const DELIVER_STREAM_CALLS: usize = 64;

@@ -13,11 +13,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
 use crate::config::Config;
-use crate::frames::ServerFrame;
 use crate::handoff::{self, Handoffs};
-use crate::keys::KeySnapshot;
-use crate::keys::{KeyTable, Kick, Replicas};
+use crate::protocol::frames::ServerFrame;
 use crate::replication::{successor_of, Replication};
+use crate::state::KeySnapshot;
+use crate::state::{KeyTable, Kick, Replicas};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
@@ -169,7 +169,7 @@ impl Node {
     }
 
     /// `at` in ms of the node's clock (from 1), which connections set their
-    /// [`Control`](crate::keys::Control) deadlines in; rounded up, so a clock never
+    /// [`Control`](crate::state::Control) deadlines in; rounded up, so a clock never
     /// goes off early.
     pub fn clock_ms(&self, at: tokio::time::Instant) -> u64 {
         let since = at.saturating_duration_since(self.clock_origin);

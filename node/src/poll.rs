@@ -13,9 +13,9 @@ use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
 use crate::http::{client_request, elsewhere, unavailable, ApiError};
-use crate::keys::{Catchup, Resume};
 use crate::node::Node;
-use crate::params::DEFAULT_WAIT_S;
+use crate::protocol::params::DEFAULT_WAIT_S;
+use crate::state::{Catchup, Resume};
 
 /// `GET /v1/poll?key=K&since=S[&epoch=E][&wait=SECONDS]`.
 pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {

@@ -2,7 +2,7 @@
 //!
 //! A publish is staged on its key (it gets a seq), sent to the key's successor, and
 //! shown to subscribers — and answered with `ack=replicated` — only once the successor
-//! holds it ([`KeyTable::replicated`](crate::keys::KeyTable::replicated) shows updates in
+//! holds it ([`KeyTable::replicated`](crate::state::KeyTable::replicated) shows updates in
 //! seq order, up to the first one not yet held). So a subscriber never sees what the
 //! replica lacks, and a promoted replica never reuses a seq for different data.
 //!
@@ -25,8 +25,8 @@ use ringfeed_router::membership::{Backoff, View};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
-use crate::keys::{Applied, ApplyError, KeySnapshot, LogEntry, Publish, Staged, ToReplica};
 use crate::node::Node;
+use crate::state::{Applied, ApplyError, KeySnapshot, LogEntry, Publish, Staged, ToReplica};
 
 /// Jobs queued per successor before publishes wait for room.
 const PIPE_CAPACITY: usize = 65_536;
@@ -292,7 +292,7 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
             Event::Job(first) => {
                 let mut bytes = first.wire_bytes();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH && bytes < crate::keys::REQUEST_BUDGET {
+                while batch.len() < MAX_BATCH && bytes < crate::state::REQUEST_BUDGET {
                     match rx.try_recv() {
                         Ok(job) => {
                             bytes += job.wire_bytes();

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use ringfeed_router::key::Key;
 use ringfeed_router::ring::Member;
 
-use crate::keys::{Control, Resume, Start, SubscribeError, Subscriber, SubscriptionGuard};
 use crate::node::{redirect_kick, Decision, Node};
+use crate::state::{Control, Resume, Start, SubscribeError, Subscriber};
 
 /// Where a client should be.
 pub enum Placement {
@@ -60,7 +60,7 @@ impl Subscription {
     }
 
     /// What a connection keeps once its start has been sent: the control alone. The
-    /// caller now unsubscribes ([`crate::keys::KeyTable::unsubscribe`]) when the
+    /// caller now unsubscribes ([`crate::state::KeyTable::unsubscribe`]) when the
     /// connection ends, with the node it already holds (one pointer fewer for each).
     pub fn release(self) -> Arc<Control> {
         self.guard.release()
@@ -93,4 +93,43 @@ pub fn subscribe(
         control.kick(redirect_kick(&owner, &query, view.version));
     }
     Ok(Subscription { start, id, guard })
+}
+
+/// Removes its subscriber from its key when dropped, however the connection ends,
+/// unless [released](SubscriptionGuard::release) to a holder that does so itself.
+pub struct SubscriptionGuard {
+    pub table: Arc<crate::node::Node>,
+    /// `None` once released.
+    control: Option<Arc<Control>>,
+}
+
+impl SubscriptionGuard {
+    /// Guards the subscriber that `control` belongs to.
+    pub fn new(table: Arc<crate::node::Node>, control: Arc<Control>) -> SubscriptionGuard {
+        SubscriptionGuard {
+            table,
+            control: Some(control),
+        }
+    }
+
+    /// The subscriber's control.
+    pub fn control(&self) -> &Arc<Control> {
+        self.control
+            .as_ref()
+            .expect("a guard is not used once released")
+    }
+
+    /// Hands over the control, and with it the duty to unsubscribe
+    /// ([`KeyTable::unsubscribe`]) when the connection ends.
+    pub fn release(mut self) -> Arc<Control> {
+        self.control.take().expect("a guard is released once")
+    }
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        if let Some(control) = self.control.take() {
+            self.table.keys.unsubscribe(&control);
+        }
+    }
 }

@@ -18,10 +18,10 @@ use ringfeed_router::key::Key;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::frames::{self, ServerFrame};
 use crate::http::{client_request, elsewhere, unavailable, ApiError};
 use crate::node::Node;
-use crate::params::last_event_id;
+use crate::protocol::frames::{self, ServerFrame};
+use crate::protocol::params::last_event_id;
 use crate::session::{self, Subscription};
 
 /// The reconnection delay the stream asks EventSource to use (the SSE `retry:` field).

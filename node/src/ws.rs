@@ -1,7 +1,7 @@
 //! One WebSocket client: `welcome`, live updates, client frames, heartbeats, kicks.
 //!
 //! The session owns its socket. Updates reach it through a bounded queue filled by the
-//! key (see [`crate::keys`]); whatever is queued is written in one flush. Someone else
+//! key (see [`crate::state`]); whatever is queued is written in one flush. Someone else
 //! can end the session only through its [`Control`] (slow consumer, redirect).
 
 use std::future::poll_fn;
@@ -18,12 +18,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::frames::{self, ClientFrame, ServerFrame};
-use crate::keys::{ApplyError, Control, Kick, Publish, Ready, Start, SubscribeError};
 use crate::node::{redirect_kick, Decision, Node, Violation, CLOSE_UNAVAILABLE};
-use crate::params::ClientQuery;
+use crate::protocol::frames::{self, ClientFrame, ServerFrame};
+use crate::protocol::params::ClientQuery;
 use crate::replication::{self, PublishError};
 use crate::session::{self, Placement, Subscription};
+use crate::state::{ApplyError, Control, Kick, Publish, Ready, Start, SubscribeError};
 
 mod socket;
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::keys::{valid_epoch, Resume};
+use crate::state::{valid_epoch, Resume};
 
 /// The longest `wait` of a long poll, in seconds.
 pub const MAX_WAIT_S: u64 = 60;

@@ -1,0 +1,5 @@
+//! What clients see, with no state behind it: the JSON frames, the query parameters
+//! of the client endpoints, and redirect URLs.
+
+pub mod frames;
+pub mod params;
