@@ -4,13 +4,6 @@
 //! to it and replicas are never refused: refusing those would lose acknowledged updates.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use crate::node::Node;
-
-/// How often the resident set is sampled.
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// The node's memory budget and how much of it is used.
 #[derive(Debug)]
@@ -65,23 +58,6 @@ impl MemoryBudget {
             }
         }
         over
-    }
-}
-
-/// Samples the resident set until shutdown, keeping `node`'s budget and key table
-/// up to date.
-pub async fn watch(node: Arc<Node>) {
-    let mut every = tokio::time::interval(SAMPLE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = node.shutdown.cancelled() => return,
-        }
-        if let Some(rss) = rss_bytes() {
-            let over = node.budget.record(rss);
-            node.keys.set_full(over);
-        }
     }
 }
 

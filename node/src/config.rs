@@ -11,6 +11,11 @@ use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 use crate::protocol::frames;
 
 /// The most `--history-bytes` may be: a key counts its log's bytes in a `u32`.
+/// The most a node puts in one request to a peer (a replication batch, a hand-off
+/// call) before starting another; one key's snapshot may take it past this, never two.
+/// The receiver's decode limit ([`crate::config::Config::max_grpc_message`]) allows it.
+pub const REQUEST_BUDGET: usize = 4 << 20;
+
 pub const MAX_HISTORY_BYTES: usize = 1 << 30;
 
 /// A ringfeed node: holds connections and per-key state for the keys it owns.
@@ -361,7 +366,7 @@ impl Config {
 
     /// The largest gRPC message the internal service decodes: a `Deliver` request of
     /// `max_batch` items at the payload limit, or a peer's request (replication,
-    /// hand-off) of [`REQUEST_BUDGET`](crate::state::REQUEST_BUDGET) bytes and one more
+    /// hand-off) of [`REQUEST_BUDGET`] bytes and one more
     /// key, plus framing. Anything larger is refused before it is read.
     pub fn max_grpc_message(&self) -> usize {
         let deliver = ringfeed_router::key::max_batch_message(self.max_batch, self.max_payload);
@@ -373,7 +378,7 @@ impl Config {
                 self.idempotency_window
                     .saturating_mul(MAX_IDEMPOTENCY_KEY + 24),
             );
-        let peer = crate::state::REQUEST_BUDGET.saturating_add(snapshot);
+        let peer = REQUEST_BUDGET.saturating_add(snapshot);
         deliver.max(peer.saturating_add(64 * 1024))
     }
 

@@ -14,8 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
+use crate::cluster::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 use crate::node::{Decision, Node};
-use crate::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 use crate::state::{Applied, ApplyError, Publish};
 
 /// `DeliverStream` requests one stream has handled at once (a router keeps 4 unanswered).
@@ -210,7 +210,7 @@ impl NodeService {
 
     /// Stages `item` on `view`, where this node owns its key and nothing holds it.
     fn stage(&self, view: &View, item: &pb::PublishRequest) -> Step {
-        self.node.promote_if_due(&item.key, view);
+        crate::cluster::follower::promote_if_due(&self.node, &item.key, view);
         match replication::start(&self.node, view, &item.key, publish_of(item)) {
             Ok(started) => Step::Started(started),
             Err(e) => Step::Done(self.answer(Err(e))),
@@ -429,7 +429,7 @@ impl node_server::Node for NodeService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        Ok(Response::new(crate::fence::status(&self.node)))
+        Ok(Response::new(crate::cluster::fence::status(&self.node)))
     }
 
     async fn drain(
@@ -474,7 +474,12 @@ impl node_server::Node for NodeService {
             if request.offered {
                 self.node.offer(&key, snapshot_from_pb(snapshot));
             } else {
-                self.node.install(&key, snapshot_from_pb(snapshot), &view);
+                crate::cluster::follower::install(
+                    &self.node,
+                    &key,
+                    snapshot_from_pb(snapshot),
+                    &view,
+                );
             }
         }
         if request.complete {

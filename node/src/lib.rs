@@ -23,18 +23,14 @@
 
 pub mod admin;
 pub mod budget;
+pub mod cluster;
 pub mod config;
-pub mod fence;
-pub mod handoff;
 pub mod http;
 pub mod internal;
 pub mod latency;
 pub mod node;
-pub mod poll;
 pub mod protocol;
-pub mod replication;
 pub mod run;
 pub mod session;
-pub mod sse;
 pub mod state;
 pub mod ws;

@@ -1,6 +1,5 @@
 //! The node's shared state, ownership decisions, and its reaction to new rings.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,21 +12,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
 use crate::config::Config;
-use crate::handoff::{self, Handoffs};
+use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
-use crate::replication::{successor_of, Replication};
 use crate::state::KeySnapshot;
-use crate::state::{KeyTable, Kick, Replicas};
+use crate::state::{Handoffs, KeyTable, Kick, Replicas, Replication};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
-/// How long a replica nobody updates is kept before it is dropped.
-const REPLICA_GRACE: Duration = Duration::from_secs(30);
-
-/// WebSocket close code: moved to another node.
-pub const CLOSE_MOVED: u16 = 4300;
-/// WebSocket close code: draining or fenced, owner not known yet.
-pub const CLOSE_UNAVAILABLE: u16 = 4503;
 
 /// Everything the transports and services share.
 pub struct Node {
@@ -48,7 +39,7 @@ pub struct Node {
     /// Resident memory against the budget; past it, no new keys or connections.
     pub budget: MemoryBudget,
     pub counters: Counters,
-    /// A [`crate::fence::Fence`], as its discriminant.
+    /// A [`crate::cluster::fence::Fence`], as its discriminant.
     pub(crate) fence_state: AtomicU8,
     /// Where the node's clock ([`Node::clock_ms`]) starts.
     clock_origin: tokio::time::Instant,
@@ -227,7 +218,7 @@ impl Node {
         self.shutdown.cancel();
         self.keys.kick_all(|_| Kick {
             frame: None,
-            code: crate::ws::CLOSE_GOING_AWAY,
+            code: CloseCode::GoingAway,
             reason: "node shutting down".into(),
         });
     }
@@ -297,242 +288,12 @@ impl Node {
         }
     }
 
-    /// Follows the ring: on every new ring, keys this node no longer owns are handed
-    /// to their new owners and their subscribers redirected there; replicas of a
-    /// departed owner are promoted; keys whose successor changed are sent to the new one.
-    ///
-    /// Subscribes at once, when called, not when the task first runs: the task is
-    /// spawned just before the node registers, and a ring broadcast before a late
-    /// subscription (this node's own first ring, say) would be taken as the starting
-    /// point and never handled — a first node would never settle, and its join's
-    /// transition would hold every later join for as long as it lives.
-    pub fn follow_ring(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
-        // Every ring, in order: a node restarted under the same id must be seen leaving
-        // (and its replicas promoted) before its new, empty incarnation joins.
-        let rings = self.membership.rings();
-        let previous = self.membership.view().ring.clone();
-        self.follow_ring_from(rings, previous)
-    }
-
-    async fn follow_ring_from(
-        self: Arc<Self>,
-        mut rings: tokio::sync::broadcast::Receiver<Arc<View>>,
-        mut previous: Arc<ringfeed_router::ring::Ring>,
-    ) {
-        loop {
-            let view = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                view = rings.recv() => match view {
-                    Ok(view) => view,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(skipped = n, "fell behind the ring; continuing from the latest");
-                        self.membership.view()
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
-            };
-            if view.ring.id() == previous.id() {
-                continue;
-            }
-            let before = std::mem::replace(&mut previous, view.ring.clone());
-            self.handoffs.begin(&self.id, before, &view);
-            // A node that is not on the ring yet (starting) or any more (leaving) keeps
-            // its clients until its own lifecycle moves them.
-            if !view.ring.is_active(&self.id) {
-                continue;
-            }
-            // Keys this node gave up go whole to their new owners, then this node's
-            // marker to everyone, then their clients are redirected.
-            let moved = self
-                .keys
-                .take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != self.id));
-            let offers = self.orphans_owned_elsewhere(&view);
-            self.tasks
-                .spawn(handoff::hand_off(self.clone(), view.clone(), moved, offers));
-            // Replicas of a departed owner are promoted once every other member has
-            // offered what it holds (its marker): the newest copy wins.
-            let node = self.clone();
-            let ring_view = view.clone();
-            self.tasks.spawn(async move {
-                let settled = tokio::select! {
-                    settled = node.handoffs.settled(ring_view.ring.id()) => settled,
-                    _ = node.shutdown.cancelled() => false,
-                };
-                if settled {
-                    node.promote_orphans(&ring_view);
-                }
-            });
-            // Every key whose successor changed is sent whole to the new one (or, with
-            // no successor left, shows what was waiting for the old one).
-            for key in self.keys.keys() {
-                let to_replica =
-                    self.keys
-                        .replicate_to(&key, successor_of(&view, &key), view.version);
-                self.replication.dispatch(&self, &key, to_replica);
-            }
-        }
-    }
-
-    /// Keeps memory bounded: drops keys idle for `--key-idle-ttl-ms` (telling their
-    /// replicas to go too) and replicas nobody keeps up to date any more — copies at a
-    /// former successor, or of a departed owner whose key another node serves now.
-    pub async fn sweep(self: Arc<Self>) {
-        let ttl = Duration::from_millis(self.config.key_idle_ttl_ms);
-        let mut tick = tokio::time::interval((ttl / 4).min(Duration::from_secs(10)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let dropped = self.keys.drop_idle(ttl);
-            if !dropped.is_empty() {
-                tracing::debug!(keys = dropped.len(), "dropped idle keys");
-            }
-            for (key, successor) in dropped {
-                if let Some(to) = successor {
-                    self.replication.drop_key(&self, &to, key);
-                }
-            }
-            let view = self.membership.view();
-            // Only replicas unchanged for the grace can go: the others are not looked
-            // at (nor copied — a successor holds one for each of its predecessors' keys).
-            let grace = ttl.min(REPLICA_GRACE);
-            let stale: HashSet<String> = self
-                .replicas
-                .owners_unchanged_for(grace)
-                .into_iter()
-                .filter(|(key, owner)| self.replica_is_stale(&view, key, owner))
-                .map(|(key, _)| key)
-                .collect();
-            if stale.is_empty() {
-                continue;
-            }
-            let gone = self
-                .replicas
-                .drop_where(|key, _, age| age >= grace && stale.contains(key));
-            if gone > 0 {
-                tracing::debug!(replicas = gone, "dropped stale replicas");
-            }
-        }
-    }
-
-    /// A replica no owner keeps up to date: its owner is on the ring but this node is
-    /// not the key's successor there (the owner sent the key whole to the new one), or
-    /// its owner left and another node serves the key (it was offered there), or this
-    /// node serves the key with its own history.
-    fn replica_is_stale(&self, view: &View, key: &str, owner: &str) -> bool {
-        if !departed(view, owner) {
-            let owner_id = NodeId(owner_id_of(owner).to_owned());
-            let successor = view.ring.successor(key).map(|m| &m.id);
-            return view.ring.owner(key).map(|o| &o.id) != Some(&owner_id)
-                || successor != Some(&self.id);
-        }
-        match view.ring.owner(key) {
-            Some(o) if o.id == self.id => self.keys.has_history(key),
-            Some(_) => true,
-            None => false,
-        }
-    }
-
-    /// Copies of the replicas this node holds whose owner has left `view`'s ring and
-    /// whose key another member owns now: they are offered to that member, which may
-    /// have no other copy (the key moved to it by a join just before its owner died).
-    fn orphans_owned_elsewhere(&self, view: &View) -> Vec<(String, KeySnapshot)> {
-        self.replicas
-            .owners()
-            .into_iter()
-            .filter(|(key, owner)| {
-                departed(view, owner)
-                    && view
-                        .ring
-                        .owner(key)
-                        .is_some_and(|o| o.id != self.id && view.ring.is_active(&o.id))
-            })
-            .filter_map(|(key, _)| self.replicas.copy(&key).map(|s| (key, s)))
-            .collect()
-    }
-
-    /// Promotes the replicas this node holds whose owner has left the ring and whose
-    /// key it now owns (same epoch, same seq).
-    fn promote_orphans(self: &Arc<Self>, view: &View) {
-        let mut promoted = 0usize;
-        for (key, owner) in self.replicas.owners() {
-            if !departed(view, &owner) {
-                continue;
-            }
-            // A key another live node owns now keeps its copy here: it may be the only
-            // one left, and it stays until that owner's successor is sent the key whole.
-            let mine = view.ring.owner(&key).is_some_and(|o| o.id == self.id);
-            if mine && self.promote(&key, view) {
-                promoted += 1;
-            }
-        }
-        if promoted > 0 {
-            tracing::info!(
-                ring_version = view.version,
-                keys = promoted,
-                "promoted replicas of a departed owner"
-            );
-        }
-    }
-
-    /// Promotes `key`'s replica if its owner has left and this node owns the key now.
-    /// Called before a key is used (after [`Handoffs::ready`]), so a client or publish
-    /// that arrives before the ring follower gets there still finds the key's history.
-    pub fn promote_if_due(self: &Arc<Self>, key: &str, view: &View) {
-        let Some(owner) = self.replicas.owner_of(key) else {
-            return;
-        };
-        if departed(view, &owner) && view.ring.owner(key).is_some_and(|o| o.id == self.id) {
-            self.promote(key, view);
-        }
-    }
-
-    /// Installs a key handed over by its previous owner. Any replica of it held here is
-    /// older than what its owner handed over, and goes.
-    pub fn install(self: &Arc<Self>, key: &str, snapshot: KeySnapshot, view: &View) {
-        self.restore(key, || Some(snapshot), view);
-        self.replicas.take(key);
-    }
-
     /// Takes a replica of a departed owner offered by another member, unless this node
     /// already serves the key with its history.
     pub fn offer(&self, key: &str, snapshot: KeySnapshot) {
         if !self.keys.has_history(key) {
             self.replicas.offer(key, snapshot);
         }
-    }
-
-    fn promote(self: &Arc<Self>, key: &str, view: &View) -> bool {
-        self.restore(
-            key,
-            || self.replicas.take(key).map(|r| r.into_snapshot()),
-            view,
-        )
-    }
-
-    fn restore(
-        self: &Arc<Self>,
-        key: &str,
-        take: impl FnOnce() -> Option<KeySnapshot>,
-        view: &View,
-    ) -> bool {
-        let Some(early) = self.keys.restore(key, take) else {
-            return false;
-        };
-        // Clients that reached a fresh state before the promotion reconnect into it.
-        if let Some(me) = view.ring.member(&self.id) {
-            for s in early {
-                s.control
-                    .kick(redirect_kick(me, &s.redirect_query(), view.version));
-            }
-        }
-        let to_replica = self
-            .keys
-            .replicate_to(key, successor_of(view, key), view.version);
-        self.replication.dispatch(self, key, to_replica);
-        true
     }
 }
 
@@ -541,7 +302,7 @@ pub fn owner_label(id: &str, incarnation: &str) -> String {
     format!("{id}@{incarnation}")
 }
 
-fn owner_id_of(label: &str) -> &str {
+pub fn owner_id_of(label: &str) -> &str {
     label.split_once('@').map_or(label, |(id, _)| id)
 }
 
@@ -559,7 +320,12 @@ pub fn departed(view: &View, owner: &str) -> bool {
 
 /// The `redirect` frame and close 4300 that send a client to `owner`.
 pub fn redirect_kick(owner: &Member, query: &str, ring_version: u64) -> Kick {
-    let url = redirect_url(&owner.ws_base(), "/v1/connect", query, ring_version);
+    let url = crate::protocol::redirect::redirect_url(
+        &owner.ws_base(),
+        "/v1/connect",
+        query,
+        ring_version,
+    );
     let frame = ServerFrame::Redirect {
         url: &url,
         node: &owner.id.0,
@@ -568,36 +334,7 @@ pub fn redirect_kick(owner: &Member, query: &str, ring_version: u64) -> Kick {
     .encode();
     Kick {
         frame: Some(frame),
-        code: CLOSE_MOVED,
+        code: CloseCode::Moved,
         reason: format!("moved to {}", owner.id),
-    }
-}
-
-/// `base` + `path` + `query` with `rv` set to `ring_version` (replacing any `rv`).
-pub fn redirect_url(base: &str, path: &str, query: &str, ring_version: u64) -> String {
-    let mut out = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if k != "rv" {
-            out.append_pair(&k, &v);
-        }
-    }
-    out.append_pair("rv", &ring_version.to_string());
-    format!("{base}{path}?{}", out.finish())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirect_urls_replace_rv() {
-        assert_eq!(
-            redirect_url("ws://h:1", "/v1/connect", "key=user%3A1&since=4&rv=2", 9),
-            "ws://h:1/v1/connect?key=user%3A1&since=4&rv=9"
-        );
-        assert_eq!(
-            redirect_url("http://h", "/v1/sse", "", 3),
-            "http://h/v1/sse?rv=3"
-        );
     }
 }

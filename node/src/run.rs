@@ -84,11 +84,11 @@ pub async fn run(
             tracing::error!(error = %e, "internal gRPC server failed");
         }
     });
-    tasks.spawn(node.clone().follow_ring());
-    tasks.spawn(node.clone().sweep());
+    tasks.spawn(crate::cluster::follower::follow_ring(node.clone()));
+    tasks.spawn(crate::cluster::follower::sweep(node.clone()));
     tasks.spawn(node.clone().run_clock());
-    tasks.spawn(crate::fence::watch(node.clone()));
-    tasks.spawn(crate::budget::watch(node.clone()));
+    tasks.spawn(crate::cluster::fence::watch(node.clone()));
+    tasks.spawn(crate::cluster::follower::watch_memory(node.clone()));
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
     // long enough to deregister.
@@ -193,7 +193,7 @@ async fn drain(node: &Arc<Node>, registration: &Registration) {
     }
     let view = node.membership.view();
     let moved = node.keys.take_where(|_| true);
-    crate::handoff::hand_off(node.clone(), view, moved, Vec::new()).await;
+    crate::cluster::handoff::hand_off(node.clone(), view, moved, Vec::new()).await;
     // Let redirected clients go before the rest are closed.
     let deadline = tokio::time::Instant::now() + DRAIN_CLIENT_WAIT;
     while node.connections.available_permits() < node.config.max_connections

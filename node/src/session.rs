@@ -8,7 +8,8 @@ use ringfeed_router::key::Key;
 use ringfeed_router::ring::Member;
 
 use crate::node::{redirect_kick, Decision, Node};
-use crate::state::{Control, Resume, Start, SubscribeError, Subscriber};
+use crate::protocol::params::Resume;
+use crate::state::{Control, Start, SubscribeError, Subscriber};
 
 /// Where a client should be.
 pub enum Placement {
@@ -75,7 +76,7 @@ pub fn subscribe(
     resume: Option<&Resume>,
     wants_presence: bool,
 ) -> Result<Subscription, SubscribeError> {
-    node.promote_if_due(key.as_str(), &node.membership.view());
+    crate::cluster::follower::promote_if_due(node, key.as_str(), &node.membership.view());
     let id = node.keys.next_subscriber_id();
     let control = Control::new(key.as_str(), node.config.subscriber_queue);
     let subscriber = Subscriber {

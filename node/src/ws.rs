@@ -14,29 +14,21 @@ use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::node::{redirect_kick, Decision, Node, Violation, CLOSE_UNAVAILABLE};
+use crate::cluster::replication::{self, PublishError};
+use crate::node::{redirect_kick, Decision, Node, Violation};
+use crate::protocol::close::CloseCode;
 use crate::protocol::frames::{self, ClientFrame, ServerFrame};
 use crate::protocol::params::ClientQuery;
-use crate::replication::{self, PublishError};
 use crate::session::{self, Placement, Subscription};
 use crate::state::{ApplyError, Control, Kick, Publish, Ready, Start, SubscribeError};
 
 mod socket;
 
 use socket::Socket;
-
-/// Close codes of docs/protocol.md used here.
-pub const CLOSE_BAD_REQUEST: u16 = 4400;
-pub const CLOSE_TOO_LARGE: u16 = 4413;
-pub const CLOSE_TOO_MANY: u16 = 4429;
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// RFC 6455's policy violation: a client past a per-connection bound (control frames
-/// or messages per second, the time to complete a message).
-pub const CLOSE_POLICY: u16 = 1008;
 
 /// The most client messages read while waiting for the answer to our close frame: a
 /// client that keeps sending instead of closing is not waited for.
@@ -208,7 +200,9 @@ impl Live {
                 }
                 if now >= self.dead_at {
                     tracing::debug!("nothing from the client for 1.5 heartbeats; closing");
-                    return Some(Box::pin(session.end(CLOSE_GOING_AWAY, "heartbeat timeout")));
+                    return Some(Box::pin(
+                        session.end(CloseCode::GoingAway, "heartbeat timeout"),
+                    ));
                 }
                 let ping = now >= self.ping_at;
                 if ping {
@@ -282,7 +276,7 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
             Some(Live::new(session, sub.release()))
         }
         Err(message) => {
-            session.close(CLOSE_BAD_REQUEST, &message).await;
+            session.close(CloseCode::BadRequest, &message).await;
             None
         }
     }
@@ -302,11 +296,11 @@ impl Session {
         let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
             Ok(key) => key,
             Err(e) if query.key.is_none() => {
-                Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("missing key ({e})"))).await;
+                Box::pin(self.close(CloseCode::BadRequest, &format!("missing key ({e})"))).await;
                 return None;
             }
             Err(e) => {
-                Box::pin(self.close(CLOSE_BAD_REQUEST, &format!("invalid key: {e}"))).await;
+                Box::pin(self.close(CloseCode::BadRequest, &format!("invalid key: {e}"))).await;
                 return None;
             }
         };
@@ -318,12 +312,12 @@ impl Session {
                 return None;
             }
             Placement::Unknown => {
-                Box::pin(self.close(CLOSE_UNAVAILABLE, "no owner known for this key")).await;
+                Box::pin(self.close(CloseCode::Unavailable, "no owner known for this key")).await;
                 return None;
             }
         }
         if self.node.shutdown.is_cancelled() || self.node.is_draining() {
-            Box::pin(self.close(CLOSE_UNAVAILABLE, "node draining")).await;
+            Box::pin(self.close(CloseCode::Unavailable, "node draining")).await;
             return None;
         }
         let resume = query.resume();
@@ -337,7 +331,8 @@ impl Session {
             Ok(sub) => sub,
             Err(e @ SubscribeError::Moved) => {
                 tracing::debug!(key = %key, error = %e, "subscription refused");
-                Box::pin(self.close(CLOSE_UNAVAILABLE, "the key is moving; ask /v1/route")).await;
+                Box::pin(self.close(CloseCode::Unavailable, "the key is moving; ask /v1/route"))
+                    .await;
                 return None;
             }
             Err(e @ (SubscribeError::TooManySubscribers(_) | SubscribeError::MemoryBudget)) => {
@@ -348,14 +343,14 @@ impl Session {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 tracing::debug!(key = %key, error = %e, "subscription refused");
-                Box::pin(self.close(CLOSE_TOO_MANY, "retry_after_ms=1000")).await;
+                Box::pin(self.close(CloseCode::TooMany, "retry_after_ms=1000")).await;
                 return None;
             }
         };
         // The shutdown kicks every subscriber: one that subscribed as it began is
         // told here instead.
         if self.node.shutdown.is_cancelled() {
-            Box::pin(self.close(CLOSE_GOING_AWAY, "node shutting down")).await;
+            Box::pin(self.close(CloseCode::GoingAway, "node shutting down")).await;
             return None;
         }
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
@@ -437,11 +432,11 @@ impl Session {
     async fn violated(&mut self, violation: Violation) -> ControlFlow<()> {
         self.node.counters.violations.count(violation);
         tracing::debug!(?violation, "client past a per-connection bound; closing");
-        self.end(CLOSE_POLICY, violation.reason()).await
+        self.end(CloseCode::Policy, violation.reason()).await
     }
 
     /// Ends the session with a close frame.
-    async fn end(&mut self, code: u16, reason: &'static str) -> ControlFlow<()> {
+    async fn end(&mut self, code: CloseCode, reason: &'static str) -> ControlFlow<()> {
         self.close(code, reason).await;
         ControlFlow::Break(())
     }
@@ -481,13 +476,13 @@ impl Session {
             }
             None => return ControlFlow::Break(()),
             Some(Err(WsError::Capacity(e))) => {
-                self.close(CLOSE_TOO_LARGE, &format!("frame too large: {e}"))
+                self.close(CloseCode::TooLarge, &format!("frame too large: {e}"))
                     .await;
                 return ControlFlow::Break(());
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "client connection failed");
-                self.close(CLOSE_BAD_REQUEST, "protocol error").await;
+                self.close(CloseCode::BadRequest, "protocol error").await;
                 return ControlFlow::Break(());
             }
         }
@@ -595,18 +590,18 @@ impl Session {
     async fn error(&mut self, code: &str, message: &str) {
         let frame = ServerFrame::Error { code, message }.encode();
         self.socket.queue_text(&frame);
-        self.close(CLOSE_BAD_REQUEST, message).await;
+        self.close(CloseCode::BadRequest, message).await;
     }
 
     /// Sends a close frame with `code` and waits briefly for the client's close.
-    async fn close(&mut self, code: u16, reason: &str) {
+    async fn close(&mut self, code: CloseCode, reason: &str) {
         // Close reasons are limited to 123 bytes.
         let mut end = reason.len().min(123);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
         let frame = CloseFrame {
-            code: CloseCode::from(code),
+            code: WireCloseCode::from(code.code()),
             reason: Utf8Bytes::from(&reason[..end]),
         };
         // A client that does not read, or keeps sending, cannot be waited for forever.

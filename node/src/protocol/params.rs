@@ -3,12 +3,20 @@
 
 use std::sync::Arc;
 
-use crate::state::{valid_epoch, Resume};
+use super::epoch::valid_epoch;
 
 /// The longest `wait` of a long poll, in seconds.
 pub const MAX_WAIT_S: u64 = 60;
 /// `wait` when a long poll gives none.
 pub const DEFAULT_WAIT_S: u64 = 25;
+
+/// Where a client wants to continue from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    /// `None`: read `since` in the current epoch.
+    pub epoch: Option<String>,
+}
 
 /// What a client asked for.
 #[derive(Debug, Clone, Default)]

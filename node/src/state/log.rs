@@ -9,12 +9,13 @@ use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::clock::now_ms;
-use super::epoch::new_epoch;
 use super::idempotency::{Idempotency, SeqDigest};
 use super::mailbox::Subscriber;
 use super::presence::Presence;
 use crate::config::Limits;
+use crate::protocol::epoch::new_epoch;
 use crate::protocol::frames::{self, PayloadError};
+use crate::protocol::params::Resume;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 
 /// Why a publish was refused.
@@ -71,14 +72,6 @@ pub enum SubscribeError {
     Moved,
     #[error("the node is past its memory budget and takes no new keys")]
     MemoryBudget,
-}
-
-/// Where a client wants to continue from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resume {
-    pub since: u64,
-    /// `None`: read `since` in the current epoch.
-    pub epoch: Option<String>,
 }
 
 /// Why a `since` cannot be served.
@@ -197,11 +190,6 @@ impl KeySnapshot {
         entries + window + key.len() + self.epoch.len() + 32
     }
 }
-
-/// The most a node puts in one request to a peer (a replication batch, a hand-off
-/// call) before starting another; one key's snapshot may take it past this, never two.
-/// The receiver's decode limit ([`crate::config::Config::max_grpc_message`]) allows it.
-pub const REQUEST_BUDGET: usize = 4 << 20;
 
 /// What must go to the successor after staging an update.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use super::CLOSE_SLOW_CONSUMER;
+use crate::protocol::close::CloseCode;
 use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 pub struct Kick {
     /// A frame to send before closing (a `redirect`), if any.
     pub frame: Option<Utf8Bytes>,
-    pub code: u16,
+    pub code: CloseCode,
     pub reason: String,
 }
 
@@ -310,7 +310,7 @@ impl Subscriber {
             Err(Refused::Full) => {
                 self.control.kick(Kick {
                     frame: None,
-                    code: CLOSE_SLOW_CONSUMER,
+                    code: CloseCode::SlowConsumer,
                     reason: "slow consumer".into(),
                 });
                 false

@@ -14,10 +14,11 @@
 //! synchronous work gives the same ordering without a channel hop and a task per key;
 
 mod clock;
-mod epoch;
+mod handoffs;
 mod idempotency;
 mod log;
 mod mailbox;
+mod pipes;
 mod presence;
 mod replicas;
 mod table;
@@ -25,11 +26,10 @@ mod table;
 mod tests;
 
 pub use crate::config::Limits;
-pub use epoch::{new_epoch, valid_epoch};
+pub use handoffs::*;
 pub use log::*;
 pub use mailbox::*;
+pub use pipes::*;
 pub use replicas::*;
 pub use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 pub use table::*;
-/// WebSocket close code: slow consumer.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4408;

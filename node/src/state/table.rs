@@ -13,6 +13,7 @@ use super::log::*;
 use super::mailbox::*;
 use crate::config::Limits;
 use crate::protocol::frames::{self};
+use crate::protocol::params::Resume;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 
 pub(super) const SHARDS: usize = 64;

@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::epoch::epoch_at;
 use super::idempotency::Idempotency;
 use super::presence::Presence;
 use super::*;
+use crate::protocol::epoch::{epoch_at, new_epoch, valid_epoch};
 use crate::protocol::frames;
+use crate::protocol::params::Resume;
 use std::task::Poll;
 use tokio::sync::oneshot;
 
@@ -94,7 +95,7 @@ fn a_subscriber_keeps_its_query_only_if_it_says_more_than_the_key() {
         control,
     };
     let url = |s: &Subscriber| {
-        crate::node::redirect_url("ws://h:1", "/v1/connect", &s.redirect_query(), 9)
+        crate::protocol::redirect::redirect_url("ws://h:1", "/v1/connect", &s.redirect_query(), 9)
     };
     assert_eq!(url(&s), "ws://h:1/v1/connect?key=user%3A42+%C3%BC&rv=9");
     s.query = Subscriber::kept_query(&Arc::from("key=user%3A42+%C3%BC&since=5&rv=1"));
@@ -518,7 +519,7 @@ fn a_full_queue_kicks_only_that_subscriber() {
         .kick
         .clone()
         .expect("slow subscriber kicked");
-    assert_eq!(kick.code, CLOSE_SLOW_CONSUMER);
+    assert_eq!(kick.code, crate::protocol::close::CloseCode::SlowConsumer);
     let mut got = 0;
     while fast_rx.try_recv().is_some() {
         got += 1;

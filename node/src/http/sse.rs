@@ -18,7 +18,7 @@ use ringfeed_router::key::Key;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::http::{client_request, elsewhere, unavailable, ApiError};
+use super::reply::{client_request, elsewhere, unavailable, ApiError};
 use crate::node::Node;
 use crate::protocol::frames::{self, ServerFrame};
 use crate::protocol::params::last_event_id;

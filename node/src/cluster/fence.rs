@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::ring::{Member, Ring};
 
-use crate::node::{redirect_kick, Node, CLOSE_UNAVAILABLE};
+use crate::node::{redirect_kick, Node};
+use crate::protocol::close::CloseCode;
 use crate::state::Kick;
 
 /// How often the lease is checked (and peers asked while it is in doubt).
@@ -194,7 +195,7 @@ pub async fn watch(node: Arc<Node>) {
                     tracing::warn!(?answers, "no majority answers: closing clients with 4503");
                     node.keys.kick_all(|_| Kick {
                         frame: None,
-                        code: CLOSE_UNAVAILABLE,
+                        code: CloseCode::Unavailable,
                         reason: "fenced: owner not known here".into(),
                     });
                     closed_clients = true;
@@ -279,7 +280,7 @@ fn move_out(node: &Node, ring: &Ring, version: u64) {
                 Some(owner) => redirect_kick(owner, &s.redirect_query(), version),
                 None => Kick {
                     frame: None,
-                    code: CLOSE_UNAVAILABLE,
+                    code: CloseCode::Unavailable,
                     reason: "fenced: owner not known here".into(),
                 },
             });

@@ -12,10 +12,11 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
-use crate::http::{client_request, elsewhere, unavailable, ApiError};
+use super::reply::{client_request, elsewhere, unavailable, ApiError};
 use crate::node::Node;
+use crate::protocol::params::Resume;
 use crate::protocol::params::DEFAULT_WAIT_S;
-use crate::state::{Catchup, Resume};
+use crate::state::Catchup;
 
 /// `GET /v1/poll?key=K&since=S[&epoch=E][&wait=SECONDS]`.
 pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
@@ -27,7 +28,7 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
     if let Some(answer) = elsewhere(&node, &key, &query, "/v1/poll").await {
         return Ok(answer);
     }
-    node.promote_if_due(key.as_str(), &node.membership.view());
+    crate::cluster::follower::promote_if_due(&node, key.as_str(), &node.membership.view());
     let resume = Resume {
         since,
         epoch: query.epoch.clone(),

@@ -16,7 +16,7 @@ pub fn new_epoch() -> String {
     epoch_at(millis)
 }
 
-pub(super) fn epoch_at(millis: u64) -> String {
+pub(crate) fn epoch_at(millis: u64) -> String {
     const ORDERED: &[u8] = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
     let time = (0..8)

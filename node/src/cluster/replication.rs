@@ -15,9 +15,9 @@
 //! wait; the guarantee is never lowered), and the next batch opens a new stream. When the successor leaves the ring, the keys it held are sent whole
 //! to their new successors by the ring follower.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
@@ -26,7 +26,10 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::node::Node;
-use crate::state::{Applied, ApplyError, KeySnapshot, LogEntry, Publish, Staged, ToReplica};
+use crate::state::{
+    job_key, successor_of, Applied, ApplyError, Job, KeySnapshot, LogEntry, Publish, Staged,
+    Successor, ToReplica,
+};
 
 /// Jobs queued per successor before publishes wait for room.
 const PIPE_CAPACITY: usize = 65_536;
@@ -34,38 +37,6 @@ const PIPE_CAPACITY: usize = 65_536;
 const MAX_BATCH: usize = 1024;
 /// How long one `Replicate` call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A successor: node id and incarnation.
-pub type Successor = (String, String);
-
-/// What goes down a pipe.
-#[derive(Debug)]
-pub enum Job {
-    Entry {
-        key: String,
-        epoch: String,
-        entry: LogEntry,
-    },
-    Snapshot {
-        key: String,
-        snapshot: KeySnapshot,
-    },
-    /// The owner dropped the key as idle.
-    Drop {
-        key: String,
-    },
-}
-
-impl Job {
-    /// About what the job takes in a request.
-    fn wire_bytes(&self) -> usize {
-        match self {
-            Job::Entry { key, epoch, entry } => entry.wire_bytes(key, epoch),
-            Job::Snapshot { key, snapshot } => snapshot.wire_bytes(key),
-            Job::Drop { key } => key.len() + 8,
-        }
-    }
-}
 
 /// Why a publish did not land.
 #[derive(Debug, thiserror::Error)]
@@ -78,95 +49,67 @@ pub enum PublishError {
     Fenced,
 }
 
-/// The pipes to every successor this node replicates to.
-#[derive(Default)]
-pub struct Replication {
-    pipes: Mutex<HashMap<Successor, mpsc::Sender<Job>>>,
-}
-
-impl Replication {
-    /// Queues `job` for `to`, starting its pipe if needed. A successor that is no
-    /// longer on the ring gets nothing: the ring follower re-sends the key whole.
-    fn send(&self, node: &Arc<Node>, to: &Successor, job: Job) {
-        let tx = {
-            let mut pipes = self.pipes.lock().expect("pipes lock poisoned");
-            match pipes.get(to) {
-                Some(tx) if !tx.is_closed() => tx.clone(),
-                _ => {
-                    let view = node.membership.view();
-                    let Some(member) = view
-                        .ring
-                        .member(&ringfeed_router::ring::NodeId(to.0.clone()))
-                    else {
-                        return;
-                    };
-                    if member.incarnation != to.1 {
-                        return;
-                    }
-                    let (tx, rx) = mpsc::channel(PIPE_CAPACITY);
-                    node.tasks
-                        .spawn(pipe(node.clone(), to.clone(), member.grpc.clone(), rx));
-                    pipes.insert(to.clone(), tx.clone());
-                    tx
-                }
-            }
-        };
-        if let Err(e) = tx.try_send(job) {
-            let job = e.into_inner();
-            if !matches!(job, Job::Drop { .. }) {
-                // Full (or closing): make the key's next publish send it whole instead.
-                let key = job_key(&job);
-                tracing::warn!(successor = %to.0, %key, "replication queue full");
-                node.keys.forget_replica(key);
-            }
+/// Queues `job` for `to`, starting its pipe if needed. A successor that is no
+/// longer on the ring gets nothing: the ring follower re-sends the key whole.
+fn send(node: &Arc<Node>, to: &Successor, job: Job) {
+    let open = || {
+        let view = node.membership.view();
+        let member = view
+            .ring
+            .member(&ringfeed_router::ring::NodeId(to.0.clone()))?;
+        if member.incarnation != to.1 {
+            return None;
         }
-    }
-
-    /// Tells `to` that this node dropped `key` as idle, so its replica goes too.
-    pub fn drop_key(&self, node: &Arc<Node>, to: &Successor, key: String) {
-        self.send(node, to, Job::Drop { key });
-    }
-
-    /// Sends what staging said the replica needs.
-    pub fn dispatch(&self, node: &Arc<Node>, key: &str, to_replica: ToReplica) {
-        match to_replica {
-            ToReplica::Nothing => {}
-            ToReplica::Entry(to, epoch, entry) => {
-                self.send(
-                    node,
-                    &to,
-                    Job::Entry {
-                        key: key.to_owned(),
-                        epoch,
-                        entry,
-                    },
-                );
-            }
-            ToReplica::Snapshot(to, snapshot) => {
-                self.send(
-                    node,
-                    &to,
-                    Job::Snapshot {
-                        key: key.to_owned(),
-                        snapshot,
-                    },
-                );
-            }
+        let (tx, rx) = mpsc::channel(PIPE_CAPACITY);
+        node.tasks
+            .spawn(pipe(node.clone(), to.clone(), member.grpc.clone(), rx));
+        Some(tx)
+    };
+    let Some(tx) = node.replication.queue(to, open) else {
+        return;
+    };
+    if let Err(e) = tx.try_send(job) {
+        let job = e.into_inner();
+        if !matches!(job, Job::Drop { .. }) {
+            // Full (or closing): make the key's next publish send it whole instead.
+            let key = job_key(&job);
+            tracing::warn!(successor = %to.0, %key, "replication queue full");
+            node.keys.forget_replica(key);
         }
     }
 }
 
-fn job_key(job: &Job) -> &str {
-    match job {
-        Job::Entry { key, .. } | Job::Snapshot { key, .. } | Job::Drop { key } => key,
-    }
+/// Tells `to` that this node dropped `key` as idle, so its replica goes too.
+pub fn drop_key(node: &Arc<Node>, to: &Successor, key: String) {
+    send(node, to, Job::Drop { key });
 }
 
-/// The successor of `key` on `view` as (id, incarnation), if any.
-pub fn successor_of(view: &View, key: &str) -> Option<Successor> {
-    view.ring
-        .successor(key)
-        .map(|m| (m.id.0.clone(), m.incarnation.clone()))
+/// Sends what staging said the replica needs.
+pub fn dispatch(node: &Arc<Node>, key: &str, to_replica: ToReplica) {
+    match to_replica {
+        ToReplica::Nothing => {}
+        ToReplica::Entry(to, epoch, entry) => {
+            send(
+                node,
+                &to,
+                Job::Entry {
+                    key: key.to_owned(),
+                    epoch,
+                    entry,
+                },
+            );
+        }
+        ToReplica::Snapshot(to, snapshot) => {
+            send(
+                node,
+                &to,
+                Job::Snapshot {
+                    key: key.to_owned(),
+                    snapshot,
+                },
+            );
+        }
+    }
 }
 
 /// Publishes through `key`'s log on this node (its owner on `view`): stage, send to
@@ -225,7 +168,7 @@ pub fn start(
             // A retry of an update in flight: make sure it is on its way, then retry.
             let to = successor_of(view, key);
             let to_replica = node.keys.replicate_to(key, to, view.version);
-            node.replication.dispatch(node, key, to_replica);
+            dispatch(node, key, to_replica);
             Err(ApplyError::InFlight.into())
         }
         Err(e) => Err(e.into()),
@@ -243,7 +186,7 @@ pub fn start(
             if !replicated {
                 node.counters.unreplicated.fetch_add(1, Ordering::Relaxed);
             }
-            node.replication.dispatch(node, key, to_replica);
+            dispatch(node, key, to_replica);
             Ok(Started {
                 applied,
                 replicated,
@@ -292,7 +235,7 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
             Event::Job(first) => {
                 let mut bytes = first.wire_bytes();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH && bytes < crate::state::REQUEST_BUDGET {
+                while batch.len() < MAX_BATCH && bytes < crate::config::REQUEST_BUDGET {
                     match rx.try_recv() {
                         Ok(job) => {
                             bytes += job.wire_bytes();
@@ -437,11 +380,7 @@ fn left_the_ring(
     mut rx: mpsc::Receiver<Job>,
     in_flight: VecDeque<(Vec<Job>, Instant)>,
 ) {
-    node.replication
-        .pipes
-        .lock()
-        .expect("pipes lock poisoned")
-        .remove(to);
+    node.replication.close(to);
     rx.close();
     let mut jobs: Vec<Job> = in_flight.into_iter().flat_map(|(batch, _)| batch).collect();
     while let Ok(job) = rx.try_recv() {
@@ -598,7 +537,7 @@ fn resend(node: &Arc<Node>, batch: Vec<Job>) {
         let to_replica = node
             .keys
             .replicate_to(&key, successor_of(&view, &key), view.version);
-        node.replication.dispatch(node, &key, to_replica);
+        dispatch(node, &key, to_replica);
     }
 }
 
