@@ -2,8 +2,9 @@
 //!
 //! * [`ring`] — the consistent-hash ring, pure: members → points → owner/successor.
 //! * [`key`] — the routing-key grammar.
-//! * [`membership`] — etcd: a node's registration under a lease, and the watched view
-//!   of the ring (ring version + ring id).
+//! * [`membership`] — the view of the ring (from etcd, or fixed in tests), and a node's
+//!   registration under a lease.
+//! * [`backoff`] — jittered exponential back-off.
 //! * [`forward`] — pooled channels to nodes; per-owner batching; NOT_OWNER catch-up and
 //!   jittered retries until the caller's deadline.
 //! * [`service`] — the public `ringfeed.v1.Router` gRPC service.
@@ -11,6 +12,7 @@
 //! Nodes use this crate as a library for the ring and membership; the
 //! `ringfeed-router` binary (`src/main.rs`) wires it into a stateless router.
 
+pub mod backoff;
 pub mod forward;
 pub mod key;
 pub mod membership;
