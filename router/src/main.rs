@@ -127,6 +127,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             max_batch: config.max_batch,
             default_deadline: Duration::from_millis(config.publish_timeout_ms),
         },
+        tasks.clone(),
+        shutdown.clone(),
     ));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
