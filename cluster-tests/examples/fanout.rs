@@ -9,7 +9,9 @@
 //! `cargo run --release -p ringfeed-cluster-tests --example fanout -- --router HOST:PORT --node URL`
 //! (the full benchmark suite, with peers and calibration, is `scripts/bench`).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use anyhow::{bail, Result};
 use futures_util::StreamExt;

@@ -6,7 +6,9 @@
 //!
 //! `cargo run --release -p ringfeed-cluster-tests --example pingflood -- --node URL --key K --pid PID`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;

@@ -1,7 +1,9 @@
 //! `ringfeed-node drain`: asks a running node to drain (as SIGTERM does) and waits until
 //! it has exited.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;

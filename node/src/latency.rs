@@ -6,7 +6,9 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Upper bounds of the buckets, in µs: 100 µs … 10 s, then `+Inf`.
 const BOUNDS_US: [u64; 16] = [

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use rand::Rng;
 use ringfeed_router::ring::{Member, MemberState, NodeId, Ring, DEFAULT_POINTS};

@@ -1,7 +1,9 @@
 //! The public `ringfeed.v1.Router` gRPC service.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ringfeed_proto::v1::{self as pb, router_server::Router};
 use tonic::{Request, Response, Status};

@@ -3,7 +3,9 @@
 //! bad input on the client endpoints.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use futures_util::StreamExt;

@@ -2,7 +2,9 @@
 //! follows joins and crashes; bad input is refused without disturbing anyone.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::Result;
 use futures_util::{SinkExt, StreamExt};

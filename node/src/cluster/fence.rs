@@ -17,7 +17,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::ring::{Member, Ring};

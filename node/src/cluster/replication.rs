@@ -18,7 +18,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::membership::{Backoff, View};
@@ -342,7 +344,7 @@ async fn next_reply(stream: &mut Option<Stream>) -> Result<pb::ReplicateReply, t
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }

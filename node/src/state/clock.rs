@@ -1,6 +1,6 @@
 //! The process clock the key state stamps activity with.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Milliseconds since this process first asked: when a key was last active, in 8
 /// bytes rather than an `Instant`'s 16 (every key holds one).

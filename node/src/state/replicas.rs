@@ -2,7 +2,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::log::{KeySnapshot, LogEntry};
 use super::table::StrMap;

@@ -37,7 +37,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 const READ_CHUNK: usize = 4096;
 
 /// One client's WebSocket.
-pub struct Socket {
+pub(super) struct Socket {
     ws: WebSocket<Tcp>,
     /// The session's frames not yet written: `None`, with no allocation, while idle
     /// (one pointer, where a `Vec` and its count would take 32 bytes).
@@ -55,7 +55,7 @@ struct Out {
 impl Socket {
     /// A WebSocket on `stream`, whose handshake is done; `read` is what was read past
     /// the handshake (a client may send frames right behind its request).
-    pub fn new(stream: TcpStream, read: Bytes, config: WebSocketConfig) -> Self {
+    pub(super) fn new(stream: TcpStream, read: Bytes, config: WebSocketConfig) -> Self {
         let mut scan = Scan::default();
         scan.feed(&read);
         let tcp = Tcp {
@@ -73,13 +73,16 @@ impl Socket {
     /// The client's next message; `None` once the connection has ended. tungstenite
     /// answers pings and close frames as it reads. A `poll_fn` rather than an async
     /// fn: an idle connection waits in it, and this is one pointer.
-    pub fn next(&mut self) -> impl Future<Output = Option<Result<Message, WsError>>> + '_ {
+    pub(super) fn next(&mut self) -> impl Future<Output = Option<Result<Message, WsError>>> + '_ {
         poll_fn(|cx| self.poll_next(cx))
     }
 
     /// [`next`](Self::next) as a poll, for a caller that polls its socket together
     /// with something else.
-    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
+    pub(super) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, WsError>>> {
         if self.ws.get_ref().scan.flag(Scan::ENDED) {
             return Poll::Ready(None);
         }
@@ -124,18 +127,18 @@ impl Socket {
 
     /// Whether the client has begun a data message (a text or binary frame, or the
     /// first fragment of one) whose last byte has not arrived yet.
-    pub fn message_open(&self) -> bool {
+    pub(super) fn message_open(&self) -> bool {
         self.ws.get_ref().scan.open()
     }
 
     /// Frames `text` as one text message behind whatever is queued; [`flush`](Self::flush)
     /// writes it.
-    pub fn queue_text(&mut self, text: &Utf8Bytes) {
+    pub(super) fn queue_text(&mut self, text: &Utf8Bytes) {
         self.queue(OpCode::Data(Data::Text), text.as_bytes());
     }
 
     /// Queues a heartbeat ping (empty payload).
-    pub fn queue_ping(&mut self) {
+    pub(super) fn queue_ping(&mut self) {
         self.queue(OpCode::Control(Control::Ping), &[]);
     }
 
@@ -155,7 +158,7 @@ impl Socket {
 
     /// Writes everything queued, tungstenite's first; afterwards the session's buffer
     /// is freed.
-    pub async fn flush(&mut self) -> Result<(), WsError> {
+    pub(super) async fn flush(&mut self) -> Result<(), WsError> {
         poll_fn(|cx| self.poll_flush(cx)).await
     }
 
@@ -200,7 +203,7 @@ impl Socket {
 
     /// Starts the close handshake with `frame` and writes it; the client's answer is
     /// read by [`next`](Self::next), which then ends.
-    pub async fn close(&mut self, frame: CloseFrame) -> Result<(), WsError> {
+    pub(super) async fn close(&mut self, frame: CloseFrame) -> Result<(), WsError> {
         self.flush().await?;
         match self.ws.close(Some(frame)) {
             Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {}

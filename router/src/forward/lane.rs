@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use tokio::sync::{mpsc, oneshot, Semaphore};

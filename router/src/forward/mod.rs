@@ -27,7 +27,9 @@ mod testing;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::future::join_all;
 use ringfeed_proto::v1::{self as pb, key_presence_reply, node_client::NodeClient};

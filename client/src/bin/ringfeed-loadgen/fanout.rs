@@ -26,7 +26,7 @@ use crate::{emit, payload};
 const QUEUE: usize = 64;
 
 #[derive(clap::Args, Debug)]
-pub struct FanoutArgs {
+pub(crate) struct FanoutArgs {
     /// `tcp` (newline-delimited frames) or `ws` (one text frame per message).
     #[arg(long, default_value = "ws")]
     mode: String,
@@ -49,7 +49,7 @@ pub struct FanoutArgs {
 
 type Subscribers = Arc<Mutex<BTreeMap<String, Vec<mpsc::Sender<Bytes>>>>>;
 
-pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let ws = match args.mode.as_str() {
         "ws" => true,
         "tcp" => false,

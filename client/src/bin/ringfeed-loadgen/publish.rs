@@ -6,7 +6,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{anyhow, bail};
 use hdrhistogram::Histogram;
@@ -18,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use crate::{emit, now_ns, payload, stopped};
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct PubArgs {
+pub(crate) struct PubArgs {
     /// The router's gRPC address (host:port).
     #[arg(long, conflicts_with = "redis")]
     grpc: Option<String>,
@@ -75,7 +77,7 @@ impl Shared {
     }
 }
 
-pub async fn run(args: PubArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: PubArgs) -> anyhow::Result<()> {
     let keys: Arc<Vec<String>> = Arc::new(crate::keys(&args.keys)?);
     if keys.is_empty() {
         bail!("no keys");
@@ -195,7 +197,7 @@ async fn next_call(
     }
     if args.rate > 0 {
         let due = started + Duration::from_secs_f64(first as f64 / args.rate as f64);
-        tokio::time::sleep_until(due.into()).await;
+        tokio::time::sleep_until(due).await;
     }
     Some(first)
 }

@@ -4,7 +4,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
@@ -25,7 +27,7 @@ const MAX_LATENCY_US: u64 = 60_000_000;
 const SHARDS: usize = 16;
 
 #[derive(clap::Args, Debug)]
-pub struct SubArgs {
+pub(crate) struct SubArgs {
     /// `ws` (WebSocket frames), `tcp` (newline-delimited frames after sending the
     /// key and a newline: the calibration's raw TCP server) or `socketio` (Engine.IO 4
     /// over WebSocket: the namespace CONNECT after the open packet, pongs to pings).
@@ -91,7 +93,7 @@ impl Shared {
     }
 }
 
-pub async fn run(args: SubArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: SubArgs) -> anyhow::Result<()> {
     let keys = crate::keys(&args.keys)?;
     let (index, of) = args
         .shard

@@ -212,7 +212,7 @@ fn moved_json(m: &Moved) -> Value {
 }
 
 /// P7: SIGKILL of the node whose keys have 3,000 subscribed clients, TTL 2 s and 5 s.
-pub async fn p7(args: &Args) -> Result<()> {
+pub(crate) async fn p7(args: &Args) -> Result<()> {
     let keys_wanted = if args.smoke { 20 } else { 300 };
     let ttls: Vec<u64> = match std::env::var("RINGFEED_BENCH_TTLS") {
         Ok(list) => list.split(',').filter_map(|t| t.parse().ok()).collect(),
@@ -305,7 +305,7 @@ pub async fn p7(args: &Args) -> Result<()> {
 }
 
 /// P8: a 4th node joins while its future arcs have 3,000 subscribed clients.
-pub async fn p8(args: &Args) -> Result<()> {
+pub(crate) async fn p8(args: &Args) -> Result<()> {
     let keys_wanted = if args.smoke { 20 } else { 300 };
     let mut cluster = Cluster::builder()
         .nodes(3)
@@ -358,7 +358,7 @@ pub async fn p8(args: &Args) -> Result<()> {
 
 /// The ring of active members `ids` with the default points: owners depend on ids and
 /// points only, so the bench can tell where keys live (or will) without asking.
-pub fn ring_of(ids: &[&str]) -> Ring {
+pub(crate) fn ring_of(ids: &[&str]) -> Ring {
     Ring::new(ids.iter().map(|id| Member {
         id: NodeId((*id).into()),
         incarnation: String::new(),

@@ -12,7 +12,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 /// One `ringfeed-loadgen` process.
-pub struct Loadgen {
+pub(crate) struct Loadgen {
     pub name: String,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -22,7 +22,7 @@ pub struct Loadgen {
 }
 
 impl Loadgen {
-    pub fn spawn(name: &str, args: &[String]) -> Result<Loadgen> {
+    pub(crate) fn spawn(name: &str, args: &[String]) -> Result<Loadgen> {
         let mut child = Command::new(bin("ringfeed-loadgen"))
             .args(args)
             .stdin(Stdio::piped())
@@ -51,7 +51,7 @@ impl Loadgen {
     }
 
     /// Waits for the next event `ev`, keeping ticks on the way.
-    pub async fn wait(&mut self, ev: &str, within: Duration) -> Result<Value> {
+    pub(crate) async fn wait(&mut self, ev: &str, within: Duration) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let next = tokio::time::timeout_at(deadline, self.events.recv())
@@ -68,7 +68,7 @@ impl Loadgen {
     }
 
     /// Takes the ticks that arrived so far, without waiting.
-    pub fn poll_ticks(&mut self) -> Option<&Value> {
+    pub(crate) fn poll_ticks(&mut self) -> Option<&Value> {
         while let Ok(next) = self.events.try_recv() {
             if next["ev"] == "tick" {
                 self.ticks.push(next);
@@ -77,7 +77,7 @@ impl Loadgen {
         self.ticks.last()
     }
 
-    pub async fn say(&mut self, line: &str) -> Result<()> {
+    pub(crate) async fn say(&mut self, line: &str) -> Result<()> {
         let stdin = self
             .stdin
             .as_mut()
@@ -88,7 +88,7 @@ impl Loadgen {
     }
 
     /// Asks it to stop and returns its `done` event.
-    pub async fn finish(&mut self, within: Duration) -> Result<Value> {
+    pub(crate) async fn finish(&mut self, within: Duration) -> Result<Value> {
         let _ = self.say("stop").await;
         let done = self.wait("done", within).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
@@ -97,12 +97,12 @@ impl Loadgen {
 }
 
 /// A workspace binary next to this one (`target/release/`).
-pub fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     ringfeed_cluster_tests::bin_dir().join(name)
 }
 
 /// The resident set of process `pid`, in bytes.
-pub fn rss(pid: u32) -> Result<u64> {
+pub(crate) fn rss(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
@@ -133,14 +133,14 @@ fn cpu_times() -> Result<(u64, u64)> {
 /// The box's busy CPU time so far, in ms over all cores (`/proc/stat` counts in
 /// USER_HZ, 100 per second on Linux). The difference of two readings is what every
 /// process on the box used between them, the kernel's network work included.
-pub fn busy_ms() -> Result<f64> {
+pub(crate) fn busy_ms() -> Result<f64> {
     Ok(cpu_times()?.0 as f64 * 10.0)
 }
 
 /// Waits until the box is quiet — under 15% busy over a quarter of a second — so a
 /// run does not share the cores with what the previous one left behind (a peer still
 /// draining a backlog of seconds, sockets closing). Gives up after `within`, saying so.
-pub async fn quiet_box(within: Duration) -> Result<()> {
+pub(crate) async fn quiet_box(within: Duration) -> Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let (busy0, total0) = cpu_times()?;
@@ -162,7 +162,7 @@ pub async fn quiet_box(within: Duration) -> Result<()> {
 
 /// A peer that runs as Node.js endpoint processes behind Redis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Peer {
+pub(crate) enum Peer {
     /// The seed reference: `ws` + `ioredis`, a Redis channel per connected key.
     Seed,
     /// Socket.IO with `@socket.io/redis-adapter`, a room per key.
@@ -171,7 +171,7 @@ pub enum Peer {
 
 impl Peer {
     /// Its name in reports and JSON.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Peer::Seed => "seed-reference",
             Peer::SocketIo => "socketio",
@@ -179,7 +179,7 @@ impl Peer {
     }
 
     /// What `ringfeed-loadgen sub --target` speaks to it.
-    pub fn target(self) -> &'static str {
+    pub(crate) fn target(self) -> &'static str {
         match self {
             Peer::Seed => "ws",
             Peer::SocketIo => "socketio",
@@ -187,7 +187,7 @@ impl Peer {
     }
 
     /// Extra `ringfeed-loadgen pub` arguments after `--redis ADDR`.
-    pub fn publish_args(self) -> &'static [&'static str] {
+    pub(crate) fn publish_args(self) -> &'static [&'static str] {
         match self {
             Peer::Seed => &[],
             Peer::SocketIo => &["--socketio"],
@@ -212,7 +212,7 @@ impl Peer {
 }
 
 /// A peer running: a Redis server and one Node.js endpoint process per core.
-pub struct NodePeer {
+pub(crate) struct NodePeer {
     pub peer: Peer,
     // Dropped (killed) in this order: the endpoints before Redis.
     endpoints: Vec<Child>,
@@ -224,7 +224,7 @@ pub struct NodePeer {
 }
 
 impl NodePeer {
-    pub async fn start(peers_dir: &Path, peer: Peer, endpoints: usize) -> Result<NodePeer> {
+    pub(crate) async fn start(peers_dir: &Path, peer: Peer, endpoints: usize) -> Result<NodePeer> {
         let dir = tempfile::Builder::new()
             .prefix("ringfeed-peer-")
             .tempdir()?;
@@ -283,7 +283,7 @@ impl NodePeer {
     }
 
     /// The endpoint processes' ids.
-    pub fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         self.endpoints.iter().filter_map(Child::id).collect()
     }
 }

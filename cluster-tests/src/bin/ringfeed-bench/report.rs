@@ -7,7 +7,7 @@ use hdrhistogram::Histogram;
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
-pub fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return f64::NAN;
@@ -22,7 +22,7 @@ pub fn median(values: &[f64]) -> f64 {
 }
 
 /// The machine the figures were taken on.
-pub fn machine() -> Value {
+pub(crate) fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -51,7 +51,7 @@ pub fn machine() -> Value {
 }
 
 /// Writes `{dir}/{id}.json`.
-pub fn write_json(dir: &Path, id: &str, value: &Value) -> Result<()> {
+pub(crate) fn write_json(dir: &Path, id: &str, value: &Value) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{id}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")
@@ -61,7 +61,7 @@ pub fn write_json(dir: &Path, id: &str, value: &Value) -> Result<()> {
 }
 
 /// `(percentile, latency in ms)` points of a latency CDF.
-pub fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+pub(crate) fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     if h.is_empty() {
         return Vec::new();
     }
@@ -73,7 +73,7 @@ pub fn cdf(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     .collect()
 }
 
-pub fn percentiles(h: &Histogram<u64>) -> Value {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Value {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     json!({
         "count": h.len(),
@@ -85,7 +85,7 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
 }
 
 /// One SVG: throughput over time on the left (when given), latency CDF on the right.
-pub fn plot(
+pub(crate) fn plot(
     path: &Path,
     title: &str,
     throughput: &[(String, Vec<(f64, f64)>)],
@@ -180,7 +180,7 @@ pub fn plot(
 
 /// The README's benchmark table, from every `P*.json` in `dir`, between the markers
 /// `<!-- bench:begin -->` and `<!-- bench:end -->`.
-pub fn readme_table(dir: &Path, readme: &Path) -> Result<()> {
+pub(crate) fn readme_table(dir: &Path, readme: &Path) -> Result<()> {
     let mut rows = Vec::new();
     for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"] {
         let Ok(text) = std::fs::read_to_string(dir.join(format!("{id}.json"))) else {
