@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 /// The node's layers, lowest first: a module may import from its own layer and the
 /// ones below, never above (ARCHITECTURE.md explains each).
 const NODE_LAYERS: &[&[&str]] = &[
-    &["protocol", "budget", "latency"],
+    &["protocol", "budget", "latency", "peers"],
     &["config"],
     &["state"],
     &["node"],
     &["cluster"],
     &["session", "ws", "http", "internal"],
-    &["run", "admin"],
+    &["run", "admin", "sim"],
 ];
 
 /// The router's layers, lowest first.

@@ -1,23 +1,26 @@
 //! A ringfeed node: holds client connections and the state of the keys it owns.
 //!
-//! * [`config`] — flags and environment, validated before a port is bound.
-//! * [`node`] — shared state, ownership decisions, and following the ring.
-//! * [`keys`] — per-key state: epoch, seq, subscribers with bounded queues.
-//! * [`frames`] — the JSON frames of the client protocol.
-//! * [`http`] — the HTTP listener: WebSocket upgrades, `/v1/route`, `/v1/ring`, health.
-//! * [`params`] — the query parameters of the client endpoints.
-//! * [`session`] — what every transport does for a client: place, subscribe, resume.
-//! * [`ws`] — one WebSocket session.
-//! * [`sse`] — Server-Sent Events (`/v1/sse`).
-//! * [`poll`] — long polling (`/v1/poll`).
-//! * [`replication`] — owner → successor replication with a high watermark.
-//! * [`handoff`] — keys move with their state on planned ring changes.
-//! * [`internal`] — the internal `ringfeed.v1.Node` gRPC service.
-//! * [`run`] — wiring and graceful shutdown.
-//! * [`admin`] — `ringfeed-node drain`: ask a running node to drain.
-//! * [`budget`] — the memory budget: past it, new keys and connections are refused.
-//! * [`fence`] — self-fencing when the lease is in doubt.
-//! * [`latency`] — latency histograms for `/metrics`.
+//! The modules are layers; each imports only from its own layer and those below
+//! (`cluster-tests/tests/layering.rs` checks it):
+//!
+//! 1. [`protocol`] — what clients see, stateless: frames, query parameters, close codes,
+//!    epochs, redirect URLs. Beside it, leaves: [`budget`] (resident memory),
+//!    [`latency`] (histograms), [`peers`] (how peers are reached).
+//! 2. [`config`] — flags and environment, validated before a port is bound; owns the
+//!    key state's [`Limits`](config::Limits).
+//! 3. [`state`] — the per-key state without IO: log and high watermark, idempotency,
+//!    presence, connection mailboxes, the key table, replicas, hand-off bookkeeping,
+//!    replication queues.
+//! 4. [`node`] — the shared [`Node`](node::Node): ownership decisions, readiness,
+//!    admission, the connection clock.
+//! 5. [`cluster`] — the node among its peers: replication, hand-off, the ring
+//!    follower and promotion, self-fencing.
+//! 6. Transports and services: [`session`] (what every transport does for a client),
+//!    [`ws`] (WebSocket), [`http`] (the listener, SSE, long polling, health and
+//!    metrics), [`internal`] (the internal `ringfeed.v1.Node` gRPC service).
+//! 7. [`run`] — the one place where everything is wired; [`admin`] — `ringfeed-node
+//!    drain`; and, in tests, `sim`: nodes in one process on a fixed ring, an in-memory
+//!    network and paused time.
 //!
 //! Data flows one way: transport → key → subscribers' queues → transport.
 
@@ -29,8 +32,11 @@ pub mod http;
 pub mod internal;
 pub mod latency;
 pub mod node;
+pub mod peers;
 pub mod protocol;
 pub mod run;
 pub mod session;
+#[cfg(test)]
+mod sim;
 pub mod state;
 pub mod ws;

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
 use crate::config::Config;
+use crate::peers::Peers;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
 use crate::state::KeySnapshot;
@@ -37,6 +38,10 @@ pub struct Node {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     registration: OnceLock<Registration>,
+    /// The incarnation of a node without a registration (an in-process test's).
+    incarnation: OnceLock<String>,
+    /// How peers' internal services are reached.
+    pub peers: Peers,
     draining: AtomicBool,
     /// Resident memory against the budget; past it, no new keys or connections.
     pub budget: MemoryBudget,
@@ -155,10 +160,18 @@ impl Node {
             shutdown,
             tasks,
             registration: OnceLock::new(),
+            incarnation: OnceLock::new(),
+            peers: Peers::Tcp,
             draining: AtomicBool::new(false),
             fence_state: AtomicU8::new(0),
             clock_origin: tokio::time::Instant::now(),
         }
+    }
+
+    /// The node, reaching its peers by `peers` instead of TCP.
+    pub fn with_peers(mut self, peers: Peers) -> Node {
+        self.peers = peers;
+        self
     }
 
     /// `at` in ms of the node's clock (from 1), which connections set their
@@ -209,6 +222,21 @@ impl Node {
         let _ = self.registration.set(registration);
     }
 
+    /// Takes `incarnation` as this process's own where no registration says it (an
+    /// in-process node without etcd): keys its record owns on the ring are this node's.
+    pub fn set_incarnation(&self, incarnation: &str) {
+        let _ = self.incarnation.set(incarnation.to_owned());
+    }
+
+    /// Whether `incarnation` is this process's (its registration's current one: a
+    /// re-registration makes a new one).
+    fn is_incarnation(&self, incarnation: &str) -> bool {
+        match self.registration() {
+            Some(registration) => registration.is_incarnation(incarnation),
+            None => self.incarnation.get().is_some_and(|i| i == incarnation),
+        }
+    }
+
     pub fn registration(&self) -> Option<&Registration> {
         self.registration.get()
     }
@@ -242,12 +270,12 @@ impl Node {
         if self.is_fenced() {
             return Some("fenced: lease in doubt");
         }
-        let Some(registration) = self.registration() else {
+        if self.registration().is_none() && self.incarnation.get().is_none() {
             return Some("not registered yet");
-        };
+        }
         let view = self.membership.view();
         match view.ring.member(&self.id) {
-            Some(m) if m.incarnation == registration.record().incarnation => None,
+            Some(m) if self.is_incarnation(&m.incarnation) => None,
             _ => Some("not on the last known ring"),
         }
     }
@@ -273,10 +301,7 @@ impl Node {
     pub fn decide(&self, view: Arc<View>, key: &str) -> Decision {
         match view.ring.owner(key) {
             Some(owner) if owner.id == self.id => {
-                if self
-                    .registration()
-                    .is_some_and(|r| r.is_incarnation(&owner.incarnation))
-                {
+                if self.is_incarnation(&owner.incarnation) {
                     Decision::Mine(view)
                 } else {
                     Decision::Nobody(view)

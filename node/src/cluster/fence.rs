@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
+use ringfeed_proto::v1::{self as pb};
 use ringfeed_router::ring::{Member, Ring};
 
 use crate::node::{redirect_kick, Node};
@@ -255,12 +255,8 @@ async fn ask_peers(node: &Arc<Node>) -> (Answers, Option<(Ring, u64)>) {
 }
 
 async fn ask(node: &Node, peer: &Member) -> Option<pb::StatusReply> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.grpc))
-        .ok()?
-        .connect_timeout(ASK_TIMEOUT)
-        .timeout(ASK_TIMEOUT);
+    let mut client = node.peers.client(&peer.grpc, ASK_TIMEOUT)?;
     let call = async {
-        let mut client = NodeClient::new(endpoint.connect().await.ok()?);
         let request = pb::StatusRequest {
             from: node.id.0.clone(),
         };

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
+use ringfeed_proto::v1::{self as pb};
 use ringfeed_router::membership::{Backoff, View};
 use ringfeed_router::ring::NodeId;
 
@@ -161,15 +161,9 @@ async fn call(node: &Arc<Node>, to: &NodeId, request: pb::HandoffRequest) -> boo
         let Some(member) = view.ring.member(to) else {
             return false;
         };
-        let client = tonic::transport::Endpoint::from_shared(format!("http://{}", member.grpc))
-            .map(|e| {
-                NodeClient::new(
-                    e.connect_timeout(Duration::from_secs(1))
-                        .tcp_nodelay(true)
-                        .connect_lazy(),
-                )
-            });
-        let Ok(mut client) = client else { return false };
+        let Some(mut client) = node.peers.client(&member.grpc, Duration::from_secs(1)) else {
+            return false;
+        };
         let mut call = tonic::Request::new(request.clone());
         call.set_timeout(CALL_TIMEOUT);
         match tokio::time::timeout(CALL_TIMEOUT, client.handoff(call)).await {

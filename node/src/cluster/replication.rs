@@ -201,18 +201,9 @@ pub fn start(
 /// Drains one successor's queue: batch, send on the stream (or call), retry until it
 /// lands or the successor leaves the ring.
 async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiver<Job>) {
-    let mut client = match tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) {
-        Ok(endpoint) => NodeClient::new(
-            endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .connect_lazy(),
-        ),
-        Err(e) => {
-            tracing::error!(%grpc, error = %e, "bad successor address");
-            return;
-        }
+    let Some(mut client) = node.peers.client(&grpc, Duration::from_secs(1)) else {
+        tracing::error!(%grpc, "bad successor address");
+        return;
     };
     let shutdown = node.shutdown.clone();
     // Batches sent on the stream and not yet answered, oldest first, with when sent.

@@ -415,6 +415,14 @@ impl KeyTable {
         (state.epoch.to_string(), state.seq)
     }
 
+    /// The epoch and the latest seq shown of `key`, if this node holds it (unlike
+    /// [`position`](Self::position), which makes the key).
+    pub fn held_position(&self, key: &str) -> Option<(String, u64)> {
+        let entry = self.existing(key)?;
+        let state = entry.lock().expect("key lock poisoned");
+        Some((state.epoch.to_string(), state.seq))
+    }
+
     /// The presence ids of every connection of `key`, sorted, each once.
     pub fn presence(&self, key: &str) -> Vec<String> {
         let Some(entry) = self.existing(key) else {
