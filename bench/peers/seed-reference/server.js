@@ -1,4 +1,4 @@
-// The seed reference architecture (BENCH.md): one Node.js endpoint process per core,
+// The seed reference architecture (docs/benchmarks.md): one Node.js endpoint process per core,
 // `ws` for the sockets, `ioredis` subscribing to one Redis channel per connected key
 // and forwarding every message to that key's sockets as it comes. Publishers do
 // `PUBLISH {key} {update frame}` (ringfeed-loadgen pub --redis). It speaks ringfeed's

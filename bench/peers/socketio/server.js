@@ -1,4 +1,4 @@
-// Socket.IO with @socket.io/redis-adapter (BENCH.md's second peer): one Node.js
+// Socket.IO with @socket.io/redis-adapter (docs/benchmarks.md's second peer): one Node.js
 // process per core, every client in the room of its key, broadcasts through the
 // adapter's Redis pub/sub. It is the stack as teams deploy it — default Socket.IO
 // server options, WebSocket transport — with no handicaps.

@@ -5,8 +5,10 @@
 //! member of the new ring, then redirects the key's subscribers there. A new owner
 //! cannot tell "no state yet" from "this key never existed" key by key, so it waits —
 //! per previous owner, bounded — for that owner's marker before it serves a key that
-//! owner held, but only for previous owners whose records still exist: the keys of an
-//! owner that vanished come from its successor's replica (promotion).
+//! owner held. For a previous owner whose record vanished (a crash), it waits instead
+//! for a marker from every other active member, since any of them may hold a replica
+//! of those keys to offer before its marker; the newest offered copy is promoted
+//! (bookkeeping: [`crate::state::Handoffs`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

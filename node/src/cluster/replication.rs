@@ -33,7 +33,8 @@ use crate::state::{
     Successor, ToReplica,
 };
 
-/// Jobs queued per successor before publishes wait for room.
+/// Jobs queued per successor. Past it a job is not queued: its key forgets its replica,
+/// so the key's next publish sends it whole (publishers never wait for room).
 const PIPE_CAPACITY: usize = 65_536;
 /// Most jobs in one `Replicate` call.
 const MAX_BATCH: usize = 1024;

@@ -1,6 +1,8 @@
 //! The per-key state a node holds, without IO: the log and its high watermark, the
 //! idempotency window, presence, the connection mailboxes, the sharded table of keys,
-//! and the replicas held for other owners.
+//! the replicas held for other owners, the hand-off bookkeeping and the queues of the
+//! replication pipes. Time comes from [`clock`] (tokio's, so paused-time tests drive
+//! it); the tasks that do IO for this state live in [`crate::cluster`].
 //!
 //! Each key's state sits behind its own short `std::sync::Mutex`, and nothing awaits
 //! while holding it. A publish assigns the next seq, encodes the frame once, appends it
@@ -10,8 +12,10 @@
 //! (the replay snapshot and the registration happen under the same lock). A full queue
 //! never blocks the key: that subscriber is kicked with 4408 and resumes with `since`.
 //!
-//! (docs/design.md suggests one task per key as the single writer. A mutex held only for
-//! synchronous work gives the same ordering without a channel hop and a task per key;
+//! (A task per key as the single writer would give the same order, at the price of a
+//! channel hop per publish and a task per key; a short mutex held only for synchronous
+//! work costs neither. The wait for the successor happens outside the lock: staged
+//! updates are shown in seq order as their acknowledgements come, see [`log`].)
 
 mod clock;
 mod handoffs;

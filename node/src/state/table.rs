@@ -278,10 +278,6 @@ impl KeyTable {
             .collect()
     }
 
-    /// Installs `replica` as the state of `key` (this node is its new owner). Returns
-    /// the subscribers that had connected to a fresh state meanwhile, to be sent back
-    /// so they resume in the promoted epoch; `None` when the key already has history
-    /// here and the replica is not used.
     /// Installs a snapshot as the state of `key` (this node is its new owner), if the
     /// key has no history here yet. The snapshot is taken (`take`) only under the key's
     /// lock, once it is clear it will be used, so two callers cannot race one of them
