@@ -8,11 +8,13 @@
 //! * [`forward`] — pooled channels to nodes; per-owner batching; NOT_OWNER catch-up and
 //!   jittered retries until the caller's deadline.
 //! * [`service`] — the public `ringfeed.v1.Router` gRPC service.
+//! * [`config`] — the `ringfeed-router` binary's flags.
 //!
 //! Nodes use this crate as a library for the ring and membership; the
 //! `ringfeed-router` binary (`src/main.rs`) wires it into a stateless router.
 
 pub mod backoff;
+pub mod config;
 pub mod forward;
 pub mod key;
 pub mod membership;

@@ -1,88 +1,17 @@
 //! `ringfeed-router`: the stateless gRPC router.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use ringfeed_proto::v1::router_server::RouterServer;
+use ringfeed_router::config::Config;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
 use ringfeed_router::membership::{Membership, MembershipConfig};
 use ringfeed_router::service::RouterService;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// The stateless gRPC router: hashes each key on the ring kept in etcd and forwards the
-/// update to its owner.
-#[derive(Parser, Debug)]
-#[command(name = "ringfeed-router", version)]
-struct Config {
-    /// Cluster name; records live under /ringfeed/{cluster}/.
-    #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
-    cluster: String,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "RINGFEED_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    etcd: Vec<String>,
-    /// Address the gRPC service listens on (port 0 picks a free one).
-    #[arg(long, env = "RINGFEED_LISTEN", default_value = "127.0.0.1:7000")]
-    listen: SocketAddr,
-    /// Deadline of a call whose caller sets none, in milliseconds.
-    #[arg(long, env = "RINGFEED_PUBLISH_TIMEOUT_MS", default_value_t = 10_000)]
-    publish_timeout_ms: u64,
-    /// Largest payload of one update, in bytes.
-    #[arg(long, env = "RINGFEED_MAX_PAYLOAD", default_value_t = 64 * 1024)]
-    max_payload: usize,
-    /// Most items in one PublishBatch.
-    #[arg(long, env = "RINGFEED_MAX_BATCH", default_value_t = 1000)]
-    max_batch: usize,
-    /// Runtime worker threads (0: one per core). A router sharing a box's cores with
-    /// nodes wants its share: spare workers only wake and park one another.
-    #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
-    worker_threads: usize,
-}
-
-impl Config {
-    /// The largest request decoded: a batch of `max_batch` items at the payload limit,
-    /// each with its key, content type, idempotency key and epoch at their limits, plus
-    /// framing. A larger one is refused (`OUT_OF_RANGE`) before it is read.
-    fn max_grpc_message(&self) -> usize {
-        ringfeed_router::key::max_batch_message(self.max_batch, self.max_payload)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if self.cluster.is_empty() || self.cluster.contains('/') {
-            return Err(format!(
-                "--cluster {:?} must be non-empty and contain no '/'",
-                self.cluster
-            ));
-        }
-        if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
-            return Err("--etcd needs at least one endpoint".into());
-        }
-        if self.publish_timeout_ms == 0 {
-            return Err("--publish-timeout-ms must be > 0".into());
-        }
-        if self.max_payload == 0 || self.max_batch == 0 {
-            return Err("--max-payload and --max-batch must be > 0".into());
-        }
-        if self.max_payload > 64 << 20 || self.max_batch > 100_000 {
-            return Err("--max-payload is at most 64 MiB and --max-batch at most 100000".into());
-        }
-        if self.worker_threads > 1024 {
-            return Err(format!(
-                "--worker-threads {}: at most 1024",
-                self.worker_threads
-            ));
-        }
-        Ok(())
-    }
-}
 
 fn main() -> ExitCode {
     ringfeed_router::init_tracing();
