@@ -1,7 +1,6 @@
 //! The internal `ringfeed.v1.Node` gRPC service: deliveries from routers, presence.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::cluster::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 use crate::node::{Decision, Node};
-use crate::state::{Applied, ApplyError, Publish};
+use crate::state::{Applied, Publish};
+use crate::wire::ToWire;
 
 /// `DeliverStream` requests one stream has handled at once (a router keeps 4 unanswered).
 const DELIVER_STREAM_CALLS: usize = 64;
@@ -227,27 +227,7 @@ impl NodeService {
                 delivered: applied.delivered,
                 replicated,
             }),
-            Err(PublishError::Apply(
-                e @ (ApplyError::Payload(_) | ApplyError::IdempotencyKeyTooLong(_)),
-            )) => error(Code::InvalidArgument, e.to_string()),
-            Err(PublishError::Apply(e @ ApplyError::MemoryBudget)) => {
-                self.node
-                    .counters
-                    .refused_memory
-                    .fetch_add(1, Ordering::Relaxed);
-                error(Code::ResourceExhausted, e.to_string())
-            }
-            Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. })) => {
-                error(Code::FailedPrecondition, e.to_string())
-            }
-            Err(PublishError::Apply(e @ ApplyError::IdempotencyConflict { .. })) => {
-                error(Code::AlreadyExists, e.to_string())
-            }
-            Err(
-                e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
-                | PublishError::Moved
-                | PublishError::Fenced),
-            ) => error(Code::Unavailable, e.to_string()),
+            Err(e) => error(e.wire().grpc, e.to_string()),
         }
     }
 }

@@ -17,7 +17,8 @@
 //!    follower and promotion, self-fencing.
 //! 6. Transports and services: [`session`] (what every transport does for a client),
 //!    [`ws`] (WebSocket), [`http`] (the listener, SSE, long polling, health and
-//!    metrics), [`internal`] (the internal `ringfeed.v1.Node` gRPC service).
+//!    metrics), [`internal`] (the internal `ringfeed.v1.Node` gRPC service), and
+//!    [`wire`]: each refusal's form on every transport.
 //! 7. [`run`] — the one place where everything is wired; [`admin`] — `ringfeed-node
 //!    drain`; and, in tests, `sim`: nodes in one process on a fixed ring, an in-memory
 //!    network and paused time.
@@ -39,4 +40,5 @@ pub mod session;
 #[cfg(test)]
 mod sim;
 pub mod state;
+pub mod wire;
 pub mod ws;

@@ -129,6 +129,15 @@ impl Violations {
     }
 }
 
+/// Why a new client connection was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error("memory budget reached")]
+    MemoryBudget,
+    #[error("connection limit reached")]
+    ConnectionLimit,
+}
+
 /// Who owns a key, as this node decided it.
 pub enum Decision {
     /// This node owns it.
@@ -205,16 +214,16 @@ impl Node {
 
     /// A permit for a new client connection, or why there is none (the connection
     /// limit, or the memory budget); refusals are counted.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, &'static str> {
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, AdmitError> {
         if self.budget.over() {
             self.counters.refused_memory.fetch_add(1, Ordering::Relaxed);
-            return Err("memory budget reached");
+            return Err(AdmitError::MemoryBudget);
         }
         self.connections.clone().try_acquire_owned().map_err(|_| {
             self.counters
                 .refused_connections
                 .fetch_add(1, Ordering::Relaxed);
-            "connection limit reached"
+            AdmitError::ConnectionLimit
         })
     }
 

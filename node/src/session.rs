@@ -2,6 +2,7 @@
 //! key, subscribe with a bounded queue (resuming from `since`), and keep the
 //! subscription removed from its key however the connection ends.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ringfeed_router::key::Key;
@@ -86,7 +87,15 @@ pub fn subscribe(
         query: Subscriber::kept_query(&query),
         control: control.clone(),
     };
-    let start = node.keys.subscribe(key.as_str(), subscriber, resume)?;
+    let start = node
+        .keys
+        .subscribe(key.as_str(), subscriber, resume)
+        .inspect_err(|e| {
+            // Counted here, for every transport alike.
+            if *e == SubscribeError::MemoryBudget {
+                node.counters.refused_memory.fetch_add(1, Ordering::Relaxed);
+            }
+        })?;
     let guard = SubscriptionGuard::new(node.clone(), control.clone());
     // The ring may have changed between the decision and the subscription; the ring
     // follower only redirects subscribers it can see, so look once more.

@@ -24,7 +24,8 @@ use crate::protocol::close::CloseCode;
 use crate::protocol::frames::{self, ClientFrame, ServerFrame};
 use crate::protocol::params::ClientQuery;
 use crate::session::{self, Placement, Subscription};
-use crate::state::{ApplyError, Control, Kick, Publish, Ready, Start, SubscribeError};
+use crate::state::{ApplyError, Control, Kick, Publish, Ready, Start};
+use crate::wire::ToWire;
 
 mod socket;
 
@@ -329,21 +330,9 @@ impl Session {
             query.presence,
         ) {
             Ok(sub) => sub,
-            Err(e @ SubscribeError::Moved) => {
-                tracing::debug!(key = %key, error = %e, "subscription refused");
-                Box::pin(self.close(CloseCode::Unavailable, "the key is moving; ask /v1/route"))
-                    .await;
-                return None;
-            }
-            Err(e @ (SubscribeError::TooManySubscribers(_) | SubscribeError::MemoryBudget)) => {
-                if e == SubscribeError::MemoryBudget {
-                    self.node
-                        .counters
-                        .refused_memory
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                tracing::debug!(key = %key, error = %e, "subscription refused");
-                Box::pin(self.close(CloseCode::TooMany, "retry_after_ms=1000")).await;
+            Err(e) => {
+                tracing::debug!(error = %e, "subscription refused");
+                Box::pin(self.close(e.wire().close, &e.close_reason())).await;
                 return None;
             }
         };
@@ -558,25 +547,10 @@ impl Session {
             )),
             Ok(Ok((applied, _))) => Ok(applied.seq),
             Ok(Err(PublishError::Apply(ApplyError::Payload(e)))) => {
+                // The payload's own error says what is wrong with it.
                 Err(("bad_payload", e.to_string()))
             }
-            Ok(Err(PublishError::Apply(e @ ApplyError::SeqMismatch { .. }))) => {
-                Err(("seq_mismatch", e.to_string()))
-            }
-            Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyKeyTooLong(_)))) => {
-                Err(("bad_id", e.to_string()))
-            }
-            Ok(Err(PublishError::Apply(e @ ApplyError::IdempotencyConflict { .. }))) => {
-                Err(("already_exists", e.to_string()))
-            }
-            Ok(Err(PublishError::Apply(e @ ApplyError::MemoryBudget))) => {
-                Err(("resource_exhausted", e.to_string()))
-            }
-            Ok(Err(
-                e @ (PublishError::Apply(ApplyError::InFlight | ApplyError::Moved)
-                | PublishError::Moved
-                | PublishError::Fenced),
-            )) => Err(("retry", e.to_string())),
+            Ok(Err(e)) => Err((e.wire().nack, e.to_string())),
         }
     }
 

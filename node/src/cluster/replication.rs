@@ -174,7 +174,13 @@ pub fn start(
             dispatch(node, key, to_replica);
             Err(ApplyError::InFlight.into())
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            // Counted here, for every transport alike.
+            if matches!(e, ApplyError::MemoryBudget) {
+                node.counters.refused_memory.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e.into())
+        }
         Ok(Staged::Duplicate(applied)) => Ok(Started {
             applied,
             replicated,

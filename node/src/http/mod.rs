@@ -17,7 +17,7 @@ pub mod poll;
 mod reply;
 pub mod sse;
 
-pub use reply::{client_request, elsewhere, redirect_307, unavailable, ApiError};
+pub use reply::{client_request, elsewhere, redirect_307, refused, unavailable, ApiError};
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -268,7 +268,7 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     // 4503, so the client asks /v1/route elsewhere rather than retrying here.
     let permit = match node.admit() {
         Ok(permit) => permit,
-        Err(why) => return unavailable(why, 1),
+        Err(e) => return refused(&e),
     };
     let Some(accept) = request
         .headers()

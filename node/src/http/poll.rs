@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
-use super::reply::{client_request, elsewhere, unavailable, ApiError};
+use super::reply::{client_request, elsewhere, refused, unavailable, ApiError};
 use crate::node::Node;
 use crate::protocol::params::Resume;
 use crate::protocol::params::DEFAULT_WAIT_S;
@@ -61,7 +61,7 @@ pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Res
     // A waiting poll holds a connection: it counts against the limit.
     let _permit = match node.admit() {
         Ok(permit) => permit,
-        Err(why) => return Ok(unavailable(why, 1)),
+        Err(e) => return Ok(refused(&e)),
     };
     let deadline = tokio::time::Instant::now() + wait;
     loop {

@@ -12,6 +12,7 @@ use crate::node::Node;
 use crate::protocol::params::ClientQuery;
 use crate::protocol::redirect::redirect_url;
 use crate::session::{self, Placement};
+use crate::wire::{ToWire, RETRY_AFTER};
 
 /// An error answer: `{"error": "…"}` with a status.
 #[derive(Debug)]
@@ -35,6 +36,19 @@ pub fn unavailable(message: &str, retry_after_s: u32) -> Response {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    response
+}
+
+/// A refusal as HTTP: its status, with `Retry-After` when it is worth retrying later.
+pub fn refused(error: &dyn ToWire) -> Response {
+    let wire = error.wire();
+    let mut response = ApiError(wire.http, error.to_string()).into_response();
+    if wire.retry_later {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(RETRY_AFTER.as_secs().max(1)),
+        );
+    }
     response
 }
 

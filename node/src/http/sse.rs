@@ -18,7 +18,7 @@ use ringfeed_router::key::Key;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::reply::{client_request, elsewhere, unavailable, ApiError};
+use super::reply::{client_request, elsewhere, refused, unavailable, ApiError};
 use crate::node::Node;
 use crate::protocol::frames::{self, ServerFrame};
 use crate::protocol::params::last_event_id;
@@ -50,11 +50,11 @@ pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Resp
     }
     let permit = match node.admit() {
         Ok(permit) => permit,
-        Err(why) => return Ok(unavailable(why, 1)),
+        Err(e) => return Ok(refused(&e)),
     };
     let sub = match session::subscribe(&node, &key, query.raw.clone(), resume.as_ref(), false) {
         Ok(sub) => sub,
-        Err(e) => return Ok(unavailable(&e.to_string(), 1)),
+        Err(e) => return Ok(refused(&e)),
     };
     let first = start_events(&node, &key, &sub);
     let ends_at = (node.config.sse_max_stream_ms > 0).then(|| {

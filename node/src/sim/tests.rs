@@ -220,3 +220,23 @@ async fn a_key_handed_to_a_joining_node_keeps_every_update_published_during_the_
         assert!(frame.contains(&format!(r#""data":{data}"#)), "{frame}");
     }
 }
+
+/// A subscription refused past the memory budget is counted once, in the session
+/// every transport subscribes through (WebSocket and SSE alike).
+#[tokio::test(start_paused = true)]
+async fn a_refused_subscription_is_counted_whatever_the_transport() {
+    let cluster = Cluster::start(&["n1"]);
+    let node = cluster.node("n1");
+    node.keys.set_full(true);
+    let key = ringfeed_router::key::Key::parse("user:1").expect("a key");
+    let refused = crate::session::subscribe(node, &key, Arc::from("key=user:1"), None, false);
+    assert!(matches!(
+        refused,
+        Err(crate::state::SubscribeError::MemoryBudget)
+    ));
+    let counted = node
+        .counters
+        .refused_memory
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(counted, 1);
+}
