@@ -77,7 +77,7 @@ fn modules(src: &Path) -> BTreeMap<Module, PathBuf> {
 /// A file's code without comments and without its `#[cfg(test)] mod tests`.
 fn code(path: &Path) -> String {
     let text = std::fs::read_to_string(path).expect("read a source file");
-    let text = match text.find("#[cfg(test)]\nmod tests") {
+    let text = match text.find("#[cfg(test)]\nmod tests {") {
         Some(at) => &text[..at],
         None => &text[..],
     };
@@ -276,7 +276,7 @@ fn no_source_file_outgrows_the_limit() {
         for file in modules(&src(krate)).values() {
             let text = std::fs::read_to_string(file).expect("read a source file");
             let lines = text
-                .find("#[cfg(test)]\nmod tests")
+                .find("#[cfg(test)]\nmod tests {")
                 .map_or(&text[..], |at| &text[..at])
                 .lines()
                 .count();

@@ -10,12 +10,12 @@ use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
 use crate::protocol::frames;
 
-/// The most `--history-bytes` may be: a key counts its log's bytes in a `u32`.
 /// The most a node puts in one request to a peer (a replication batch, a hand-off
 /// call) before starting another; one key's snapshot may take it past this, never two.
-/// The receiver's decode limit ([`crate::config::Config::max_grpc_message`]) allows it.
+/// The receiver's decode limit ([`Config::max_grpc_message`]) allows it.
 pub const REQUEST_BUDGET: usize = 4 << 20;
 
+/// The most `--history-bytes` may be: a key counts its log's bytes in a `u32`.
 pub const MAX_HISTORY_BYTES: usize = 1 << 30;
 
 /// A ringfeed node: holds connections and per-key state for the keys it owns.
@@ -291,8 +291,9 @@ impl Config {
         if self.history_bytes < self.max_payload.min(1024) || self.history_bytes > MAX_HISTORY_BYTES
         {
             return Err(format!(
-                "--history-bytes {}: between 1024 and {MAX_HISTORY_BYTES} (1 GiB)",
-                self.history_bytes
+                "--history-bytes {}: between {} and {MAX_HISTORY_BYTES} (1 GiB)",
+                self.history_bytes,
+                self.max_payload.min(1024)
             ));
         }
         if self.idempotency_window > 1_000_000 {

@@ -1,4 +1,5 @@
-//! The internal `ringfeed.v1.Node` gRPC service: deliveries from routers, presence.
+//! The internal `ringfeed.v1.Node` gRPC service: deliveries from routers, presence,
+//! and from peers replication, hand-off, status (for fencing) and drain.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -18,7 +18,7 @@ use crate::peers::Peers;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
 use crate::state::KeySnapshot;
-use crate::state::{Handoffs, KeyTable, Kick, Replicas, Replication};
+use crate::state::{Fence, Handoffs, KeyTable, Kick, Replicas, Replication};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
@@ -46,7 +46,7 @@ pub struct Node {
     /// Resident memory against the budget; past it, no new keys or connections.
     pub budget: MemoryBudget,
     pub counters: Counters,
-    /// A [`crate::cluster::fence::Fence`], as its discriminant.
+    /// A [`Fence`], as its discriminant.
     pub(crate) fence_state: AtomicU8,
     /// Where the node's clock ([`Node::clock_ms`]) starts.
     clock_origin: tokio::time::Instant,
@@ -260,6 +260,37 @@ impl Node {
             code: CloseCode::GoingAway,
             reason: "node shutting down".into(),
         });
+    }
+
+    /// Where self-fencing stands.
+    pub fn fence(&self) -> Fence {
+        match self.fence_state.load(Ordering::Relaxed) {
+            0 => Fence::Serving,
+            1 => Fence::Paused,
+            _ => Fence::Out,
+        }
+    }
+
+    /// Sets where self-fencing stands ([`crate::cluster::fence`] decides).
+    pub fn set_fence(&self, fence: Fence) {
+        self.fence_state.store(fence as u8, Ordering::Relaxed);
+    }
+
+    /// Whether this node is fenced (paused or out): it takes no deliveries, replicated
+    /// entries or clients.
+    pub fn is_fenced(&self) -> bool {
+        self.fence() != Fence::Serving
+    }
+
+    /// Whether this node's current incarnation is missing from its own view of the ring.
+    pub fn not_on_own_ring(&self) -> bool {
+        let Some(registration) = self.registration() else {
+            return true;
+        };
+        let view = self.membership.view();
+        view.ring
+            .member(&self.id)
+            .is_none_or(|m| m.incarnation != registration.record().incarnation)
     }
 
     pub fn set_draining(&self) {

@@ -108,16 +108,16 @@ pub fn subscribe(
 /// Removes its subscriber from its key when dropped, however the connection ends,
 /// unless [released](SubscriptionGuard::release) to a holder that does so itself.
 pub struct SubscriptionGuard {
-    pub table: Arc<crate::node::Node>,
+    pub node: Arc<crate::node::Node>,
     /// `None` once released.
     control: Option<Arc<Control>>,
 }
 
 impl SubscriptionGuard {
     /// Guards the subscriber that `control` belongs to.
-    pub fn new(table: Arc<crate::node::Node>, control: Arc<Control>) -> SubscriptionGuard {
+    pub fn new(node: Arc<crate::node::Node>, control: Arc<Control>) -> SubscriptionGuard {
         SubscriptionGuard {
-            table,
+            node,
             control: Some(control),
         }
     }
@@ -139,7 +139,7 @@ impl SubscriptionGuard {
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         if let Some(control) = self.control.take() {
-            self.table.keys.unsubscribe(&control);
+            self.node.keys.unsubscribe(&control);
         }
     }
 }

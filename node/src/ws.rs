@@ -26,6 +26,7 @@ use crate::protocol::params::ClientQuery;
 use crate::session::{self, Placement, Subscription};
 use crate::state::{ApplyError, Control, Kick, Publish, Ready, Start};
 use crate::wire::ToWire;
+use tracing::Instrument;
 
 mod socket;
 
@@ -80,6 +81,10 @@ pub struct Connect {
     pub query: Result<ClientQuery, String>,
     /// The connection's place under the node's connection limit.
     pub permit: OwnedSemaphorePermit,
+    /// The connection's span (transport, node, key; the peer is its parent's), entered
+    /// while it is set up. The live loop keeps no span: an idle connection's task has
+    /// no room for one (see the size test below).
+    pub span: tracing::Span,
 }
 
 /// Runs one client connection, from the upgrade until it ends. This future is the
@@ -90,7 +95,8 @@ pub struct Connect {
 /// [`Live`] session and one pointer into it while waiting, or a boxed step while
 /// acting. (A separate async fn for the loop would keep its arguments twice.)
 pub async fn serve(connect: Box<Connect>) {
-    let Some(mut live) = Box::pin(set_up(connect)).await else {
+    let span = connect.span.clone();
+    let Some(mut live) = Box::pin(set_up(connect).instrument(span)).await else {
         return;
     };
     loop {
@@ -248,6 +254,7 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
         on_upgrade,
         query,
         permit,
+        span: _,
     } = *connect;
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
@@ -305,6 +312,7 @@ impl Session {
                 return None;
             }
         };
+        tracing::Span::current().record("key", key.as_str());
         // Rare steps are boxed: an async fn's state is as large as its largest await.
         match Box::pin(session::place(&self.node, &key, query.rv)).await {
             Placement::Here => {}

@@ -2,8 +2,9 @@
 //!
 //! * `ringfeed/v1/router.proto` — the public `ringfeed.v1.Router` service, exactly as
 //!   docs/protocol.md numbers it.
-//! * `ringfeed/v1/node.proto` — the internal `ringfeed.v1.Node` service that routers
-//!   (and later peers) use to reach the owner of a key.
+//! * `ringfeed/v1/node.proto` — the internal `ringfeed.v1.Node` service: routers
+//!   deliver updates to a key's owner with it, and nodes replicate, hand keys over
+//!   and ask each other's status with it.
 //!
 //! Only this crate touches generated code directly; the other crates import the types
 //! from here.

@@ -27,46 +27,12 @@ use ringfeed_router::ring::{Member, Ring};
 use crate::node::{redirect_kick, Node};
 use crate::protocol::close::CloseCode;
 use crate::state::Kick;
+use crate::state::{decide, Answers, Fence};
 
 /// How often the lease is checked (and peers asked while it is in doubt).
 const TICK: Duration = Duration::from_millis(100);
 /// How long one peer has to answer.
 const ASK_TIMEOUT: Duration = Duration::from_millis(300);
-
-/// Where self-fencing stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fence {
-    /// Serving (the lease is sound, or etcd is down for everyone).
-    Serving,
-    /// Not accepting deliveries, replicated entries or clients.
-    Paused,
-    /// Off the ring as the peers see it: clients moved, state dropped.
-    Out,
-}
-
-/// What the peers said.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Answers {
-    /// Members of this node's last ring, itself included.
-    pub members: usize,
-    /// Members that answered, this node included.
-    pub answered: usize,
-    /// Members that have lost etcd, this node included.
-    pub lost: usize,
-    /// Whether a peer that reaches etcd holds a ring without this node.
-    pub dropped_me: bool,
-}
-
-/// The decision on a lease in doubt.
-pub fn decide(a: &Answers) -> Fence {
-    if a.dropped_me {
-        Fence::Out
-    } else if a.lost * 2 > a.members {
-        Fence::Serving
-    } else {
-        Fence::Paused
-    }
-}
 
 /// Whether this node's own keep-alives count as lost: the last one failed (or its
 /// stream broke), or nothing was answered for longer than two keep-alive periods
@@ -293,38 +259,6 @@ fn move_out(node: &Node, ring: &Ring, version: u64) {
     );
 }
 
-impl Node {
-    /// Where self-fencing stands.
-    pub fn fence(&self) -> Fence {
-        match self.fence_state.load(Ordering::Relaxed) {
-            0 => Fence::Serving,
-            1 => Fence::Paused,
-            _ => Fence::Out,
-        }
-    }
-
-    fn set_fence(&self, fence: Fence) {
-        self.fence_state.store(fence as u8, Ordering::Relaxed);
-    }
-
-    /// Whether this node is fenced (paused or out): it takes no deliveries, replicated
-    /// entries or clients.
-    pub fn is_fenced(&self) -> bool {
-        self.fence() != Fence::Serving
-    }
-
-    /// Whether this node's current incarnation is missing from its own view of the ring.
-    fn not_on_own_ring(&self) -> bool {
-        let Some(registration) = self.registration() else {
-            return true;
-        };
-        let view = self.membership.view();
-        view.ring
-            .member(&self.id)
-            .is_none_or(|m| m.incarnation != registration.record().incarnation)
-    }
-}
-
 /// What this node tells a peer that asks.
 pub fn status(node: &Node) -> pb::StatusReply {
     let view = node.membership.view();
@@ -341,33 +275,5 @@ pub fn status(node: &Node) -> pb::StatusReply {
             .iter()
             .filter_map(|m| serde_json::to_string(m).ok())
             .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn answers(members: usize, answered: usize, lost: usize, dropped_me: bool) -> Answers {
-        Answers {
-            members,
-            answered,
-            lost,
-            dropped_me,
-        }
-    }
-
-    #[test]
-    fn decisions_follow_what_the_peers_say() {
-        // etcd down for everyone: 3 of 3 lost it.
-        assert_eq!(decide(&answers(3, 3, 3, false)), Fence::Serving);
-        // Only this node lost etcd; the others still list it.
-        assert_eq!(decide(&answers(3, 3, 1, false)), Fence::Paused);
-        // Cut off from everyone.
-        assert_eq!(decide(&answers(3, 1, 1, false)), Fence::Paused);
-        // 2 of 4 is not a strict majority.
-        assert_eq!(decide(&answers(4, 4, 2, false)), Fence::Paused);
-        // A peer holds a ring without this node: out, whatever the rest say.
-        assert_eq!(decide(&answers(3, 2, 1, true)), Fence::Out);
     }
 }

@@ -200,7 +200,7 @@ fn promote_orphans(node: &Arc<Node>, view: &View) {
 }
 
 /// Promotes `key`'s replica if its owner has left and this node owns the key now.
-/// Called before a key is used (after [`Handoffs::ready`]), so a client or publish
+/// Called before a key is used (after [`crate::state::Handoffs::ready`]), so a client or publish
 /// that arrives before the ring follower gets there still finds the key's history.
 pub fn promote_if_due(node: &Arc<Node>, key: &str, view: &View) {
     let Some(owner) = node.replicas.owner_of(key) else {

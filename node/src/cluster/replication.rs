@@ -26,6 +26,7 @@ use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
 use ringfeed_router::membership::{Backoff, View};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::node::Node;
 use crate::state::{
@@ -133,6 +134,8 @@ pub async fn publish(
 /// with it, after waiting until it is shown when asked to.
 pub struct Started {
     applied: Applied,
+    /// The publish's span (key, seq, owner), for what happens to it next.
+    span: tracing::Span,
     /// Whether a successor holds (or will hold) it.
     replicated: bool,
     /// Told the subscribers reached once shown; `None` for a duplicate.
@@ -146,9 +149,16 @@ impl Started {
             mut applied,
             replicated,
             done,
+            span,
         } = self;
         if let (true, Some(done)) = (wait, done) {
-            applied.delivered = done.await.map_err(|_| PublishError::Moved)?;
+            let shown = done.instrument(span.clone()).await;
+            let _in = span.enter();
+            applied.delivered = shown.map_err(|_| {
+                tracing::debug!("moved before the successor held it");
+                PublishError::Moved
+            })?;
+            tracing::trace!(delivered = applied.delivered, "shown");
         }
         Ok((applied, replicated))
     }
@@ -161,6 +171,8 @@ pub fn start(
     key: &str,
     publish: Publish<'_>,
 ) -> Result<Started, PublishError> {
+    let span = tracing::debug_span!("publish", key, owner = %node.id, seq = tracing::field::Empty);
+    let _in = span.enter();
     if node.is_fenced() {
         return Err(PublishError::Fenced);
     }
@@ -175,17 +187,24 @@ pub fn start(
             Err(ApplyError::InFlight.into())
         }
         Err(e) => {
+            tracing::debug!(error = %e, "refused");
             // Counted here, for every transport alike.
             if matches!(e, ApplyError::MemoryBudget) {
                 node.counters.refused_memory.fetch_add(1, Ordering::Relaxed);
             }
             Err(e.into())
         }
-        Ok(Staged::Duplicate(applied)) => Ok(Started {
-            applied,
-            replicated,
-            done: None,
-        }),
+        Ok(Staged::Duplicate(applied)) => {
+            span.record("seq", applied.seq);
+            tracing::debug!("a retry of an update already logged");
+            drop(_in);
+            Ok(Started {
+                applied,
+                replicated,
+                done: None,
+                span,
+            })
+        }
         Ok(Staged::Waiting {
             applied,
             to_replica,
@@ -195,11 +214,15 @@ pub fn start(
             if !replicated {
                 node.counters.unreplicated.fetch_add(1, Ordering::Relaxed);
             }
+            span.record("seq", applied.seq);
+            tracing::trace!(replicated, "staged");
             dispatch(node, key, to_replica);
+            drop(_in);
             Ok(Started {
                 applied,
                 replicated,
                 done: Some(done),
+                span,
             })
         }
     }

@@ -35,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::node::Node;
 use crate::protocol::params::ClientQuery;
@@ -141,7 +142,8 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
         let service = TowerToHyperService::new(app.clone());
         let shutdown = node.shutdown.clone();
         let handshake_timeout = node.config.handshake_timeout();
-        node.tasks.spawn(async move {
+        let span = tracing::debug_span!("http", %peer);
+        let conn = async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake_timeout)
@@ -156,10 +158,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
                 }
             };
             if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "http connection ended");
+                tracing::debug!(error = %e, "http connection ended");
             }
             drop(permit);
-        });
+        };
+        node.tasks.spawn(conn.instrument(span));
     }
 }
 
@@ -278,11 +281,13 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
+    let span = tracing::debug_span!("connection", transport = "ws", node = %node.id, key = tracing::field::Empty);
     node.tasks.spawn(ws::serve(Box::new(ws::Connect {
         node: node.clone(),
         on_upgrade,
         query,
         permit,
+        span,
     })));
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -61,7 +61,8 @@ pub(super) async fn ring(State(node): State<Arc<Node>>) -> Response {
     .into_response()
 }
 
-/// `GET /readyz`: 200 when registered, on the last known ring, not draining.
+/// `GET /readyz`: 200 when registered, on the last known ring, not fenced, not
+/// draining ([`Node::not_ready`]).
 pub(super) async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let view = node.membership.view();
     let lease_ok = node.registration().is_some_and(|r| r.lease_healthy());
@@ -124,7 +125,7 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
         ),
         (
             "ringfeed_ready",
-            "1 when the node is registered, on the ring and not draining",
+            "1 when the node is registered, on the ring, not fenced and not draining",
             u64::from(node.not_ready().is_none()),
         ),
         (

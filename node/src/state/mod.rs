@@ -18,6 +18,7 @@
 //! updates are shown in seq order as their acknowledgements come, see [`log`].)
 
 mod clock;
+mod fencing;
 mod handoffs;
 mod idempotency;
 mod log;
@@ -30,6 +31,7 @@ mod table;
 mod tests;
 
 pub use crate::config::Limits;
+pub use fencing::*;
 pub use handoffs::*;
 pub use log::*;
 pub use mailbox::*;

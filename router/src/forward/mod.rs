@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::key;
@@ -143,13 +144,15 @@ impl Forwarder {
         }
         let client = self.client(grpc)?;
         let (tx, rx) = mpsc::channel(LANE_QUEUE);
-        self.tasks.spawn(run_lane(
+        let lane = run_lane(
             Arc::new(Link::new(client, self.tasks.clone())),
             rx,
             self.config.max_batch,
             self.tasks.clone(),
             self.shutdown.clone(),
-        ));
+        );
+        self.tasks
+            .spawn(lane.instrument(tracing::debug_span!("lane", node = %grpc)));
         let lane = Lane { tx };
         lanes.insert(grpc.to_owned(), lane.clone());
         Ok(lane)
@@ -179,7 +182,23 @@ impl Forwarder {
         mut items: Vec<pb::PublishRequest>,
         deadline: Instant,
     ) -> Vec<Result<pb::PublishReply, Status>> {
-        let mut outcome = Outcome::new(&mut items, &self.config);
+        let span = tracing::debug_span!("publish", items = items.len());
+        let _in = span.enter();
+        let outcome = Outcome::new(&mut items, &self.config);
+        drop(_in);
+        self.deliver(items, outcome, deadline)
+            .instrument(span)
+            .await
+    }
+
+    /// The retry loop of [`publish`](Self::publish), for the items `outcome` left
+    /// pending.
+    async fn deliver(
+        &self,
+        items: Vec<pb::PublishRequest>,
+        mut outcome: Outcome,
+        deadline: Instant,
+    ) -> Vec<Result<pb::PublishReply, Status>> {
         let mut retry = Retry::new(deadline);
         let mut first = true;
         while !outcome.pending.is_empty() {
