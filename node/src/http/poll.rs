@@ -13,6 +13,8 @@ use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
 use super::reply::{client_request, elsewhere, refused, unavailable, ApiError};
+use tracing::Instrument;
+
 use crate::node::Node;
 use crate::protocol::params::Resume;
 use crate::protocol::params::DEFAULT_WAIT_S;
@@ -20,7 +22,18 @@ use crate::state::Catchup;
 
 /// `GET /v1/poll?key=K&since=S[&epoch=E][&wait=SECONDS]`.
 pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
+    let span = tracing::debug_span!(
+        "connection",
+        transport = "poll",
+        node = %node.id,
+        key = tracing::field::Empty
+    );
+    serve(node, request).instrument(span).await
+}
+
+async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> {
     let (query, key) = client_request(&request)?;
+    tracing::Span::current().record("key", key.as_str());
     let since = query
         .since
         .ok_or_else(|| ApiError::bad_request("missing since (use since=0 the first time)"))?;

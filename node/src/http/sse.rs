@@ -19,6 +19,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::reply::{client_request, elsewhere, refused, unavailable, ApiError};
+use tracing::Instrument;
+
 use crate::node::Node;
 use crate::protocol::frames::{self, ServerFrame};
 use crate::protocol::params::last_event_id;
@@ -32,7 +34,18 @@ const MAX_EVENTS_PER_CHUNK: usize = 256;
 
 /// `GET /v1/sse?key=K[&since=S&epoch=E]`.
 pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
+    let span = tracing::debug_span!(
+        "connection",
+        transport = "sse",
+        node = %node.id,
+        key = tracing::field::Empty
+    );
+    serve(node, request).instrument(span).await
+}
+
+async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> {
     let (query, key) = client_request(&request)?;
+    tracing::Span::current().record("key", key.as_str());
     let resume = match request.headers().get("last-event-id") {
         Some(value) => {
             let value = value
