@@ -28,6 +28,12 @@ ensure_deps() {
 }
 
 # A free TCP port on 127.0.0.1.
+# Where cargo puts its build output: target/ unless CARGO_TARGET_DIR (or a cargo config)
+# says otherwise. Binaries are found under it, never at a hard-coded path.
+target_dir() {
+  cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()' 2>/dev/null \
     || echo $((20000 + RANDOM % 20000))

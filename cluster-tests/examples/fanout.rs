@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
-use rand::Rng;
+use rand::RngExt;
 use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
 use ringfeed_proto::v1::PublishBatchRequest;
 use serde_json::json;

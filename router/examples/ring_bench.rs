@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use tokio::time::Instant;
 
-use rand::Rng;
+use rand::RngExt;
 use ringfeed_router::ring::{Member, MemberState, NodeId, Ring, DEFAULT_POINTS};
 
 const KEYS: usize = 1_000_000;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use anyhow::{ensure, Result};
-use rand::Rng;
+use rand::RngExt;
 use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
 use ringfeed_cluster_tests::{eventually, Cluster};
 use ringfeed_proto::v1::{publish_result, Ack, PublishBatchRequest};

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use futures_util::StreamExt;
-use rand::Rng;
+use rand::RngExt;
 use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
 use ringfeed_cluster_tests::{eventually, http_follow, http_request_full, Cluster, SseStream};
 use ringfeed_proto::v1::{PresenceRequest, PublishBatchRequest, PublishRequest};

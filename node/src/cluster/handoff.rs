@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use ringfeed_proto::v1::{self as pb};
 use ringfeed_router::membership::{Backoff, View};
 use ringfeed_router::ring::NodeId;

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rand::Rng;
+use rand::RngExt;
 
 /// A new epoch: 16 URL-safe characters, never containing `:` — 8 that encode the
 /// wall-clock milliseconds in an alphabet whose byte order is its digit order, then 8

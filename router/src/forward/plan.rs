@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use ringfeed_proto::v1::{self as pb, deliver_result, publish_result};
 use tonic::{Code, Status};
 

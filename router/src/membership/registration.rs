@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
-use rand::Rng;
+use rand::RngExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

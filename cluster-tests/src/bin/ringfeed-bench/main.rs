@@ -13,9 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
-use base64::Engine;
 use clap::Parser;
-use hdrhistogram::serialization::Deserializer;
 use hdrhistogram::Histogram;
 use ringfeed_cluster_tests::Cluster;
 use serde_json::{json, Value};
@@ -436,12 +434,13 @@ async fn fanout_run(
         receiving += done["receiving"].as_u64().unwrap_or(0);
         closed += done["closed"].as_u64().unwrap_or(0);
         last_receipt = last_receipt.max(done["last_receipt_ns"].as_u64().unwrap_or(0));
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(done["hist"].as_str().unwrap_or_default())?;
-        let h: Histogram<u64> = Deserializer::new()
-            .deserialize(&mut bytes.as_slice())
-            .map_err(|e| anyhow::anyhow!("histogram: {e:?}"))?;
-        hist.add(&h)?;
+        // [value, count] pairs, one per bucket the subscriber recorded.
+        for pair in done["hist"].as_array().into_iter().flatten() {
+            let (value, count) = (pair[0].as_u64(), pair[1].as_u64());
+            if let (Some(value), Some(count)) = (value, count) {
+                hist.record_n(value, count)?;
+            }
+        }
         for pair in s.ticks.windows(2) {
             let (t0, t1) = (tick_at(&pair[0]), tick_at(&pair[1]));
             let (r0, r1) = (tick_received(&pair[0]), tick_received(&pair[1]));

@@ -9,9 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::serialization::{Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -215,10 +213,11 @@ pub(crate) async fn run(args: SubArgs) -> anyhow::Result<()> {
     for h in &shared.hist {
         merged.add(&*h.lock().expect("histogram lock"))?;
     }
-    let mut bytes = Vec::new();
-    V2Serializer::new()
-        .serialize(&merged, &mut bytes)
-        .map_err(|e| anyhow!("histogram: {e:?}"))?;
+    // The histogram as [value, count] pairs, one per recorded bucket.
+    let hist: Vec<[u64; 2]> = merged
+        .iter_recorded()
+        .map(|v| [v.value_iterated_to(), v.count_at_value()])
+        .collect();
     let f = &shared.follow;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     emit(json!({
@@ -240,7 +239,7 @@ pub(crate) async fn run(args: SubArgs) -> anyhow::Result<()> {
         "p50_us": merged.value_at_quantile(0.5),
         "p99_us": merged.value_at_quantile(0.99),
         "max_us": merged.max(),
-        "hist": base64::engine::general_purpose::STANDARD.encode(&bytes),
+        "hist": hist,
     }));
     // Closing 10k sockets one by one is not worth waiting for.
     std::process::exit(0);
