@@ -16,7 +16,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::cluster::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 use crate::node::{Decision, Node};
-use crate::state::{Applied, Publish};
+use crate::state::{Applied, MemberRef, Publish};
 use crate::wire::ToWire;
 
 /// `DeliverStream` requests one stream has handled at once (a router keeps 4 unanswered).
@@ -136,8 +136,7 @@ impl NodeService {
         let owner = view
             .ring
             .member(&ringfeed_router::ring::NodeId(from.clone()))
-            .map(|m| crate::node::owner_label(&from, &m.incarnation))
-            .unwrap_or_default();
+            .map(MemberRef::of);
         let mut refused = Vec::new();
         for snapshot in request.snapshots {
             if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
@@ -147,7 +146,7 @@ impl NodeService {
             let key = snapshot.key.clone();
             self.node
                 .replicas
-                .snapshot(&key, &owner, snapshot_from_pb(snapshot));
+                .snapshot(&key, owner.as_ref(), snapshot_from_pb(snapshot));
         }
         for entry in request.entries {
             if key::validate(&entry.key).is_err() || !owns(&entry.key) {
@@ -158,11 +157,13 @@ impl NodeService {
             }
             let (key, epoch) = (entry.key.clone(), entry.epoch.clone());
             if let Some(entry) = entry_from_pb(entry) {
-                self.node.replicas.entry(&key, &owner, &epoch, entry);
+                self.node
+                    .replicas
+                    .entry(&key, owner.as_ref(), &epoch, entry);
             }
         }
         for key in request.dropped {
-            self.node.replicas.drop_from(&key, &owner);
+            self.node.replicas.drop_from(&key, owner.as_ref());
         }
         Ok(pb::ReplicateReply {
             refused,

@@ -18,7 +18,7 @@ use crate::peers::Peers;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
 use crate::state::KeySnapshot;
-use crate::state::{Fence, Handoffs, KeyTable, Kick, Replicas, Replication};
+use crate::state::{Fence, Handoffs, KeyTable, Kick, MemberRef, Replicas, Replication};
 
 /// How long a request that carries a newer ring version waits for this node to see it.
 pub const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
@@ -364,25 +364,10 @@ impl Node {
     }
 }
 
-/// How a replica names its owner: id and incarnation (`""` when unknown).
-pub fn owner_label(id: &str, incarnation: &str) -> String {
-    format!("{id}@{incarnation}")
-}
-
-pub fn owner_id_of(label: &str) -> &str {
-    label.split_once('@').map_or(label, |(id, _)| id)
-}
-
-/// Whether a replica's owner (see [`owner_label`]) is no longer an active member of
+/// Whether a replica's owner is gone: not known, or no longer an active member of
 /// `view` under the same incarnation.
-pub fn departed(view: &View, owner: &str) -> bool {
-    let Some((id, incarnation)) = owner.split_once('@') else {
-        return true;
-    };
-    !view
-        .ring
-        .member(&NodeId(id.to_owned()))
-        .is_some_and(|m| m.incarnation == incarnation && view.ring.is_active(&m.id))
+pub fn departed(view: &View, owner: Option<&MemberRef>) -> bool {
+    !owner.is_some_and(|o| o.is_active_on(view))
 }
 
 /// The `redirect` frame and close 4300 that send a client to `owner`.

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringfeed_router::membership::View;
-use ringfeed_router::ring::NodeId;
 
 use super::{handoff, replication};
-use crate::node::{departed, owner_id_of, redirect_kick, Node};
-use crate::state::{successor_of, KeySnapshot};
+use crate::node::{departed, redirect_kick, Node};
+use crate::state::{successor_of, KeySnapshot, MemberRef};
 
 /// How often the resident set is sampled against the memory budget.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
@@ -124,7 +123,7 @@ pub async fn sweep(node: Arc<Node>) {
             .replicas
             .owners_unchanged_for(grace)
             .into_iter()
-            .filter(|(key, owner)| replica_is_stale(&node, &view, key, owner))
+            .filter(|(key, owner)| replica_is_stale(&node, &view, key, owner.as_ref()))
             .map(|(key, _)| key)
             .collect();
         if stale.is_empty() {
@@ -143,11 +142,10 @@ pub async fn sweep(node: Arc<Node>) {
 /// not the key's successor there (the owner sent the key whole to the new one), or
 /// its owner left and another node serves the key (it was offered there), or this
 /// node serves the key with its own history.
-fn replica_is_stale(node: &Node, view: &View, key: &str, owner: &str) -> bool {
-    if !departed(view, owner) {
-        let owner_id = NodeId(owner_id_of(owner).to_owned());
+fn replica_is_stale(node: &Node, view: &View, key: &str, owner: Option<&MemberRef>) -> bool {
+    if let Some(owner) = owner.filter(|o| o.is_active_on(view)) {
         let successor = view.ring.successor(key).map(|m| &m.id);
-        return view.ring.owner(key).map(|o| &o.id) != Some(&owner_id)
+        return view.ring.owner(key).map(|o| &o.id) != Some(&owner.id)
             || successor != Some(&node.id);
     }
     match view.ring.owner(key) {
@@ -165,7 +163,7 @@ fn orphans_owned_elsewhere(node: &Node, view: &View) -> Vec<(String, KeySnapshot
         .owners()
         .into_iter()
         .filter(|(key, owner)| {
-            departed(view, owner)
+            departed(view, owner.as_ref())
                 && view
                     .ring
                     .owner(key)
@@ -180,7 +178,7 @@ fn orphans_owned_elsewhere(node: &Node, view: &View) -> Vec<(String, KeySnapshot
 fn promote_orphans(node: &Arc<Node>, view: &View) {
     let mut promoted = 0usize;
     for (key, owner) in node.replicas.owners() {
-        if !departed(view, &owner) {
+        if !departed(view, owner.as_ref()) {
             continue;
         }
         // A key another live node owns now keeps its copy here: it may be the only
@@ -206,7 +204,7 @@ pub fn promote_if_due(node: &Arc<Node>, key: &str, view: &View) {
     let Some(owner) = node.replicas.owner_of(key) else {
         return;
     };
-    if departed(view, &owner) && view.ring.owner(key).is_some_and(|o| o.id == node.id) {
+    if departed(view, owner.as_ref()) && view.ring.owner(key).is_some_and(|o| o.id == node.id) {
         promote(node, key, view);
     }
 }

@@ -58,10 +58,8 @@ pub enum PublishError {
 fn send(node: &Arc<Node>, to: &Successor, job: Job) {
     let open = || {
         let view = node.membership.view();
-        let member = view
-            .ring
-            .member(&ringfeed_router::ring::NodeId(to.0.clone()))?;
-        if member.incarnation != to.1 {
+        let member = view.ring.member(&to.id)?;
+        if member.incarnation != to.incarnation {
             return None;
         }
         let (tx, rx) = mpsc::channel(PIPE_CAPACITY);
@@ -77,7 +75,7 @@ fn send(node: &Arc<Node>, to: &Successor, job: Job) {
         if !matches!(job, Job::Drop { .. }) {
             // Full (or closing): make the key's next publish send it whole instead.
             let key = job_key(&job);
-            tracing::warn!(successor = %to.0, %key, "replication queue full");
+            tracing::warn!(successor = %to, %key, "replication queue full");
             node.keys.forget_replica(key);
         }
     }
@@ -276,11 +274,11 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
                     match Stream::open(&mut client).await {
                         Ok(opened) => stream = Some(opened),
                         Err(status) if status.code() == tonic::Code::Unimplemented => {
-                            tracing::info!(successor = %to.0, "successor has no ReplicateStream; replicating call by call");
+                            tracing::info!(successor = %to, "successor has no ReplicateStream; replicating call by call");
                             streaming = false;
                         }
                         Err(status) => {
-                            tracing::debug!(successor = %to.0, %status, "cannot open the replicate stream");
+                            tracing::debug!(successor = %to, %status, "cannot open the replicate stream");
                         }
                     }
                 }
@@ -305,7 +303,7 @@ async fn pipe(node: Arc<Node>, to: Successor, grpc: String, mut rx: mpsc::Receiv
             Event::Reply(Err(status)) => {
                 // What the stream did not answer may or may not have landed: a retry is
                 // harmless (the successor keeps what it already holds).
-                tracing::debug!(successor = %to.0, %status, "replicate stream failed; retrying call by call");
+                tracing::debug!(successor = %to, %status, "replicate stream failed; retrying call by call");
                 stream = None;
                 if !retry(&node, &to, &client, &mut in_flight).await {
                     return left_the_ring(&node, &to, rx, in_flight);
@@ -373,8 +371,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Whether `to` (this incarnation) is still on `view`'s ring.
 fn holds_place(view: &View, to: &Successor) -> bool {
     view.ring
-        .member(&ringfeed_router::ring::NodeId(to.0.clone()))
-        .is_some_and(|m| m.incarnation == to.1)
+        .member(&to.id)
+        .is_some_and(|m| m.incarnation == to.incarnation)
 }
 
 /// Lands every batch in flight, in order, call by call; false once `to` left the ring
@@ -439,7 +437,7 @@ async fn deliver_batch(
                 return true;
             }
             Err(status) => {
-                tracing::debug!(successor = %to.0, %status, "replicate failed; retrying");
+                tracing::debug!(successor = %to, %status, "replicate failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_pause()) => {}
                     _ = views.changed() => {}

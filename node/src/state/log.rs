@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::clock::now_ms;
 use super::idempotency::{Idempotency, SeqDigest};
 use super::mailbox::Subscriber;
+use super::member_ref::MemberRef;
 use super::presence::Presence;
 use crate::config::Limits;
 use crate::protocol::epoch::new_epoch;
@@ -198,9 +199,9 @@ pub enum ToReplica {
     Nothing,
     /// This entry, to the successor the key's replica lives at (shared with the key,
     /// not copied for each publish).
-    Entry(Arc<(String, String)>, String, LogEntry),
+    Entry(Arc<MemberRef>, String, LogEntry),
     /// The successor changed: the whole key, to the new one.
-    Snapshot(Arc<(String, String)>, KeySnapshot),
+    Snapshot(Arc<MemberRef>, KeySnapshot),
 }
 
 /// A staged publish.
@@ -232,7 +233,7 @@ pub struct KeyState {
     pub(super) pending: VecDeque<Pending>,
     /// The successor (id, incarnation) that holds this key's replica, if any, and the
     /// ring version that named it: an older view never moves it back.
-    pub(super) replica_at: Option<Arc<(String, String)>>,
+    pub(super) replica_at: Option<Arc<MemberRef>>,
     pub(super) replica_version: u64,
     /// The key moved away: whoever still holds this state must not use it.
     pub(super) retired: bool,
@@ -366,7 +367,7 @@ impl KeyState {
     /// Points the key's replica at `successor`; what the new one must be sent.
     pub(super) fn replicate_to(
         &mut self,
-        successor: Option<(String, String)>,
+        successor: Option<MemberRef>,
         version: u64,
         limits: &Limits,
     ) -> ToReplica {

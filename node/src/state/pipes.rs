@@ -8,9 +8,10 @@ use ringfeed_router::membership::View;
 use tokio::sync::mpsc;
 
 use super::log::{KeySnapshot, LogEntry};
+use super::member_ref::MemberRef;
 
 /// A successor: node id and incarnation.
-pub type Successor = (String, String);
+pub type Successor = MemberRef;
 
 /// What goes down a pipe.
 #[derive(Debug)]
@@ -81,7 +82,5 @@ pub fn job_key(job: &Job) -> &str {
 
 /// The successor of `key` on `view` as (id, incarnation), if any.
 pub fn successor_of(view: &View, key: &str) -> Option<Successor> {
-    view.ring
-        .successor(key)
-        .map(|m| (m.id.0.clone(), m.incarnation.clone()))
+    view.ring.successor(key).map(MemberRef::of)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::log::{KeySnapshot, LogEntry};
+use super::member_ref::MemberRef;
 use super::table::StrMap;
 use crate::config::Limits;
 use crate::protocol::frames::{self};
@@ -14,8 +15,9 @@ use crate::protocol::frames::{self};
 /// The copy of another node's key that this node holds as its successor.
 #[derive(Debug, Clone)]
 pub struct Replica {
-    /// The owner that sent it.
-    pub owner: String,
+    /// The owner that sent it; `None` when not known (a copy another member offered),
+    /// which no ring has, so the replica is an orphan to promote.
+    pub owner: Option<MemberRef>,
     pub epoch: String,
     /// In seq order, bounded like a log. A queue rather than a map: entries arrive in
     /// order (a retry replaces one in place), and a map's first leaf would cost every
@@ -28,9 +30,9 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub(super) fn new(owner: &str, epoch: &str) -> Replica {
+    pub(super) fn new(owner: Option<&MemberRef>, epoch: &str) -> Replica {
         Replica {
-            owner: owner.to_owned(),
+            owner: owner.cloned(),
             epoch: epoch.to_owned(),
             entries: VecDeque::new(),
             bytes: 0,
@@ -74,7 +76,7 @@ impl Replicas {
     }
 
     /// Takes a whole key from `owner`, replacing what was held.
-    pub fn snapshot(&self, key: &str, owner: &str, snapshot: KeySnapshot) {
+    pub fn snapshot(&self, key: &str, owner: Option<&MemberRef>, snapshot: KeySnapshot) {
         let mut map = self.map.lock().expect("replicas lock poisoned");
         let replica = map
             .entry(key.to_owned())
@@ -84,8 +86,8 @@ impl Replicas {
         // beyond it (entries whose callers were told to retry) survives.
         replica.entries.clear();
         replica.bytes = 0;
-        if replica.owner != owner {
-            replica.owner = owner.to_owned();
+        if replica.owner.as_ref() != owner {
+            replica.owner = owner.cloned();
         }
         replica.epoch = snapshot.epoch;
         replica.idempotency = snapshot.idempotency;
@@ -95,7 +97,7 @@ impl Replicas {
     }
 
     /// Takes one entry from `owner`.
-    pub fn entry(&self, key: &str, owner: &str, epoch: &str, entry: LogEntry) {
+    pub fn entry(&self, key: &str, owner: Option<&MemberRef>, epoch: &str, entry: LogEntry) {
         let mut map = self.map.lock().expect("replicas lock poisoned");
         let replica = map
             .entry(key.to_owned())
@@ -107,8 +109,8 @@ impl Replicas {
             replica.idempotency.clear();
             replica.epoch = epoch.to_owned();
         }
-        if replica.owner != owner {
-            replica.owner = owner.to_owned();
+        if replica.owner.as_ref() != owner {
+            replica.owner = owner.cloned();
         }
         if !entry.idempotency_key.is_empty() {
             if replica.idempotency.capacity() == 0 {
@@ -129,7 +131,7 @@ impl Replicas {
 
     /// Takes a replica of a departed owner offered by another node: kept if it is newer
     /// (later epoch, else higher seq) than the one held. Its owner is recorded as
-    /// unknown (`""`), which is never on a ring, so it is promoted like any orphan.
+    /// unknown, so it is promoted like any orphan.
     pub fn offer(&self, key: &str, snapshot: KeySnapshot) {
         let mut map = self.map.lock().expect("replicas lock poisoned");
         let last = snapshot.entries.last().map_or(0, |e| e.seq);
@@ -138,7 +140,7 @@ impl Replicas {
                 return;
             }
         }
-        let mut replica = Replica::new("", &snapshot.epoch);
+        let mut replica = Replica::new(None, &snapshot.epoch);
         replica.idempotency = snapshot.idempotency;
         for e in snapshot.entries {
             insert_entry(&mut replica, e, &self.limits);
@@ -153,9 +155,9 @@ impl Replicas {
     }
 
     /// Drops `key`'s replica if `owner` sent it (its owner dropped the key as idle).
-    pub fn drop_from(&self, key: &str, owner: &str) -> bool {
+    pub fn drop_from(&self, key: &str, owner: Option<&MemberRef>) -> bool {
         let mut map = self.map.lock().expect("replicas lock poisoned");
-        if map.get(key).is_some_and(|r| r.owner == owner) {
+        if map.get(key).is_some_and(|r| r.owner.as_ref() == owner) {
             map.remove(key);
             return true;
         }
@@ -164,20 +166,23 @@ impl Replicas {
 
     /// Drops every replica for which `stale` says so, given its key, owner and how long
     /// since it last changed; returns how many went.
-    pub fn drop_where(&self, mut stale: impl FnMut(&str, &str, Duration) -> bool) -> usize {
+    pub fn drop_where(
+        &self,
+        mut stale: impl FnMut(&str, Option<&MemberRef>, Duration) -> bool,
+    ) -> usize {
         let mut map = self.map.lock().expect("replicas lock poisoned");
         let before = map.len();
-        map.retain(|key, r| !stale(key, &r.owner, r.touched.elapsed()));
+        map.retain(|key, r| !stale(key, r.owner.as_ref(), r.touched.elapsed()));
         before - map.len()
     }
 
     /// Every replica's key and owner.
-    pub fn owners(&self) -> Vec<(String, String)> {
+    pub fn owners(&self) -> Vec<(String, Option<MemberRef>)> {
         self.owners_unchanged_for(Duration::ZERO)
     }
 
     /// The key and owner of every replica that has not changed for `age`.
-    pub fn owners_unchanged_for(&self, age: Duration) -> Vec<(String, String)> {
+    pub fn owners_unchanged_for(&self, age: Duration) -> Vec<(String, Option<MemberRef>)> {
         let map = self.map.lock().expect("replicas lock poisoned");
         map.iter()
             .filter(|(_, r)| age.is_zero() || r.touched.elapsed() >= age)
@@ -186,7 +191,7 @@ impl Replicas {
     }
 
     /// The owner of `key`'s replica, if one is held.
-    pub fn owner_of(&self, key: &str) -> Option<String> {
+    pub fn owner_of(&self, key: &str) -> Option<Option<MemberRef>> {
         self.map
             .lock()
             .expect("replicas lock poisoned")

@@ -11,6 +11,7 @@ use tokio::sync::{oneshot, watch};
 use super::clock::now_ms;
 use super::log::*;
 use super::mailbox::*;
+use super::member_ref::MemberRef;
 use crate::config::Limits;
 use crate::protocol::frames::{self};
 use crate::protocol::params::Resume;
@@ -108,7 +109,7 @@ impl KeyTable {
         &self,
         key: &str,
         publish: Publish<'_>,
-        successor: Option<(String, String)>,
+        successor: Option<MemberRef>,
         version: u64,
     ) -> Result<Staged, ApplyError> {
         if publish.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
@@ -215,7 +216,7 @@ impl KeyTable {
     /// Successor `by` holds `seq` of `key` in `epoch`: show what can be shown. An
     /// answer from a node that is no longer the key's successor does not count: the
     /// new one has been sent the key whole and answers for it.
-    pub fn replicated(&self, key: &str, epoch: &str, seq: u64, by: &(String, String)) {
+    pub fn replicated(&self, key: &str, epoch: &str, seq: u64, by: &MemberRef) {
         let Some(entry) = self.existing(key) else {
             return;
         };
@@ -242,12 +243,7 @@ impl KeyTable {
     }
 
     /// Points `key`'s replica at `successor`; what the new one must be sent.
-    pub fn replicate_to(
-        &self,
-        key: &str,
-        successor: Option<(String, String)>,
-        version: u64,
-    ) -> ToReplica {
+    pub fn replicate_to(&self, key: &str, successor: Option<MemberRef>, version: u64) -> ToReplica {
         let Some(entry) = self.existing(key) else {
             return ToReplica::Nothing;
         };
@@ -461,7 +457,7 @@ impl KeyTable {
     /// publishing to, joining, leaving or reading it — and returns each with the
     /// successor that holds its replica, to be told to drop it too. A later publish
     /// starts a new epoch; a client resuming the old one gets `reset`.
-    pub fn drop_idle(&self, ttl: Duration) -> Vec<(String, Option<(String, String)>)> {
+    pub fn drop_idle(&self, ttl: Duration) -> Vec<(String, Option<MemberRef>)> {
         let mut dropped = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().expect("shard lock poisoned");

@@ -46,7 +46,11 @@ fn an_offered_replica_is_kept_only_when_newer() {
     assert_eq!(replicas.copy("k").map(|s| s.seq), Some(5), "older epoch");
     replicas.offer("k", snapshot("C", 1));
     assert_eq!(replicas.copy("k").map(|s| s.epoch), Some("C".into()));
-    assert_eq!(replicas.owner_of("k").as_deref(), Some(""));
+    assert_eq!(
+        replicas.owner_of("k"),
+        Some(None),
+        "an offered copy's owner is not known"
+    );
 }
 
 fn publish(data: &[u8]) -> Publish<'_> {
@@ -457,7 +461,7 @@ fn a_replica_keeps_its_entries_in_seq_order() {
         idempotency_key: String::new(),
     };
     for (seq, data) in [(2, "b"), (4, "d"), (3, "c"), (4, "D"), (1, "a")] {
-        replicas.entry("k", "n1", "e", entry(seq, data));
+        replicas.entry("k", Some(&succ("n1").unwrap()), "e", entry(seq, data));
     }
     let held = replicas.copy("k").expect("a replica");
     let seqs: Vec<(u64, &str)> = held
@@ -667,14 +671,17 @@ fn take_where_removes_moved_keys() {
     assert_eq!(table.len(), 1);
 }
 
-fn succ(id: &str) -> Option<(String, String)> {
-    Some((id.to_owned(), format!("inc-{id}")))
+fn succ(id: &str) -> Option<MemberRef> {
+    Some(MemberRef {
+        id: ringfeed_router::ring::NodeId(id.into()),
+        incarnation: "i".into(),
+    })
 }
 
 fn staged(
     table: &KeyTable,
     data: &[u8],
-    to: Option<(String, String)>,
+    to: Option<MemberRef>,
     version: u64,
 ) -> (u64, ToReplica, oneshot::Receiver<u32>) {
     match table.stage("k", publish(data), to, version).unwrap() {
