@@ -201,6 +201,14 @@ impl Default for Limits {
 impl Config {
     /// Checks every setting; the error names the one that is wrong.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_membership()?;
+        self.validate_limits()?;
+        self.validate_timing()?;
+        self.validate_http()
+    }
+
+    /// The node's identity and its place in the cluster.
+    fn validate_membership(&self) -> Result<(), String> {
         if self.id.is_empty()
             || self.id.len() > 64
             || !self
@@ -240,6 +248,11 @@ impl Config {
                 self.worker_threads
             ));
         }
+        Ok(())
+    }
+
+    /// The bounds of connections, frames, payloads and key state.
+    fn validate_limits(&self) -> Result<(), String> {
         if self.max_connections == 0 {
             return Err("--max-connections must be > 0".into());
         }
@@ -302,6 +315,11 @@ impl Config {
                 self.idempotency_window
             ));
         }
+        Ok(())
+    }
+
+    /// Timeouts and periods.
+    fn validate_timing(&self) -> Result<(), String> {
         if self.key_idle_ttl_ms < 1000 {
             return Err(format!(
                 "--key-idle-ttl-ms {}: at least 1000",
@@ -323,6 +341,11 @@ impl Config {
         if self.handshake_timeout_ms == 0 {
             return Err("--handshake-timeout-ms must be > 0".into());
         }
+        Ok(())
+    }
+
+    /// Origins and advertised addresses.
+    fn validate_http(&self) -> Result<(), String> {
         if self.allowed_origins.is_empty() {
             return Err("--allowed-origins needs at least one origin (or *)".into());
         }

@@ -27,17 +27,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
-    let http_addr = http.local_addr()?;
-    let grpc_addr = grpc.local_addr()?;
-    let advertise_http = config
-        .advertise_http
-        .clone()
-        .unwrap_or_else(|| format!("http://{http_addr}"));
-    let advertise_grpc = config
-        .advertise_grpc
-        .clone()
-        .unwrap_or_else(|| grpc_addr.to_string());
-
+    let record = own_record(&config, &http, &grpc)?;
     let membership = Membership::start(
         &MembershipConfig {
             endpoints: config.etcd.clone(),
@@ -48,18 +38,7 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let record = Member {
-        id: NodeId(config.id.clone()),
-        incarnation: String::new(),
-        grpc: advertise_grpc.clone(),
-        http: advertise_http.clone(),
-        quic: None,
-        points: config.points,
-        state: MemberState::Active,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
     let grace = config.shutdown_grace();
-    let max_grpc_message = config.max_grpc_message();
     let node = Arc::new(Node::new(
         config,
         membership.clone(),
@@ -69,26 +48,8 @@ pub async fn run(
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
     tasks.spawn(crate::http::serve(node.clone(), http));
-    let grpc_stop = shutdown.clone();
-    let service = NodeServer::new(NodeService::new(node.clone(), stop.clone()))
-        .max_decoding_message_size(max_grpc_message);
-    tasks.spawn(async move {
-        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
-        // set here, or every reply larger than a segment waits for a delayed ACK.
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let served = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "internal gRPC server failed");
-        }
-    });
-    tasks.spawn(crate::cluster::follower::follow_ring(node.clone()));
-    tasks.spawn(crate::cluster::follower::sweep(node.clone()));
-    tasks.spawn(node.clone().run_clock());
-    tasks.spawn(crate::cluster::fence::watch(node.clone()));
-    tasks.spawn(crate::cluster::follower::watch_memory(node.clone()));
+    serve_internal(&node, grpc, stop.clone());
+    spawn_upkeep(&node);
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
     // long enough to deregister.
@@ -104,38 +65,7 @@ pub async fn run(
         }
     };
     node.set_registration(registration.clone());
-    // The join this node opened (and any re-registration's) ends once everything it was
-    // to receive has been handed over; `end_transition` leaves other nodes' alone.
-    {
-        let node = node.clone();
-        let registration = registration.clone();
-        tasks.spawn(async move {
-            let mut changes = node.handoffs.changes();
-            loop {
-                tokio::select! {
-                    _ = node.handoffs.settled_on(&node.id) => {}
-                    _ = node.shutdown.cancelled() => return,
-                }
-                // Until etcd takes it: a transition left open would hold every later
-                // join and drain for as long as this node lives.
-                let mut backoff = ringfeed_router::membership::Backoff::new(
-                    Duration::from_millis(100),
-                    Duration::from_secs(2),
-                );
-                while let Err(e) = registration.end_transition().await {
-                    tracing::warn!(error = %e, "cannot close the transition yet; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_pause()) => {}
-                        _ = node.shutdown.cancelled() => return,
-                    }
-                }
-                tokio::select! {
-                    _ = changes.changed() => {}
-                    _ = node.shutdown.cancelled() => return,
-                }
-            }
-        });
-    }
+    tasks.spawn(close_transitions(node.clone(), registration.clone()));
     let record = registration.record();
     println!(
         "ringfeed-node ready id={} http={} grpc={} incarnation={}",
@@ -159,6 +89,89 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// This node's member record, with the addresses it advertises (the bound ones unless
+/// configured); the incarnation is made at registration.
+fn own_record(config: &Config, http: &TcpListener, grpc: &TcpListener) -> anyhow::Result<Member> {
+    let http_addr = http.local_addr()?;
+    let grpc_addr = grpc.local_addr()?;
+    Ok(Member {
+        id: NodeId(config.id.clone()),
+        incarnation: String::new(),
+        grpc: config
+            .advertise_grpc
+            .clone()
+            .unwrap_or_else(|| grpc_addr.to_string()),
+        http: config
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}")),
+        quic: None,
+        points: config.points,
+        state: MemberState::Active,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+/// Serves the internal `Node` service on `grpc` until the node shuts down; a `Drain`
+/// call cancels `drain`.
+fn serve_internal(node: &Arc<Node>, grpc: TcpListener, drain: CancellationToken) {
+    let stop = node.shutdown.clone();
+    let service = NodeServer::new(NodeService::new(node.clone(), drain))
+        .max_decoding_message_size(node.config.max_grpc_message());
+    node.tasks.spawn(async move {
+        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
+        // set here, or every reply larger than a segment waits for a delayed ACK.
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "internal gRPC server failed");
+        }
+    });
+}
+
+/// The node's background work: following the ring, sweeping idle state, the
+/// connection clock, self-fencing and the memory budget.
+fn spawn_upkeep(node: &Arc<Node>) {
+    let tasks = &node.tasks;
+    tasks.spawn(crate::cluster::follower::follow_ring(node.clone()));
+    tasks.spawn(crate::cluster::follower::sweep(node.clone()));
+    tasks.spawn(node.clone().run_clock());
+    tasks.spawn(crate::cluster::fence::watch(node.clone()));
+    tasks.spawn(crate::cluster::follower::watch_memory(node.clone()));
+}
+
+/// Ends the transition this node opened (its join, and any re-registration's) once
+/// everything it was to receive has been handed over; `end_transition` leaves other
+/// nodes' alone. Until etcd takes it: a transition left open would hold every later
+/// join and drain for as long as this node lives.
+async fn close_transitions(node: Arc<Node>, registration: Registration) {
+    let mut changes = node.handoffs.changes();
+    loop {
+        tokio::select! {
+            _ = node.handoffs.settled_on(&node.id) => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+        let mut backoff = ringfeed_router::membership::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        );
+        while let Err(e) = registration.end_transition().await {
+            tracing::warn!(error = %e, "cannot close the transition yet; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_pause()) => {}
+                _ = node.shutdown.cancelled() => return,
+            }
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Moves every key and client of this node to the rest of the ring.

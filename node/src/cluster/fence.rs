@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use ringfeed_proto::v1::{self as pb};
+use ringfeed_router::membership::Registration;
 use ringfeed_router::ring::{Member, Ring};
 
 use crate::node::{redirect_kick, Node};
@@ -53,9 +54,7 @@ pub fn etcd_lost(node: &Node) -> bool {
 pub async fn watch(node: Arc<Node>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut paused_since: Option<Instant> = None;
-    let mut closed_clients = false;
-    let mut told_majority = false;
+    let mut watch = Watch::default();
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -81,10 +80,8 @@ pub async fn watch(node: Arc<Node>) {
             if was != Fence::Serving {
                 tracing::info!("lease renewed; serving again");
             }
+            watch = Watch::default();
             node.set_fence(Fence::Serving);
-            paused_since = None;
-            closed_clients = false;
-            told_majority = false;
             continue;
         }
         if was == Fence::Out {
@@ -96,7 +93,7 @@ pub async fn watch(node: Arc<Node>) {
         // the time left before the pause point, or, serving because etcd was down for
         // a majority (already past it), within one ask.
         let left = ttl.saturating_sub(registration.last_ok_sent().elapsed() + margin);
-        let renewal = if told_majority {
+        let renewal = if watch.told_majority {
             ASK_TIMEOUT
         } else {
             left.min(ASK_TIMEOUT)
@@ -116,6 +113,46 @@ pub async fn watch(node: Arc<Node>) {
         if decision != Fence::Serving && !in_doubt(Duration::ZERO) {
             continue;
         }
+        let asked = Asked {
+            decision,
+            was,
+            answers,
+            their_ring,
+            ttl,
+        };
+        watch.act(&node, registration, asked);
+    }
+}
+
+/// What the watch remembers between ticks while the lease is in doubt.
+#[derive(Default)]
+struct Watch {
+    paused_since: Option<Instant>,
+    closed_clients: bool,
+    told_majority: bool,
+}
+
+/// One round of asking the peers: what was decided, on what.
+struct Asked {
+    decision: Fence,
+    /// Where fencing stood before.
+    was: Fence,
+    answers: Answers,
+    /// The ring a peer that reaches etcd holds, if one answered with it.
+    their_ring: Option<(Ring, u64)>,
+    ttl: Duration,
+}
+
+impl Watch {
+    /// Carries out a decision on a lease in doubt.
+    fn act(&mut self, node: &Node, registration: &Registration, asked: Asked) {
+        let Asked {
+            decision,
+            was,
+            answers,
+            their_ring,
+            ttl,
+        } = asked;
         match decision {
             Fence::Out => {
                 tracing::warn!(
@@ -127,22 +164,22 @@ pub async fn watch(node: Arc<Node>) {
                 }
                 node.set_fence(Fence::Out);
                 if let Some((ring, version)) = their_ring {
-                    move_out(&node, &ring, version);
+                    move_out(node, &ring, version);
                 }
             }
             Fence::Serving => {
-                if answers.lost * 2 > answers.members && !told_majority {
+                if answers.lost * 2 > answers.members && !self.told_majority {
                     tracing::info!(
                         ?answers,
                         "etcd is down for a majority: serving on the last ring"
                     );
-                    told_majority = true;
+                    self.told_majority = true;
                 } else if was != Fence::Serving {
                     tracing::info!(?answers, "serving again");
                 }
                 node.set_fence(Fence::Serving);
-                paused_since = None;
-                closed_clients = false;
+                self.paused_since = None;
+                self.closed_clients = false;
             }
             Fence::Paused => {
                 if was == Fence::Serving {
@@ -155,10 +192,10 @@ pub async fn watch(node: Arc<Node>) {
                     node.counters.fenced.fetch_add(1, Ordering::Relaxed);
                 }
                 node.set_fence(Fence::Paused);
-                let since = *paused_since.get_or_insert_with(Instant::now);
+                let since = *self.paused_since.get_or_insert_with(Instant::now);
                 if answers.answered * 2 <= answers.members
                     && since.elapsed() >= ttl
-                    && !closed_clients
+                    && !self.closed_clients
                 {
                     tracing::warn!(?answers, "no majority answers: closing clients with 4503");
                     node.keys.kick_all(|_| Kick {
@@ -166,7 +203,7 @@ pub async fn watch(node: Arc<Node>) {
                         code: CloseCode::Unavailable,
                         reason: "fenced: owner not known here".into(),
                     });
-                    closed_clients = true;
+                    self.closed_clients = true;
                 }
             }
         }

@@ -99,6 +99,30 @@ pub(super) async fn readyz(State(node): State<Arc<Node>>) -> Response {
 /// `GET /metrics`: the node's gauges in the Prometheus text format, read at request
 /// time.
 pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let mut body = String::new();
+    let typed = gauges(&node)
+        .into_iter()
+        .map(|g| (g, "gauge"))
+        .chain(counted(&node).into_iter().map(|c| (c, "counter")));
+    for ((name, help, value), kind) in typed {
+        body.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    labelled_and_histograms(&node, &mut body);
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// A metric: name, help, value.
+type Metric = (&'static str, &'static str, u64);
+
+/// The node's gauges, as of now.
+fn gauges(node: &Node) -> [Metric; 11] {
     let view = node.membership.view();
     let active = view
         .ring
@@ -107,7 +131,7 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .filter(|m| m.state == ringfeed_router::ring::MemberState::Active)
         .count();
     let connections = node.config.max_connections - node.connections.available_permits();
-    let gauges: [(&str, &str, u64); 11] = [
+    [
         (
             "ringfeed_memory_resident_bytes",
             "resident memory of the node at the last sample",
@@ -163,10 +187,14 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
             "1 when the last lease keep-alive reached etcd",
             u64::from(node.registration().is_some_and(|r| r.lease_healthy())),
         ),
-    ];
+    ]
+}
+
+/// The node's counters (totals since it started).
+fn counted(node: &Node) -> [Metric; 6] {
     let counters = &node.counters;
     let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counted: [(&str, &str, u64); 6] = [
+    [
         (
             "ringfeed_published_total",
             "updates this node assigned a seq to as their owner",
@@ -197,17 +225,12 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
             "reads of the ring from etcd made on demand (a request carried a ring version not seen yet); at most one a second",
             node.membership.fresh_reads(),
         ),
-    ];
-    let mut body = String::new();
-    let typed = gauges
-        .into_iter()
-        .map(|g| (g, "gauge"))
-        .chain(counted.into_iter().map(|c| (c, "counter")));
-    for ((name, help, value), kind) in typed {
-        body.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    }
+    ]
+}
+
+/// The labelled counters and the latency histograms.
+fn labelled_and_histograms(node: &Node, body: &mut String) {
+    let counters = &node.counters;
     body.push_str(
         "# HELP ringfeed_client_violations_total WebSocket clients closed (1008) for breaking a per-connection bound\n\
          # TYPE ringfeed_client_violations_total counter\n",
@@ -220,17 +243,11 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
     counters.deliver.render(
         "ringfeed_deliver_seconds",
         "a Deliver request from a router, from its arrival to its answer (replication included)",
-        &mut body,
+        body,
     );
     counters.replication.render(
         "ringfeed_replication_seconds",
         "a replication batch, from being sent to the successor to its answer (retries included)",
-        &mut body,
+        body,
     );
-    let mut response = Response::new(Body::from(body));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
 }
