@@ -8,13 +8,11 @@ use serde_json::json;
 use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::clock::now_ms;
 use super::idempotency::{Idempotency, SeqDigest};
 use super::mailbox::Subscriber;
 use super::member_ref::MemberRef;
 use super::presence::Presence;
 use crate::config::Limits;
-use crate::protocol::epoch::new_epoch;
 use crate::protocol::frames::{self, PayloadError};
 use crate::protocol::params::Resume;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
@@ -255,9 +253,11 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    pub(super) fn new() -> KeyState {
+    /// A key with no history yet, starting epoch `epoch`, active at `now` (ms of
+    /// [`clock`](super::clock)). The key state reads no clock of its own.
+    pub(super) fn new(epoch: String, now: u64) -> KeyState {
         KeyState {
-            epoch: new_epoch().into(),
+            epoch: epoch.into(),
             seq: 0,
             next: 0,
             pending: VecDeque::new(),
@@ -270,7 +270,7 @@ impl KeyState {
             subscribers: Vec::new(),
             present: Presence::default(),
             changes: None,
-            active: now_ms(),
+            active: now,
         }
     }
 
@@ -392,9 +392,8 @@ impl KeyState {
     /// A key's state rebuilt for its new owner from a snapshot (its replica, or what
     /// its previous owner handed off): same epoch, and the longest run of entries
     /// without a gap.
-    pub(super) fn restored(snapshot: KeySnapshot, limits: &Limits) -> KeyState {
-        let mut state = KeyState::new();
-        state.epoch = snapshot.epoch.into();
+    pub(super) fn restored(snapshot: KeySnapshot, limits: &Limits, now: u64) -> KeyState {
+        let mut state = KeyState::new(snapshot.epoch, now);
         let mut expected = None;
         for e in snapshot.entries {
             if expected.is_some_and(|x| x != e.seq) {

@@ -4,8 +4,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::time::Instant;
 
+use super::clock::now_ms;
 use super::log::{KeySnapshot, LogEntry};
 use super::member_ref::MemberRef;
 use super::table::StrMap;
@@ -26,7 +26,8 @@ pub struct Replica {
     pub(super) bytes: usize,
     pub(super) idempotency: Vec<(String, u64, u64)>,
     /// When it last changed, for dropping copies nobody updates any more.
-    pub(super) touched: Instant,
+    /// When it last changed, in ms of [`clock`](super::clock).
+    pub(super) touched: u64,
 }
 
 impl Replica {
@@ -37,7 +38,7 @@ impl Replica {
             entries: VecDeque::new(),
             bytes: 0,
             idempotency: Vec::new(),
-            touched: Instant::now(),
+            touched: now_ms(),
         }
     }
 
@@ -81,7 +82,7 @@ impl Replicas {
         let replica = map
             .entry(key.to_owned())
             .or_insert_with(|| Box::new(Replica::new(owner, &snapshot.epoch)));
-        replica.touched = Instant::now();
+        replica.touched = now_ms();
         // A snapshot is the whole key as the owner has it: nothing the replica held
         // beyond it (entries whose callers were told to retry) survives.
         replica.entries.clear();
@@ -102,7 +103,7 @@ impl Replicas {
         let replica = map
             .entry(key.to_owned())
             .or_insert_with(|| Box::new(Replica::new(owner, epoch)));
-        replica.touched = Instant::now();
+        replica.touched = now_ms();
         if replica.epoch != epoch {
             replica.entries.clear();
             replica.bytes = 0;
@@ -172,7 +173,8 @@ impl Replicas {
     ) -> usize {
         let mut map = self.map.lock().expect("replicas lock poisoned");
         let before = map.len();
-        map.retain(|key, r| !stale(key, r.owner.as_ref(), r.touched.elapsed()));
+        let now = now_ms();
+        map.retain(|key, r| !stale(key, r.owner.as_ref(), age(now, r.touched)));
         before - map.len()
     }
 
@@ -185,7 +187,7 @@ impl Replicas {
     pub fn owners_unchanged_for(&self, age: Duration) -> Vec<(String, Option<MemberRef>)> {
         let map = self.map.lock().expect("replicas lock poisoned");
         map.iter()
-            .filter(|(_, r)| age.is_zero() || r.touched.elapsed() >= age)
+            .filter(|(_, r)| age.is_zero() || self::age(now_ms(), r.touched) >= age)
             .map(|(k, r)| (k.clone(), r.owner.clone()))
             .collect()
     }
@@ -238,4 +240,9 @@ pub(super) fn insert_entry(replica: &mut Replica, entry: LogEntry, limits: &Limi
             replica.bytes -= old.frame.len();
         }
     }
+}
+
+/// How long ago `then` was, both in ms of [`clock`](super::clock).
+fn age(now: u64, then: u64) -> Duration {
+    Duration::from_millis(now.saturating_sub(then))
 }

@@ -13,6 +13,7 @@ use super::log::*;
 use super::mailbox::*;
 use super::member_ref::MemberRef;
 use crate::config::Limits;
+use crate::protocol::epoch::new_epoch;
 use crate::protocol::frames::{self};
 use crate::protocol::params::Resume;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
@@ -68,7 +69,7 @@ impl KeyTable {
         if let Some(e) = shard.get(key) {
             return e.clone();
         }
-        let e = Arc::new(Mutex::new(KeyState::new()));
+        let e = Arc::new(Mutex::new(KeyState::new(new_epoch(), now_ms())));
         shard.insert(key.to_owned(), e.clone());
         e
     }
@@ -289,7 +290,7 @@ impl KeyTable {
         if state.next > 0 || state.retired {
             return None;
         }
-        let restored = KeyState::restored(take()?, &self.limits);
+        let restored = KeyState::restored(take()?, &self.limits, now_ms());
         let fresh = std::mem::replace(&mut *state, restored);
         Some(fresh.subscribers)
     }
