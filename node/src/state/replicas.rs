@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-
 use super::clock::now_ms;
 use super::log::{KeySnapshot, LogEntry};
 use super::member_ref::MemberRef;
