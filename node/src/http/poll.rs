@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
-use super::reply::{client_request, elsewhere, refused, unavailable, ApiError};
+use super::reply::{ApiError, client_request, connection_span, elsewhere, refused, unavailable};
 use tracing::Instrument;
 
 use crate::node::Node;
@@ -22,12 +22,7 @@ use crate::state::Catchup;
 
 /// `GET /v1/poll?key=K&since=S[&epoch=E][&wait=SECONDS]`.
 pub async fn poll(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
-    let span = tracing::debug_span!(
-        "connection",
-        transport = "poll",
-        node = %node.id,
-        key = tracing::field::Empty
-    );
+    let span = connection_span("poll", &node);
     serve(node, request).instrument(span).await
 }
 

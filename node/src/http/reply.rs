@@ -52,6 +52,17 @@ pub fn refused(error: &dyn ToWire) -> Response {
     response
 }
 
+/// The span of one plain-HTTP client request (`/v1/sse`, `/v1/poll`): transport and
+/// node now, the key once it is read (`record("key", …)`).
+pub(super) fn connection_span(transport: &'static str, node: &Node) -> tracing::Span {
+    tracing::debug_span!(
+        "connection",
+        transport,
+        node = %node.id,
+        key = tracing::field::Empty
+    )
+}
+
 /// 307 to the same `path` and query on `base` (the owner's HTTP URL), with `rv` set.
 pub fn redirect_307(base: &str, path: &str, query: &str, ring_version: u64) -> Response {
     let location = redirect_url(base, path, query, ring_version);

@@ -18,7 +18,7 @@ use ringfeed_router::key::Key;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::reply::{client_request, elsewhere, refused, unavailable, ApiError};
+use super::reply::{ApiError, client_request, connection_span, elsewhere, refused, unavailable};
 use tracing::Instrument;
 
 use crate::node::Node;
@@ -34,12 +34,7 @@ const MAX_EVENTS_PER_CHUNK: usize = 256;
 
 /// `GET /v1/sse?key=K[&since=S&epoch=E]`.
 pub async fn sse(State(node): State<Arc<Node>>, request: Request) -> Result<Response, ApiError> {
-    let span = tracing::debug_span!(
-        "connection",
-        transport = "sse",
-        node = %node.id,
-        key = tracing::field::Empty
-    );
+    let span = connection_span("sse", &node);
     serve(node, request).instrument(span).await
 }
 

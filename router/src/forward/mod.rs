@@ -367,21 +367,8 @@ fn ring_ref(view: &View) -> pb::RingRef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::{Member, MemberState, NodeId};
-    use testing::HeldNode;
+    use testing::{member, HeldNode};
 
-    fn member(id: &str, grpc: &str) -> Member {
-        Member {
-            id: NodeId(id.into()),
-            incarnation: "i".into(),
-            grpc: grpc.into(),
-            http: String::new(),
-            quic: None,
-            points: 64,
-            state: MemberState::Active,
-            version: String::new(),
-        }
-    }
 
     fn item(key: &str) -> pb::PublishRequest {
         pb::PublishRequest {

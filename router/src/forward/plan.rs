@@ -284,7 +284,6 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::{Member, MemberState, NodeId};
 
     #[test]
     fn grpc_timeouts_parse() {
@@ -301,17 +300,8 @@ mod tests {
         assert_ne!(new_idempotency_key(), new_idempotency_key());
     }
 
-    fn member(id: &str) -> Member {
-        Member {
-            id: NodeId(id.into()),
-            incarnation: "i".into(),
-            grpc: format!("{id}:1"),
-            http: String::new(),
-            quic: None,
-            points: 64,
-            state: MemberState::Active,
-            version: String::new(),
-        }
+    fn member(id: &str) -> crate::ring::Member {
+        super::super::testing::member(id, &format!("{id}:1"))
     }
 
     fn item(key: &str) -> pb::PublishRequest {

@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use ringfeed_proto::v1::{self as pb, deliver_result};
+
+use crate::ring::{Member, MemberState, NodeId};
 use tonic::Status;
 
 /// The calls a test node saw: each one's ring and its items' keys.
@@ -108,5 +110,19 @@ impl HeldNode {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         (addr.to_string(), calls)
+    }
+}
+
+/// An active member `id` whose gRPC address is `grpc`.
+pub(super) fn member(id: &str, grpc: &str) -> Member {
+    Member {
+        id: NodeId(id.into()),
+        incarnation: "i".into(),
+        grpc: grpc.into(),
+        http: String::new(),
+        quic: None,
+        points: 64,
+        state: MemberState::Active,
+        version: String::new(),
     }
 }
