@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 
-use super::reply::{ApiError, client_request, connection_span, elsewhere, refused, unavailable};
+use super::reply::{client_request, connection_span, elsewhere, refused, unavailable, ApiError};
 use tracing::Instrument;
 
 use crate::node::Node;

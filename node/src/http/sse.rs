@@ -18,7 +18,7 @@ use ringfeed_router::key::Key;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::reply::{ApiError, client_request, connection_span, elsewhere, refused, unavailable};
+use super::reply::{client_request, connection_span, elsewhere, refused, unavailable, ApiError};
 use tracing::Instrument;
 
 use crate::node::Node;

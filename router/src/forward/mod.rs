@@ -369,7 +369,6 @@ mod tests {
     use super::*;
     use testing::{member, HeldNode};
 
-
     fn item(key: &str) -> pb::PublishRequest {
         pb::PublishRequest {
             key: key.into(),
