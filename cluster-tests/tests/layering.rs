@@ -25,10 +25,10 @@ const NODE_LAYERS: &[&[&str]] = &[
 
 /// The router's layers, lowest first.
 const ROUTER_LAYERS: &[&[&str]] = &[
-    &["key", "ring", "backoff", "config"],
+    &["key", "ring", "backoff"],
     &["membership"],
     &["forward"],
-    &["service"],
+    &["service", "config"],
 ];
 
 /// The most lines a source file may have outside its tests.

@@ -8,7 +8,8 @@ use tokio::time::Instant;
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use ringfeed_proto::v1::{self as pb, node_client::NodeClient};
-use ringfeed_router::membership::{Membership, MembershipConfig};
+use ringfeed_router::config::ClusterArgs;
+use ringfeed_router::membership::Membership;
 use ringfeed_router::ring::NodeId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,17 +21,9 @@ pub struct DrainArgs {
     /// The id of the node to drain.
     #[arg(long, env = "RINGFEED_NODE_ID")]
     pub id: String,
-    /// Cluster name; the node's record is read from /ringfeed/{cluster}/nodes/{id}.
-    #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
-    pub cluster: String,
-    /// etcd endpoints, comma-separated (to find the node's internal gRPC address).
-    #[arg(
-        long,
-        env = "RINGFEED_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd: Vec<String>,
+    /// Where to find the node's record (its internal gRPC address).
+    #[command(flatten)]
+    pub membership: ClusterArgs,
     /// The node's internal gRPC address (host:port); skips the etcd lookup.
     #[arg(long)]
     pub grpc: Option<String>,
@@ -101,11 +94,7 @@ async fn lookup(args: &DrainArgs) -> anyhow::Result<String> {
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     let membership = Membership::start(
-        &MembershipConfig {
-            endpoints: args.etcd.clone(),
-            cluster: args.cluster.clone(),
-            lease_ttl: Duration::from_secs(5),
-        },
+        &args.membership.membership(Duration::from_secs(5)),
         &tasks,
         stop.clone(),
     )
@@ -122,7 +111,7 @@ async fn lookup(args: &DrainArgs) -> anyhow::Result<String> {
         anyhow!(
             "no node {:?} in cluster {:?} (is it registered?)",
             args.id,
-            args.cluster
+            args.membership.cluster
         )
     })
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use ringfeed_router::config::ClusterArgs;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
@@ -25,17 +26,8 @@ pub struct Config {
     /// This node's id on the ring (1–64 bytes of A-Z a-z 0-9 . _ -).
     #[arg(long, env = "RINGFEED_NODE_ID")]
     pub id: String,
-    /// Cluster name; records live under /ringfeed/{cluster}/.
-    #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
-    pub cluster: String,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "RINGFEED_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub membership: ClusterArgs,
     /// Address of the HTTP / WebSocket listener (port 0 picks a free one).
     #[arg(long, env = "RINGFEED_HTTP_LISTEN", default_value = "127.0.0.1:8001")]
     pub http_listen: SocketAddr,
@@ -221,15 +213,7 @@ impl Config {
                 self.id
             ));
         }
-        if self.cluster.is_empty() || self.cluster.contains('/') {
-            return Err(format!(
-                "--cluster {:?} must be non-empty and contain no '/'",
-                self.cluster
-            ));
-        }
-        if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
-            return Err("--etcd needs at least one endpoint".into());
-        }
+        self.membership.validate()?;
         if self.lease_ttl < 2 || self.lease_ttl > 3600 {
             return Err(format!(
                 "--lease-ttl {}: between 2 and 3600 seconds",

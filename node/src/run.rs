@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringfeed_proto::v1::node_server::NodeServer;
-use ringfeed_router::membership::{Membership, MembershipConfig, Registration};
+use ringfeed_router::membership::{Membership, Registration};
 use ringfeed_router::ring::{Member, MemberState, NodeId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,11 +29,9 @@ pub async fn run(
     let shutdown = CancellationToken::new();
     let record = own_record(&config, &http, &grpc)?;
     let membership = Membership::start(
-        &MembershipConfig {
-            endpoints: config.etcd.clone(),
-            cluster: config.cluster.clone(),
-            lease_ttl: Duration::from_secs(config.lease_ttl),
-        },
+        &config
+            .membership
+            .membership(Duration::from_secs(config.lease_ttl)),
         &tasks,
         shutdown.clone(),
     )

@@ -1,14 +1,16 @@
-//! The router's flags and environment (docs/configuration.md lists them all).
+//! The router's flags and environment, and the cluster flags every binary shares
+//! (docs/configuration.md lists them all).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 
-/// The stateless gRPC router: hashes each key on the ring kept in etcd and forwards the
-/// update to its owner.
-#[derive(Parser, Debug)]
-#[command(name = "ringfeed-router", version)]
-pub struct Config {
+use crate::membership::MembershipConfig;
+
+/// Where the cluster's records live: the flags every ringfeed binary shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
     /// Cluster name; records live under /ringfeed/{cluster}/.
     #[arg(long, env = "RINGFEED_CLUSTER", default_value = "default")]
     pub cluster: String,
@@ -20,6 +22,40 @@ pub struct Config {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd: Vec<String>,
+}
+
+impl ClusterArgs {
+    /// Checks the cluster name and the endpoints; the error names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cluster.is_empty() || self.cluster.contains('/') {
+            return Err(format!(
+                "--cluster {:?} must be non-empty and contain no '/'",
+                self.cluster
+            ));
+        }
+        if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
+            return Err("--etcd needs at least one endpoint".into());
+        }
+        Ok(())
+    }
+
+    /// The membership these flags name, with leases of `lease_ttl`.
+    pub fn membership(&self, lease_ttl: Duration) -> MembershipConfig {
+        MembershipConfig {
+            endpoints: self.etcd.clone(),
+            cluster: self.cluster.clone(),
+            lease_ttl,
+        }
+    }
+}
+
+/// The stateless gRPC router: hashes each key on the ring kept in etcd and forwards the
+/// update to its owner.
+#[derive(Parser, Debug)]
+#[command(name = "ringfeed-router", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub membership: ClusterArgs,
     /// Address the gRPC service listens on (port 0 picks a free one).
     #[arg(long, env = "RINGFEED_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
@@ -48,15 +84,7 @@ impl Config {
 
     /// Checks the settings together; the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        if self.cluster.is_empty() || self.cluster.contains('/') {
-            return Err(format!(
-                "--cluster {:?} must be non-empty and contain no '/'",
-                self.cluster
-            ));
-        }
-        if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
-            return Err("--etcd needs at least one endpoint".into());
-        }
+        self.membership.validate()?;
         if self.publish_timeout_ms == 0 {
             return Err("--publish-timeout-ms must be > 0".into());
         }

@@ -8,7 +8,7 @@ use clap::Parser;
 use ringfeed_proto::v1::router_server::RouterServer;
 use ringfeed_router::config::Config;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
-use ringfeed_router::membership::{Membership, MembershipConfig};
+use ringfeed_router::membership::Membership;
 use ringfeed_router::service::RouterService;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,11 +40,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let membership = Membership::start(
-        &MembershipConfig {
-            endpoints: config.etcd.clone(),
-            cluster: config.cluster.clone(),
-            lease_ttl: Duration::from_secs(5),
-        },
+        &config.membership.membership(Duration::from_secs(5)),
         &tasks,
         shutdown.clone(),
     )
@@ -71,7 +67,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     println!("ringfeed-router ready grpc={addr}");
-    tracing::info!(%addr, cluster = %config.cluster, "router serving");
+    tracing::info!(%addr, cluster = %config.membership.cluster, "router serving");
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
     // set here, or every reply larger than a segment waits for a delayed ACK (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
