@@ -6,3 +6,4 @@ pub mod epoch;
 pub mod frames;
 pub mod params;
 pub mod redirect;
+pub mod ticket;
