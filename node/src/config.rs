@@ -9,7 +9,20 @@ use ringfeed_router::config::ClusterArgs;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
+use crate::protocol::api_token::ApiTokens;
 use crate::protocol::frames;
+use crate::protocol::ticket::Signer;
+
+/// What authentication needs, loaded once at start ([`Config::load_auth`]).
+#[derive(Debug)]
+pub struct Auth {
+    /// Signs and verifies tickets.
+    pub signer: Signer,
+    /// The API tokens that may ask for tickets.
+    pub api_tokens: ApiTokens,
+    /// The longest validity a ticket is issued with.
+    pub max_ticket_ttl: Duration,
+}
 
 /// The most a node puts in one request to a peer (a replication batch, a hand-off
 /// call) before starting another; one key's snapshot may take it past this, never two.
@@ -146,6 +159,21 @@ pub struct Config {
         default_value = "*"
     )]
     pub allowed_origins: Vec<String>,
+    /// Require a ticket from every client for its key, and an API token for
+    /// `POST /v1/tickets` (docs/protocol.md *Tickets and authentication*). Needs
+    /// --ticket-secrets-file and --api-tokens-file.
+    #[arg(long, env = "RINGFEED_AUTH")]
+    pub auth: bool,
+    /// A file of ticket secrets, one a line, newest first, each at least 32 bytes: the
+    /// first signs tickets, every one verifies them (rotation).
+    #[arg(long, env = "RINGFEED_TICKET_SECRETS_FILE")]
+    pub ticket_secrets_file: Option<std::path::PathBuf>,
+    /// A file of the API tokens accepted, one a line (several at once, for rotation).
+    #[arg(long, env = "RINGFEED_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<std::path::PathBuf>,
+    /// The longest validity `POST /v1/tickets` grants, in seconds.
+    #[arg(long, env = "RINGFEED_MAX_TICKET_TTL_S", default_value_t = 3600)]
+    pub max_ticket_ttl_s: u64,
     /// Runtime worker threads (0: one per core). Several nodes sharing a box's cores
     /// each want their share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
@@ -196,7 +224,63 @@ impl Config {
         self.validate_membership()?;
         self.validate_limits()?;
         self.validate_timing()?;
-        self.validate_http()
+        self.validate_http()?;
+        self.validate_auth()
+    }
+
+    /// Authentication on needs its secrets: never an open node by mistake.
+    fn validate_auth(&self) -> Result<(), String> {
+        if self.auth && self.ticket_secrets_file.is_none() {
+            return Err(
+                "--auth needs --ticket-secrets-file (the secrets tickets are signed with)".into(),
+            );
+        }
+        if self.auth && self.api_tokens_file.is_none() {
+            return Err(
+                "--auth needs --api-tokens-file (the tokens that may ask for tickets)".into(),
+            );
+        }
+        if self.max_ticket_ttl_s == 0 || self.max_ticket_ttl_s > 7 * 24 * 3600 {
+            return Err(format!(
+                "--max-ticket-ttl-s {}: between 1 and 604800 (a week)",
+                self.max_ticket_ttl_s
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the secrets and tokens authentication needs: `None` with it off. The error
+    /// names the setting and never shows a secret.
+    pub fn load_auth(&self) -> Result<Option<Auth>, String> {
+        if !self.auth {
+            return Ok(None);
+        }
+        let lines =
+            |flag: &str, path: &Option<std::path::PathBuf>| -> Result<Vec<String>, String> {
+                let path = path
+                    .as_ref()
+                    .ok_or_else(|| format!("--auth needs {flag}"))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+                let lines: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if lines.is_empty() {
+                    return Err(format!("{flag} {}: no entry in it", path.display()));
+                }
+                Ok(lines)
+            };
+        let secrets = lines("--ticket-secrets-file", &self.ticket_secrets_file)?;
+        let signer = Signer::new(&secrets).map_err(|e| format!("--ticket-secrets-file: {e}"))?;
+        let tokens = lines("--api-tokens-file", &self.api_tokens_file)?;
+        Ok(Some(Auth {
+            signer,
+            api_tokens: ApiTokens::new(&tokens),
+            max_ticket_ttl: Duration::from_secs(self.max_ticket_ttl_s),
+        }))
     }
 
     /// The node's identity and its place in the cluster.

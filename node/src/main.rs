@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ringfeed_node::admin::{self, DrainArgs};
-use ringfeed_node::config::Config;
+use ringfeed_node::config::{Auth, Config};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc: an idle connection is a dozen small long-lived allocations made between
@@ -34,10 +34,18 @@ fn main() -> ExitCode {
         eprintln!("ringfeed-node: bad configuration: {e}");
         return ExitCode::from(64);
     }
+    // Authentication on needs its secrets: a node never starts open by mistake.
+    let auth = match config.load_auth() {
+        Ok(auth) => auth,
+        Err(e) => {
+            eprintln!("ringfeed-node: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let Some(runtime) = runtime(config.worker_threads) else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(start(config)) {
+    match runtime.block_on(start(config, auth)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed-node: {e:#}");
@@ -70,7 +78,7 @@ async fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpLi
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn start(config: Config) -> anyhow::Result<()> {
+async fn start(config: Config, auth: Option<Auth>) -> anyhow::Result<()> {
     let http = listen(config.http_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --http-listen {}: {e}", config.http_listen))?;
@@ -80,7 +88,7 @@ async fn start(config: Config) -> anyhow::Result<()> {
     // SIGTERM or Ctrl-C asks for a drain.
     let stop = CancellationToken::new();
     tokio::spawn(signal(stop.clone()));
-    ringfeed_node::run::run(config, http, grpc, stop).await
+    ringfeed_node::run::run(config, auth, http, grpc, stop).await
 }
 
 async fn signal(shutdown: CancellationToken) {

@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
-use crate::config::Config;
+use crate::config::{Auth, Config};
 use crate::peers::Peers;
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
+use crate::protocol::ticket::TicketError;
 use crate::state::KeySnapshot;
 use crate::state::{Fence, Handoffs, KeyTable, Kick, MemberRef, Replicas, Replication};
 
@@ -42,6 +43,8 @@ pub struct Node {
     incarnation: OnceLock<String>,
     /// How peers' internal services are reached.
     pub peers: Peers,
+    /// Tickets and API tokens, when authentication is on.
+    pub auth: Option<Auth>,
     draining: AtomicBool,
     /// Resident memory against the budget; past it, no new keys or connections.
     pub budget: MemoryBudget,
@@ -67,6 +70,10 @@ pub struct Counters {
     pub fenced: AtomicU64,
     /// WebSocket clients closed (1008) for breaking a per-connection bound.
     pub violations: Violations,
+    /// Client tickets refused, by reason.
+    pub tickets_refused: TicketRefusals,
+    /// Requests refused for a missing or wrong API token.
+    pub tokens_refused: AtomicU64,
     /// A `Deliver` request (a router's batch for this owner), from its arrival to its
     /// answer or its time limit: the owner's share of a publish's latency, replication
     /// included.
@@ -138,6 +145,22 @@ pub enum AdmitError {
     ConnectionLimit,
 }
 
+/// Refused tickets, by reason.
+#[derive(Debug, Default)]
+pub struct TicketRefusals([AtomicU64; TicketError::ALL.len()]);
+
+impl TicketRefusals {
+    /// Counts one ticket refused for `error`.
+    pub fn count(&self, error: TicketError) {
+        self.0[error as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each reason's label and count.
+    pub fn read(&self) -> [(&'static str, u64); TicketError::ALL.len()] {
+        TicketError::ALL.map(|e| (e.reason(), self.0[e as usize].load(Ordering::Relaxed)))
+    }
+}
+
 /// Who owns a key, as this node decided it.
 pub enum Decision {
     /// This node owns it.
@@ -171,10 +194,17 @@ impl Node {
             registration: OnceLock::new(),
             incarnation: OnceLock::new(),
             peers: Peers::Tcp,
+            auth: None,
             draining: AtomicBool::new(false),
             fence_state: AtomicU8::new(0),
             clock_origin: tokio::time::Instant::now(),
         }
+    }
+
+    /// The node, with authentication on ([`Config::load_auth`]).
+    pub fn with_auth(mut self, auth: Option<Auth>) -> Node {
+        self.auth = auth;
+        self
     }
 
     /// The node, reaching its peers by `peers` instead of TCP.

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Auth, Config};
 use crate::internal::NodeService;
 use crate::node::Node;
 
@@ -21,6 +21,7 @@ use crate::node::Node;
 /// off to: it closes its clients with 1001.
 pub async fn run(
     config: Config,
+    auth: Option<Auth>,
     http: TcpListener,
     grpc: TcpListener,
     stop: CancellationToken,
@@ -37,12 +38,9 @@ pub async fn run(
     )
     .await?;
     let grace = config.shutdown_grace();
-    let node = Arc::new(Node::new(
-        config,
-        membership.clone(),
-        shutdown.clone(),
-        tasks.clone(),
-    ));
+    let node = Arc::new(
+        Node::new(config, membership.clone(), shutdown.clone(), tasks.clone()).with_auth(auth),
+    );
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
     tasks.spawn(crate::http::serve(node.clone(), http));

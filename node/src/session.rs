@@ -4,12 +4,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ringfeed_router::key::Key;
 use ringfeed_router::ring::Member;
 
 use crate::node::{redirect_kick, Decision, Node};
 use crate::protocol::params::Resume;
+use crate::protocol::ticket::{Claims, TicketError};
 use crate::state::{Control, Start, SubscribeError, Subscriber};
 
 /// Where a client should be.
@@ -69,6 +71,36 @@ impl Subscription {
     }
 }
 
+/// With authentication on, the claims of the client's `ticket` for `key` (presence only
+/// if it asks for presence and the ticket allows it); `None` with it off. Refusals are
+/// counted by reason.
+pub fn authorize(
+    node: &Node,
+    key: &Key,
+    ticket: Option<&str>,
+    wants_presence: bool,
+) -> Result<Option<Claims>, TicketError> {
+    let Some(auth) = &node.auth else {
+        return Ok(None);
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let checked = auth
+        .signer
+        .verify(ticket, key.as_str(), now)
+        .and_then(|claims| {
+            if wants_presence && !claims.presence {
+                Err(TicketError::NoPresence)
+            } else {
+                Ok(claims)
+            }
+        });
+    checked
+        .map(Some)
+        .inspect_err(|e| node.counters.tickets_refused.count(*e))
+}
+
 /// Subscribes a client of `key` on this node.
 pub fn subscribe(
     node: &Arc<Node>,
@@ -76,13 +108,19 @@ pub fn subscribe(
     query: Arc<str>,
     resume: Option<&Resume>,
     wants_presence: bool,
+    claims: Option<&Claims>,
 ) -> Result<Subscription, SubscribeError> {
     crate::cluster::follower::promote_if_due(node, key.as_str(), &node.membership.view());
     let id = node.keys.next_subscriber_id();
     let control = Control::new(key.as_str(), node.config.subscriber_queue);
+    control.set_may_publish(claims.is_none_or(|c| c.publish));
     let subscriber = Subscriber {
         id,
-        presence_id: Arc::from(format!("c{id}")),
+        // The ticket's subject, or a connection id without authentication.
+        presence_id: claims.map_or_else(
+            || Arc::from(format!("c{id}")),
+            |c| Arc::from(c.sub.as_str()),
+        ),
         wants_presence,
         query: Subscriber::kept_query(&query),
         control: control.clone(),

@@ -9,7 +9,9 @@ use tonic::Code;
 
 use crate::cluster::replication::PublishError;
 use crate::node::AdmitError;
+use crate::protocol::api_token::TokenError;
 use crate::protocol::close::CloseCode;
+use crate::protocol::ticket::TicketError;
 use crate::state::{ApplyError, SubscribeError};
 
 /// A refusal on each transport.
@@ -68,6 +70,26 @@ const MOVING: Wire = wire(
     "retry",
     Code::Unavailable,
 );
+
+/// No valid ticket, or no valid API token: 401 / 4401 / `UNAUTHENTICATED`.
+const UNAUTHORIZED: Wire = wire(
+    StatusCode::UNAUTHORIZED,
+    CloseCode::Unauthorized,
+    "unauthorized",
+    Code::Unauthenticated,
+);
+
+impl ToWire for TicketError {
+    fn wire(&self) -> Wire {
+        UNAUTHORIZED
+    }
+}
+
+impl ToWire for TokenError {
+    fn wire(&self) -> Wire {
+        UNAUTHORIZED
+    }
+}
 
 impl ToWire for AdmitError {
     fn wire(&self) -> Wire {

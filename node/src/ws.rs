@@ -240,7 +240,7 @@ impl Live {
                         return Some(Box::pin(session.violated(violation)));
                     }
                 }
-                Some(Box::pin(session.client_message(self.control.key(), msg)))
+                Some(Box::pin(session.client_message(&self.control, msg)))
             }
         }
     }
@@ -329,6 +329,16 @@ impl Session {
             Box::pin(self.close(CloseCode::Unavailable, "node draining")).await;
             return None;
         }
+        // The owner checks the ticket, before the key's state is touched.
+        let claims =
+            match session::authorize(&self.node, &key, query.ticket.as_deref(), query.presence) {
+                Ok(claims) => claims,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ticket refused");
+                    Box::pin(self.close(e.wire().close, &e.close_reason())).await;
+                    return None;
+                }
+            };
         let resume = query.resume();
         let sub = match session::subscribe(
             &self.node,
@@ -336,6 +346,7 @@ impl Session {
             query.raw.clone(),
             resume.as_ref(),
             query.presence,
+            claims.as_ref(),
         ) {
             Ok(sub) => sub,
             Err(e) => {
@@ -441,12 +452,12 @@ impl Session {
     /// Handles what the client sent; `Break` once the session has ended.
     async fn client_message(
         &mut self,
-        key: &str,
+        control: &Control,
         msg: Option<Result<Message, WsError>>,
     ) -> ControlFlow<()> {
         match msg {
             Some(Ok(Message::Text(text))) => {
-                if let Err((code, message)) = self.client_frame(key, &text).await {
+                if let Err((code, message)) = self.client_frame(control, &text).await {
                     self.error(code, &message).await;
                     return ControlFlow::Break(());
                 }
@@ -499,10 +510,21 @@ impl Session {
     }
 
     /// Handles one text frame from the client; an `Err` ends the session.
-    async fn client_frame(&mut self, key: &str, text: &str) -> Result<(), (&'static str, String)> {
+    async fn client_frame(
+        &mut self,
+        control: &Control,
+        text: &str,
+    ) -> Result<(), (&'static str, String)> {
+        let key = control.key();
         let frame = frames::parse_client(text).map_err(|e| (e.code, e.message))?;
         let reply = match frame {
             ClientFrame::Ping => ServerFrame::Pong.encode(),
+            ClientFrame::Publish { id, .. } if !control.may_publish() => ServerFrame::Nack {
+                id: &id,
+                code: "forbidden",
+                message: "this connection's ticket does not allow publishing",
+            }
+            .encode(),
             ClientFrame::Publish { data, id } => {
                 let idempotency_key = match &id {
                     serde_json::Value::Null => String::new(),

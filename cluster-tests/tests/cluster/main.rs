@@ -2,6 +2,7 @@
 //! real sockets. One test binary; `.config/nextest.toml` runs the tests one at a time.
 
 mod adversarial;
+mod auth;
 mod chaos;
 mod delivery;
 mod routing;

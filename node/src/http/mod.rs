@@ -16,6 +16,7 @@ use ops::{metrics, readyz, ring, route};
 pub mod poll;
 mod reply;
 pub mod sse;
+mod tickets;
 
 pub use reply::{client_request, elsewhere, redirect_307, refused, unavailable, ApiError};
 
@@ -62,6 +63,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .route("/v1/poll", get(poll::poll))
         .route("/v1/route", get(route))
         .route("/v1/ring", get(ring))
+        .route("/v1/tickets", axum::routing::post(tickets::issue))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -232,6 +232,21 @@ fn counted(node: &Node) -> [Metric; 6] {
 fn labelled_and_histograms(node: &Node, body: &mut String) {
     let counters = &node.counters;
     body.push_str(
+        "# HELP ringfeed_tickets_refused_total client tickets refused (401 / close 4401), by reason\n\
+         # TYPE ringfeed_tickets_refused_total counter\n",
+    );
+    for (reason, count) in counters.tickets_refused.read() {
+        body.push_str(&format!(
+            "ringfeed_tickets_refused_total{{reason=\"{reason}\"}} {count}\n"
+        ));
+    }
+    body.push_str(&format!(
+        "# HELP ringfeed_api_tokens_refused_total requests refused for a missing or wrong API token\n\
+         # TYPE ringfeed_api_tokens_refused_total counter\n\
+         ringfeed_api_tokens_refused_total {}\n",
+        counters.tokens_refused.load(Ordering::Relaxed)
+    ));
+    body.push_str(
         "# HELP ringfeed_client_violations_total WebSocket clients closed (1008) for breaking a per-connection bound\n\
          # TYPE ringfeed_client_violations_total counter\n",
     );

@@ -36,6 +36,10 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
     if let Some(answer) = elsewhere(&node, &key, &query, "/v1/poll").await {
         return Ok(answer);
     }
+    // The owner checks the ticket, before the key's state is touched.
+    if let Err(e) = crate::session::authorize(&node, &key, query.ticket.as_deref(), false) {
+        return Ok(refused(&e));
+    }
     crate::cluster::follower::promote_if_due(&node, key.as_str(), &node.membership.view());
     let resume = Resume {
         since,

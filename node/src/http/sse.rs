@@ -56,11 +56,24 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
     if node.shutdown.is_cancelled() || node.is_draining() {
         return Ok(unavailable("node is draining", 1));
     }
+    // The owner checks the ticket, before the key's state is touched.
+    let claims = match session::authorize(&node, &key, query.ticket.as_deref(), false) {
+        Ok(claims) => claims,
+        Err(e) => return Ok(refused(&e)),
+    };
     let permit = match node.admit() {
         Ok(permit) => permit,
         Err(e) => return Ok(refused(&e)),
     };
-    let sub = match session::subscribe(&node, &key, query.raw.clone(), resume.as_ref(), false) {
+    let subscribed = session::subscribe(
+        &node,
+        &key,
+        query.raw.clone(),
+        resume.as_ref(),
+        false,
+        claims.as_ref(),
+    );
+    let sub = match subscribed {
         Ok(sub) => sub,
         Err(e) => return Ok(refused(&e)),
     };

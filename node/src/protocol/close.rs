@@ -13,6 +13,8 @@ pub enum CloseCode {
     Moved = 4300,
     /// A bad request or protocol error (4400): do not retry the same request.
     BadRequest = 4400,
+    /// No valid ticket for the key (4401): get a new ticket and reconnect.
+    Unauthorized = 4401,
     /// The client fell behind its queue (4408): resume with `since` after a pause.
     SlowConsumer = 4408,
     /// A frame over `--max-frame` (4413): do not retry the same frame.

@@ -21,6 +21,8 @@ pub struct Resume {
 /// What a client asked for.
 #[derive(Debug, Clone, Default)]
 pub struct ClientQuery {
+    /// `ticket`: what the client presents for the key when authentication is on.
+    pub ticket: Option<String>,
     /// Not validated yet: transports answer a bad key in their own way.
     pub key: Option<String>,
     pub since: Option<u64>,
@@ -61,6 +63,7 @@ impl ClientQuery {
                     }
                     q.epoch = Some(v.into_owned());
                 }
+                "ticket" => q.ticket = Some(v.into_owned()),
                 "presence" => {
                     q.presence = match &*v {
                         "1" | "true" => true,

@@ -72,16 +72,19 @@ pub enum TicketError {
     Expired,
     #[error("the ticket is for another key")]
     OtherKey,
+    #[error("the ticket does not allow presence")]
+    NoPresence,
 }
 
 impl TicketError {
     /// Every refusal, for metrics that list each reason.
-    pub const ALL: [TicketError; 5] = [
+    pub const ALL: [TicketError; 6] = [
         TicketError::Missing,
         TicketError::Malformed,
         TicketError::Forged,
         TicketError::Expired,
         TicketError::OtherKey,
+        TicketError::NoPresence,
     ];
 
     /// Its `reason` label in `/metrics`.
@@ -92,6 +95,7 @@ impl TicketError {
             TicketError::Forged => "forged",
             TicketError::Expired => "expired",
             TicketError::OtherKey => "other_key",
+            TicketError::NoPresence => "no_presence",
         }
     }
 }
@@ -309,7 +313,14 @@ mod tests {
         let reasons: Vec<&str> = TicketError::ALL.iter().map(|e| e.reason()).collect();
         assert_eq!(
             reasons,
-            ["missing", "malformed", "forged", "expired", "other_key"]
+            [
+                "missing",
+                "malformed",
+                "forged",
+                "expired",
+                "other_key",
+                "no_presence"
+            ]
         );
     }
 }

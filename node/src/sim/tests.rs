@@ -229,7 +229,7 @@ async fn a_refused_subscription_is_counted_whatever_the_transport() {
     let node = cluster.node("n1");
     node.keys.set_full(true);
     let key = ringfeed_router::key::Key::parse("user:1").expect("a key");
-    let refused = crate::session::subscribe(node, &key, Arc::from("key=user:1"), None, false);
+    let refused = crate::session::subscribe(node, &key, Arc::from("key=user:1"), None, false, None);
     assert!(matches!(
         refused,
         Err(crate::state::SubscribeError::MemoryBudget)

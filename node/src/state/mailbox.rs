@@ -61,6 +61,9 @@ pub(super) struct Outbox {
     pub(super) capacity: u32,
     /// The key let go of the subscriber: nothing more will come.
     pub(super) closed: bool,
+    /// Whether the client may publish (its ticket says so, or authentication is off);
+    /// in the padding beside `closed`.
+    pub(super) may_publish: bool,
 }
 
 impl Outbox {
@@ -107,6 +110,7 @@ impl Control {
                 kick: None,
                 capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
                 closed: false,
+                may_publish: true,
             }),
             ready: AtomicWaker::new(),
             from_client: AtomicU64::new(0),
@@ -133,6 +137,22 @@ impl Control {
     }
 
     /// The key subscribed to.
+    /// Whether the client may publish from its connection.
+    pub fn may_publish(&self) -> bool {
+        self.outbox
+            .lock()
+            .expect("outbox lock poisoned")
+            .may_publish
+    }
+
+    /// Sets whether the client may publish (what its ticket allows).
+    pub fn set_may_publish(&self, may: bool) {
+        self.outbox
+            .lock()
+            .expect("outbox lock poisoned")
+            .may_publish = may;
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }

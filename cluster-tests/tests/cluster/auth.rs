@@ -1,0 +1,234 @@
+//! Authentication on (`--auth`): every client transport needs a ticket for its key,
+//! `POST /v1/tickets` needs an API token, and each refusal is counted by reason.
+
+use anyhow::{anyhow, ensure, Context, Result};
+use ringfeed_client::{ClientError, Event, Frame, Subscription};
+use ringfeed_cluster_tests::{bin_dir, http_get, http_request, Cluster};
+
+use ringfeed_node::protocol::ticket::{Claims, Kind, Signer};
+
+use super::{bounded, owner_of, FRAME_TIMEOUT};
+
+const SECRET: &str = "a-ticket-secret-of-at-least-32-bytes-for-tests";
+const OTHER_CLUSTERS_SECRET: &str = "another-clusters-secret-of-at-least-32-bytes";
+const TOKEN: &str = "an-api-token-for-tests";
+
+/// A POST with a body: status and body.
+async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("not http: {url}"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .ok_or_else(|| anyhow!("no path: {url}"))?;
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let mut request = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(FRAME_TIMEOUT, stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no head: {text}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status: {head}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// A ticket from `base`'s `POST /v1/tickets`.
+async fn ticket(base: &str, key: &str, rights: &str) -> Result<String> {
+    let body = format!(r#"{{"sub":"alice","key":"{key}","ttl_s":60{rights}}}"#);
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, answer) = post(
+        &format!("{base}/v1/tickets"),
+        &[("authorization", &bearer)],
+        &body,
+    )
+    .await?;
+    ensure!(status == 200, "ticket: {status} {answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer)?;
+    Ok(answer["ticket"].as_str().context("a ticket")?.to_owned())
+}
+
+/// Connecting to `url` is refused with close 4401.
+async fn refused_4401(url: &str, what: &str) -> Result<()> {
+    match Subscription::connect(url).await {
+        Err(ClientError::Closed { code: 4401, .. }) => Ok(()),
+        Err(e) => Err(anyhow!("{what}: expected close 4401, got {e}")),
+        Ok(_) => Err(anyhow!("{what}: expected close 4401, got a welcome")),
+    }
+}
+
+#[tokio::test]
+async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
+    bounded(async {
+        let dir = tempfile::tempdir()?;
+        let secrets = dir.path().join("secrets");
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&secrets, format!("{SECRET}\n"))?;
+        std::fs::write(&tokens, format!("{TOKEN}\nan-older-token-still-accepted\n"))?;
+        let (secrets, tokens) = (secrets.display().to_string(), tokens.display().to_string());
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .node_args(&[
+                "--auth",
+                "--ticket-secrets-file",
+                &secrets,
+                "--api-tokens-file",
+                &tokens,
+            ])
+            .start()
+            .await?;
+        cluster.converged().await;
+        let key = "user:42";
+        let owner = owner_of(&cluster, key).await?;
+        let base = cluster.node(&owner).http.clone();
+
+        // API tokens: missing, wrong, and each accepted one.
+        let body = format!(r#"{{"sub":"alice","key":"{key}","ttl_s":60}}"#);
+        let tickets = format!("{base}/v1/tickets");
+        ensure!(post(&tickets, &[], &body).await?.0 == 401, "no token");
+        let wrong = [("authorization", "Bearer not-a-token")];
+        ensure!(post(&tickets, &wrong, &body).await?.0 == 401, "wrong token");
+        let older = [("authorization", "Bearer an-older-token-still-accepted")];
+        ensure!(
+            post(&tickets, &older, &body).await?.0 == 200,
+            "the older token"
+        );
+        let too_long = format!(r#"{{"sub":"alice","key":"{key}","ttl_s":999999}}"#);
+        let bearer = format!("Bearer {TOKEN}");
+        let ok = [("authorization", bearer.as_str())];
+        ensure!(
+            post(&tickets, &ok, &too_long).await?.0 == 400,
+            "ttl past the maximum"
+        );
+
+        let subscribe_only = ticket(&base, key, "").await?;
+        let with_presence = ticket(&base, key, r#","presence":true,"publish":true"#).await?;
+        let other_key = ticket(&base, "user:43", "").await?;
+        let mut forged = subscribe_only.clone().into_bytes();
+        let middle = forged.len() / 2;
+        forged[middle] = if forged[middle] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged)?;
+
+        // WebSocket: every bad ticket is close 4401.
+        let connect = |ticket: &str, extra: &str| {
+            format!(
+                "{}&ticket={ticket}{extra}",
+                cluster.node(&owner).connect_url(key)
+            )
+        };
+        let bare = cluster.node(&owner).connect_url(key);
+        refused_4401(&bare, "no ticket").await?;
+        refused_4401(&connect(&forged, ""), "a forged ticket").await?;
+        refused_4401(&connect(&other_key, ""), "another key's ticket").await?;
+        refused_4401(
+            &connect(&subscribe_only, "&presence=1"),
+            "presence without the right",
+        )
+        .await?;
+        // A ticket signed with another cluster's secret, and one of ours that expired.
+        let claims = |exp: u64| Claims {
+            sub: "mallory".into(),
+            key: key.into(),
+            exp,
+            publish: true,
+            presence: true,
+            kind: Kind::Ticket,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let foreign = Signer::new(&[OTHER_CLUSTERS_SECRET])?.sign(&claims(now + 60));
+        let expired = Signer::new(&[SECRET])?.sign(&claims(now - 1));
+        refused_4401(&connect(&expired, ""), "an expired ticket").await?;
+        refused_4401(&connect(&foreign, ""), "another cluster's ticket").await?;
+
+        // A good ticket subscribes; its subject is the presence id; without the
+        // publish right a client publish is refused.
+        let mut sub = Subscription::connect(&connect(&subscribe_only, "")).await?;
+        sub.publish(&serde_json::json!({"x": 1}), "p1").await?;
+        match sub.next_within(FRAME_TIMEOUT).await? {
+            Event::Frame(Frame::Nack { code, .. }) => ensure!(code == "forbidden", "nack {code}"),
+            other => return Err(anyhow!("expected a nack, got {other:?}")),
+        }
+        let mut present = Subscription::connect(&connect(&with_presence, "&presence=1")).await?;
+        present.publish(&serde_json::json!({"x": 2}), "p2").await?;
+        let mut acked = false;
+        for _ in 0..4 {
+            match present.next_within(FRAME_TIMEOUT).await? {
+                Event::Frame(Frame::Ack { .. }) => {
+                    acked = true;
+                    break;
+                }
+                Event::Frame(Frame::Presence { .. }) | Event::Frame(Frame::Update { .. }) => {}
+                other => return Err(anyhow!("expected an ack, got {other:?}")),
+            }
+        }
+        ensure!(acked, "a publish with the right was not acknowledged");
+
+        // SSE and long polling: 401 without a valid ticket, served with one.
+        let sse = format!("{base}/v1/sse?key={key}");
+        ensure!(http_get(&sse).await?.0 == 401, "SSE without a ticket");
+        ensure!(
+            http_get(&format!("{sse}&ticket={forged}")).await?.0 == 401,
+            "SSE forged"
+        );
+        let poll = format!("{base}/v1/poll?key={key}&since=0&wait=0");
+        ensure!(http_get(&poll).await?.0 == 401, "poll without a ticket");
+        let (status, body) = http_get(&format!("{poll}&ticket={subscribe_only}")).await?;
+        ensure!(status == 200, "poll with a ticket: {status} {body}");
+        let (status, _) = http_request(&format!("{poll}&ticket={other_key}"), &[]).await?;
+        ensure!(status == 401, "poll with another key's ticket");
+
+        // Each refusal is counted by reason.
+        let (_, metrics) = http_get(&format!("{base}/metrics")).await?;
+        for reason in ["missing", "forged", "expired", "other_key", "no_presence"] {
+            let line = format!("ringfeed_tickets_refused_total{{reason=\"{reason}\"}} ");
+            let count: u64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            ensure!(count > 0, "no refusal counted for {reason}");
+        }
+        ensure!(
+            !metrics.contains("ringfeed_api_tokens_refused_total 0"),
+            "API token refusals not counted"
+        );
+
+        // Authentication on without its secrets is a configuration error, never an
+        // open node.
+        let status = std::process::Command::new(bin_dir().join("ringfeed-node"))
+            .args(["--id", "x", "--auth", "--api-tokens-file", &tokens])
+            .status()?;
+        ensure!(
+            status.code() == Some(64),
+            "--auth without secrets exited with {status}"
+        );
+        let weak = dir.path().join("weak");
+        std::fs::write(&weak, "short\n")?;
+        let status = std::process::Command::new(bin_dir().join("ringfeed-node"))
+            .args(["--id", "x", "--auth", "--api-tokens-file", &tokens])
+            .args(["--ticket-secrets-file", &weak.display().to_string()])
+            .status()?;
+        ensure!(
+            status.code() == Some(64),
+            "a weak secret exited with {status}"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,103 @@
+//! API tokens: what services and operators present (`authorization: Bearer <token>`)
+//! to ask for tickets and to act on a node. Several are accepted at once so they can be
+//! rotated; each is compared in constant time.
+
+use sha2::{Digest, Sha256};
+
+/// Why a request's API token was refused: 401 / `UNAUTHENTICATED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("an API token is required (authorization: Bearer <token>)")]
+    Missing,
+    #[error("the API token is not accepted")]
+    Wrong,
+}
+
+/// The accepted API tokens, kept as SHA-256 digests: the tokens themselves are not
+/// held, and digests of equal length compare in constant time whatever the input.
+pub struct ApiTokens {
+    digests: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ApiTokens {
+    /// Never the tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiTokens({} tokens)", self.digests.len())
+    }
+}
+
+impl ApiTokens {
+    /// The tokens accepted; empty ones are skipped.
+    pub fn new<S: AsRef<str>>(tokens: &[S]) -> ApiTokens {
+        ApiTokens {
+            digests: tokens
+                .iter()
+                .map(|t| t.as_ref().trim())
+                .filter(|t| !t.is_empty())
+                .map(digest)
+                .collect(),
+        }
+    }
+
+    /// How many tokens are accepted.
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// Checks an `authorization` header's value.
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), TokenError> {
+        let token = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(TokenError::Missing)?;
+        let presented = digest(token);
+        // Every accepted token is compared, and each comparison looks at every byte.
+        let matched = self.digests.iter().fold(false, |found, accepted| {
+            let differ = accepted
+                .iter()
+                .zip(&presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            found | (differ == 0)
+        });
+        if matched {
+            Ok(())
+        } else {
+            Err(TokenError::Wrong)
+        }
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_accepted_tokens_pass_and_rotation_keeps_both() {
+        let tokens = ApiTokens::new(&["old-token", "new-token", ""]);
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens.check(Some("Bearer old-token")), Ok(()));
+        assert_eq!(tokens.check(Some("Bearer new-token")), Ok(()));
+        assert_eq!(
+            tokens.check(Some("Bearer new-tokeN")),
+            Err(TokenError::Wrong)
+        );
+        assert_eq!(tokens.check(Some("new-token")), Err(TokenError::Missing));
+        assert_eq!(tokens.check(Some("Bearer ")), Err(TokenError::Missing));
+        assert_eq!(tokens.check(None), Err(TokenError::Missing));
+        let rotated = ApiTokens::new(&["new-token"]);
+        assert_eq!(
+            rotated.check(Some("Bearer old-token")),
+            Err(TokenError::Wrong)
+        );
+        assert_eq!(format!("{rotated:?}"), "ApiTokens(1 tokens)");
+    }
+}
