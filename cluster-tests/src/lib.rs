@@ -287,6 +287,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     lease_ttl: u64,
     node_args: Vec<String>,
+    router_args: Vec<String>,
     args_for: HashMap<String, Vec<String>>,
     etcd_proxied: Vec<String>,
 }
@@ -306,6 +307,12 @@ impl ClusterBuilder {
 
     pub fn lease_ttl(mut self, seconds: u64) -> Self {
         self.lease_ttl = seconds;
+        self
+    }
+
+    /// Extra flags for the router.
+    pub fn router_args(mut self, args: &[&str]) -> Self {
+        self.router_args.extend(args.iter().map(|s| s.to_string()));
         self
     }
 
@@ -339,6 +346,7 @@ impl ClusterBuilder {
             name: "test".into(),
             lease_ttl: self.lease_ttl,
             node_args: self.node_args,
+            router_args: self.router_args,
             args_for: self.args_for,
             proxies,
             nodes: Vec::new(),
@@ -375,6 +383,7 @@ pub struct Cluster {
     pub name: String,
     pub lease_ttl: u64,
     node_args: Vec<String>,
+    router_args: Vec<String>,
     args_for: HashMap<String, Vec<String>>,
     proxies: HashMap<String, TcpProxy>,
     pub nodes: Vec<NodeProc>,
@@ -390,6 +399,7 @@ impl Cluster {
             nodes: 3,
             lease_ttl: 2,
             node_args: Vec::new(),
+            router_args: Vec::new(),
             args_for: HashMap::new(),
             etcd_proxied: Vec::new(),
         }
@@ -536,6 +546,7 @@ impl Cluster {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(&self.router_args)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)

@@ -9,7 +9,7 @@ use ringfeed_router::config::ClusterArgs;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
-use crate::protocol::api_token::ApiTokens;
+use ringfeed_router::api_token::ApiTokens;
 use crate::protocol::frames;
 use crate::protocol::ticket::Signer;
 

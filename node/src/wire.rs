@@ -9,7 +9,7 @@ use tonic::Code;
 
 use crate::cluster::replication::PublishError;
 use crate::node::AdmitError;
-use crate::protocol::api_token::TokenError;
+use ringfeed_router::api_token::TokenError;
 use crate::protocol::close::CloseCode;
 use crate::protocol::ticket::TicketError;
 use crate::state::{ApplyError, SubscribeError};

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::api_token::ApiTokens;
 use crate::membership::MembershipConfig;
 
 /// Where the cluster's records live: the flags every ringfeed binary shares.
@@ -68,6 +69,10 @@ pub struct Config {
     /// Most items in one PublishBatch.
     #[arg(long, env = "RINGFEED_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
+    /// A file of the API tokens accepted, one a line: with it, every call to the
+    /// Router service needs `authorization: Bearer <token>` (else UNAUTHENTICATED).
+    #[arg(long, env = "RINGFEED_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<std::path::PathBuf>,
     /// Runtime worker threads (0: one per core). A router sharing a box's cores with
     /// nodes wants its share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
@@ -80,6 +85,22 @@ impl Config {
     /// framing. A larger one is refused (`OUT_OF_RANGE`) before it is read.
     pub fn max_grpc_message(&self) -> usize {
         crate::key::max_batch_message(self.max_batch, self.max_payload)
+    }
+
+    /// The API tokens callers must present, if `--api-tokens-file` is set. The error
+    /// names the setting and never shows a token.
+    pub fn load_api_tokens(&self) -> Result<Option<ApiTokens>, String> {
+        let Some(path) = &self.api_tokens_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--api-tokens-file {}: {e}", path.display()))?;
+        let tokens: Vec<&str> = text.lines().collect();
+        let tokens = ApiTokens::new(&tokens);
+        if tokens.is_empty() {
+            return Err(format!("--api-tokens-file {}: no token in it", path.display()));
+        }
+        Ok(Some(tokens))
     }
 
     /// Checks the settings together; the error names the flag.

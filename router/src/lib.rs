@@ -5,6 +5,7 @@
 //! * [`membership`] — the view of the ring (from etcd, or fixed in tests), and a node's
 //!   registration under a lease.
 //! * [`backoff`] — jittered exponential back-off.
+//! * [`api_token`] — the API tokens services and operators present.
 //! * [`forward`] — pooled channels to nodes; per-owner batching; NOT_OWNER catch-up and
 //!   jittered retries until the caller's deadline.
 //! * [`service`] — the public `ringfeed.v1.Router` gRPC service.
@@ -13,6 +14,7 @@
 //! Nodes use this crate as a library for the ring and membership; the
 //! `ringfeed-router` binary (`src/main.rs`) wires it into a stateless router.
 
+pub mod api_token;
 pub mod backoff;
 pub mod config;
 pub mod forward;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use ringfeed_proto::v1::router_server::RouterServer;
+use ringfeed_router::api_token::ApiTokens;
 use ringfeed_router::config::Config;
+use tonic::service::interceptor::InterceptedService;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
 use ringfeed_router::membership::Membership;
 use ringfeed_router::service::RouterService;
@@ -20,6 +22,13 @@ fn main() -> ExitCode {
         eprintln!("ringfeed-router: bad configuration: {e}");
         return ExitCode::from(64);
     }
+    let tokens = match config.load_api_tokens() {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            eprintln!("ringfeed-router: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let runtime = match ringfeed_router::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -27,7 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, tokens)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed-router: {e:#}");
@@ -36,7 +45,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, tokens: Option<ApiTokens>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let membership = Membership::start(
@@ -64,6 +73,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .build_v1()?;
     let router = RouterServer::new(RouterService::new(forwarder))
         .max_decoding_message_size(config.max_grpc_message());
+    // With API tokens, every call presents one; a missing or wrong one is
+    // UNAUTHENTICATED before the request is read.
+    let tokens = tokens.map(Arc::new);
+    let router = InterceptedService::new(router, move |request: tonic::Request<()>| {
+        if let Some(tokens) = &tokens {
+            let authorization = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            tokens
+                .check(authorization)
+                .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+        }
+        Ok(request)
+    });
 
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     println!("ringfeed-router ready grpc={addr}");

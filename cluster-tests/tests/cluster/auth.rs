@@ -6,6 +6,7 @@ use ringfeed_client::{ClientError, Event, Frame, Subscription};
 use ringfeed_cluster_tests::{bin_dir, http_get, http_request, Cluster};
 
 use ringfeed_node::protocol::ticket::{Claims, Kind, Signer};
+use ringfeed_proto::v1::PublishRequest;
 
 use super::{bounded, owner_of, FRAME_TIMEOUT};
 
@@ -209,6 +210,9 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
             "API token refusals not counted"
         );
 
+        // The router takes a publish only with an API token.
+        router_needs_a_token(&cluster, key).await?;
+
         // Authentication on without its secrets is a configuration error, never an
         // open node.
         let status = std::process::Command::new(bin_dir().join("ringfeed-node"))
@@ -231,4 +235,31 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
         Ok(())
     })
     .await
+}
+
+/// A publish through the router: UNAUTHENTICATED without an API token or with a wrong
+/// one, delivered with an accepted one.
+async fn router_needs_a_token(cluster: &Cluster, key: &str) -> Result<()> {
+    let publish = |token: Option<&str>| {
+        let mut request = tonic::Request::new(PublishRequest {
+            key: key.into(),
+            data: br#"{"via":"router"}"#.to_vec(),
+            ..Default::default()
+        });
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().expect("ascii");
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    };
+    let mut router = cluster.router().await?;
+    for (token, what) in [(None, "no token"), (Some("not-a-token"), "a wrong token")] {
+        match router.publish(publish(token)).await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {}
+            other => return Err(anyhow!("router with {what}: {other:?}")),
+        }
+    }
+    let reply = router.publish(publish(Some(TOKEN))).await?.into_inner();
+    ensure!(reply.seq > 0, "a publish with a token: {reply:?}");
+    Ok(())
 }

@@ -1,7 +1,6 @@
 //! What clients see, with no state behind it: the JSON frames, the query parameters
 //! of the client endpoints, and redirect URLs.
 
-pub mod api_token;
 pub mod close;
 pub mod epoch;
 pub mod frames;

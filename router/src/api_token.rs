@@ -1,5 +1,5 @@
 //! API tokens: what services and operators present (`authorization: Bearer <token>`)
-//! to ask for tickets and to act on a node. Several are accepted at once so they can be
+//! to publish through the router, to ask a node for tickets, and to act on a node. Several are accepted at once so they can be
 //! rotated; each is compared in constant time.
 
 use sha2::{Digest, Sha256};
