@@ -69,8 +69,9 @@ pub struct Config {
     /// Most items in one PublishBatch.
     #[arg(long, env = "RINGFEED_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
-    /// A file of the API tokens accepted, one a line: with it, every call to the
-    /// Router service needs `authorization: Bearer <token>` (else UNAUTHENTICATED).
+    /// A file of the API tokens accepted, one a line: with it, Publish, PublishBatch
+    /// and Presence need `authorization: Bearer <token>` (else UNAUTHENTICATED);
+    /// Lookup and GetRing stay open, as nodes' /v1/route and /v1/ring are.
     #[arg(long, env = "RINGFEED_API_TOKENS_FILE")]
     pub api_tokens_file: Option<std::path::PathBuf>,
     /// Runtime worker threads (0: one per core). A router sharing a box's cores with

@@ -8,7 +8,6 @@ use clap::Parser;
 use ringfeed_proto::v1::router_server::RouterServer;
 use ringfeed_router::api_token::ApiTokens;
 use ringfeed_router::config::Config;
-use tonic::service::interceptor::InterceptedService;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
 use ringfeed_router::membership::Membership;
 use ringfeed_router::service::RouterService;
@@ -71,23 +70,8 @@ async fn run(config: Config, tokens: Option<ApiTokens>) -> anyhow::Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ringfeed_proto::ROUTER_FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = RouterServer::new(RouterService::new(forwarder))
+    let router = RouterServer::new(RouterService::new(forwarder).with_tokens(tokens))
         .max_decoding_message_size(config.max_grpc_message());
-    // With API tokens, every call presents one; a missing or wrong one is
-    // UNAUTHENTICATED before the request is read.
-    let tokens = tokens.map(Arc::new);
-    let router = InterceptedService::new(router, move |request: tonic::Request<()>| {
-        if let Some(tokens) = &tokens {
-            let authorization = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            tokens
-                .check(authorization)
-                .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
-        }
-        Ok(request)
-    });
 
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     println!("ringfeed-router ready grpc={addr}");

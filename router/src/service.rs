@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use ringfeed_proto::v1::{self as pb, router_server::Router};
 use tonic::{Request, Response, Status};
 
+use crate::api_token::ApiTokens;
 use crate::forward::{parse_grpc_timeout, publish_result, Forwarder};
 use crate::key;
 use crate::ring::Member;
@@ -18,11 +19,38 @@ const MAX_DEADLINE: Duration = Duration::from_secs(60);
 /// Serves `Router` from a [`Forwarder`].
 pub struct RouterService {
     forwarder: Arc<Forwarder>,
+    /// With tokens, publishing and presence need one of them. Lookups and the ring
+    /// stay open: nodes serve the same at `/v1/route` and `/v1/ring`.
+    tokens: Option<ApiTokens>,
 }
 
 impl RouterService {
     pub fn new(forwarder: Arc<Forwarder>) -> RouterService {
-        RouterService { forwarder }
+        RouterService {
+            forwarder,
+            tokens: None,
+        }
+    }
+
+    /// The service, asking every publish and presence call for one of `tokens`.
+    pub fn with_tokens(mut self, tokens: Option<ApiTokens>) -> RouterService {
+        self.tokens = tokens;
+        self
+    }
+
+    /// UNAUTHENTICATED unless the call carries an accepted API token (or none is
+    /// configured).
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(());
+        };
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        tokens
+            .check(authorization)
+            .map_err(|e| Status::unauthenticated(e.to_string()))
     }
 
     /// The caller's deadline (`grpc-timeout`), or the configured default.
@@ -59,6 +87,7 @@ impl Router for RouterService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishReply>, Status> {
+        self.authenticate(&request)?;
         let deadline = self.deadline(&request);
         let item = request.into_inner();
         let result = self.forwarder.publish(vec![item], deadline).await.pop();
@@ -71,6 +100,7 @@ impl Router for RouterService {
         &self,
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchReply>, Status> {
+        self.authenticate(&request)?;
         let deadline = self.deadline(&request);
         let items = request.into_inner().items;
         let max = self.forwarder.config().max_batch;
@@ -121,6 +151,7 @@ impl Router for RouterService {
         &self,
         request: Request<pb::PresenceRequest>,
     ) -> Result<Response<pb::PresenceReply>, Status> {
+        self.authenticate(&request)?;
         let deadline = self.deadline(&request);
         let key = request.into_inner().key;
         self.forwarder
