@@ -9,9 +9,9 @@ use ringfeed_router::config::ClusterArgs;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
-use ringfeed_router::api_token::ApiTokens;
 use crate::protocol::frames;
 use crate::protocol::ticket::Signer;
+use ringfeed_router::api_token::ApiTokens;
 
 /// What authentication needs, loaded once at start ([`Config::load_auth`]).
 #[derive(Debug)]

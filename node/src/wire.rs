@@ -9,10 +9,10 @@ use tonic::Code;
 
 use crate::cluster::replication::PublishError;
 use crate::node::AdmitError;
-use ringfeed_router::api_token::TokenError;
 use crate::protocol::close::CloseCode;
 use crate::protocol::ticket::TicketError;
 use crate::state::{ApplyError, SubscribeError};
+use ringfeed_router::api_token::TokenError;
 
 /// A refusal on each transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -99,7 +99,10 @@ impl Config {
         let tokens: Vec<&str> = text.lines().collect();
         let tokens = ApiTokens::new(&tokens);
         if tokens.is_empty() {
-            return Err(format!("--api-tokens-file {}: no token in it", path.display()));
+            return Err(format!(
+                "--api-tokens-file {}: no token in it",
+                path.display()
+            ));
         }
         Ok(Some(tokens))
     }

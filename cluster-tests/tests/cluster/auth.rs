@@ -90,6 +90,7 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
                 "--api-tokens-file",
                 &tokens,
             ])
+            .router_args(&["--api-tokens-file", &tokens])
             .start()
             .await?;
         cluster.converged().await;
