@@ -45,6 +45,9 @@ pub struct Node {
     pub peers: Peers,
     /// Tickets and API tokens, when authentication is on.
     pub auth: Option<Auth>,
+    /// Held while the ring follower handles one ring and while replicas are promoted,
+    /// so the two never interleave (only synchronous work runs under it).
+    pub(crate) ring_step: std::sync::Mutex<()>,
     draining: AtomicBool,
     /// Resident memory against the budget; past it, no new keys or connections.
     pub budget: MemoryBudget,
@@ -195,6 +198,7 @@ impl Node {
             incarnation: OnceLock::new(),
             peers: Peers::Tcp,
             auth: None,
+            ring_step: std::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             fence_state: AtomicU8::new(0),
             clock_origin: tokio::time::Instant::now(),

@@ -55,11 +55,16 @@ async fn follow_ring_from(
         if view.ring.id() == previous.id() {
             continue;
         }
+        // One ring's step at a time, and never beside a promotion (see
+        // `promote_orphans`): a key is either promoted before this step takes what
+        // moved, or left as a replica this step offers to its new owner.
+        let step = node.ring_step.lock().expect("ring step lock poisoned");
         let before = std::mem::replace(&mut previous, view.ring.clone());
         node.handoffs.begin(&node.id, before, &view);
         // A node that is not on the ring yet (starting) or any more (leaving) keeps
         // its clients until its own lifecycle moves them.
         if !view.ring.is_active(&node.id) {
+            drop(step);
             continue;
         }
         // Keys this node gave up go whole to their new owners, then this node's
@@ -91,6 +96,7 @@ async fn follow_ring_from(
                 .replicate_to(&key, successor_of(&view, &key), view.version);
             replication::dispatch(&node, &key, to_replica);
         }
+        drop(step);
     }
 }
 
@@ -176,6 +182,10 @@ fn orphans_owned_elsewhere(node: &Node, view: &View) -> Vec<(String, KeySnapshot
 /// Promotes the replicas this node holds whose owner has left the ring and whose
 /// key it now owns (same epoch, same seq).
 fn promote_orphans(node: &Arc<Node>, view: &View) {
+    // Not beside a ring step: a newer ring seen meanwhile may have given the key to
+    // another node, and its step has offered the replica there instead.
+    let _step = node.ring_step.lock().expect("ring step lock poisoned");
+    let latest = node.membership.view();
     let mut promoted = 0usize;
     for (key, owner) in node.replicas.owners() {
         if !departed(view, owner.as_ref()) {
@@ -183,7 +193,8 @@ fn promote_orphans(node: &Arc<Node>, view: &View) {
         }
         // A key another live node owns now keeps its copy here: it may be the only
         // one left, and it stays until that owner's successor is sent the key whole.
-        let mine = view.ring.owner(&key).is_some_and(|o| o.id == node.id);
+        let mine = |v: &View| v.ring.owner(&key).is_some_and(|o| o.id == node.id);
+        let mine = mine(view) && mine(&latest);
         if mine && promote(node, &key, view) {
             promoted += 1;
         }
