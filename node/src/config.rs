@@ -11,7 +11,7 @@ use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
 use crate::protocol::frames;
 use crate::protocol::ticket::Signer;
-use ringfeed_router::api_token::ApiTokens;
+use ringfeed_router::api_token::{read_list, ApiTokens};
 
 /// What authentication needs, loaded once at start ([`Config::load_auth`]).
 #[derive(Debug)]
@@ -255,24 +255,12 @@ impl Config {
         if !self.auth {
             return Ok(None);
         }
-        let lines =
-            |flag: &str, path: &Option<std::path::PathBuf>| -> Result<Vec<String>, String> {
-                let path = path
-                    .as_ref()
-                    .ok_or_else(|| format!("--auth needs {flag}"))?;
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-                let lines: Vec<String> = text
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-                if lines.is_empty() {
-                    return Err(format!("{flag} {}: no entry in it", path.display()));
-                }
-                Ok(lines)
-            };
+        let lines = |flag: &str, path: &Option<std::path::PathBuf>| {
+            let path = path
+                .as_ref()
+                .ok_or_else(|| format!("--auth needs {flag}"))?;
+            read_list(flag, path)
+        };
         let secrets = lines("--ticket-secrets-file", &self.ticket_secrets_file)?;
         let signer = Signer::new(&secrets).map_err(|e| format!("--ticket-secrets-file: {e}"))?;
         let tokens = lines("--api-tokens-file", &self.api_tokens_file)?;

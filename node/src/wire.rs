@@ -21,8 +21,15 @@ pub struct Wire {
     pub close: CloseCode,
     pub nack: &'static str,
     pub grpc: Code,
+}
+
+impl Wire {
     /// Whether a client should try again later (503 and 4429 carry the delay).
-    pub retry_later: bool,
+    pub fn retry_later(&self) -> bool {
+        self.http == StatusCode::SERVICE_UNAVAILABLE
+            || self.close == CloseCode::TooMany
+            || self.grpc == Code::Unavailable
+    }
 }
 
 /// How an error is told to a client.
@@ -43,15 +50,11 @@ pub trait ToWire: std::fmt::Display {
 pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 const fn wire(http: StatusCode, close: CloseCode, nack: &'static str, grpc: Code) -> Wire {
-    let retry_later = matches!(http, StatusCode::SERVICE_UNAVAILABLE)
-        || matches!(close, CloseCode::TooMany)
-        || matches!(grpc, Code::Unavailable);
     Wire {
         http,
         close,
         nack,
         grpc,
-        retry_later,
     }
 }
 
@@ -281,7 +284,7 @@ mod tests {
             );
             // Whatever is refused for now says so, with a delay to wait.
             let later = http == S::SERVICE_UNAVAILABLE;
-            assert_eq!(w.retry_later, later, "{error}");
+            assert_eq!(w.retry_later(), later, "{error}");
         }
         assert_eq!(
             AdmitError::ConnectionLimit.close_reason(),

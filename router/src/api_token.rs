@@ -72,6 +72,24 @@ impl ApiTokens {
     }
 }
 
+/// The entries of a secrets or tokens file named by `flag`: one a line, trimmed, blank
+/// lines skipped; an unreadable file or one with no entry is an error naming the flag
+/// and the path, never an entry.
+pub fn read_list(flag: &str, path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let entries: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if entries.is_empty() {
+        return Err(format!("{flag} {}: no entry in it", path.display()));
+    }
+    Ok(entries)
+}
+
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }

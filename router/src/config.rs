@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::api_token::ApiTokens;
+use crate::api_token::{read_list, ApiTokens};
 use crate::membership::MembershipConfig;
 
 /// Where the cluster's records live: the flags every ringfeed binary shares.
@@ -94,17 +94,8 @@ impl Config {
         let Some(path) = &self.api_tokens_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--api-tokens-file {}: {e}", path.display()))?;
-        let tokens: Vec<&str> = text.lines().collect();
-        let tokens = ApiTokens::new(&tokens);
-        if tokens.is_empty() {
-            return Err(format!(
-                "--api-tokens-file {}: no token in it",
-                path.display()
-            ));
-        }
-        Ok(Some(tokens))
+        let tokens = read_list("--api-tokens-file", path)?;
+        Ok(Some(ApiTokens::new(&tokens)))
     }
 
     /// Checks the settings together; the error names the flag.

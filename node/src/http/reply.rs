@@ -43,7 +43,7 @@ pub fn unavailable(message: &str, retry_after_s: u32) -> Response {
 pub fn refused(error: &dyn ToWire) -> Response {
     let wire = error.wire();
     let mut response = ApiError(wire.http, error.to_string()).into_response();
-    if wire.retry_later {
+    if wire.retry_later() {
         response.headers_mut().insert(
             header::RETRY_AFTER,
             HeaderValue::from(RETRY_AFTER.as_secs().max(1)),

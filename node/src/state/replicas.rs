@@ -184,9 +184,10 @@ impl Replicas {
 
     /// The key and owner of every replica that has not changed for `age`.
     pub fn owners_unchanged_for(&self, age: Duration) -> Vec<(String, Option<MemberRef>)> {
+        let now = now_ms();
         let map = self.map.lock().expect("replicas lock poisoned");
         map.iter()
-            .filter(|(_, r)| age.is_zero() || self::age(now_ms(), r.touched) >= age)
+            .filter(|(_, r)| age.is_zero() || self::age(now, r.touched) >= age)
             .map(|(k, r)| (k.clone(), r.owner.clone()))
             .collect()
     }

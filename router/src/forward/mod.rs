@@ -122,7 +122,10 @@ impl Forwarder {
     /// Drops the channels and lanes of nodes no longer on `view`'s ring, once per
     /// ring version: a dropped lane's queue closes and its task ends.
     fn prune(&self, view: &View) {
-        if self.pruned_at.swap(view.version, Ordering::Relaxed) == view.version {
+        // Every call reads; only the first on a new version writes the shared word.
+        if self.pruned_at.load(Ordering::Relaxed) == view.version
+            || self.pruned_at.swap(view.version, Ordering::Relaxed) == view.version
+        {
             return;
         }
         let on_ring = |grpc: &String| view.ring.members().iter().any(|m| &m.grpc == grpc);
