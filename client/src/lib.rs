@@ -46,6 +46,10 @@ pub enum Frame {
         epoch: String,
         seq: u64,
         heartbeat_ms: u64,
+        /// With authentication on: what to reconnect and follow redirects with,
+        /// instead of the ticket.
+        #[serde(default)]
+        resume: Option<String>,
     },
     Update {
         key: String,

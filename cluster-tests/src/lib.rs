@@ -495,8 +495,18 @@ impl Cluster {
     /// Runs `ringfeed-node drain --id {id}` against this cluster's etcd, as an operator
     /// would; it returns once the node has exited (or gave up waiting).
     pub async fn drain_command(&self, id: &str) -> Result<std::process::Output> {
+        self.drain_command_with(id, &[]).await
+    }
+
+    /// [`Cluster::drain_command`] with more arguments (an API token file, say).
+    pub async fn drain_command_with(
+        &self,
+        id: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output> {
         let output = Command::new(binary("ringfeed-node"))
             .args(["drain", "--id", id, "--cluster", &self.name])
+            .args(args)
             .args(["--etcd", &self.etcd.endpoint, "--wait-secs", "30"])
             .kill_on_drop(true)
             .output()

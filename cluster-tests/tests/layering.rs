@@ -25,7 +25,7 @@ const NODE_LAYERS: &[&[&str]] = &[
 
 /// The router's layers, lowest first.
 const ROUTER_LAYERS: &[&[&str]] = &[
-    &["key", "ring", "backoff", "api_token"],
+    &["key", "ring", "backoff", "api_token", "throttle", "watch"],
     &["membership"],
     &["forward"],
     &["service", "config"],

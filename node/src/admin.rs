@@ -30,6 +30,10 @@ pub struct DrainArgs {
     /// Give up waiting for the node to exit after this many seconds (0: do not wait).
     #[arg(long, default_value_t = 120)]
     pub wait_secs: u64,
+    /// A file holding the API token to present (its first line), for a node with
+    /// authentication on.
+    #[arg(long, env = "RINGFEED_API_TOKEN_FILE")]
+    pub api_token_file: Option<std::path::PathBuf>,
 }
 
 /// Runs `ringfeed-node drain`.
@@ -47,10 +51,20 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach node {} at {grpc}", args.id))?;
     let mut client = NodeClient::new(channel);
+    let mut request = tonic::Request::new(pb::DrainRequest {
+        node: args.id.clone(),
+    });
+    if let Some(path) = &args.api_token_file {
+        let token = ringfeed_router::api_token::read_list("--api-token-file", path)
+            .map_err(|e| anyhow!(e))?
+            .swap_remove(0);
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow!("--api-token-file: the token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let reply = client
-        .drain(pb::DrainRequest {
-            node: args.id.clone(),
-        })
+        .drain(request)
         .await
         .map_err(|s| anyhow!("node {} refused the drain: {}", args.id, s.message()))?
         .into_inner();

@@ -9,19 +9,32 @@ use ringfeed_router::config::ClusterArgs;
 use ringfeed_router::key::MAX_IDEMPOTENCY_KEY;
 use ringfeed_router::ring::{DEFAULT_POINTS, MAX_POINTS};
 
+use std::sync::Arc;
+
 use crate::protocol::frames;
 use crate::protocol::ticket::Signer;
-use ringfeed_router::api_token::{read_list, ApiTokens};
+use ringfeed_router::api_token::{read_list, Gate};
+use ringfeed_router::config::{api_token_gate, FailureArgs};
+use ringfeed_router::throttle::Throttle;
+use ringfeed_router::watch::{watch, Watched};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// What authentication needs, loaded once at start ([`Config::load_auth`]).
-#[derive(Debug)]
+/// What authentication needs, loaded at start ([`Config::load_auth`]); the secrets and
+/// tokens are read again when their files change.
 pub struct Auth {
-    /// Signs and verifies tickets.
-    pub signer: Signer,
-    /// The API tokens that may ask for tickets.
-    pub api_tokens: ApiTokens,
+    /// Signs and verifies tickets and resume tokens.
+    pub signer: Arc<Watched<Signer>>,
+    /// The API tokens that may ask for tickets and act on the node.
+    pub api_tokens: Gate,
+    /// Failed authentications by source (tickets and API tokens alike).
+    pub throttle: Arc<Throttle>,
     /// The longest validity a ticket is issued with.
     pub max_ticket_ttl: Duration,
+    /// How long a `resume` token handed back in `welcome` stays valid.
+    pub resume_ttl: Duration,
+    /// Single-use tickets: the ones spent on this node, when tickets are single use.
+    pub spent: Option<crate::protocol::ticket::Spent>,
 }
 
 /// The most a node puts in one request to a peer (a replication batch, a hand-off
@@ -174,6 +187,16 @@ pub struct Config {
     /// The longest validity `POST /v1/tickets` grants, in seconds.
     #[arg(long, env = "RINGFEED_MAX_TICKET_TTL_S", default_value_t = 3600)]
     pub max_ticket_ttl_s: u64,
+    /// How long the `resume` token in `welcome` stays valid, in seconds: a client
+    /// reconnects and follows redirects with it instead of its ticket.
+    #[arg(long, env = "RINGFEED_RESUME_TTL_S", default_value_t = 86400)]
+    pub resume_ttl_s: u64,
+    /// Each ticket admits one connection: the owner that admits it records it until it
+    /// expires (a client reconnects with its `resume` token instead).
+    #[arg(long, env = "RINGFEED_SINGLE_USE_TICKETS")]
+    pub single_use_tickets: bool,
+    #[command(flatten)]
+    pub failures: FailureArgs,
     /// Runtime worker threads (0: one per core). Several nodes sharing a box's cores
     /// each want their share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
@@ -246,28 +269,59 @@ impl Config {
                 self.max_ticket_ttl_s
             ));
         }
+        self.failures.validate()?;
+        if self.resume_ttl_s == 0 || self.resume_ttl_s > 30 * 24 * 3600 {
+            return Err(format!(
+                "--resume-ttl-s {}: between 1 and 2592000 (30 days)",
+                self.resume_ttl_s
+            ));
+        }
         Ok(())
     }
 
-    /// Reads the secrets and tokens authentication needs: `None` with it off. The error
-    /// names the setting and never shows a secret.
-    pub fn load_auth(&self) -> Result<Option<Auth>, String> {
+    /// Reads the secrets and tokens authentication needs: `None` with it off. Each file
+    /// is read again when it changes (rotation without a restart), by a task on `tasks`
+    /// until `stop`. The error names the setting and never shows a secret.
+    pub fn load_auth(
+        &self,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Option<Auth>, String> {
         if !self.auth {
             return Ok(None);
         }
-        let lines = |flag: &str, path: &Option<std::path::PathBuf>| {
-            let path = path
-                .as_ref()
-                .ok_or_else(|| format!("--auth needs {flag}"))?;
-            read_list(flag, path)
+        let needed = |flag: &str, path: &Option<std::path::PathBuf>| {
+            path.clone().ok_or_else(|| format!("--auth needs {flag}"))
         };
-        let secrets = lines("--ticket-secrets-file", &self.ticket_secrets_file)?;
-        let signer = Signer::new(&secrets).map_err(|e| format!("--ticket-secrets-file: {e}"))?;
-        let tokens = lines("--api-tokens-file", &self.api_tokens_file)?;
+        let secrets = needed("--ticket-secrets-file", &self.ticket_secrets_file)?;
+        let file = secrets.clone();
+        let signer = watch(
+            "ticket secrets",
+            vec![secrets],
+            move || {
+                Signer::new(&read_list("--ticket-secrets-file", &file)?)
+                    .map_err(|e| format!("--ticket-secrets-file: {e}"))
+            },
+            tasks,
+            stop.clone(),
+        )?;
+        let throttle = self.failures.throttle();
+        let api_tokens = api_token_gate(
+            "--api-tokens-file",
+            &needed("--api-tokens-file", &self.api_tokens_file)?,
+            throttle.clone(),
+            tasks,
+            stop,
+        )?;
         Ok(Some(Auth {
             signer,
-            api_tokens: ApiTokens::new(&tokens),
+            api_tokens,
+            throttle,
             max_ticket_ttl: Duration::from_secs(self.max_ticket_ttl_s),
+            resume_ttl: Duration::from_secs(self.resume_ttl_s),
+            spent: self
+                .single_use_tickets
+                .then(crate::protocol::ticket::Spent::default),
         }))
     }
 

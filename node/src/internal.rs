@@ -16,6 +16,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::cluster::replication::{self, entry_from_pb, snapshot_from_pb, PublishError};
 use crate::node::{Decision, Node};
+use crate::protocol::peer;
 use crate::state::{Applied, MemberRef, Publish};
 use crate::wire::ToWire;
 
@@ -119,6 +120,15 @@ impl NodeService {
         }
     }
 
+    /// Notes state from peer `from` for `key` that failed its checks; it is not stored.
+    fn malformed(&self, from: &str, key: &str, error: &str) {
+        self.node
+            .counters
+            .peer_input_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(from, key, error, "refused malformed state from a peer");
+    }
+
     /// One `Replicate` request, from a unary call or a stream.
     async fn replicate_one(
         &self,
@@ -138,8 +148,14 @@ impl NodeService {
             .member(&ringfeed_router::ring::NodeId(from.clone()))
             .map(MemberRef::of);
         let mut refused = Vec::new();
+        let limits = self.node.keys.limits().payload();
         for snapshot in request.snapshots {
             if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
+                refused.push(snapshot.key);
+                continue;
+            }
+            if let Err(e) = peer::check_snapshot(&snapshot, limits) {
+                self.malformed(&from, &snapshot.key, &e);
                 refused.push(snapshot.key);
                 continue;
             }
@@ -150,6 +166,13 @@ impl NodeService {
         }
         for entry in request.entries {
             if key::validate(&entry.key).is_err() || !owns(&entry.key) {
+                if !refused.contains(&entry.key) {
+                    refused.push(entry.key);
+                }
+                continue;
+            }
+            if let Err(e) = peer::check_entry(&entry, limits) {
+                self.malformed(&from, &entry.key, &e);
                 if !refused.contains(&entry.key) {
                     refused.push(entry.key);
                 }
@@ -418,6 +441,23 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainReply>, Status> {
+        // An operator action: with authentication on, it needs an API token.
+        if let Some(auth) = &self.node.auth {
+            let authorization = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            if let Err(e) = auth
+                .api_tokens
+                .check(authorization, request.remote_addr().map(|a| a.ip()))
+            {
+                self.node
+                    .counters
+                    .tokens_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Status::new(e.wire().grpc, e.to_string()));
+            }
+        }
         let request = request.into_inner();
         if request.node != self.node.id.0 {
             return Err(Status::failed_precondition(format!(
@@ -443,7 +483,13 @@ impl node_server::Node for NodeService {
         let request = request.into_inner();
         let view = self.view(request.ring.as_ref()).await;
         let mut refused = Vec::new();
+        let limits = self.node.keys.limits().payload();
         for snapshot in request.snapshots {
+            if let Err(e) = peer::check_snapshot(&snapshot, limits) {
+                self.malformed(&request.from, &snapshot.key, &e);
+                refused.push(snapshot.key);
+                continue;
+            }
             let mine = view
                 .ring
                 .owner(&snapshot.key)

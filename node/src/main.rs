@@ -34,16 +34,19 @@ fn main() -> ExitCode {
         eprintln!("ringfeed-node: bad configuration: {e}");
         return ExitCode::from(64);
     }
-    // Authentication on needs its secrets: a node never starts open by mistake.
-    let auth = match config.load_auth() {
+    let Some(runtime) = runtime(config.worker_threads) else {
+        return ExitCode::FAILURE;
+    };
+    // Authentication on needs its secrets: a node never starts open by mistake. The
+    // tasks that read them again when they change live as long as the process.
+    let watchers = tokio_util::task::TaskTracker::new();
+    let loaded = runtime.block_on(async { config.load_auth(&watchers, CancellationToken::new()) });
+    let auth = match loaded {
         Ok(auth) => auth,
         Err(e) => {
             eprintln!("ringfeed-node: bad configuration: {e}");
             return ExitCode::from(64);
         }
-    };
-    let Some(runtime) = runtime(config.worker_threads) else {
-        return ExitCode::FAILURE;
     };
     match runtime.block_on(start(config, auth)) {
         Ok(()) => ExitCode::SUCCESS,

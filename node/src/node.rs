@@ -77,6 +77,11 @@ pub struct Counters {
     pub tickets_refused: TicketRefusals,
     /// Requests refused for a missing or wrong API token.
     pub tokens_refused: AtomicU64,
+    /// Authentications refused unread: their address was past its failures.
+    pub auth_throttled: AtomicU64,
+    /// Replicated or handed-off state refused for failing its checks
+    /// ([`crate::protocol::peer`]).
+    pub peer_input_refused: AtomicU64,
     /// A `Deliver` request (a router's batch for this owner), from its arrival to its
     /// answer or its time limit: the owner's share of a publish's latency, replication
     /// included.

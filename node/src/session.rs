@@ -2,6 +2,7 @@
 //! key, subscribe with a bounded queue (resuming from `since`), and keep the
 //! subscription removed from its key however the connection ends.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use ringfeed_router::ring::Member;
 
 use crate::node::{redirect_kick, Decision, Node};
 use crate::protocol::params::Resume;
-use crate::protocol::ticket::{Claims, TicketError};
+use crate::protocol::ticket::{Claims, Kind, SpendError, TicketError};
 use crate::state::{Control, Start, SubscribeError, Subscriber};
 
 /// Where a client should be.
@@ -54,6 +55,8 @@ pub struct Subscription {
     pub start: Start,
     /// The subscriber's id.
     pub id: u64,
+    /// With authentication on, the resume token its `welcome` carries.
+    pub resume: Option<Box<str>>,
     guard: SubscriptionGuard,
 }
 
@@ -71,34 +74,84 @@ impl Subscription {
     }
 }
 
-/// With authentication on, the claims of the client's `ticket` for `key` (presence only
-/// if it asks for presence and the ticket allows it); `None` with it off. Refusals are
-/// counted by reason.
+/// What an admitted client may do, and the token it reconnects with.
+pub struct Granted {
+    pub claims: Claims,
+    /// The `resume` token `welcome` hands back: the same rights, for longer.
+    pub resume: String,
+}
+
+/// Why a client was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// 401 / close 4401.
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    /// Its address is past its failed authentications: 429 / close 4429.
+    #[error("too many failed authentications from this address; retry in {retry_after_ms} ms")]
+    Throttled { retry_after_ms: u64 },
+    /// Too many single-use tickets are live to record another: retry later.
+    #[error("too many single-use tickets in use; retry later")]
+    Busy,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// With authentication on, what the client's `credential` (its resume token, else its
+/// ticket) lets it do on `key` (presence only if it asks for presence and the token
+/// allows it), and its resume token; `None` with authentication off. Only the owner
+/// calls this: a single-use ticket is spent here. A source past its failures is refused
+/// unread; refusals are counted by reason, and each counts against its `source`.
 pub fn authorize(
     node: &Node,
     key: &Key,
-    ticket: Option<&str>,
+    credential: Option<&str>,
     wants_presence: bool,
-) -> Result<Option<Claims>, TicketError> {
+    source: Option<IpAddr>,
+) -> Result<Option<Granted>, AuthError> {
     let Some(auth) = &node.auth else {
         return Ok(None);
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let checked = auth
-        .signer
-        .verify(ticket, key.as_str(), now)
-        .and_then(|claims| {
-            if wants_presence && !claims.presence {
-                Err(TicketError::NoPresence)
-            } else {
-                Ok(claims)
-            }
+    let at = tokio::time::Instant::now();
+    if let Some(wait) = source.and_then(|ip| auth.throttle.check(ip, at)) {
+        node.counters.auth_throttled.fetch_add(1, Ordering::Relaxed);
+        return Err(AuthError::Throttled {
+            retry_after_ms: wait.as_millis().max(1) as u64,
         });
-    checked
-        .map(Some)
-        .inspect_err(|e| node.counters.tickets_refused.count(*e))
+    }
+    let now = unix_now();
+    let signer = auth.signer.get();
+    let refuse = |e: TicketError| {
+        node.counters.tickets_refused.count(e);
+        if let Some(ip) = source {
+            auth.throttle.failed(ip, at);
+        }
+        AuthError::Ticket(e)
+    };
+    let claims = signer
+        .verify(credential, key.as_str(), now)
+        .map_err(refuse)?;
+    if wants_presence && !claims.presence {
+        return Err(refuse(TicketError::NoPresence));
+    }
+    if let (Some(spent), Kind::Ticket, Some(ticket)) = (&auth.spent, claims.kind, credential) {
+        match spent.spend(ticket, claims.exp, now) {
+            Ok(()) => {}
+            Err(SpendError::Reused) => return Err(refuse(TicketError::Reused)),
+            Err(SpendError::Full) => return Err(AuthError::Busy),
+        }
+    }
+    let resume = signer.sign(&Claims {
+        exp: now + auth.resume_ttl.as_secs(),
+        kind: Kind::Resume,
+        ..claims.clone()
+    });
+    Ok(Some(Granted { claims, resume }))
 }
 
 /// Subscribes a client of `key` on this node.
@@ -108,8 +161,15 @@ pub fn subscribe(
     query: Arc<str>,
     resume: Option<&Resume>,
     wants_presence: bool,
-    claims: Option<&Claims>,
+    granted: Option<&Granted>,
 ) -> Result<Subscription, SubscribeError> {
+    let claims = granted.map(|g| &g.claims);
+    // With authentication, the redirect a kick sends carries the resume token, never
+    // the ticket (which may be spent or expired by then).
+    let query = match granted {
+        Some(granted) => with_resume(&query, &granted.resume),
+        None => query,
+    };
     crate::cluster::follower::promote_if_due(node, key.as_str(), &node.membership.view());
     let id = node.keys.next_subscriber_id();
     let control = Control::new(key.as_str(), node.config.subscriber_queue);
@@ -140,7 +200,23 @@ pub fn subscribe(
     if let Decision::Elsewhere(view, owner) = node.decide(node.membership.view(), key.as_str()) {
         control.kick(redirect_kick(&owner, &query, view.version));
     }
-    Ok(Subscription { start, id, guard })
+    Ok(Subscription {
+        start,
+        id,
+        resume: granted.map(|g| g.resume.clone().into_boxed_str()),
+        guard,
+    })
+}
+
+/// `query` with its credentials replaced by `resume`.
+pub fn with_resume(query: &str, resume: &str) -> Arc<str> {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name != "ticket" && name != "resume" {
+            out.append_pair(&name, &value);
+        }
+    }
+    Arc::from(out.append_pair("resume", resume).finish())
 }
 
 /// Removes its subscriber from its key when dropped, however the connection ends,

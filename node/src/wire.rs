@@ -11,6 +11,7 @@ use crate::cluster::replication::PublishError;
 use crate::node::AdmitError;
 use crate::protocol::close::CloseCode;
 use crate::protocol::ticket::TicketError;
+use crate::session::AuthError;
 use crate::state::{ApplyError, SubscribeError};
 use ringfeed_router::api_token::TokenError;
 
@@ -36,15 +37,29 @@ impl Wire {
 pub trait ToWire: std::fmt::Display {
     fn wire(&self) -> Wire;
 
+    /// The delay advised when the refusal is for now only.
+    fn retry_after(&self) -> std::time::Duration {
+        RETRY_AFTER
+    }
+
     /// The reason a WebSocket close carries: the advised delay for 4429, else the
     /// error itself.
     fn close_reason(&self) -> String {
         match self.wire().close {
-            CloseCode::TooMany => format!("retry_after_ms={}", RETRY_AFTER.as_millis()),
+            CloseCode::TooMany => format!("retry_after_ms={}", self.retry_after().as_millis()),
             _ => self.to_string(),
         }
     }
 }
+
+/// Too many failed authentications from the client's address: 429 / 4429 /
+/// `RESOURCE_EXHAUSTED`, with the delay until it may try again.
+const THROTTLED: Wire = wire(
+    StatusCode::TOO_MANY_REQUESTS,
+    CloseCode::TooMany,
+    "resource_exhausted",
+    Code::ResourceExhausted,
+);
 
 /// The delay advised with a refusal to retry later.
 pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -90,7 +105,38 @@ impl ToWire for TicketError {
 
 impl ToWire for TokenError {
     fn wire(&self) -> Wire {
-        UNAUTHORIZED
+        match self {
+            TokenError::Throttled { .. } => THROTTLED,
+            TokenError::Missing | TokenError::Wrong => UNAUTHORIZED,
+        }
+    }
+
+    fn retry_after(&self) -> std::time::Duration {
+        match self {
+            TokenError::Throttled { retry_after_ms } => {
+                std::time::Duration::from_millis(*retry_after_ms)
+            }
+            _ => RETRY_AFTER,
+        }
+    }
+}
+
+impl ToWire for AuthError {
+    fn wire(&self) -> Wire {
+        match self {
+            AuthError::Ticket(e) => e.wire(),
+            AuthError::Throttled { .. } => THROTTLED,
+            AuthError::Busy => BUSY,
+        }
+    }
+
+    fn retry_after(&self) -> std::time::Duration {
+        match self {
+            AuthError::Throttled { retry_after_ms } => {
+                std::time::Duration::from_millis(*retry_after_ms)
+            }
+            _ => RETRY_AFTER,
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use crate::protocol::close::CloseCode;
 use crate::protocol::frames::{self, ClientFrame, ServerFrame};
 use crate::protocol::params::ClientQuery;
 use crate::session::{self, Placement, Subscription};
-use crate::state::{ApplyError, Control, Kick, Publish, Ready, Start};
+use crate::state::{ApplyError, Control, Kick, Publish, Ready};
 use crate::wire::ToWire;
 use tracing::Instrument;
 
@@ -77,6 +77,8 @@ pub fn socket_config(max_frame: usize) -> WebSocketConfig {
 /// What a WebSocket session starts from: the handshake's request, answered with 101.
 pub struct Connect {
     pub node: Arc<Node>,
+    /// The client's address: failed authentications are counted against it.
+    pub source: Option<std::net::IpAddr>,
     pub on_upgrade: OnUpgrade,
     pub query: Result<ClientQuery, String>,
     /// The connection's place under the node's connection limit.
@@ -251,6 +253,7 @@ impl Live {
 async fn set_up(connect: Box<Connect>) -> Option<Live> {
     let Connect {
         node,
+        source,
         on_upgrade,
         query,
         permit,
@@ -279,7 +282,7 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
     let mut session = Session { node, socket };
     match query {
         Ok(query) => {
-            let sub = session.run(query).await?;
+            let sub = session.run(query, source).await?;
             permit.forget();
             Some(Live::new(session, sub.release()))
         }
@@ -300,7 +303,11 @@ impl Session {
     /// to go live with, or `None` once the connection has been ended.
     /// Its state is dropped before the connection goes live (the live loop is not
     /// nested in it), so an idle connection does not keep it.
-    async fn run(&mut self, query: ClientQuery) -> Option<Subscription> {
+    async fn run(
+        &mut self,
+        query: ClientQuery,
+        source: Option<std::net::IpAddr>,
+    ) -> Option<Subscription> {
         let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
             Ok(key) => key,
             Err(e) if query.key.is_none() => {
@@ -330,15 +337,20 @@ impl Session {
             return None;
         }
         // The owner checks the ticket, before the key's state is touched.
-        let claims =
-            match session::authorize(&self.node, &key, query.ticket.as_deref(), query.presence) {
-                Ok(claims) => claims,
-                Err(e) => {
-                    tracing::debug!(error = %e, "ticket refused");
-                    Box::pin(self.close(e.wire().close, &e.close_reason())).await;
-                    return None;
-                }
-            };
+        let granted = match session::authorize(
+            &self.node,
+            &key,
+            query.credential(),
+            query.presence,
+            source,
+        ) {
+            Ok(granted) => granted,
+            Err(e) => {
+                tracing::debug!(error = %e, "ticket refused");
+                Box::pin(self.close(e.wire().close, &e.close_reason())).await;
+                return None;
+            }
+        };
         let resume = query.resume();
         let sub = match session::subscribe(
             &self.node,
@@ -346,7 +358,7 @@ impl Session {
             query.raw.clone(),
             resume.as_ref(),
             query.presence,
-            claims.as_ref(),
+            granted.as_ref(),
         ) {
             Ok(sub) => sub,
             Err(e) => {
@@ -362,8 +374,7 @@ impl Session {
             return None;
         }
         tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
-        match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub.start))).await
-        {
+        match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub))).await {
             Ok(Ok(())) => {}
             _ => return None,
         }
@@ -371,7 +382,8 @@ impl Session {
     }
 
     /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
-    async fn send_start(&mut self, key: &Key, start: &Start) -> Result<(), WsError> {
+    async fn send_start(&mut self, key: &Key, sub: &Subscription) -> Result<(), WsError> {
+        let start = &sub.start;
         let c = &start.catchup;
         let welcome = ServerFrame::Welcome {
             key: key.as_str(),
@@ -379,6 +391,7 @@ impl Session {
             epoch: &c.epoch,
             seq: c.seq,
             heartbeat_ms: self.node.config.heartbeat_ms,
+            resume: sub.resume.as_deref(),
         };
         self.socket.queue_text(&welcome.encode());
         if let Some(reset) = &c.reset {

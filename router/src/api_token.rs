@@ -2,15 +2,65 @@
 //! to publish through the router, to ask a node for tickets, and to act on a node. Several are accepted at once so they can be
 //! rotated; each is compared in constant time.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
-/// Why a request's API token was refused: 401 / `UNAUTHENTICATED`.
+use crate::throttle::Throttle;
+use crate::watch::Watched;
+
+/// Why a request's API token was refused: 401 / `UNAUTHENTICATED`, or 429 /
+/// `RESOURCE_EXHAUSTED` for a source past its failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("an API token is required (authorization: Bearer <token>)")]
     Missing,
     #[error("the API token is not accepted")]
     Wrong,
+    #[error("too many failed authentications from this address; retry in {retry_after_ms} ms")]
+    Throttled { retry_after_ms: u64 },
+}
+
+/// The API tokens in use (read again when their file changes) and the failure budget
+/// of each source: what a request's `authorization` is checked against.
+#[derive(Clone)]
+pub struct Gate {
+    tokens: Arc<Watched<ApiTokens>>,
+    throttle: Arc<Throttle>,
+}
+
+impl Gate {
+    pub fn new(tokens: Arc<Watched<ApiTokens>>, throttle: Arc<Throttle>) -> Gate {
+        Gate { tokens, throttle }
+    }
+
+    /// Checks an `authorization` header's value from `source` (if known): refused
+    /// unread while the source is past its failures, and a failure counted against it.
+    pub fn check(
+        &self,
+        authorization: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> Result<(), TokenError> {
+        let now = tokio::time::Instant::now();
+        if let Some(wait) = source.and_then(|ip| self.throttle.check(ip, now)) {
+            return Err(TokenError::Throttled {
+                retry_after_ms: wait.as_millis().max(1) as u64,
+            });
+        }
+        let checked = self.tokens.get().check(authorization);
+        if checked.is_err() {
+            if let Some(ip) = source {
+                self.throttle.failed(ip, now);
+            }
+        }
+        checked
+    }
+
+    /// The failure budgets this gate shares.
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
+    }
 }
 
 /// The accepted API tokens, kept as SHA-256 digests: the tokens themselves are not

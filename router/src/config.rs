@@ -6,8 +6,69 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::api_token::{read_list, ApiTokens};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api_token::{read_list, ApiTokens, Gate};
 use crate::membership::MembershipConfig;
+use crate::throttle::Throttle;
+
+/// How many failed authentications a source may make: the flags every process that
+/// checks credentials shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FailureArgs {
+    /// Failed authentications (bad ticket, bad API token) a source address (an IPv4
+    /// address or an IPv6 /64) may make at once before it is refused with 429 / close
+    /// 4429 / RESOURCE_EXHAUSTED…
+    #[arg(long, env = "RINGFEED_AUTH_FAILURE_BURST", default_value_t = 50)]
+    pub auth_failure_burst: u32,
+    /// …and how many more it may make per second after that.
+    #[arg(long, env = "RINGFEED_AUTH_FAILURE_RATE", default_value_t = 5.0)]
+    pub auth_failure_rate: f64,
+}
+
+impl FailureArgs {
+    /// Checks the settings; the error names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.auth_failure_burst == 0 {
+            return Err("--auth-failure-burst must be > 0".into());
+        }
+        if !(self.auth_failure_rate > 0.0 && self.auth_failure_rate <= 1e6) {
+            return Err("--auth-failure-rate must be > 0 (per second)".into());
+        }
+        Ok(())
+    }
+
+    /// The failure budgets these settings describe.
+    pub fn throttle(&self) -> Arc<Throttle> {
+        Arc::new(Throttle::new(
+            self.auth_failure_burst,
+            self.auth_failure_rate,
+        ))
+    }
+}
+
+/// The API tokens in `path`, read again whenever the file changes (rotation without
+/// a restart), checked with `throttle`. The error names `flag` and never shows a token.
+pub fn api_token_gate(
+    flag: &'static str,
+    path: &std::path::Path,
+    throttle: Arc<Throttle>,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<Gate, String> {
+    let file = path.to_path_buf();
+    let tokens = crate::watch::watch(
+        "API tokens",
+        vec![file.clone()],
+        move || Ok(ApiTokens::new(&read_list(flag, &file)?)),
+        tasks,
+        stop,
+    )?;
+    Ok(Gate::new(tokens, throttle))
+}
 
 /// Where the cluster's records live: the flags every ringfeed binary shares.
 #[derive(clap::Args, Debug, Clone)]
@@ -74,6 +135,8 @@ pub struct Config {
     /// Lookup and GetRing stay open, as nodes' /v1/route and /v1/ring are.
     #[arg(long, env = "RINGFEED_API_TOKENS_FILE")]
     pub api_tokens_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub failures: FailureArgs,
     /// Runtime worker threads (0: one per core). A router sharing a box's cores with
     /// nodes wants its share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
@@ -88,19 +151,30 @@ impl Config {
         crate::key::max_batch_message(self.max_batch, self.max_payload)
     }
 
-    /// The API tokens callers must present, if `--api-tokens-file` is set. The error
-    /// names the setting and never shows a token.
-    pub fn load_api_tokens(&self) -> Result<Option<ApiTokens>, String> {
+    /// The API tokens callers must present, if `--api-tokens-file` is set, read again
+    /// when the file changes. The error names the setting and never shows a token.
+    pub fn load_api_tokens(
+        &self,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Option<Gate>, String> {
         let Some(path) = &self.api_tokens_file else {
             return Ok(None);
         };
-        let tokens = read_list("--api-tokens-file", path)?;
-        Ok(Some(ApiTokens::new(&tokens)))
+        api_token_gate(
+            "--api-tokens-file",
+            path,
+            self.failures.throttle(),
+            tasks,
+            stop,
+        )
+        .map(Some)
     }
 
     /// Checks the settings together; the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.membership.validate()?;
+        self.failures.validate()?;
         if self.publish_timeout_ms == 0 {
             return Err("--publish-timeout-ms must be > 0".into());
         }

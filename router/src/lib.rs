@@ -6,6 +6,9 @@
 //!   registration under a lease.
 //! * [`backoff`] — jittered exponential back-off.
 //! * [`api_token`] — the API tokens services and operators present.
+//! * [`throttle`] — failed authentications per source, a burst then refusals.
+//! * [`watch`] — values read from files (tokens, secrets, certificates), read again
+//!   when the files change or on `SIGHUP`.
 //! * [`forward`] — pooled channels to nodes; per-owner batching; NOT_OWNER catch-up and
 //!   jittered retries until the caller's deadline.
 //! * [`service`] — the public `ringfeed.v1.Router` gRPC service.
@@ -22,6 +25,8 @@ pub mod key;
 pub mod membership;
 pub mod ring;
 pub mod service;
+pub mod throttle;
+pub mod watch;
 
 /// Logs to stderr, filtered by `RINGFEED_LOG` (default `info`), in colour only on a
 /// terminal. For the binaries.

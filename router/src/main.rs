@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ringfeed_proto::v1::router_server::RouterServer;
-use ringfeed_router::api_token::ApiTokens;
+use ringfeed_router::api_token::Gate;
 use ringfeed_router::config::Config;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
 use ringfeed_router::membership::Membership;
@@ -21,13 +21,6 @@ fn main() -> ExitCode {
         eprintln!("ringfeed-router: bad configuration: {e}");
         return ExitCode::from(64);
     }
-    let tokens = match config.load_api_tokens() {
-        Ok(tokens) => tokens,
-        Err(e) => {
-            eprintln!("ringfeed-router: bad configuration: {e}");
-            return ExitCode::from(64);
-        }
-    };
     let runtime = match ringfeed_router::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -35,7 +28,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, tokens)) {
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    // Files are read before any port is bound: a bad one is a configuration error.
+    let tokens = match runtime.block_on(async { config.load_api_tokens(&tasks, shutdown.clone()) })
+    {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            eprintln!("ringfeed-router: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    match runtime.block_on(run(config, tokens, tasks, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed-router: {e:#}");
@@ -44,9 +48,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, tokens: Option<ApiTokens>) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
+async fn run(
+    config: Config,
+    tokens: Option<Gate>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let membership = Membership::start(
         &config.membership.membership(Duration::from_secs(5)),
         &tasks,

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use ringfeed_proto::v1::{self as pb, router_server::Router};
 use tonic::{Request, Response, Status};
 
-use crate::api_token::ApiTokens;
+use crate::api_token::{Gate, TokenError};
 use crate::forward::{parse_grpc_timeout, publish_result, Forwarder};
 use crate::key;
 use crate::ring::Member;
@@ -21,7 +21,7 @@ pub struct RouterService {
     forwarder: Arc<Forwarder>,
     /// With tokens, publishing and presence need one of them. Lookups and the ring
     /// stay open: nodes serve the same at `/v1/route` and `/v1/ring`.
-    tokens: Option<ApiTokens>,
+    tokens: Option<Gate>,
 }
 
 impl RouterService {
@@ -33,7 +33,7 @@ impl RouterService {
     }
 
     /// The service, asking every publish and presence call for one of `tokens`.
-    pub fn with_tokens(mut self, tokens: Option<ApiTokens>) -> RouterService {
+    pub fn with_tokens(mut self, tokens: Option<Gate>) -> RouterService {
         self.tokens = tokens;
         self
     }
@@ -48,9 +48,11 @@ impl RouterService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        tokens
-            .check(authorization)
-            .map_err(|e| Status::unauthenticated(e.to_string()))
+        let source = request.remote_addr().map(|a| a.ip());
+        tokens.check(authorization, source).map_err(|e| match e {
+            TokenError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        })
     }
 
     /// The caller's deadline (`grpc-timeout`), or the configured default.

@@ -149,6 +149,7 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
             publish: true,
             presence: true,
             kind: Kind::Ticket,
+            nonce: String::new(),
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -263,4 +264,235 @@ async fn router_needs_a_token(cluster: &Cluster, key: &str) -> Result<()> {
     let reply = router.publish(publish(Some(TOKEN))).await?.into_inner();
     ensure!(reply.seq > 0, "a publish with a token: {reply:?}");
     Ok(())
+}
+
+/// A GET of `url` (plain HTTP) from the local address `source`: status, headers, body.
+async fn get_from(source: &str, url: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("http")?;
+    let (host, path) = rest.split_once('/').context("a path")?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse()?)?;
+    let mut stream = socket.connect(host.parse()?).await?;
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(FRAME_TIMEOUT, stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("a status")?;
+    Ok((status, text))
+}
+
+/// The `resume` token of a subscription's welcome.
+fn resume_of(sub: &Subscription) -> Result<String> {
+    match &sub.welcome {
+        Frame::Welcome {
+            resume: Some(resume),
+            ..
+        } => Ok(resume.clone()),
+        other => Err(anyhow!("no resume token in {other:?}")),
+    }
+}
+
+#[tokio::test]
+async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_and_throttling() {
+    bounded(async {
+        let dir = tempfile::tempdir()?;
+        let secrets = dir.path().join("secrets");
+        let tokens = dir.path().join("tokens");
+        let token_file = dir.path().join("operator-token");
+        std::fs::write(&secrets, format!("{SECRET}\n"))?;
+        std::fs::write(&tokens, format!("{TOKEN}\n"))?;
+        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+        let (secrets_s, tokens_s) = (secrets.display().to_string(), tokens.display().to_string());
+        let mut cluster = Cluster::builder()
+            .nodes(3)
+            .node_args(&[
+                "--auth",
+                "--single-use-tickets",
+                "--ticket-secrets-file",
+                &secrets_s,
+                "--api-tokens-file",
+                &tokens_s,
+                "--auth-failure-burst",
+                "5",
+                "--auth-failure-rate",
+                "0.5",
+            ])
+            .router_args(&["--api-tokens-file", &tokens_s])
+            .start()
+            .await?;
+        cluster.converged().await;
+        let key = "doc:resume";
+        let owner = owner_of(&cluster, key).await?;
+        let base = cluster.node(&owner).http.clone();
+
+        // A single-use ticket admits once; the welcome's resume token admits again.
+        let once = ticket(&base, key, "").await?;
+        let url = format!("{}&ticket={once}", cluster.node(&owner).connect_url(key));
+        let mut sub = Subscription::connect(&url).await?;
+        let resume = resume_of(&sub)?;
+        ensure!(
+            !resume.contains(&once),
+            "the resume token is not the ticket"
+        );
+        refused_4401(&url, "a single-use ticket used twice").await?;
+        let resumed = format!("{}&resume={resume}", cluster.node(&owner).connect_url(key));
+        Subscription::connect(&resumed).await?.close().await;
+        // Non-owners only redirect: a fresh single-use ticket presented to another
+        // node first is still good at the owner.
+        let other = cluster
+            .nodes
+            .iter()
+            .map(|n| n.id.clone())
+            .find(|id| *id != owner)
+            .context("another node")?;
+        let fresh = ticket(&base, key, "").await?;
+        let via_other = format!("{}&ticket={fresh}", cluster.node(&other).connect_url(key));
+        let redirected = Subscription::connect(&via_other).await?;
+        ensure!(redirected.redirects == 1, "expected one redirect");
+        redirected.close().await;
+
+        // Drain is an operator action: refused without the API token…
+        let refused = cluster.drain_command(&owner).await?;
+        ensure!(
+            !refused.status.success(),
+            "a drain without a token succeeded"
+        );
+        ensure!(
+            String::from_utf8_lossy(&refused.stderr).contains("API token"),
+            "the refusal does not say why: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        // …done with it; the client it moves is sent its resume token, not its ticket.
+        let token_arg = token_file.display().to_string();
+        let drain = tokio::spawn({
+            let args = ["--api-token-file".to_owned(), token_arg];
+            let cluster_name = cluster.name.clone();
+            let etcd = cluster.etcd.endpoint.clone();
+            let owner = owner.clone();
+            async move {
+                tokio::process::Command::new(bin_dir().join("ringfeed-node"))
+                    .args(["drain", "--id", &owner, "--cluster", &cluster_name])
+                    .args(["--etcd", &etcd, "--wait-secs", "30"])
+                    .args(&args)
+                    .kill_on_drop(true)
+                    .output()
+                    .await
+            }
+        });
+        let moved_to = loop {
+            match sub.next_within(FRAME_TIMEOUT).await? {
+                Event::Frame(Frame::Redirect { url, .. }) => break url,
+                Event::Frame(_) => {}
+                other => return Err(anyhow!("expected a redirect, got {other:?}")),
+            }
+        };
+        ensure!(
+            moved_to.contains("resume=") && !moved_to.contains("ticket="),
+            "the redirect carries {moved_to}"
+        );
+        let output = drain.await??;
+        ensure!(
+            output.status.success(),
+            "drain with a token: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut sub = Subscription::connect(&moved_to).await?;
+        let new_owner = match &sub.welcome {
+            Frame::Welcome { node, .. } => node.clone(),
+            _ => unreachable!(),
+        };
+        ensure!(new_owner != owner, "still on the drained node");
+        let resume = resume_of(&sub)?;
+
+        // SIGKILL the new owner: the resume token gets the client back, through any
+        // surviving node, once the key has failed over.
+        cluster.node_mut(&new_owner).kill().await;
+        let survivor = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id != owner && n.id != new_owner)
+            .context("a survivor")?
+            .connect_url(key);
+        let back = format!("{survivor}&resume={resume}");
+        ringfeed_cluster_tests::eventually("the key to fail over", FRAME_TIMEOUT * 6, || {
+            let back = back.clone();
+            async move { Ok(Some(Subscription::connect(&back).await?)) }
+        })
+        .await
+        .close()
+        .await;
+        let _ = sub.next_within(std::time::Duration::from_millis(10)).await;
+
+        // API token rotation, without a restart: old and new both work, then the old
+        // one is refused once it is removed from the file.
+        let survivor_base = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id != owner && n.id != new_owner)
+            .context("a survivor")?
+            .http
+            .clone();
+        let tickets_url = format!("{survivor_base}/v1/tickets");
+        let body = format!(r#"{{"sub":"bob","key":"{key}","ttl_s":30}}"#);
+        let with = |t: &'static str| [("authorization", t)];
+        std::fs::write(&tokens, format!("new-token-after-rotation\n{TOKEN}\n"))?;
+        ringfeed_cluster_tests::eventually("the new token", FRAME_TIMEOUT, || {
+            let (u, b) = (tickets_url.clone(), body.clone());
+            async move {
+                let new = post(&u, &with("Bearer new-token-after-rotation"), &b).await?;
+                Ok(Some(new).filter(|(s, _)| *s == 200))
+            }
+        })
+        .await;
+        let old_bearer = format!("Bearer {TOKEN}");
+        ensure!(
+            post(&tickets_url, &[("authorization", &old_bearer)], &body)
+                .await?
+                .0
+                == 200,
+            "the old token during rotation"
+        );
+        std::fs::write(&tokens, "new-token-after-rotation\n")?;
+        ringfeed_cluster_tests::eventually("the old token refused", FRAME_TIMEOUT, || {
+            let (u, b, old) = (tickets_url.clone(), body.clone(), old_bearer.clone());
+            async move {
+                let answer = post(&u, &[("authorization", &old)], &b).await?;
+                Ok(Some(answer).filter(|(s, _)| *s == 401))
+            }
+        })
+        .await;
+
+        // Failed authentications from one address: a burst, then 429 with a delay;
+        // another address is not affected.
+        let poll = format!("{survivor_base}/v1/poll?key={key}&since=0&wait=0&ticket=nonsense");
+        let mut statuses = Vec::new();
+        for _ in 0..8 {
+            statuses.push(get_from("127.0.0.9", &poll).await?);
+        }
+        ensure!(
+            statuses[..3].iter().all(|(s, _)| *s == 401),
+            "first failures: {:?}",
+            statuses.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
+        let (status, text) = statuses.last().context("a status")?;
+        ensure!(
+            *status == 429 && text.to_ascii_lowercase().contains("retry-after:"),
+            "past the burst: {status} {text}"
+        );
+        let (status, _) = get_from("127.0.0.10", &poll).await?;
+        ensure!(status == 401, "another address: {status}");
+        let (_, metrics) = http_get(&format!("{survivor_base}/metrics")).await?;
+        ensure!(
+            !metrics.contains("ringfeed_auth_throttled_total 0"),
+            "throttling not counted"
+        );
+        Ok(())
+    })
+    .await
 }

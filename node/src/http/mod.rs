@@ -55,6 +55,15 @@ const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// …and to be answered (a `/metrics` reader that stops reading is not waited for).
 const RESERVE_LIFETIME: Duration = Duration::from_secs(5);
 
+/// The address a request came from, put in its extensions by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// The address `request` came from, if the accept loop said.
+pub fn source(request: &Request) -> Option<std::net::IpAddr> {
+    request.extensions().get::<Peer>().map(|p| p.0.ip())
+}
+
 /// The axum router of every node.
 pub fn router(node: Arc<Node>) -> axum::Router {
     axum::Router::new()
@@ -141,7 +150,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
             let _ = socket2::SockRef::from(&stream)
                 .set_send_buffer_size(node.config.socket_send_buffer);
         }
-        let service = TowerToHyperService::new(app.clone());
+        let app = TowerToHyperService::new(app.clone());
+        let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
+            request.extensions_mut().insert(Peer(peer));
+            hyper::service::Service::call(&app, request)
+        });
         let shutdown = node.shutdown.clone();
         let handshake_timeout = node.config.handshake_timeout();
         let span = tracing::debug_span!("http", %peer);
@@ -286,6 +299,7 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     let span = tracing::debug_span!("connection", transport = "ws", node = %node.id, key = tracing::field::Empty);
     node.tasks.spawn(ws::serve(Box::new(ws::Connect {
         node: node.clone(),
+        source: source(&request),
         on_upgrade,
         query,
         permit,

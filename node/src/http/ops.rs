@@ -246,6 +246,18 @@ fn labelled_and_histograms(node: &Node, body: &mut String) {
          ringfeed_api_tokens_refused_total {}\n",
         counters.tokens_refused.load(Ordering::Relaxed)
     ));
+    body.push_str(&format!(
+        "# HELP ringfeed_auth_throttled_total authentications refused unread (429 / close 4429): their address was past its failures\n\
+         # TYPE ringfeed_auth_throttled_total counter\n\
+         ringfeed_auth_throttled_total {}\n",
+        counters.auth_throttled.load(Ordering::Relaxed)
+    ));
+    body.push_str(&format!(
+        "# HELP ringfeed_peer_input_refused_total replicated or handed-off key states refused for being malformed (not stored)\n\
+         # TYPE ringfeed_peer_input_refused_total counter\n\
+         ringfeed_peer_input_refused_total {}\n",
+        counters.peer_input_refused.load(Ordering::Relaxed)
+    ));
     body.push_str(
         "# HELP ringfeed_client_violations_total WebSocket clients closed (1008) for breaking a per-connection bound\n\
          # TYPE ringfeed_client_violations_total counter\n",

@@ -37,18 +37,25 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         return Ok(answer);
     }
     // The owner checks the ticket, before the key's state is touched.
-    if let Err(e) = crate::session::authorize(&node, &key, query.ticket.as_deref(), false) {
-        return Ok(refused(&e));
-    }
+    let resume = match crate::session::authorize(
+        &node,
+        &key,
+        query.credential(),
+        false,
+        super::source(&request),
+    ) {
+        Ok(granted) => granted.map(|g| g.resume),
+        Err(e) => return Ok(refused(&e)),
+    };
     crate::cluster::follower::promote_if_due(&node, key.as_str(), &node.membership.view());
-    let resume = Resume {
+    let from = Resume {
         since,
         epoch: query.epoch.clone(),
     };
     let max = node.keys.limits().history_len.max(1);
 
     // Reading a key creates it: past the memory budget only keys held are read.
-    let read = || node.keys.read(key.as_str(), &resume, max);
+    let read = || node.keys.read(key.as_str(), &from, max);
     if wait.is_zero() {
         let Some((catchup, _)) = read() else {
             return Ok(over_budget(&node));
@@ -62,7 +69,7 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         let mut response = if unchanged {
             StatusCode::NOT_MODIFIED.into_response()
         } else {
-            answer(&key, &catchup)
+            answer(&key, &catchup, resume.as_deref())
         };
         if let Ok(value) = HeaderValue::from_str(&etag) {
             response.headers_mut().insert(header::ETAG, value);
@@ -81,15 +88,15 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
             return Ok(over_budget(&node));
         };
         if catchup.reset.is_some() || !catchup.updates.is_empty() {
-            return Ok(answer(&key, &catchup));
+            return Ok(answer(&key, &catchup, resume.as_deref()));
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() {
                 // The key's state was replaced (it moved): answer with what we know.
-                return Ok(answer(&key, &catchup));
+                return Ok(answer(&key, &catchup, resume.as_deref()));
             },
-            _ = tokio::time::sleep_until(deadline) => return Ok(answer(&key, &catchup)),
-            _ = node.shutdown.cancelled() => return Ok(answer(&key, &catchup)),
+            _ = tokio::time::sleep_until(deadline) => return Ok(answer(&key, &catchup, resume.as_deref())),
+            _ = node.shutdown.cancelled() => return Ok(answer(&key, &catchup, resume.as_deref())),
         }
     }
 }
@@ -102,7 +109,9 @@ fn over_budget(node: &Node) -> Response {
 
 /// `{"key","epoch","updates":[…],"seq"}`, a `reset` frame leading `updates` when one
 /// is due; `seq` is the position to poll from next.
-fn answer(key: &Key, catchup: &Catchup) -> Response {
+/// The answer: `{"key","epoch","updates","seq"}`, and with authentication on the
+/// `resume` token the next poll presents instead of its ticket.
+fn answer(key: &Key, catchup: &Catchup, resume: Option<&str>) -> Response {
     let mut body =
         String::with_capacity(64 + catchup.updates.iter().map(|f| f.len() + 1).sum::<usize>());
     body.push_str(r#"{"key":""#);
@@ -124,6 +133,12 @@ fn answer(key: &Key, catchup: &Catchup) -> Response {
     }
     body.push_str(r#"],"seq":"#);
     body.push_str(&catchup.position.to_string());
+    if let Some(resume) = resume {
+        // base64url and dots: nothing to escape.
+        body.push_str(r#","resume":""#);
+        body.push_str(resume);
+        body.push('"');
+    }
     body.push('}');
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(

@@ -12,7 +12,7 @@ use crate::node::Node;
 use crate::protocol::params::ClientQuery;
 use crate::protocol::redirect::redirect_url;
 use crate::session::{self, Placement};
-use crate::wire::{ToWire, RETRY_AFTER};
+use crate::wire::ToWire;
 
 /// An error answer: `{"error": "…"}` with a status.
 #[derive(Debug)]
@@ -46,7 +46,7 @@ pub fn refused(error: &dyn ToWire) -> Response {
     if wire.retry_later() {
         response.headers_mut().insert(
             header::RETRY_AFTER,
-            HeaderValue::from(RETRY_AFTER.as_secs().max(1)),
+            HeaderValue::from(error.retry_after().as_secs_f64().ceil().max(1.0) as u64),
         );
     }
     response

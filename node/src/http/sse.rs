@@ -57,8 +57,14 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         return Ok(unavailable("node is draining", 1));
     }
     // The owner checks the ticket, before the key's state is touched.
-    let claims = match session::authorize(&node, &key, query.ticket.as_deref(), false) {
-        Ok(claims) => claims,
+    let granted = match session::authorize(
+        &node,
+        &key,
+        query.credential(),
+        false,
+        super::source(&request),
+    ) {
+        Ok(granted) => granted,
         Err(e) => return Ok(refused(&e)),
     };
     let permit = match node.admit() {
@@ -71,7 +77,7 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         query.raw.clone(),
         resume.as_ref(),
         false,
-        claims.as_ref(),
+        granted.as_ref(),
     );
     let sub = match subscribed {
         Ok(sub) => sub,
@@ -114,6 +120,7 @@ fn start_events(node: &Node, key: &Key, sub: &Subscription) -> Bytes {
         epoch: &c.epoch,
         seq: c.seq,
         heartbeat_ms: node.config.sse_heartbeat_ms,
+        resume: sub.resume.as_deref(),
     }
     .encode();
     // The welcome's id is where the stream continues from: `since` when a replay

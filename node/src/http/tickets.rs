@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, StatusCode};
+use ringfeed_router::api_token::TokenError;
 use ringfeed_router::key;
 use serde::Deserialize;
 use serde_json::json;
@@ -33,6 +34,7 @@ pub(super) struct TicketRequest {
 /// for a bad request, else `{"ticket","expires_at"}`.
 pub(super) async fn issue(
     State(node): State<Arc<Node>>,
+    peer: Option<axum::Extension<super::Peer>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -46,10 +48,15 @@ pub(super) async fn issue(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Err(e) = auth.api_tokens.check(authorization) {
-        node.counters
-            .tokens_refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = auth
+        .api_tokens
+        .check(authorization, peer.map(|p| p.0 .0.ip()))
+    {
+        let counter = match e {
+            TokenError::Throttled { .. } => &node.counters.auth_throttled,
+            _ => &node.counters.tokens_refused,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return refused(&e);
     }
     let request: TicketRequest = match serde_json::from_slice(&body) {
@@ -77,7 +84,12 @@ pub(super) async fn issue(
         publish: request.publish,
         presence: request.presence,
         kind: Kind::Ticket,
+        nonce: {
+            use base64::Engine;
+            let bytes: [u8; 12] = rand::random();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        },
     };
-    let ticket = auth.signer.sign(&claims);
+    let ticket = auth.signer.get().sign(&claims);
     Json(json!({"ticket": ticket, "expires_at": claims.exp})).into_response()
 }

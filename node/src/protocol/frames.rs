@@ -188,6 +188,9 @@ pub enum ServerFrame<'a> {
         epoch: &'a str,
         seq: u64,
         heartbeat_ms: u64,
+        /// With authentication on: the token to reconnect and follow redirects with.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resume: Option<&'a str>,
     },
     Redirect {
         url: &'a str,

@@ -5,5 +5,6 @@ pub mod close;
 pub mod epoch;
 pub mod frames;
 pub mod params;
+pub mod peer;
 pub mod redirect;
 pub mod ticket;

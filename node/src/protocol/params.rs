@@ -23,6 +23,8 @@ pub struct Resume {
 pub struct ClientQuery {
     /// `ticket`: what the client presents for the key when authentication is on.
     pub ticket: Option<String>,
+    /// `resume`: the token a `welcome` handed back, presented instead of a ticket.
+    pub resume_token: Option<String>,
     /// Not validated yet: transports answer a bad key in their own way.
     pub key: Option<String>,
     pub since: Option<u64>,
@@ -64,6 +66,7 @@ impl ClientQuery {
                     q.epoch = Some(v.into_owned());
                 }
                 "ticket" => q.ticket = Some(v.into_owned()),
+                "resume" => q.resume_token = Some(v.into_owned()),
                 "presence" => {
                     q.presence = match &*v {
                         "1" | "true" => true,
@@ -75,6 +78,11 @@ impl ClientQuery {
             }
         }
         Ok(q)
+    }
+
+    /// What the client presents for its key: its resume token, else its ticket.
+    pub fn credential(&self) -> Option<&str> {
+        self.resume_token.as_deref().or(self.ticket.as_deref())
     }
 
     /// Where the client continues from, if it said.

@@ -9,13 +9,17 @@
 //! token's bytes only, bounded by [`MAX_TOKEN`], compares MACs in constant time, and
 //! says why a token is refused ([`TicketError::reason`], a metric label).
 //!
-//! Nothing here is wired to a transport yet: it is the part every transport will share.
+//! A ticket may be spent once only ([`Spent`], `--single-use-tickets`): the owner
+//! records it when it admits the connection, until the ticket expires. Resume tokens
+//! are never spent: a client presents its one on every reconnect and redirect.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -47,6 +51,10 @@ pub struct Claims {
     pub presence: bool,
     /// A ticket, or a resume token handed back in `welcome`.
     pub kind: Kind,
+    /// Random: no two tickets are alike, even with the same claims in the same second
+    /// (a single-use ticket is recorded by its bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nonce: String,
 }
 
 /// Which kind of token.
@@ -74,17 +82,20 @@ pub enum TicketError {
     OtherKey,
     #[error("the ticket does not allow presence")]
     NoPresence,
+    #[error("the ticket has been used already")]
+    Reused,
 }
 
 impl TicketError {
     /// Every refusal, for metrics that list each reason.
-    pub const ALL: [TicketError; 6] = [
+    pub const ALL: [TicketError; 7] = [
         TicketError::Missing,
         TicketError::Malformed,
         TicketError::Forged,
         TicketError::Expired,
         TicketError::OtherKey,
         TicketError::NoPresence,
+        TicketError::Reused,
     ];
 
     /// Its `reason` label in `/metrics`.
@@ -96,6 +107,7 @@ impl TicketError {
             TicketError::Expired => "expired",
             TicketError::OtherKey => "other_key",
             TicketError::NoPresence => "no_presence",
+            TicketError::Reused => "reused",
         }
     }
 }
@@ -192,9 +204,80 @@ impl Signer {
     }
 }
 
+/// Single-use tickets spent on this node, each kept until it expires (after which it
+/// is refused as expired anyway). Bounded: past [`Spent::CAPACITY`] live tickets, a
+/// new one is refused (the caller answers "retry later") rather than forgetting one
+/// that could then be used again.
+#[derive(Default)]
+pub struct Spent {
+    /// A ticket's xxh3-128 → its expiry (seconds since the Unix epoch).
+    seen: Mutex<HashMap<u128, u64>>,
+}
+
+/// Why a single-use ticket was not spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendError {
+    /// It was spent before.
+    Reused,
+    /// Too many live tickets are recorded already.
+    Full,
+}
+
+impl Spent {
+    /// The most live single-use tickets a node records (~48 MB at most).
+    pub const CAPACITY: usize = 1 << 20;
+
+    /// Records `token`, valid until `exp`, as spent at `now`, unless it was already.
+    pub fn spend(&self, token: &str, exp: u64, now: u64) -> Result<(), SpendError> {
+        let id = xxhash_rust::xxh3::xxh3_128(token.as_bytes());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= Self::CAPACITY {
+            seen.retain(|_, exp| *exp > now);
+            if seen.len() >= Self::CAPACITY {
+                return Err(SpendError::Full);
+            }
+        }
+        match seen.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(SpendError::Reused),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(exp);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets tickets that have expired by `now`.
+    pub fn prune(&self, now: u64) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, exp| *exp > now);
+    }
+
+    /// How many are recorded.
+    pub fn len(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spent_ticket_is_refused_until_it_is_forgotten_at_expiry() {
+        let spent = Spent::default();
+        assert_eq!(spent.spend("t1", NOW + 5, NOW), Ok(()));
+        assert_eq!(spent.spend("t1", NOW + 5, NOW), Err(SpendError::Reused));
+        assert_eq!(spent.spend("t2", NOW + 9, NOW), Ok(()));
+        spent.prune(NOW + 5);
+        assert_eq!(spent.len(), 1);
+    }
 
     const NOW: u64 = 1_800_000_000;
 
@@ -210,6 +293,7 @@ mod tests {
             publish: false,
             presence: true,
             kind: Kind::Ticket,
+            nonce: String::new(),
         }
     }
 
@@ -319,7 +403,8 @@ mod tests {
                 "forged",
                 "expired",
                 "other_key",
-                "no_presence"
+                "no_presence",
+                "reused"
             ]
         );
     }
