@@ -165,12 +165,78 @@ pub struct Subscription {
     pub redirects: usize,
 }
 
+/// TLS for `wss://`, `https://` and gRPC over TLS: the CA that signed the servers'
+/// certificates (a cluster's own CA, `.cluster/tls/ca.pem` for `scripts/cluster
+/// --secure`).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    ca_pem: Vec<u8>,
+}
+
+impl Tls {
+    /// Trusts the CA certificates in the PEM file at `path`.
+    pub fn from_ca_file(path: &std::path::Path) -> Result<Tls, ClientError> {
+        let pem = std::fs::read(path)
+            .map_err(|e| ClientError::Unexpected(format!("CA file {}: {e}", path.display())))?;
+        Tls::from_ca_pem(&pem)
+    }
+
+    /// Trusts the CA certificates in `pem`.
+    pub fn from_ca_pem(pem: &[u8]) -> Result<Tls, ClientError> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let bad = |e: String| ClientError::Unexpected(format!("CA: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            roots
+                .add(cert.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("no certificate in it".into()));
+        }
+        #[allow(deprecated)] // ring, as everywhere in ringfeed (see docs/design.md)
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls {
+            config: std::sync::Arc::new(config),
+            ca_pem: pem.to_vec(),
+        })
+    }
+
+    /// The rustls configuration (WebSocket: HTTP/1.1, no ALPN).
+    pub fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        self.config.clone()
+    }
+
+    /// The CA as PEM, for tonic's TLS.
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca_pem
+    }
+}
+
 impl Subscription {
     /// Connects to `url` and follows redirects until a `welcome`.
     pub async fn connect(url: &str) -> Result<Subscription, ClientError> {
+        Subscription::connect_with(url, None).await
+    }
+
+    /// [`connect`](Self::connect), trusting `tls`'s CA for `wss://` URLs.
+    pub async fn connect_with(url: &str, tls: Option<&Tls>) -> Result<Subscription, ClientError> {
         let mut url = url.to_owned();
         for redirects in 0..=MAX_REDIRECTS {
-            let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+            let connector = tls.map(|tls| tokio_tungstenite::Connector::Rustls(tls.config.clone()));
+            let (mut socket, _) = tokio_tungstenite::connect_async_tls_with_config(
+                url.as_str(),
+                None,
+                true,
+                connector,
+            )
+            .await?;
             match read_event(&mut socket).await? {
                 Event::Frame(welcome @ Frame::Welcome { .. }) => {
                     return Ok(Subscription {
@@ -283,18 +349,32 @@ pub mod publisher {
 
     /// Connects a `Router` client to `addr` (`host:port` or `http://host:port`).
     pub async fn connect(addr: &str) -> Result<RouterClient<Channel>, tonic::transport::Error> {
-        let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
+        connect_with(addr, None).await
+    }
+
+    /// [`connect`], over TLS trusting `tls`'s CA when it is given (`addr` may then be
+    /// `host:port` or `https://host:port`).
+    pub async fn connect_with(
+        addr: &str,
+        tls: Option<&super::Tls>,
+    ) -> Result<RouterClient<Channel>, tonic::transport::Error> {
+        let bare = addr
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         // No Nagle: a request larger than a segment would otherwise wait for the
         // peer's delayed ACK (~40 ms) before its last part goes out.
-        let channel = tonic::transport::Endpoint::from_shared(url)?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        Ok(RouterClient::new(channel))
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{bare}"))?
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let host = bare.rsplit_once(':').map_or(bare, |(h, _)| h);
+            endpoint = endpoint.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(tls.ca_pem()))
+                    .domain_name(host.trim_start_matches('[').trim_end_matches(']')),
+            )?;
+        }
+        Ok(RouterClient::new(endpoint.connect().await?))
     }
 
     /// A JSON publish of `data` to `key`.

@@ -282,8 +282,23 @@ pub struct RouterProc {
     log: PathBuf,
 }
 
+/// The API token of a [secure](ClusterBuilder::secure) cluster.
+pub const SECURE_TOKEN: &str = "api-token-of-a-secure-test-cluster";
+/// The ticket secret of a [secure](ClusterBuilder::secure) cluster.
+pub const SECURE_SECRET: &str = "ticket-secret-of-a-secure-test-cluster-32-bytes+";
+
+/// The CA of the last secure cluster this process started: the HTTP helpers and
+/// [`connect_router`] speak TLS trusting it for `https://` URLs and when it is set.
+static CA: std::sync::RwLock<Option<ringfeed_client::Tls>> = std::sync::RwLock::new(None);
+
+/// The CA of the secure cluster this process started, if any.
+pub fn tls() -> Option<ringfeed_client::Tls> {
+    CA.read().expect("CA lock").clone()
+}
+
 /// Builds a [`Cluster`].
 pub struct ClusterBuilder {
+    secure: bool,
     nodes: usize,
     lease_ttl: u64,
     node_args: Vec<String>,
@@ -297,6 +312,15 @@ impl ClusterBuilder {
     /// ([`Cluster::etcd_proxy`]).
     pub fn etcd_through_proxy(mut self, id: &str) -> Self {
         self.etcd_proxied.push(id.to_owned());
+        self
+    }
+
+    /// Everything on, as `scripts/cluster --secure` does: a CA and certificates made by
+    /// `ringfeed-node certs` (nodes n1–n9, `router`, `client`), TLS on every listener,
+    /// mutual TLS between processes, tickets ([`SECURE_SECRET`]) and API tokens
+    /// ([`SECURE_TOKEN`]) on nodes and router.
+    pub fn secure(mut self) -> Self {
+        self.secure = true;
         self
     }
 
@@ -332,8 +356,12 @@ impl ClusterBuilder {
         self
     }
 
-    pub async fn start(self) -> Result<Cluster> {
+    pub async fn start(mut self) -> Result<Cluster> {
         let etcd = Etcd::start().await?;
+        let tls_dir = tempfile::Builder::new().prefix("ringfeed-tls-").tempdir()?;
+        if self.secure {
+            self.make_secure(tls_dir.path()).await?;
+        }
         let mut proxies = HashMap::new();
         for id in &self.etcd_proxied {
             let proxy = TcpProxy::start(etcd.endpoint.trim_start_matches("http://")).await?;
@@ -352,6 +380,7 @@ impl ClusterBuilder {
             nodes: Vec::new(),
             router: None,
             dir,
+            tls_dir: self.secure.then_some(tls_dir),
             etcd,
         };
         let ids: Vec<String> = (1..=self.nodes).map(|i| format!("n{i}")).collect();
@@ -378,6 +407,72 @@ impl ClusterBuilder {
     }
 }
 
+impl ClusterBuilder {
+    /// Makes the certificates and secrets of a secure cluster in `dir` and the flags
+    /// that use them.
+    async fn make_secure(&mut self, dir: &Path) -> Result<()> {
+        let ids: Vec<String> = (1..=9).map(|i| format!("n{i}")).collect();
+        let mut certs = Command::new(binary("ringfeed-node"));
+        certs.args(["certs", "--out"]).arg(dir);
+        for id in &ids {
+            certs.args(["--node", id]);
+        }
+        let made = certs
+            .args(["--name", "router", "--name", "client"])
+            .output()
+            .await?;
+        ensure_ok(&made, "ringfeed-node certs")?;
+        let file = |name: &str| dir.join(name).display().to_string();
+        std::fs::write(dir.join("secrets"), format!("{SECURE_SECRET}\n"))?;
+        std::fs::write(dir.join("tokens"), format!("{SECURE_TOKEN}\n"))?;
+        std::fs::write(dir.join("token"), format!("{SECURE_TOKEN}\n"))?;
+        self.node_args.extend(
+            [
+                "--auth",
+                "--ticket-secrets-file",
+                &file("secrets"),
+                "--api-tokens-file",
+                &file("tokens"),
+                "--tls-ca",
+                &file("ca.pem"),
+            ]
+            .map(String::from),
+        );
+        for id in &ids {
+            self.args_for.entry(id.clone()).or_default().extend([
+                "--tls-cert".to_owned(),
+                file(&format!("node-{id}.pem")),
+                "--tls-key".to_owned(),
+                file(&format!("node-{id}.key")),
+            ]);
+        }
+        self.router_args.extend(
+            [
+                "--api-tokens-file",
+                &file("tokens"),
+                "--tls-ca",
+                &file("ca.pem"),
+                "--tls-cert",
+                &file("router.pem"),
+                "--tls-key",
+                &file("router.key"),
+            ]
+            .map(String::from),
+        );
+        let ca = ringfeed_client::Tls::from_ca_file(&dir.join("ca.pem"))?;
+        *CA.write().expect("CA lock") = Some(ca);
+        Ok(())
+    }
+}
+
+fn ensure_ok(output: &std::process::Output, what: &str) -> Result<()> {
+    if output.status.success() {
+        Ok(())
+    } else {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&output.stderr))
+    }
+}
+
 /// etcd + nodes + a router, all real processes on loopback.
 pub struct Cluster {
     pub name: String,
@@ -389,6 +484,9 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     router: Option<RouterProc>,
     dir: tempfile::TempDir,
+    /// A secure cluster's certificates and secrets (`ca.pem`, `node-{id}.pem`,
+    /// `router.pem`, `client.pem` with their keys, `secrets`, `tokens`, `token`).
+    tls_dir: Option<tempfile::TempDir>,
     // Dropped last: nodes and routers go first.
     pub etcd: Etcd,
 }
@@ -402,6 +500,7 @@ impl Cluster {
             router_args: Vec::new(),
             args_for: HashMap::new(),
             etcd_proxied: Vec::new(),
+            secure: false,
         }
     }
 
@@ -619,12 +718,27 @@ impl Cluster {
         http_json(&format!("{}/v1/ring", node.http)).await
     }
 
+    /// A secure cluster's folder of certificates and secrets.
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.tls_dir.as_ref().map(|d| d.path())
+    }
+
     /// The router's log.
     pub fn router_log(&self) -> String {
         self.router
             .as_ref()
             .and_then(|r| std::fs::read_to_string(&r.log).ok())
             .unwrap_or_default()
+    }
+
+    /// Every node's and the router's whole log, one after the other.
+    pub fn logs_full(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            out.push_str(&n.log());
+        }
+        out.push_str(&self.router_log());
+        out
     }
 
     /// Every process's log, for a failed test.
@@ -700,7 +814,56 @@ async fn ready_line(child: &mut Child, prefix: &str, log: &Path) -> Result<Strin
 
 /// Connects a `Router` client to `addr`.
 pub async fn connect_router(addr: &str) -> Result<RouterClient<Channel>> {
-    Ok(ringfeed_client::publisher::connect(addr).await?)
+    Ok(ringfeed_client::publisher::connect_with(addr, tls().as_ref()).await?)
+}
+
+/// A POST of `body` (JSON) with extra headers, over TLS for `https://`: status and body.
+pub async fn http_post(url: &str, headers: &[(&str, &str)], body: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, path) = host_and_path(url)?;
+    let mut stream = dial(host, url.starts_with("https://")).await?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    // A TLS peer may close without close_notify: what arrived is the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// A stream of either kind, for the hand-written HTTP helpers.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection to `host` (host:port): TLS trusting [`tls`]'s CA when `https`.
+async fn dial(host: &str, https: bool) -> Result<Box<dyn Io>> {
+    let stream = tokio::net::TcpStream::connect(host).await?;
+    if !https {
+        return Ok(Box::new(stream));
+    }
+    let ca = tls().ok_or_else(|| anyhow!("https:// but no secure cluster's CA"))?;
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(name)?;
+    let tls = tokio_rustls::TlsConnector::from(ca.config())
+        .connect(name, stream)
+        .await?;
+    Ok(Box::new(tls))
 }
 
 /// A tiny HTTP/1.1 GET over loopback: status and body.
@@ -714,10 +877,11 @@ pub async fn http_request(url: &str, headers: &[(&str, &str)]) -> Result<(u16, S
     Ok((status, body))
 }
 
-/// `http://host:port/path?query` → (`host:port`, `/path?query`).
+/// `http://host:port/path?query` → (`host:port`, `/path?query`), also for `https://`.
 fn host_and_path(url: &str) -> Result<(&str, String)> {
     let rest = url
         .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
         .ok_or_else(|| anyhow!("not an http url: {url}"))?;
     Ok(rest
         .split_once('/')
@@ -731,7 +895,7 @@ pub async fn http_request_full(
 ) -> Result<(u16, Vec<(String, String)>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (host, path) = host_and_path(url)?;
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let mut stream = dial(host, url.starts_with("https://")).await?;
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
@@ -739,7 +903,13 @@ pub async fn http_request_full(
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await?;
+    // A TLS peer may close without close_notify: what arrived is the answer.
+    if let Err(e) = read {
+        if raw.is_empty() {
+            return Err(e.into());
+        }
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")

@@ -20,12 +20,20 @@ const NODE_LAYERS: &[&[&str]] = &[
     &["node"],
     &["cluster"],
     &["session", "ws", "http", "internal", "wire"],
-    &["run", "admin", "sim"],
+    &["run", "admin", "certs", "sim"],
 ];
 
 /// The router's layers, lowest first.
 const ROUTER_LAYERS: &[&[&str]] = &[
-    &["key", "ring", "backoff", "api_token", "throttle", "watch"],
+    &[
+        "key",
+        "ring",
+        "backoff",
+        "api_token",
+        "throttle",
+        "watch",
+        "tls",
+    ],
     &["membership"],
     &["forward"],
     &["service", "config"],

@@ -24,6 +24,9 @@ pub struct DrainArgs {
     /// Where to find the node's record (its internal gRPC address).
     #[command(flatten)]
     pub membership: ClusterArgs,
+    /// With a cluster CA, the call is mutual TLS (a certificate the CA signed).
+    #[command(flatten)]
+    pub tls: ringfeed_router::tls::TlsArgs,
     /// The node's internal gRPC address (host:port); skips the etcd lookup.
     #[arg(long)]
     pub grpc: Option<String>,
@@ -46,10 +49,15 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("bad gRPC address {grpc:?}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach node {} at {grpc}", args.id))?;
+    args.tls.validate().map_err(|e| anyhow!(e))?;
+    let tasks = TaskTracker::new();
+    let tls = args
+        .tls
+        .load(&tasks, CancellationToken::new())
+        .map_err(|e| anyhow!(e))?
+        .client()
+        .map_err(|e| anyhow!(e))?;
+    let channel = ringfeed_router::tls::channel(endpoint, &grpc, tls.as_ref());
     let mut client = NodeClient::new(channel);
     let mut request = tonic::Request::new(pb::DrainRequest {
         node: args.id.clone(),

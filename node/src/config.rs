@@ -54,6 +54,8 @@ pub struct Config {
     pub id: String,
     #[command(flatten)]
     pub membership: ClusterArgs,
+    #[command(flatten)]
+    pub tls: ringfeed_router::tls::TlsArgs,
     /// Address of the HTTP / WebSocket listener (port 0 picks a free one).
     #[arg(long, env = "RINGFEED_HTTP_LISTEN", default_value = "127.0.0.1:8001")]
     pub http_listen: SocketAddr,
@@ -248,6 +250,7 @@ impl Config {
         self.validate_limits()?;
         self.validate_timing()?;
         self.validate_http()?;
+        self.tls.validate()?;
         self.validate_auth()
     }
 

@@ -120,6 +120,37 @@ impl NodeService {
         }
     }
 
+    /// Over mutual TLS, checks that the caller's certificate (`certs`, its chain) names
+    /// node `from`, the node it says it is: PERMISSION_DENIED otherwise. Without the
+    /// cluster CA there are no credentials to check.
+    fn check_from(
+        &self,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+        from: &str,
+    ) -> Result<(), Status> {
+        if self.node.config.tls.tls_ca.is_none() {
+            return Ok(());
+        }
+        let named = certs
+            .and_then(|c| c.first())
+            .is_some_and(|leaf| ringfeed_router::tls::names_node(leaf, from));
+        if named {
+            Ok(())
+        } else {
+            self.node
+                .counters
+                .peer_input_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                from,
+                "a peer's certificate does not name the node it claims to be"
+            );
+            Err(Status::permission_denied(format!(
+                "the caller's certificate does not name node {from:?}"
+            )))
+        }
+    }
+
     /// Notes state from peer `from` for `key` that failed its checks; it is not stored.
     fn malformed(&self, from: &str, key: &str, error: &str) {
         self.node
@@ -396,6 +427,8 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateReply>, Status> {
+        let certs = request.peer_certs();
+        self.check_from(certs.as_deref().map(Vec::as_slice), &request.get_ref().from)?;
         self.replicate_one(request.into_inner())
             .await
             .map(Response::new)
@@ -412,6 +445,7 @@ impl node_server::Node for NodeService {
                 "ReplicateStream is off (--test-no-stream-rpcs)",
             ));
         }
+        let certs = request.peer_certs();
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(REPLICATE_STREAM_REPLIES);
         let service = self.clone();
@@ -420,7 +454,11 @@ impl node_server::Node for NodeService {
                 let Some(request) = next_request(&service.node, &mut requests).await else {
                     return;
                 };
-                let reply = service.replicate_one(request).await;
+                let reply =
+                    match service.check_from(certs.as_deref().map(Vec::as_slice), &request.from) {
+                        Ok(()) => service.replicate_one(request).await,
+                        Err(status) => Err(status),
+                    };
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     return;
@@ -480,6 +518,8 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::HandoffRequest>,
     ) -> Result<Response<pb::HandoffReply>, Status> {
+        let certs = request.peer_certs();
+        self.check_from(certs.as_deref().map(Vec::as_slice), &request.get_ref().from)?;
         let request = request.into_inner();
         let view = self.view(request.ring.as_ref()).await;
         let mut refused = Vec::new();

@@ -27,6 +27,7 @@
 
 pub mod admin;
 pub mod budget;
+pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod http;

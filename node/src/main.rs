@@ -15,6 +15,19 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     ringfeed_router::init_tracing();
+    // `ringfeed-node certs …` makes a cluster CA and certificates.
+    if std::env::args().nth(1).as_deref() == Some("certs") {
+        let args = ringfeed_node::certs::CertsArgs::parse_from(
+            std::iter::once("ringfeed-node certs".to_owned()).chain(std::env::args().skip(2)),
+        );
+        return match ringfeed_node::certs::certs(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringfeed-node certs: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // `ringfeed-node drain …` asks a running node to drain; anything else runs a node.
     if std::env::args().nth(1).as_deref() == Some("drain") {
         let args = DrainArgs::parse_from(
@@ -48,7 +61,15 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    match runtime.block_on(start(config, auth)) {
+    let loaded = runtime.block_on(async { config.tls.load(&watchers, CancellationToken::new()) });
+    let tls = match loaded {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("ringfeed-node: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    match runtime.block_on(start(config, auth, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed-node: {e:#}");
@@ -81,7 +102,11 @@ async fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpLi
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn start(config: Config, auth: Option<Auth>) -> anyhow::Result<()> {
+async fn start(
+    config: Config,
+    auth: Option<Auth>,
+    tls: ringfeed_router::tls::Tls,
+) -> anyhow::Result<()> {
     let http = listen(config.http_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --http-listen {}: {e}", config.http_listen))?;
@@ -91,7 +116,7 @@ async fn start(config: Config, auth: Option<Auth>) -> anyhow::Result<()> {
     // SIGTERM or Ctrl-C asks for a drain.
     let stop = CancellationToken::new();
     tokio::spawn(signal(stop.clone()));
-    ringfeed_node::run::run(config, auth, http, grpc, stop).await
+    ringfeed_node::run::run(config, auth, tls, http, grpc, stop).await
 }
 
 async fn signal(shutdown: CancellationToken) {

@@ -13,6 +13,9 @@ pub enum Peers {
     /// TCP to `host:port`.
     #[default]
     Tcp,
+    /// Mutual TLS over TCP to `host:port`: the peer's certificate checked against the
+    /// cluster CA, this node's presented.
+    Tls(std::sync::Arc<rustls::ClientConfig>),
     /// An in-memory network (tests).
     #[cfg(test)]
     Memory(memory::Net),
@@ -23,17 +26,22 @@ impl Peers {
     /// connection attempt after `connect_timeout`. `None` for an address that cannot be
     /// one.
     pub fn client(&self, grpc: &str, connect_timeout: Duration) -> Option<NodeClient<Channel>> {
+        let endpoint = || {
+            Some(
+                Endpoint::from_shared(format!("http://{grpc}"))
+                    .ok()?
+                    .connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5)),
+            )
+        };
         match self {
-            Peers::Tcp => {
-                let endpoint = Endpoint::from_shared(format!("http://{grpc}")).ok()?;
-                Some(NodeClient::new(
-                    endpoint
-                        .connect_timeout(connect_timeout)
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(5))
-                        .connect_lazy(),
-                ))
-            }
+            Peers::Tcp => Some(NodeClient::new(endpoint()?.connect_lazy())),
+            Peers::Tls(config) => Some(NodeClient::new(ringfeed_router::tls::channel(
+                endpoint()?,
+                grpc,
+                Some(config),
+            ))),
             #[cfg(test)]
             Peers::Memory(net) => Some(NodeClient::new(net.channel(grpc))),
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ringfeed_proto::v1::node_server::NodeServer;
 use ringfeed_router::membership::{Membership, Registration};
 use ringfeed_router::ring::{Member, MemberState, NodeId};
+use ringfeed_router::tls::Tls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Auth, Config};
 use crate::internal::NodeService;
 use crate::node::Node;
+use crate::peers::Peers;
 
 /// Runs a node on bound listeners until `stop` is cancelled (SIGTERM), then drains:
 /// mark the record `draining` (off the ring), hand every key whole to its new owner,
@@ -22,13 +24,26 @@ use crate::node::Node;
 pub async fn run(
     config: Config,
     auth: Option<Auth>,
+    tls: Tls,
     http: TcpListener,
     grpc: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
-    let record = own_record(&config, &http, &grpc)?;
+    let record = own_record(&config, &http, &grpc, tls.identity.is_some())?;
+    // Clients: TLS with HTTP/2 or HTTP/1.1 by ALPN. Peers: mutual TLS with the CA.
+    let http_tls = tls
+        .server(&[b"h2", b"http/1.1"], false)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let internal_tls = match &tls.roots {
+        Some(_) => tls.server(&[b"h2"], true).map_err(|e| anyhow::anyhow!(e))?,
+        None => None,
+    };
+    let peers = match tls.client().map_err(|e| anyhow::anyhow!(e))? {
+        Some(client) => Peers::Tls(client),
+        None => Peers::Tcp,
+    };
     let membership = Membership::start(
         &config
             .membership
@@ -39,12 +54,14 @@ pub async fn run(
     .await?;
     let grace = config.shutdown_grace();
     let node = Arc::new(
-        Node::new(config, membership.clone(), shutdown.clone(), tasks.clone()).with_auth(auth),
+        Node::new(config, membership.clone(), shutdown.clone(), tasks.clone())
+            .with_auth(auth)
+            .with_peers(peers),
     );
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
-    tasks.spawn(crate::http::serve(node.clone(), http));
-    serve_internal(&node, grpc, stop.clone());
+    tasks.spawn(crate::http::serve(node.clone(), http, http_tls));
+    serve_internal(&node, grpc, internal_tls, stop.clone());
     spawn_upkeep(&node);
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
@@ -89,7 +106,13 @@ pub async fn run(
 
 /// This node's member record, with the addresses it advertises (the bound ones unless
 /// configured); the incarnation is made at registration.
-fn own_record(config: &Config, http: &TcpListener, grpc: &TcpListener) -> anyhow::Result<Member> {
+fn own_record(
+    config: &Config,
+    http: &TcpListener,
+    grpc: &TcpListener,
+    https: bool,
+) -> anyhow::Result<Member> {
+    let scheme = if https { "https" } else { "http" };
     let http_addr = http.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
     Ok(Member {
@@ -102,7 +125,7 @@ fn own_record(config: &Config, http: &TcpListener, grpc: &TcpListener) -> anyhow
         http: config
             .advertise_http
             .clone()
-            .unwrap_or_else(|| format!("http://{http_addr}")),
+            .unwrap_or_else(|| format!("{scheme}://{http_addr}")),
         quic: None,
         points: config.points,
         state: MemberState::Active,
@@ -110,20 +133,37 @@ fn own_record(config: &Config, http: &TcpListener, grpc: &TcpListener) -> anyhow
     })
 }
 
-/// Serves the internal `Node` service on `grpc` until the node shuts down; a `Drain`
-/// call cancels `drain`.
-fn serve_internal(node: &Arc<Node>, grpc: TcpListener, drain: CancellationToken) {
+/// Serves the internal `Node` service on `grpc` until the node shuts down — over
+/// mutual TLS with `tls` — ; a `Drain` call cancels `drain`.
+fn serve_internal(
+    node: &Arc<Node>,
+    grpc: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    drain: CancellationToken,
+) {
     let stop = node.shutdown.clone();
     let service = NodeServer::new(NodeService::new(node.clone(), drain))
         .max_decoding_message_size(node.config.max_grpc_message());
+    let tasks = node.tasks.clone();
     node.tasks.spawn(async move {
-        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
-        // set here, or every reply larger than a segment waits for a delayed ACK.
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let served = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-            .await;
+        let mut server = tonic::transport::Server::builder();
+        let server = server.add_service(service);
+        let accepting = stop.clone();
+        let until = async move { stop.cancelled().await };
+        let served = match tls {
+            Some(tls) => {
+                let incoming = ringfeed_router::tls::incoming(grpc, tls, &tasks, accepting);
+                server.serve_with_incoming_shutdown(incoming, until).await
+            }
+            None => {
+                // `Server::tcp_nodelay` applies only to listeners tonic binds itself:
+                // ours is set here, or every reply larger than a segment waits for a
+                // delayed ACK.
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+                server.serve_with_incoming_shutdown(incoming, until).await
+            }
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "internal gRPC server failed");
         }

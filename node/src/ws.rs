@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -266,18 +267,21 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
             return None;
         }
     };
-    // The listener serves plain TCP, so the stream comes back whole: the session reads
-    // and writes it without hyper's box around it.
+    // The stream comes back whole, plain or TLS: the session reads and writes it
+    // without hyper's box around it (over TLS, driving rustls itself).
+    let config = socket_config(node.config.max_frame);
     let socket = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Socket::new(
-            parts.io.into_inner(),
-            parts.read_buf,
-            socket_config(node.config.max_frame),
-        ),
-        Err(_) => {
-            tracing::error!("an upgraded connection is not a TCP stream");
-            return None;
-        }
+        Ok(parts) => Socket::new(parts.io.into_inner(), None, parts.read_buf, config),
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let (stream, tls) = parts.io.into_inner().into_inner();
+                Socket::new(stream, Some(Box::new(tls)), parts.read_buf, config)
+            }
+            Err(_) => {
+                tracing::error!("an upgraded connection is neither TCP nor TLS over TCP");
+                return None;
+            }
+        },
     };
     let mut session = Session { node, socket };
     match query {

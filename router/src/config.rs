@@ -137,6 +137,8 @@ pub struct Config {
     pub api_tokens_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub failures: FailureArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Runtime worker threads (0: one per core). A router sharing a box's cores with
     /// nodes wants its share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
@@ -175,6 +177,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.membership.validate()?;
         self.failures.validate()?;
+        self.tls.validate()?;
         if self.publish_timeout_ms == 0 {
             return Err("--publish-timeout-ms must be > 0".into());
         }

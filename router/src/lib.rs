@@ -6,6 +6,8 @@
 //!   registration under a lease.
 //! * [`backoff`] — jittered exponential back-off.
 //! * [`api_token`] — the API tokens services and operators present.
+//! * [`tls`] — rustls (ring) for listeners and calls between processes, mutual with
+//!   the cluster CA.
 //! * [`throttle`] — failed authentications per source, a burst then refusals.
 //! * [`watch`] — values read from files (tokens, secrets, certificates), read again
 //!   when the files change or on `SIGHUP`.
@@ -26,6 +28,7 @@ pub mod membership;
 pub mod ring;
 pub mod service;
 pub mod throttle;
+pub mod tls;
 pub mod watch;
 
 /// Logs to stderr, filtered by `RINGFEED_LOG` (default `info`), in colour only on a

@@ -11,6 +11,7 @@ use ringfeed_router::config::Config;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
 use ringfeed_router::membership::Membership;
 use ringfeed_router::service::RouterService;
+use ringfeed_router::tls::Tls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,15 +32,19 @@ fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     // Files are read before any port is bound: a bad one is a configuration error.
-    let tokens = match runtime.block_on(async { config.load_api_tokens(&tasks, shutdown.clone()) })
-    {
-        Ok(tokens) => tokens,
+    let loaded = runtime.block_on(async {
+        let tokens = config.load_api_tokens(&tasks, shutdown.clone())?;
+        let tls = config.tls.load(&tasks, shutdown.clone())?;
+        Ok::<_, String>((tokens, tls))
+    });
+    let (tokens, tls) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("ringfeed-router: bad configuration: {e}");
             return ExitCode::from(64);
         }
     };
-    match runtime.block_on(run(config, tokens, tasks, shutdown)) {
+    match runtime.block_on(run(config, tokens, tls, tasks, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed-router: {e:#}");
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
 async fn run(
     config: Config,
     tokens: Option<Gate>,
+    tls: Tls,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -66,6 +72,7 @@ async fn run(
             max_payload: config.max_payload,
             max_batch: config.max_batch,
             default_deadline: Duration::from_millis(config.publish_timeout_ms),
+            tls: tls.client().map_err(|e| anyhow::anyhow!(e))?,
         },
         tasks.clone(),
         shutdown.clone(),
@@ -85,13 +92,27 @@ async fn run(
     tracing::info!(%addr, cluster = %config.membership.cluster, "router serving");
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
     // set here, or every reply larger than a segment waits for a delayed ACK (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
-    tonic::transport::Server::builder()
-        .add_service(reflection)
-        .add_service(router)
-        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-        .await?;
+    let until = async move { stop.cancelled().await };
+    let mut server = tonic::transport::Server::builder();
+    let server = server.add_service(reflection).add_service(router);
+    // Callers: gRPC over TLS when the router has a certificate (callers need not
+    // present one: they present API tokens).
+    match tls
+        .server(&[b"h2"], false)
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        Some(config) => {
+            let incoming =
+                ringfeed_router::tls::incoming(listener, config, &tasks, shutdown.clone());
+            server.serve_with_incoming_shutdown(incoming, until).await?;
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            server.serve_with_incoming_shutdown(incoming, until).await?;
+        }
+    }
     shutdown.cancel();
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;

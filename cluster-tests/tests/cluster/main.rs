@@ -6,6 +6,7 @@ mod auth;
 mod chaos;
 mod delivery;
 mod routing;
+mod secure;
 
 use std::time::Duration;
 

@@ -32,6 +32,7 @@ use axum::routing::get;
 use http::{header, HeaderValue, Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -122,8 +123,11 @@ impl Reserve {
     }
 }
 
-/// Accepts connections until shutdown, then lets open requests finish.
-pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+/// Accepts connections until shutdown, then lets open requests finish. With `tls`,
+/// every connection is TLS first, then HTTP/2 or HTTP/1.1 as ALPN chose (WebSocket
+/// upgrades are HTTP/1.1).
+pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<ServerConfig>>) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let app = router(node.clone());
     let reserve_app = reserve_router(node.clone());
     let reserve = Arc::new(Reserve::default());
@@ -158,26 +162,95 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
         let shutdown = node.shutdown.clone();
         let handshake_timeout = node.config.handshake_timeout();
         let span = tracing::debug_span!("http", %peer);
+        let acceptor = acceptor.clone();
         let conn = async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(handshake_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match acceptor {
+                None => {
+                    serve_http1(TokioIo::new(stream), service, handshake_timeout, shutdown).await
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "http connection ended");
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let io = TokioIo::new(stream);
+                    if h2 {
+                        serve_http2(io, service, shutdown).await;
+                    } else {
+                        serve_http1(io, service, handshake_timeout, shutdown).await;
+                    }
+                }
             }
             drop(permit);
         };
         node.tasks.spawn(conn.instrument(span));
+    }
+}
+
+/// Serves HTTP/1.1 (with WebSocket upgrades) on one connection until it ends; at
+/// shutdown, open requests finish.
+async fn serve_http1<I, S>(io: I, service: S, header_timeout: Duration, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: 'static + Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended");
+    }
+}
+
+/// Serves HTTP/2 (TLS with ALPN `h2`) on one connection: many SSE streams and polls at
+/// once on one connection, past browsers' six-connections-per-host limit.
+async fn serve_http2<I, S>(io: I, service: S, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: 'static + Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+{
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http/2 connection ended");
     }
 }
 

@@ -1,5 +1,8 @@
 //! A server-side WebSocket on a tokio `TcpStream` that holds no buffer while idle.
 //!
+//! Over TLS, the stream's rustls connection is driven here, without an async wrapper:
+//! its reads and writes are the same non-blocking calls, through rustls's buffers.
+//!
 //! tungstenite does the protocol: it reads and checks the client's frames, answers its
 //! pings, and runs the close handshake. The session's own frames (updates, replies,
 //! heartbeat pings) are framed here with tungstenite's `FrameHeader` into a buffer that
@@ -55,11 +58,17 @@ struct Out {
 impl Socket {
     /// A WebSocket on `stream`, whose handshake is done; `read` is what was read past
     /// the handshake (a client may send frames right behind its request).
-    pub(super) fn new(stream: TcpStream, read: Bytes, config: WebSocketConfig) -> Self {
+    pub(super) fn new(
+        stream: TcpStream,
+        tls: Option<Box<rustls::ServerConnection>>,
+        read: Bytes,
+        config: WebSocketConfig,
+    ) -> Self {
         let mut scan = Scan::default();
         scan.feed(&read);
         let tcp = Tcp {
             stream,
+            tls,
             // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
             spill: (!read.is_empty()).then(|| Box::new(Bytes::copy_from_slice(&read))),
             scan,
@@ -167,7 +176,18 @@ impl Socket {
             // Nothing of ours is on the wire yet: tungstenite's bytes go first.
             ready!(self.poll_flush_tungstenite(cx))?;
         }
-        self.poll_write_own(cx)
+        ready!(self.poll_write_own(cx))?;
+        // Over TLS, what rustls holds encrypted goes out too.
+        let tcp = self.ws.get_mut();
+        loop {
+            match tcp.flush_tls() {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(tcp.stream.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(WsError::Io(e))),
+            }
+        }
     }
 
     /// Writes what tungstenite has queued (a pong, a close frame).
@@ -186,12 +206,12 @@ impl Socket {
     /// Writes the rest of `out`, then frees it.
     fn poll_write_own(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         if let Some(out) = &mut self.out {
-            let stream = &self.ws.get_ref().stream;
+            let tcp = self.ws.get_mut();
             while out.written < out.bytes.len() {
-                match stream.try_write(&out.bytes[out.written..]) {
+                match tcp.send(&out.bytes[out.written..]) {
                     Ok(n) => out.written += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(stream.poll_write_ready(cx))?;
+                        ready!(tcp.stream.poll_write_ready(cx))?;
                     }
                     Err(e) => return Poll::Ready(Err(WsError::Io(e))),
                 }
@@ -218,6 +238,8 @@ impl Socket {
 /// `WouldBlock` when the kernel has nothing or no room.
 struct Tcp {
     stream: TcpStream,
+    /// The TLS connection, for a `wss://` client: boxed, one pointer when plain.
+    tls: Option<Box<rustls::ServerConnection>>,
     /// What a read took from the kernel beyond what tungstenite asked for; `None` once
     /// it has been handed over. Boxed: it is rare, and every idle connection holds
     /// the slot (8 bytes rather than a `Bytes`' 32).
@@ -234,12 +256,12 @@ impl Read for Tcp {
             Some(spill) => spill,
             None => {
                 if buf.len() >= READ_CHUNK {
-                    let n = self.stream.try_read(buf)?;
+                    let n = self.recv(buf)?;
                     self.scan.feed(&buf[..n]);
                     return Ok(n);
                 }
                 let mut chunk = [0u8; READ_CHUNK];
-                let n = self.stream.try_read(&mut chunk)?;
+                let n = self.recv(&mut chunk)?;
                 self.scan.feed(&chunk[..n]);
                 if n <= buf.len() {
                     buf[..n].copy_from_slice(&chunk[..n]);
@@ -393,13 +415,93 @@ impl Scan {
 
 impl Write for Tcp {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let written = self.stream.try_write(buf);
+        let written = self.send(buf);
         let blocked = matches!(&written, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
         self.scan.set_flag(Scan::WRITE_BLOCKED, blocked);
         written
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.flush_tls()
+    }
+}
+
+/// The socket as rustls reads and writes it: non-blocking.
+struct Raw<'a>(&'a TcpStream);
+
+impl Read for Raw<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for Raw<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Tcp {
+    /// Reads what the client sent, decrypted over TLS; `WouldBlock` when nothing is
+    /// there yet, 0 at its end.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.stream.try_read(buf);
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut Raw(&self.stream))? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Tell the client why (an alert), as far as the socket takes it.
+                let _ = tls.write_tls(&mut Raw(&self.stream));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            // What reading made rustls say (a key update): out now if there is room.
+            match Self::push(&self.stream, tls) {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+        }
+    }
+
+    /// Writes `buf` to the client, encrypted over TLS; `WouldBlock` when there is no
+    /// room. Over TLS, bytes are taken only once rustls has written out all it held,
+    /// so it never holds more than one write's worth.
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.stream.try_write(buf);
+        };
+        Self::push(&self.stream, tls)?;
+        let n = tls.writer().write(buf)?;
+        match Self::push(&self.stream, tls) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            // Taken: the rest goes out with the next write or flush.
+            _ => Ok(n),
+        }
+    }
+
+    /// Writes out what rustls holds; `WouldBlock` while some of it is left.
+    fn flush_tls(&mut self) -> io::Result<()> {
+        match &mut self.tls {
+            Some(tls) => Self::push(&self.stream, tls),
+            None => Ok(()),
+        }
+    }
+
+    fn push(stream: &TcpStream, tls: &mut rustls::ServerConnection) -> io::Result<()> {
+        while tls.wants_write() {
+            tls.write_tls(&mut Raw(stream))?;
+        }
         Ok(())
     }
 }

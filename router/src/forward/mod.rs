@@ -59,6 +59,8 @@ pub struct ForwardConfig {
     /// How long a call may take when the caller sets no deadline. Long enough to cover
     /// a lease expiry, so publishes to a crashed owner land on its successor.
     pub default_deadline: Duration,
+    /// Mutual TLS to nodes (the cluster CA, this process's certificate); plain without.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ForwardConfig {
@@ -67,6 +69,7 @@ impl Default for ForwardConfig {
             max_payload: 64 * 1024,
             max_batch: 1000,
             default_deadline: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -173,7 +176,8 @@ impl Forwarder {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let client = NodeClient::new(endpoint.connect_lazy());
+        let channel = crate::tls::channel(endpoint, grpc, self.config.tls.as_ref());
+        let client = NodeClient::new(channel);
         channels.insert(grpc.to_owned(), client.clone());
         Ok(client)
     }
