@@ -101,22 +101,30 @@ pub struct Etcd {
     child: Option<Child>,
     dir: tempfile::TempDir,
     pub endpoint: String,
-    client_port: u16,
     peer_port: u16,
+    /// Over TLS: the folder of `ringfeed-node certs` (`etcd.pem`, `client.pem`, `ca.pem`).
+    tls: Option<PathBuf>,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Result<Etcd> {
+        Etcd::start_with(None).await
+    }
+
+    /// Starts etcd, over TLS asking clients for a certificate when `tls` names a folder
+    /// of `ringfeed-node certs` with `etcd` and `client` certificates.
+    pub async fn start_with(tls: Option<PathBuf>) -> Result<Etcd> {
         let mut dir = etcd_dir()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         for _attempt in 0..3 {
             let (client_port, peer_port) = (free_port(), free_port());
             let mut etcd = Etcd {
                 child: None,
-                endpoint: format!("http://127.0.0.1:{client_port}"),
+                endpoint: format!("{scheme}://127.0.0.1:{client_port}"),
                 dir,
-                client_port,
                 peer_port,
+                tls: tls.clone(),
             };
             match etcd.spawn().await {
                 Ok(()) => return Ok(etcd),
@@ -132,9 +140,32 @@ impl Etcd {
     async fn spawn(&mut self) -> Result<()> {
         let data = self.dir.path().join("data");
         let log = append_to(&self.dir.path().join("etcd.log"))?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint.clone();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        let mut options = None;
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(tls.join("etcd.pem"))
+                .arg("--key-file")
+                .arg(tls.join("etcd.key"))
+                .arg("--trusted-ca-file")
+                .arg(tls.join("ca.pem"))
+                .arg("--client-cert-auth");
+            let read = |name: &str| std::fs::read(tls.join(name));
+            options = Some(
+                etcd_client::ConnectOptions::new().with_tls(
+                    etcd_client::TlsOptions::new()
+                        .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")?))
+                        .identity(etcd_client::Identity::from_pem(
+                            read("client.pem")?,
+                            read("client.key")?,
+                        )),
+                ),
+            );
+        }
+        let child = command
             .args(["--name", "test", "--data-dir"])
             .arg(&data)
             .args([
@@ -164,11 +195,9 @@ impl Etcd {
                     bail!("etcd exited with {status}");
                 }
             }
-            if etcd_client::Client::connect([client.as_str()], None)
-                .await
-                .is_ok()
+            if let Ok(mut c) =
+                etcd_client::Client::connect([client.as_str()], options.clone()).await
             {
-                let mut c = etcd_client::Client::connect([client.as_str()], None).await?;
                 if c.status().await.is_ok() {
                     return Ok(());
                 }
@@ -357,11 +386,11 @@ impl ClusterBuilder {
     }
 
     pub async fn start(mut self) -> Result<Cluster> {
-        let etcd = Etcd::start().await?;
         let tls_dir = tempfile::Builder::new().prefix("ringfeed-tls-").tempdir()?;
         if self.secure {
             self.make_secure(tls_dir.path()).await?;
         }
+        let etcd = Etcd::start_with(self.secure.then(|| tls_dir.path().to_path_buf())).await?;
         let mut proxies = HashMap::new();
         for id in &self.etcd_proxied {
             let proxy = TcpProxy::start(etcd.endpoint.trim_start_matches("http://")).await?;
@@ -418,7 +447,7 @@ impl ClusterBuilder {
             certs.args(["--node", id]);
         }
         let made = certs
-            .args(["--name", "router", "--name", "client"])
+            .args(["--name", "router", "--name", "client", "--name", "etcd"])
             .output()
             .await?;
         ensure_ok(&made, "ringfeed-node certs")?;
@@ -426,6 +455,18 @@ impl ClusterBuilder {
         std::fs::write(dir.join("secrets"), format!("{SECURE_SECRET}\n"))?;
         std::fs::write(dir.join("tokens"), format!("{SECURE_TOKEN}\n"))?;
         std::fs::write(dir.join("token"), format!("{SECURE_TOKEN}\n"))?;
+        // etcd over TLS, with the client certificate.
+        let etcd = [
+            "--etcd-ca",
+            &file("ca.pem"),
+            "--etcd-cert",
+            &file("client.pem"),
+            "--etcd-key",
+            &file("client.key"),
+        ]
+        .map(String::from);
+        self.node_args.extend(etcd.clone());
+        self.router_args.extend(etcd);
         self.node_args.extend(
             [
                 "--auth",

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api_token::{read_list, ApiTokens, Gate};
-use crate::membership::MembershipConfig;
+use crate::membership::{EtcdSecurity, MembershipConfig};
 use crate::throttle::Throttle;
 
 /// How many failed authentications a source may make: the flags every process that
@@ -84,6 +84,23 @@ pub struct ClusterArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd: Vec<String>,
+    /// The CA (PEM) that signed etcd's certificate: etcd over TLS (`https://`
+    /// endpoints).
+    #[arg(long, env = "RINGFEED_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) to present to etcd (with --etcd-key), for an etcd
+    /// that asks for one (`--client-cert-auth`).
+    #[arg(long, env = "RINGFEED_ETCD_CERT")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "RINGFEED_ETCD_KEY")]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// An etcd user, for an etcd with authentication on (with --etcd-password-file).
+    #[arg(long, env = "RINGFEED_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// A file whose first line is --etcd-user's password.
+    #[arg(long, env = "RINGFEED_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<std::path::PathBuf>,
 }
 
 impl ClusterArgs {
@@ -98,7 +115,41 @@ impl ClusterArgs {
         if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
             return Err("--etcd needs at least one endpoint".into());
         }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return Err("--etcd-cert and --etcd-key go together".into());
+        }
+        if self.etcd_cert.is_some() && self.etcd_ca.is_none() {
+            return Err("--etcd-cert needs --etcd-ca (etcd over TLS)".into());
+        }
+        if self.etcd_user.is_some() != self.etcd_password_file.is_some() {
+            return Err("--etcd-user and --etcd-password-file go together".into());
+        }
+        // Read now, so a missing file is a configuration error before any port is bound.
+        self.etcd_security()?;
         Ok(())
+    }
+
+    /// What connecting to etcd needs beyond its endpoints, read from the files named.
+    pub fn etcd_security(&self) -> Result<EtcdSecurity, String> {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let ca = match &self.etcd_ca {
+            Some(path) => Some(read("--etcd-ca", path)?),
+            None => None,
+        };
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some((read("--etcd-cert", cert)?, read("--etcd-key", key)?)),
+            _ => None,
+        };
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(path)) => {
+                let password = read_list("--etcd-password-file", path)?.swap_remove(0);
+                Some((user.clone(), password))
+            }
+            _ => None,
+        };
+        Ok(EtcdSecurity { ca, identity, user })
     }
 
     /// The membership these flags name, with leases of `lease_ttl`.
@@ -107,6 +158,8 @@ impl ClusterArgs {
             endpoints: self.etcd.clone(),
             cluster: self.cluster.clone(),
             lease_ttl,
+            // Checked by `validate`, which every binary runs before this.
+            security: self.etcd_security().unwrap_or_default(),
         }
     }
 }

@@ -26,10 +26,22 @@ impl Membership {
         // etcd refuses HTTP/2 pings more often than every 5 s on a connection without
         // traffic (GOAWAY "too many pings"), so keep-alive pings stay above that; a
         // dead etcd shows up through the requests' own timeouts.
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(ETCD_REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(false);
+        let security = &config.security;
+        if let Some(ca) = &security.ca {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(ca.clone()));
+            if let Some((cert, key)) = &security.identity {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert.clone(), key.clone()));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some((user, password)) = &security.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
         let client = timed(Client::connect(&config.endpoints, Some(options))).await?;
         let membership = Membership::new(Some(client), &config.cluster, config.lease_ttl);
         membership.read_fresh().await?;

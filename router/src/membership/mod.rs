@@ -57,6 +57,30 @@ pub struct MembershipConfig {
     pub cluster: String,
     /// Lease TTL of a node's record; keep-alives go out every TTL/3.
     pub lease_ttl: Duration,
+    /// TLS and credentials for etcd.
+    pub security: EtcdSecurity,
+}
+
+/// How to reach a secured etcd: TLS (its CA, and a client certificate if it asks for
+/// one) and a user. Never printed.
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    /// The CA (PEM) of etcd's certificate: TLS on.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and key (PEM).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// A user and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("tls", &self.ca.is_some())
+            .field("client_cert", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
 }
 
 /// A ring as of an etcd revision.
