@@ -341,6 +341,86 @@ where
     }
 }
 
+/// Asks the node at `base` (`http://…` or `https://…`) for a ticket for `key` with the
+/// API token `api_token` (`POST /v1/tickets`), for subject `sub`, valid `ttl_s`
+/// seconds, with every right; over TLS trusting `tls`'s CA.
+pub async fn request_ticket(
+    base: &str,
+    api_token: &str,
+    key: &str,
+    sub: &str,
+    ttl_s: u64,
+    tls: Option<&Tls>,
+) -> Result<String, ClientError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bad = |e: String| ClientError::Unexpected(format!("POST /v1/tickets: {e}"));
+    let (https, rest) = match (base.strip_prefix("https://"), base.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        _ => (false, base),
+    };
+    let host = rest.trim_end_matches('/');
+    let body = serde_json::json!({
+        "sub": sub, "key": key, "ttl_s": ttl_s, "publish": true, "presence": true,
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/tickets HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAuthorization: Bearer {api_token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let tcp = TcpStream::connect(host)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    let mut raw = Vec::new();
+    let exchange = async {
+        if https {
+            let tls = tls.ok_or_else(|| bad("https needs a CA".into()))?;
+            let name = host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned();
+            let name =
+                rustls::pki_types::ServerName::try_from(name).map_err(|e| bad(e.to_string()))?;
+            let mut stream = tokio_rustls::TlsConnector::from(tls.config())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            // A TLS peer may close without close_notify: what arrived is the answer.
+            let _ = stream.read_to_end(&mut raw).await;
+        } else {
+            let mut stream = tcp;
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            stream
+                .read_to_end(&mut raw)
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        Ok::<_, ClientError>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| bad("timed out".into()))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, answer) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no answer".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(bad(head.lines().next().unwrap_or("").to_owned()
+            + " "
+            + answer.trim()));
+    }
+    let answer: serde_json::Value =
+        serde_json::from_str(answer.trim()).map_err(|e| bad(e.to_string()))?;
+    answer["ticket"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| bad("no ticket in the answer".into()))
+}
+
 /// Publishing through a router.
 pub mod publisher {
     use ringfeed_proto::v1::router_client::RouterClient;

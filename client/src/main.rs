@@ -13,6 +13,19 @@ use ringfeed_proto::v1::GetRingRequest;
     about = "A command-line client for a ringfeed cluster"
 )]
 struct Cli {
+    /// The CA (PEM) that signed the cluster's certificates, for https://, wss:// and
+    /// gRPC over TLS (`.cluster/tls/ca.pem` for `scripts/cluster --secure`).
+    #[arg(long, global = true, env = "RINGFEED_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// An API token: sent to the router (publish, ring) and, to subscribe, used to ask
+    /// the node for a ticket.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGFEED_API_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +42,9 @@ enum Command {
         /// Stop after this many updates.
         #[arg(long)]
         count: Option<u64>,
+        /// A ticket for KEY (else one is asked for with --token, when given).
+        #[arg(long, env = "RINGFEED_TICKET", hide_env_values = true)]
+        ticket: Option<String>,
     },
     /// Publish one JSON value to KEY through a router.
     Publish {
@@ -48,7 +64,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse().command).await {
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringfeed: {e:#}");
@@ -57,15 +73,59 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Subscribe { node, key, count } => subscribe(&node, &key, count).await,
+/// `request` with the API token, if there is one.
+fn with_token<T>(
+    mut request: tonic::Request<T>,
+    token: Option<&str>,
+) -> anyhow::Result<tonic::Request<T>> {
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = match &cli.ca {
+        Some(path) => Some(ringfeed_client::Tls::from_ca_file(path)?),
+        None => None,
+    };
+    let token = cli.token.as_deref();
+    match cli.command {
+        Command::Subscribe {
+            node,
+            key,
+            count,
+            ticket,
+        } => {
+            let ticket = match (ticket, token) {
+                (Some(ticket), _) => Some(ticket),
+                (None, Some(token)) => Some(
+                    ringfeed_client::request_ticket(
+                        &node,
+                        token,
+                        &key,
+                        "ringfeed-cli",
+                        3600,
+                        tls.as_ref(),
+                    )
+                    .await?,
+                ),
+                (None, None) => None,
+            };
+            subscribe(&node, &key, count, ticket, tls.as_ref()).await
+        }
         Command::Publish { router, key, data } => {
             let value: serde_json::Value = serde_json::from_str(&data)
                 .map_err(|e| anyhow::anyhow!("DATA is not JSON: {e}"))?;
-            let mut client = publisher::connect(&router).await?;
+            let mut client = publisher::connect_with(&router, tls.as_ref()).await?;
             let reply = client
-                .publish(publisher::json(&key, &value))
+                .publish(with_token(
+                    tonic::Request::new(publisher::json(&key, &value)),
+                    token,
+                )?)
                 .await?
                 .into_inner();
             println!(
@@ -76,8 +136,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ring { router } => {
-            let mut client = publisher::connect(&router).await?;
-            let ring = client.get_ring(GetRingRequest {}).await?.into_inner();
+            let mut client = publisher::connect_with(&router, tls.as_ref()).await?;
+            let ring = client
+                .get_ring(with_token(tonic::Request::new(GetRingRequest {}), token)?)
+                .await?
+                .into_inner();
             println!(
                 "cluster {} ring_version {} ring_id {}",
                 ring.cluster, ring.ring_version, ring.ring_id
@@ -90,20 +153,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn subscribe(node: &str, key: &str, count: Option<u64>) -> anyhow::Result<()> {
+async fn subscribe(
+    node: &str,
+    key: &str,
+    count: Option<u64>,
+    ticket: Option<String>,
+    tls: Option<&ringfeed_client::Tls>,
+) -> anyhow::Result<()> {
     let mut last: Option<(u64, String)> = None;
     let mut seen = 0u64;
+    // The ticket first; then the resume token each welcome hands back.
+    let mut credential = ticket.map(|t| ("ticket", t));
     loop {
-        let url = connect_url(
+        let mut url = connect_url(
             node,
             key,
             last.as_ref().map(|(s, e)| (*s, Some(e.as_str()))),
         );
-        let mut sub = Subscription::connect(&url).await?;
-        eprintln!("connected to {} ({})", sub.node(), sub.url);
-        if let Frame::Welcome { epoch, seq, .. } = &sub.welcome {
+        if let Some((name, value)) = &credential {
+            url = url::Url::parse_with_params(&url, [(name, value)])?.to_string();
+        }
+        let mut sub = Subscription::connect_with(&url, tls).await?;
+        // The URL carries the ticket: show where, not with what.
+        eprintln!("connected to {}", sub.node());
+        if let Frame::Welcome {
+            epoch, seq, resume, ..
+        } = &sub.welcome
+        {
             if last.is_none() {
                 last = Some((*seq, epoch.clone()));
+            }
+            if let Some(resume) = resume {
+                credential = Some(("resume", resume.clone()));
             }
         }
         loop {

@@ -166,12 +166,15 @@ pub struct Config {
     /// How long shutdown waits for connections to close before forcing them.
     #[arg(long, env = "RINGFEED_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
-    /// Origins allowed for CORS and WebSocket upgrades, comma-separated; `*` allows all.
+    /// Origins allowed for CORS and WebSocket upgrades, comma-separated
+    /// (`scheme://host[:port]`, as browsers send them; spaces around entries are
+    /// ignored); `*` allows all.
     #[arg(
         long,
         env = "RINGFEED_ALLOWED_ORIGINS",
         value_delimiter = ',',
-        default_value = "*"
+        default_value = "*",
+        value_parser = parse_origin
     )]
     pub allowed_origins: Vec<String>,
     /// Require a ticket from every client for its key, and an API token for
@@ -533,8 +536,29 @@ impl Config {
 
     /// Whether a browser on `origin` may use this node.
     pub fn origin_allowed(&self, origin: &str) -> bool {
-        self.allowed_origins.iter().any(|o| o == "*" || o == origin)
+        self.allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
     }
+}
+
+/// One `--allowed-origins` entry: `*`, `null`, or `http(s)://host[:port]` with no path
+/// — what a browser's `Origin` header can be — trimmed and lower-cased.
+fn parse_origin(raw: &str) -> Result<String, String> {
+    let origin = raw.trim().to_ascii_lowercase();
+    if origin == "*" || origin == "null" {
+        return Ok(origin);
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| format!("{raw:?} is not an origin: it starts with http:// or https://"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '@']) {
+        return Err(format!(
+            "{raw:?} is not an origin: scheme://host[:port], with no path or trailing slash"
+        ));
+    }
+    Ok(origin)
 }
 
 #[cfg(test)]
@@ -611,5 +635,28 @@ mod tests {
         c.allowed_origins = vec!["https://a.example".into()];
         assert!(c.origin_allowed("https://a.example"));
         assert!(!c.origin_allowed("https://b.example"));
+        // Entries are trimmed and checked as a browser would send them.
+        let parsed = Config::try_parse_from([
+            "ringfeed-node",
+            "--id",
+            "n1",
+            "--allowed-origins",
+            "https://a.example, HTTP://B.example:8080",
+        ])
+        .unwrap();
+        assert!(parsed.origin_allowed("http://b.example:8080"));
+        assert!(parsed.origin_allowed("https://a.example"));
+        for bad in [
+            "https://a.example/",
+            "a.example",
+            "https://a.example/app",
+            "ws://a.example",
+        ] {
+            assert!(
+                Config::try_parse_from(["ringfeed-node", "--id", "n1", "--allowed-origins", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 }
