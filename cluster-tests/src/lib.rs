@@ -328,6 +328,7 @@ pub fn tls() -> Option<ringfeed_client::Tls> {
 /// Builds a [`Cluster`].
 pub struct ClusterBuilder {
     secure: bool,
+    log: Option<String>,
     nodes: usize,
     lease_ttl: u64,
     node_args: Vec<String>,
@@ -350,6 +351,12 @@ impl ClusterBuilder {
     /// ([`SECURE_TOKEN`]) on nodes and router.
     pub fn secure(mut self) -> Self {
         self.secure = true;
+        self
+    }
+
+    /// Every process's `RINGFEED_LOG` (default: the test's own, else `info`).
+    pub fn log(mut self, filter: &str) -> Self {
+        self.log = Some(filter.to_owned());
         self
     }
 
@@ -404,6 +411,7 @@ impl ClusterBuilder {
             lease_ttl: self.lease_ttl,
             node_args: self.node_args,
             router_args: self.router_args,
+            log: self.log,
             args_for: self.args_for,
             proxies,
             nodes: Vec::new(),
@@ -518,6 +526,7 @@ fn ensure_ok(output: &std::process::Output, what: &str) -> Result<()> {
 pub struct Cluster {
     pub name: String,
     pub lease_ttl: u64,
+    log: Option<String>,
     node_args: Vec<String>,
     router_args: Vec<String>,
     args_for: HashMap<String, Vec<String>>,
@@ -542,6 +551,7 @@ impl Cluster {
             args_for: HashMap::new(),
             etcd_proxied: Vec::new(),
             secure: false,
+            log: None,
         }
     }
 
@@ -604,10 +614,7 @@ impl Cluster {
             .args(&self.node_args)
             .args(self.args_for.get(id).into_iter().flatten())
             .args(args)
-            .env(
-                "RINGFEED_LOG",
-                std::env::var("RINGFEED_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RINGFEED_LOG", self.log_filter())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -697,6 +704,7 @@ impl Cluster {
                 "127.0.0.1:0",
             ])
             .args(&self.router_args)
+            .env("RINGFEED_LOG", self.log_filter())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -797,6 +805,16 @@ impl Cluster {
             tail(&self.etcd.log(), 20)
         ));
         out
+    }
+}
+
+impl Cluster {
+    /// The `RINGFEED_LOG` every process gets.
+    fn log_filter(&self) -> String {
+        self.log
+            .clone()
+            .or_else(|| std::env::var("RINGFEED_LOG").ok())
+            .unwrap_or_else(|| "info".into())
     }
 }
 

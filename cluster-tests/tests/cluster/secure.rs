@@ -162,7 +162,13 @@ async fn call_every_rpc(
 async fn a_secure_cluster_serves_wss_h2_sse_and_grpc_over_tls_and_refuses_peers_without_credentials(
 ) {
     bounded(async {
-        let mut cluster = Cluster::builder().nodes(3).secure().start().await?;
+        // At debug, so that the log check below sees everything a process might say.
+        let mut cluster = Cluster::builder()
+            .nodes(3)
+            .secure()
+            .log("debug")
+            .start()
+            .await?;
         let dir = cluster.tls_dir().context("a secure cluster")?.to_path_buf();
         let ca = tls().context("the cluster's CA")?;
         let key = "user:secure";
@@ -372,6 +378,7 @@ async fn a_secure_cluster_serves_wss_h2_sse_and_grpc_over_tls_and_refuses_peers_
             n.terminate(FRAME_TIMEOUT).await.ok();
         }
         let logs = cluster.logs_full();
+        ensure!(logs.contains("DEBUG"), "the processes did not log at debug");
         for secret in &secrets_seen {
             ensure!(
                 !logs.contains(secret.as_str()),
