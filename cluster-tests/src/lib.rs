@@ -653,6 +653,7 @@ impl Cluster {
     ) -> Result<std::process::Output> {
         let output = Command::new(binary("ringfeed-node"))
             .args(["drain", "--id", id, "--cluster", &self.name])
+            .args(self.cli_args())
             .args(args)
             .args(["--etcd", &self.etcd.endpoint, "--wait-secs", "30"])
             .kill_on_drop(true)
@@ -765,6 +766,33 @@ impl Cluster {
     /// `/v1/ring` of `node`.
     pub async fn ring(&self, node: &NodeProc) -> Result<serde_json::Value> {
         http_json(&format!("{}/v1/ring", node.http)).await
+    }
+
+    /// The flags a command-line tool (`ringfeed-node drain`) needs to reach this
+    /// cluster: for a secure one, etcd's CA and the `client` certificate, for etcd and
+    /// for mutual TLS with nodes. None for a plain one.
+    pub fn cli_args(&self) -> Vec<String> {
+        let Some(dir) = self.tls_dir() else {
+            return Vec::new();
+        };
+        let file = |name: &str| dir.join(name).display().to_string();
+        let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+        [
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// A secure cluster's folder of certificates and secrets.

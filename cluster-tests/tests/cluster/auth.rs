@@ -3,56 +3,28 @@
 
 use anyhow::{anyhow, ensure, Context, Result};
 use ringfeed_client::{ClientError, Event, Frame, Subscription};
-use ringfeed_cluster_tests::{bin_dir, http_get, http_request, Cluster};
+use ringfeed_cluster_tests::{
+    bin_dir, http_get, http_post, http_request, tls, Cluster, SECURE_SECRET as SECRET,
+    SECURE_TOKEN as TOKEN,
+};
 
 use ringfeed_node::protocol::ticket::{Claims, Kind, Signer};
 use ringfeed_proto::v1::PublishRequest;
 
 use super::{bounded, owner_of, FRAME_TIMEOUT};
 
-const SECRET: &str = "a-ticket-secret-of-at-least-32-bytes-for-tests";
 const OTHER_CLUSTERS_SECRET: &str = "another-clusters-secret-of-at-least-32-bytes";
-const TOKEN: &str = "an-api-token-for-tests";
 
-/// A POST with a body: status and body.
-async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("not http: {url}"))?;
-    let (host, path) = rest
-        .split_once('/')
-        .ok_or_else(|| anyhow!("no path: {url}"))?;
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    let mut request = format!(
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(FRAME_TIMEOUT, stream.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no head: {text}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status: {head}"))?;
-    Ok((status, body.to_owned()))
+/// Subscribes at `url` (`wss://`: these clusters are secure).
+async fn open(url: &str) -> Result<Subscription, ClientError> {
+    Subscription::connect_with(url, tls().as_ref()).await
 }
 
 /// A ticket from `base`'s `POST /v1/tickets`.
 async fn ticket(base: &str, key: &str, rights: &str) -> Result<String> {
     let body = format!(r#"{{"sub":"alice","key":"{key}","ttl_s":60{rights}}}"#);
     let bearer = format!("Bearer {TOKEN}");
-    let (status, answer) = post(
+    let (status, answer) = http_post(
         &format!("{base}/v1/tickets"),
         &[("authorization", &bearer)],
         &body,
@@ -65,7 +37,7 @@ async fn ticket(base: &str, key: &str, rights: &str) -> Result<String> {
 
 /// Connecting to `url` is refused with close 4401.
 async fn refused_4401(url: &str, what: &str) -> Result<()> {
-    match Subscription::connect(url).await {
+    match open(url).await {
         Err(ClientError::Closed { code: 4401, .. }) => Ok(()),
         Err(e) => Err(anyhow!("{what}: expected close 4401, got {e}")),
         Ok(_) => Err(anyhow!("{what}: expected close 4401, got a welcome")),
@@ -75,24 +47,12 @@ async fn refused_4401(url: &str, what: &str) -> Result<()> {
 #[tokio::test]
 async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
     bounded(async {
-        let dir = tempfile::tempdir()?;
-        let secrets = dir.path().join("secrets");
-        let tokens = dir.path().join("tokens");
-        std::fs::write(&secrets, format!("{SECRET}\n"))?;
+        // Secure mode: TLS everywhere, tickets, API tokens. A second API token is
+        // added to the tokens file, as a rotation would.
+        let cluster = Cluster::builder().nodes(2).secure().start().await?;
+        let dir = cluster.tls_dir().context("a secure cluster")?.to_path_buf();
+        let tokens = dir.join("tokens").display().to_string();
         std::fs::write(&tokens, format!("{TOKEN}\nan-older-token-still-accepted\n"))?;
-        let (secrets, tokens) = (secrets.display().to_string(), tokens.display().to_string());
-        let cluster = Cluster::builder()
-            .nodes(2)
-            .node_args(&[
-                "--auth",
-                "--ticket-secrets-file",
-                &secrets,
-                "--api-tokens-file",
-                &tokens,
-            ])
-            .router_args(&["--api-tokens-file", &tokens])
-            .start()
-            .await?;
         cluster.converged().await;
         let key = "user:42";
         let owner = owner_of(&cluster, key).await?;
@@ -101,19 +61,23 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
         // API tokens: missing, wrong, and each accepted one.
         let body = format!(r#"{{"sub":"alice","key":"{key}","ttl_s":60}}"#);
         let tickets = format!("{base}/v1/tickets");
-        ensure!(post(&tickets, &[], &body).await?.0 == 401, "no token");
+        ensure!(http_post(&tickets, &[], &body).await?.0 == 401, "no token");
         let wrong = [("authorization", "Bearer not-a-token")];
-        ensure!(post(&tickets, &wrong, &body).await?.0 == 401, "wrong token");
-        let older = [("authorization", "Bearer an-older-token-still-accepted")];
         ensure!(
-            post(&tickets, &older, &body).await?.0 == 200,
-            "the older token"
+            http_post(&tickets, &wrong, &body).await?.0 == 401,
+            "wrong token"
         );
+        let older = [("authorization", "Bearer an-older-token-still-accepted")];
+        ringfeed_cluster_tests::eventually("the tokens file to be read again", FRAME_TIMEOUT, || {
+            let (tickets, body) = (tickets.clone(), body.clone());
+            async move { Ok((http_post(&tickets, &older, &body).await?.0 == 200).then_some(())) }
+        })
+        .await;
         let too_long = format!(r#"{{"sub":"alice","key":"{key}","ttl_s":999999}}"#);
         let bearer = format!("Bearer {TOKEN}");
         let ok = [("authorization", bearer.as_str())];
         ensure!(
-            post(&tickets, &ok, &too_long).await?.0 == 400,
+            http_post(&tickets, &ok, &too_long).await?.0 == 400,
             "ttl past the maximum"
         );
 
@@ -161,13 +125,13 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
 
         // A good ticket subscribes; its subject is the presence id; without the
         // publish right a client publish is refused.
-        let mut sub = Subscription::connect(&connect(&subscribe_only, "")).await?;
+        let mut sub = open(&connect(&subscribe_only, "")).await?;
         sub.publish(&serde_json::json!({"x": 1}), "p1").await?;
         match sub.next_within(FRAME_TIMEOUT).await? {
             Event::Frame(Frame::Nack { code, .. }) => ensure!(code == "forbidden", "nack {code}"),
             other => return Err(anyhow!("expected a nack, got {other:?}")),
         }
-        let mut present = Subscription::connect(&connect(&with_presence, "&presence=1")).await?;
+        let mut present = open(&connect(&with_presence, "&presence=1")).await?;
         present.publish(&serde_json::json!({"x": 2}), "p2").await?;
         let mut acked = false;
         for _ in 0..4 {
@@ -224,7 +188,7 @@ async fn with_auth_on_every_transport_needs_a_ticket_for_its_key() {
             status.code() == Some(64),
             "--auth without secrets exited with {status}"
         );
-        let weak = dir.path().join("weak");
+        let weak = dir.join("weak");
         std::fs::write(&weak, "short\n")?;
         let status = std::process::Command::new(bin_dir().join("ringfeed-node"))
             .args(["--id", "x", "--auth", "--api-tokens-file", &tokens])
@@ -266,18 +230,25 @@ async fn router_needs_a_token(cluster: &Cluster, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// A GET of `url` (plain HTTP) from the local address `source`: status, headers, body.
+/// A GET of `url` (`https://`) from the local address `source`: status, and the whole
+/// answer.
 async fn get_from(source: &str, url: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("http")?;
+    let rest = url.strip_prefix("https://").context("https")?;
     let (host, path) = rest.split_once('/').context("a path")?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(format!("{source}:0").parse()?)?;
-    let mut stream = socket.connect(host.parse()?).await?;
+    let tcp = socket.connect(host.parse()?).await?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let ca = tls().context("the cluster's CA")?;
+    let mut stream = tokio_rustls::TlsConnector::from(ca.config())
+        .connect(name, tcp)
+        .await?;
     let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(FRAME_TIMEOUT, stream.read_to_end(&mut raw)).await??;
+    // A TLS peer may close without close_notify: what arrived is the answer.
+    let _ = tokio::time::timeout(FRAME_TIMEOUT, stream.read_to_end(&mut raw)).await?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text
         .split_whitespace()
@@ -301,31 +272,21 @@ fn resume_of(sub: &Subscription) -> Result<String> {
 #[tokio::test]
 async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_and_throttling() {
     bounded(async {
-        let dir = tempfile::tempdir()?;
-        let secrets = dir.path().join("secrets");
-        let tokens = dir.path().join("tokens");
-        let token_file = dir.path().join("operator-token");
-        std::fs::write(&secrets, format!("{SECRET}\n"))?;
-        std::fs::write(&tokens, format!("{TOKEN}\n"))?;
-        std::fs::write(&token_file, format!("{TOKEN}\n"))?;
-        let (secrets_s, tokens_s) = (secrets.display().to_string(), tokens.display().to_string());
         let mut cluster = Cluster::builder()
             .nodes(3)
+            .secure()
             .node_args(&[
-                "--auth",
                 "--single-use-tickets",
-                "--ticket-secrets-file",
-                &secrets_s,
-                "--api-tokens-file",
-                &tokens_s,
                 "--auth-failure-burst",
                 "5",
                 "--auth-failure-rate",
                 "0.5",
             ])
-            .router_args(&["--api-tokens-file", &tokens_s])
             .start()
             .await?;
+        let dir = cluster.tls_dir().context("a secure cluster")?.to_path_buf();
+        let tokens = dir.join("tokens");
+        let token_file = dir.join("token");
         cluster.converged().await;
         let key = "doc:resume";
         let owner = owner_of(&cluster, key).await?;
@@ -334,7 +295,7 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
         // A single-use ticket admits once; the welcome's resume token admits again.
         let once = ticket(&base, key, "").await?;
         let url = format!("{}&ticket={once}", cluster.node(&owner).connect_url(key));
-        let mut sub = Subscription::connect(&url).await?;
+        let mut sub = open(&url).await?;
         let resume = resume_of(&sub)?;
         ensure!(
             !resume.contains(&once),
@@ -342,7 +303,7 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
         );
         refused_4401(&url, "a single-use ticket used twice").await?;
         let resumed = format!("{}&resume={resume}", cluster.node(&owner).connect_url(key));
-        Subscription::connect(&resumed).await?.close().await;
+        open(&resumed).await?.close().await;
         // Non-owners only redirect: a fresh single-use ticket presented to another
         // node first is still good at the owner.
         let other = cluster
@@ -353,7 +314,7 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
             .context("another node")?;
         let fresh = ticket(&base, key, "").await?;
         let via_other = format!("{}&ticket={fresh}", cluster.node(&other).connect_url(key));
-        let redirected = Subscription::connect(&via_other).await?;
+        let redirected = open(&via_other).await?;
         ensure!(redirected.redirects == 1, "expected one redirect");
         redirected.close().await;
 
@@ -375,10 +336,12 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
             let cluster_name = cluster.name.clone();
             let etcd = cluster.etcd.endpoint.clone();
             let owner = owner.clone();
+            let secure = cluster.cli_args();
             async move {
                 tokio::process::Command::new(bin_dir().join("ringfeed-node"))
                     .args(["drain", "--id", &owner, "--cluster", &cluster_name])
                     .args(["--etcd", &etcd, "--wait-secs", "30"])
+                    .args(&secure)
                     .args(&args)
                     .kill_on_drop(true)
                     .output()
@@ -402,7 +365,7 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
             "drain with a token: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let mut sub = Subscription::connect(&moved_to).await?;
+        let mut sub = open(&moved_to).await?;
         let new_owner = match &sub.welcome {
             Frame::Welcome { node, .. } => node.clone(),
             _ => unreachable!(),
@@ -422,7 +385,7 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
         let back = format!("{survivor}&resume={resume}");
         ringfeed_cluster_tests::eventually("the key to fail over", FRAME_TIMEOUT * 6, || {
             let back = back.clone();
-            async move { Ok(Some(Subscription::connect(&back).await?)) }
+            async move { Ok(Some(open(&back).await?)) }
         })
         .await
         .close()
@@ -445,14 +408,14 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
         ringfeed_cluster_tests::eventually("the new token", FRAME_TIMEOUT, || {
             let (u, b) = (tickets_url.clone(), body.clone());
             async move {
-                let new = post(&u, &with("Bearer new-token-after-rotation"), &b).await?;
+                let new = http_post(&u, &with("Bearer new-token-after-rotation"), &b).await?;
                 Ok(Some(new).filter(|(s, _)| *s == 200))
             }
         })
         .await;
         let old_bearer = format!("Bearer {TOKEN}");
         ensure!(
-            post(&tickets_url, &[("authorization", &old_bearer)], &body)
+            http_post(&tickets_url, &[("authorization", &old_bearer)], &body)
                 .await?
                 .0
                 == 200,
@@ -462,7 +425,7 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
         ringfeed_cluster_tests::eventually("the old token refused", FRAME_TIMEOUT, || {
             let (u, b, old) = (tickets_url.clone(), body.clone(), old_bearer.clone());
             async move {
-                let answer = post(&u, &[("authorization", &old)], &b).await?;
+                let answer = http_post(&u, &[("authorization", &old)], &b).await?;
                 Ok(Some(answer).filter(|(s, _)| *s == 401))
             }
         })

@@ -155,6 +155,26 @@ async fn call_every_rpc(
             .await
             .map(|_| ())),
     ));
+    // The streams: refused at the call or at their first answer.
+    let delivered = match client
+        .deliver_stream(tokio_stream::iter(vec![pb::DeliverRequest::default()]))
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    out.push(("DeliverStream".into(), delivered));
+    let replicated = match client
+        .replicate_stream(tokio_stream::iter(vec![pb::ReplicateRequest {
+            from: from.into(),
+            ..Default::default()
+        }]))
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    out.push(("ReplicateStream".into(), replicated));
     out
 }
 
@@ -274,7 +294,7 @@ async fn a_secure_cluster_serves_wss_h2_sse_and_grpc_over_tls_and_refuses_peers_
         for (rpc, result) in call_every_rpc(as_client, "n2").await {
             let code = result.err().map(|s| s.code());
             match rpc.as_str() {
-                "Replicate" | "Handoff" => ensure!(
+                "Replicate" | "ReplicateStream" | "Handoff" => ensure!(
                     code == Some(tonic::Code::PermissionDenied),
                     "{rpc} claiming n2 with the client's certificate: {code:?}"
                 ),
