@@ -41,6 +41,8 @@ pub struct DrainArgs {
 
 /// Runs `ringfeed-node drain`.
 pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    args.membership.validate().map_err(|e| anyhow!(e))?;
+    args.tls.validate().map_err(|e| anyhow!(e))?;
     let grpc = match &args.grpc {
         Some(grpc) => grpc.clone(),
         None => lookup(&args).await?,
@@ -49,7 +51,6 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("bad gRPC address {grpc:?}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
-    args.tls.validate().map_err(|e| anyhow!(e))?;
     let tasks = TaskTracker::new();
     let tls = args
         .tls
