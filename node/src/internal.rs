@@ -151,6 +151,17 @@ impl NodeService {
         }
     }
 
+    /// The most entries and idempotency records a peer's state of one key may carry:
+    /// what this node keeps of a key (its history and window) twice over, plus room
+    /// for the entries in flight; a peer's configuration may differ a little.
+    fn peer_sizes(&self) -> (usize, usize) {
+        let limits = self.node.keys.limits();
+        (
+            limits.history_len * 2 + 10_000,
+            limits.idempotency_window * 2 + 10_000,
+        )
+    }
+
     /// Notes state from peer `from` for `key` that failed its checks; it is not stored.
     fn malformed(&self, from: &str, key: &str, error: &str) {
         self.node
@@ -180,12 +191,15 @@ impl NodeService {
             .map(MemberRef::of);
         let mut refused = Vec::new();
         let limits = self.node.keys.limits().payload();
+        let (max_entries, max_window) = self.peer_sizes();
         for snapshot in request.snapshots {
             if key::validate(&snapshot.key).is_err() || !owns(&snapshot.key) {
                 refused.push(snapshot.key);
                 continue;
             }
-            if let Err(e) = peer::check_snapshot(&snapshot, limits) {
+            if let Err(e) = peer::check_snapshot(&snapshot, limits)
+                .and_then(|()| peer::check_sizes(&snapshot, max_entries, max_window))
+            {
                 self.malformed(&from, &snapshot.key, &e);
                 refused.push(snapshot.key);
                 continue;
@@ -524,8 +538,11 @@ impl node_server::Node for NodeService {
         let view = self.view(request.ring.as_ref()).await;
         let mut refused = Vec::new();
         let limits = self.node.keys.limits().payload();
+        let (max_entries, max_window) = self.peer_sizes();
         for snapshot in request.snapshots {
-            if let Err(e) = peer::check_snapshot(&snapshot, limits) {
+            if let Err(e) = peer::check_snapshot(&snapshot, limits)
+                .and_then(|()| peer::check_sizes(&snapshot, max_entries, max_window))
+            {
                 self.malformed(&request.from, &snapshot.key, &e);
                 refused.push(snapshot.key);
                 continue;

@@ -240,10 +240,13 @@ async fn ask_peers(node: &Arc<Node>) -> (Answers, Option<(Ring, u64)>) {
             answers.lost += 1;
             continue;
         }
+        // A peer's records are checked as etcd's are: no record may make the ring
+        // build more than MAX_POINTS points for one member.
         let members: Vec<Member> = reply
             .members
             .iter()
-            .filter_map(|m| serde_json::from_str(m).ok())
+            .filter_map(|m| serde_json::from_str::<Member>(m).ok())
+            .filter(|m| m.points <= ringfeed_router::ring::MAX_POINTS)
             .collect();
         let lists_me = members
             .iter()

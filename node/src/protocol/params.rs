@@ -109,9 +109,12 @@ pub fn last_event_id(value: &str) -> Result<Resume, String> {
 }
 
 fn number(name: &str, value: &str) -> Result<u64, String> {
-    value
-        .parse::<u64>()
-        .map_err(|_| format!("invalid {name} {value:?}: expected a non-negative integer"))
+    // Digits only: `parse` would also take a leading `+`.
+    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| value.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| format!("invalid {name} {value:?}: expected a non-negative integer"))
 }
 
 #[cfg(test)]

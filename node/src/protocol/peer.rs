@@ -3,9 +3,10 @@
 //! node must not be able to make another serve text of its choosing as a key's updates.
 //!
 //! A key's entries must be `update` frames this code could have made for that key and
-//! seq — one line of JSON with exactly the fields [`super::frames::update`] writes, a
-//! JSON `data` within the depth limit or a base64 `data_b64` beside its content type —
-//! with seqs strictly rising, under one valid epoch.
+//! seq — byte for byte what [`super::frames::update`] writes for their payload (so every
+//! reader of frames, `update_seq` and the idempotency digest among them, sees the layout
+//! it expects) — with seqs strictly rising and at most [`MAX_SEQ`], under one valid
+//! epoch.
 
 use std::borrow::Cow;
 
@@ -16,7 +17,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::epoch::valid_epoch;
-use super::frames::{json_depth, PayloadLimits, MAX_CONTENT_TYPE};
+use super::frames::{json_depth, update, PayloadLimits, MAX_CONTENT_TYPE};
+
+/// The largest seq a peer may send: 2^53, the largest integer a JavaScript client reads
+/// exactly, and far from `u64::MAX`, so no seq arithmetic can overflow.
+pub const MAX_SEQ: u64 = 1 << 53;
 
 /// An update frame's fields, as [`super::frames::update`] writes them.
 #[derive(Deserialize)]
@@ -27,12 +32,17 @@ struct UpdateFrame<'a> {
     #[serde(borrow)]
     key: Cow<'a, str>,
     seq: u64,
-    #[serde(borrow, default)]
+    /// Present, whatever its value: `null` is a payload too.
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data_b64: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     content_type: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
 /// The longest update frame a payload of `limits` makes (base64 is the larger form).
@@ -69,18 +79,28 @@ pub fn check_update(
             parsed.key, parsed.seq
         ));
     }
-    match (parsed.data, parsed.data_b64, parsed.content_type) {
-        (Some(_), None, None) => Ok(()),
+    if seq > MAX_SEQ {
+        return Err(format!("seq {seq} is past {MAX_SEQ}"));
+    }
+    // The frame this node would write for that payload must be the very same bytes.
+    let rebuilt = match (parsed.data, parsed.data_b64, parsed.content_type) {
+        (Some(data), None, None) => update(key, seq, data.get().as_bytes(), "", limits),
         (None, Some(b64), Some(content_type)) => {
             if content_type.len() > MAX_CONTENT_TYPE {
                 return Err("a content type over the limit".into());
             }
-            base64::engine::general_purpose::STANDARD
+            let data = base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
-                .map(|_| ())
-                .map_err(|_| "data_b64 is not base64".into())
+                .map_err(|_| "data_b64 is not base64".to_owned())?;
+            update(key, seq, &data, &content_type, limits)
         }
-        _ => Err("an update frame has either data or data_b64 and content_type".into()),
+        _ => return Err("an update frame has either data or data_b64 and content_type".into()),
+    }
+    .map_err(|e| format!("its payload: {e}"))?;
+    if rebuilt.as_bytes() == frame {
+        Ok(())
+    } else {
+        Err("not laid out as a node writes an update frame".into())
     }
 }
 
@@ -104,6 +124,9 @@ pub fn check_snapshot(snapshot: &pb::ReplicaSnapshot, limits: PayloadLimits) -> 
     if !valid_epoch(&snapshot.epoch) {
         return Err("invalid epoch".into());
     }
+    if snapshot.seq > MAX_SEQ {
+        return Err(format!("seq {} is past {MAX_SEQ}", snapshot.seq));
+    }
     let mut last = None;
     for entry in &snapshot.entries {
         if !entry.key.is_empty() && entry.key != snapshot.key {
@@ -124,12 +147,29 @@ pub fn check_snapshot(snapshot: &pb::ReplicaSnapshot, limits: PayloadLimits) -> 
         }
         check_update(&snapshot.key, entry.seq, &entry.frame, limits)?;
     }
-    if snapshot
-        .idempotency
-        .iter()
-        .any(|r| r.id.len() > MAX_IDEMPOTENCY_KEY)
-    {
-        return Err("idempotency key over the limit".into());
+    let bad_record = |r: &pb::IdempotencyRecord| {
+        r.id.is_empty() || r.id.len() > MAX_IDEMPOTENCY_KEY || r.seq > MAX_SEQ
+    };
+    if snapshot.idempotency.iter().any(bad_record) {
+        return Err("an idempotency record with an empty or too long id, or past MAX_SEQ".into());
+    }
+    Ok(())
+}
+
+/// Checks that a key's state is within the sizes a node keeps: at most `max_entries`
+/// entries and `max_window` idempotency records (a sender keeps no more; anything past
+/// that is a peer trying to make this node hold what it would not).
+pub fn check_sizes(
+    snapshot: &pb::ReplicaSnapshot,
+    max_entries: usize,
+    max_window: usize,
+) -> Result<(), String> {
+    if snapshot.entries.len() > max_entries || snapshot.idempotency.len() > max_window {
+        return Err(format!(
+            "{} entries and {} idempotency records, past {max_entries} and {max_window}",
+            snapshot.entries.len(),
+            snapshot.idempotency.len()
+        ));
     }
     Ok(())
 }
@@ -181,11 +221,21 @@ mod tests {
             br#"{"type":"update","key":"user:1","seq":7,"data_b64":"!!","content_type":"x"}"#,
             b"{\"type\":\"update\",\"key\":\"user:1\",\"seq\":7,\"data\":\n1}",
             br#"{"type":"update","key":"user:1","seq":7,"data":[[[[[[[[[[1]]]]]]]]]]}"#,
+            // Valid JSON, but not as a node lays a frame out: readers of frames that
+            // expect that layout (`update_seq`) would not find the seq.
+            br#"{"type": "update", "key": "user:1", "seq": 7, "data": 1}"#,
+            br#"{"key":"user:1","type":"update","seq":7,"data":1}"#,
         ] {
             assert!(check_update("user:1", 7, bad, LIMITS).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         let huge = vec![b' '; 4096];
         assert!(check_update("user:1", 7, &huge, LIMITS).is_err());
+        // `null` is a payload like any other.
+        let null = frame("user:1", 7, b"null", "");
+        assert_eq!(check_update("user:1", 7, &null, LIMITS), Ok(()));
+        // No seq near the end of u64: arithmetic on it could overflow.
+        let far = frame("user:1", MAX_SEQ + 1, b"1", "");
+        assert!(check_update("user:1", MAX_SEQ + 1, &far, LIMITS).is_err());
     }
 
     #[test]

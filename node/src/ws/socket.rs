@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 /// The most read from the kernel at once. tungstenite asks for a few bytes at a time
 /// (its read buffer is kept at its 14-byte minimum); the rest of a read waits in
-/// [`Tcp::spill`] until it is asked for.
+/// [`Extra::spill`] until it is asked for.
 const READ_CHUNK: usize = 4096;
 
 /// One client's WebSocket.
@@ -66,11 +66,17 @@ impl Socket {
     ) -> Self {
         let mut scan = Scan::default();
         scan.feed(&read);
+        // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
+        let spill = Bytes::copy_from_slice(&read);
+        let extra = (tls.is_some() || !spill.is_empty()).then(|| {
+            Box::new(Extra {
+                spill,
+                tls: tls.map(|tls| *tls),
+            })
+        });
         let tcp = Tcp {
             stream,
-            tls,
-            // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
-            spill: (!read.is_empty()).then(|| Box::new(Bytes::copy_from_slice(&read))),
+            extra,
             scan,
         };
         Socket {
@@ -238,46 +244,58 @@ impl Socket {
 /// `WouldBlock` when the kernel has nothing or no room.
 struct Tcp {
     stream: TcpStream,
-    /// The TLS connection, for a `wss://` client: boxed, one pointer when plain.
-    tls: Option<Box<rustls::ServerConnection>>,
-    /// What a read took from the kernel beyond what tungstenite asked for; `None` once
-    /// it has been handed over. Boxed: it is rare, and every idle connection holds
-    /// the slot (8 bytes rather than a `Bytes`' 32).
-    spill: Option<Box<Bytes>>,
+    /// What is rare, or only for TLS, boxed: every idle connection holds the slot, and
+    /// a plain one that has handed over what it read holds `None` (8 bytes, where a
+    /// `Bytes` and a TLS connection's pointer would take 40).
+    extra: Option<Box<Extra>>,
     /// Where the bytes read so far leave the client's frames, and two flags: the last
     /// write found no room, and the client's side has ended (the [`Socket`]'s state,
     /// kept here where it takes no room of its own).
     scan: Scan,
 }
 
+/// [`Tcp`]'s rare parts.
+struct Extra {
+    /// What a read took beyond what tungstenite asked for (empty once handed over).
+    spill: Bytes,
+    /// The TLS connection, for a `wss://` client.
+    tls: Option<rustls::ServerConnection>,
+}
+
 impl Read for Tcp {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let spill = match &mut self.spill {
-            Some(spill) => spill,
-            None => {
-                if buf.len() >= READ_CHUNK {
-                    let n = self.recv(buf)?;
-                    self.scan.feed(&buf[..n]);
-                    return Ok(n);
-                }
-                let mut chunk = [0u8; READ_CHUNK];
-                let n = self.recv(&mut chunk)?;
-                self.scan.feed(&chunk[..n]);
-                if n <= buf.len() {
-                    buf[..n].copy_from_slice(&chunk[..n]);
-                    return Ok(n);
-                }
-                self.spill
-                    .insert(Box::new(Bytes::copy_from_slice(&chunk[..n])))
+        if let Some(extra) = self.extra.as_mut().filter(|e| !e.spill.is_empty()) {
+            let n = buf.len().min(extra.spill.len());
+            buf[..n].copy_from_slice(&extra.spill[..n]);
+            extra.spill.advance(n);
+            if extra.spill.is_empty() && extra.tls.is_none() {
+                self.extra = None;
             }
-        };
-        let n = buf.len().min(spill.len());
-        buf[..n].copy_from_slice(&spill[..n]);
-        spill.advance(n);
-        if spill.is_empty() {
-            self.spill = None;
+            return Ok(n);
         }
-        Ok(n)
+        if buf.len() >= READ_CHUNK {
+            let n = self.recv(buf)?;
+            self.scan.feed(&buf[..n]);
+            return Ok(n);
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        let n = self.recv(&mut chunk)?;
+        self.scan.feed(&chunk[..n]);
+        let n_buf = n.min(buf.len());
+        buf[..n_buf].copy_from_slice(&chunk[..n_buf]);
+        if n > n_buf {
+            let rest = Bytes::copy_from_slice(&chunk[n_buf..n]);
+            match &mut self.extra {
+                Some(extra) => extra.spill = rest,
+                None => {
+                    self.extra = Some(Box::new(Extra {
+                        spill: rest,
+                        tls: None,
+                    }))
+                }
+            }
+        }
+        Ok(n_buf)
     }
 }
 
@@ -449,7 +467,7 @@ impl Tcp {
     /// Reads what the client sent, decrypted over TLS; `WouldBlock` when nothing is
     /// there yet, 0 at its end.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(tls) = &mut self.tls else {
+        let Some(tls) = self.extra.as_mut().and_then(|e| e.tls.as_mut()) else {
             return self.stream.try_read(buf);
         };
         loop {
@@ -478,7 +496,7 @@ impl Tcp {
     /// room. Over TLS, bytes are taken only once rustls has written out all it held,
     /// so it never holds more than one write's worth.
     fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let Some(tls) = &mut self.tls else {
+        let Some(tls) = self.extra.as_mut().and_then(|e| e.tls.as_mut()) else {
             return self.stream.try_write(buf);
         };
         Self::push(&self.stream, tls)?;
@@ -492,7 +510,7 @@ impl Tcp {
 
     /// Writes out what rustls holds; `WouldBlock` while some of it is left.
     fn flush_tls(&mut self) -> io::Result<()> {
-        match &mut self.tls {
+        match self.extra.as_mut().and_then(|e| e.tls.as_mut()) {
             Some(tls) => Self::push(&self.stream, tls),
             None => Ok(()),
         }
