@@ -559,6 +559,7 @@ impl Cluster {
     /// ring, with every running node on it.
     pub async fn converged(&self) {
         let router = self.router_grpc();
+        let ca = self.ca();
         let nodes: Vec<(String, String)> = self
             .nodes
             .iter()
@@ -571,8 +572,9 @@ impl Cluster {
             || {
                 let router = router.clone();
                 let nodes = nodes.clone();
+                let ca = ca.clone();
                 async move {
-                    let mut client = connect_router(&router).await?;
+                    let mut client = connect_router_with(&router, ca.as_ref()).await?;
                     let ring = client
                         .get_ring(ringfeed_proto::v1::GetRingRequest {})
                         .await?
@@ -755,7 +757,7 @@ impl Cluster {
 
     /// A `Router` client.
     pub async fn router(&self) -> Result<RouterClient<Channel>> {
-        connect_router(&self.router_grpc()).await
+        connect_router_with(&self.router_grpc(), self.ca().as_ref()).await
     }
 
     /// The node `/v1/route` names as the owner of `key`, asked of `node`.
@@ -793,6 +795,13 @@ impl Cluster {
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    /// A secure cluster's CA (none for a plain one, whatever other clusters this
+    /// process started).
+    pub fn ca(&self) -> Option<ringfeed_client::Tls> {
+        let dir = self.tls_dir()?;
+        ringfeed_client::Tls::from_ca_file(&dir.join("ca.pem")).ok()
     }
 
     /// A secure cluster's folder of certificates and secrets.
@@ -901,7 +910,15 @@ async fn ready_line(child: &mut Child, prefix: &str, log: &Path) -> Result<Strin
 
 /// Connects a `Router` client to `addr`.
 pub async fn connect_router(addr: &str) -> Result<RouterClient<Channel>> {
-    Ok(ringfeed_client::publisher::connect_with(addr, tls().as_ref()).await?)
+    connect_router_with(addr, tls().as_ref()).await
+}
+
+/// A `Router` client for `addr`, over TLS trusting `ca` when given.
+pub async fn connect_router_with(
+    addr: &str,
+    ca: Option<&ringfeed_client::Tls>,
+) -> Result<RouterClient<Channel>> {
+    Ok(ringfeed_client::publisher::connect_with(addr, ca).await?)
 }
 
 /// A POST of `body` (JSON) with extra headers, over TLS for `https://`: status and body.

@@ -3,6 +3,8 @@
 //! publishers), at a target rate or flat out. `done` also reports the round trip of
 //! each call (sent → answered: the ack for ringfeed, the `PUBLISH` reply for Redis), so
 //! a latency can be split into the part before the ack and the part after it.
+//! To a secure router (P10): over TLS trusting `--ca`, each call carrying
+//! `authorization: Bearer` with `--api-token`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,7 @@ use ringfeed_proto::v1::router_client::RouterClient;
 use ringfeed_proto::v1::{Ack, PublishBatchRequest, PublishRequest};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::{emit, now_ns, payload, stopped};
 
@@ -24,6 +27,13 @@ pub(crate) struct PubArgs {
     /// The router's gRPC address (host:port).
     #[arg(long, conflicts_with = "redis")]
     grpc: Option<String>,
+    /// With `--grpc`: TLS to the router, trusting the CA certificates in this PEM file.
+    #[arg(long, requires = "grpc")]
+    ca: Option<std::path::PathBuf>,
+    /// With `--grpc`: `authorization: Bearer TOKEN` on every call (a router started
+    /// with `--api-tokens-file`).
+    #[arg(long, requires = "grpc")]
+    api_token: Option<String>,
     /// A Redis server (host:port): `PUBLISH {key} {update frame}`, pipelined.
     #[arg(long)]
     redis: Option<String>,
@@ -99,16 +109,29 @@ pub(crate) async fn run(args: PubArgs) -> anyhow::Result<()> {
     let per_call = args.batch.max(1) as u64;
     let mut workers: tokio::task::JoinSet<Histogram<u64>> = tokio::task::JoinSet::new();
     if let Some(grpc) = &args.grpc {
-        let client = ringfeed_client::publisher::connect(grpc)
+        let tls = match &args.ca {
+            Some(path) => Some(ringfeed_client::Tls::from_ca_file(path)?),
+            None => None,
+        };
+        let bearer: Option<MetadataValue<Ascii>> = match &args.api_token {
+            Some(token) => Some(format!("Bearer {token}").parse()?),
+            None => None,
+        };
+        let client = ringfeed_client::publisher::connect_with(grpc, tls.as_ref())
             .await
             .map_err(|e| anyhow!("cannot reach the router at {grpc}: {e}"))?
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         for _ in 0..args.concurrency.max(1) {
-            let (client, keys, shared, args) =
-                (client.clone(), keys.clone(), shared.clone(), args.clone());
+            let (client, keys, shared, args, bearer) = (
+                client.clone(),
+                keys.clone(),
+                shared.clone(),
+                args.clone(),
+                bearer.clone(),
+            );
             workers.spawn(async move {
-                grpc_worker(client, keys, shared, args, ack, per_call, started).await
+                grpc_worker(client, keys, shared, args, ack, bearer, per_call, started).await
             });
         }
     } else if let Some(redis) = &args.redis {
@@ -210,12 +233,26 @@ fn calls_in(args: &PubArgs, first: u64, per_call: u64) -> u64 {
     }
 }
 
+/// A call's request: `message`, with the API token when there is one (without one,
+/// exactly what tonic makes of a bare message).
+fn authorized<T>(message: T, bearer: Option<&MetadataValue<Ascii>>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(bearer) = bearer {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+    }
+    request
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn grpc_worker(
     mut client: RouterClient<tonic::transport::Channel>,
     keys: Arc<Vec<String>>,
     shared: Arc<Shared>,
     args: PubArgs,
     ack: Ack,
+    bearer: Option<MetadataValue<Ascii>>,
     per_call: u64,
     started: Instant,
 ) -> Histogram<u64> {
@@ -231,7 +268,9 @@ async fn grpc_worker(
         let n = calls_in(&args, first, per_call);
         if args.batch == 0 {
             let sent = Instant::now();
-            let reply = client.publish(request(first)).await;
+            let reply = client
+                .publish(authorized(request(first), bearer.as_ref()))
+                .await;
             record(&mut calls, sent);
             match reply {
                 Ok(_) => {
@@ -242,7 +281,9 @@ async fn grpc_worker(
         } else {
             let items = (first..first + n).map(request).collect();
             let sent = Instant::now();
-            let reply = client.publish_batch(PublishBatchRequest { items }).await;
+            let reply = client
+                .publish_batch(authorized(PublishBatchRequest { items }, bearer.as_ref()))
+                .await;
             record(&mut calls, sent);
             match reply {
                 Ok(reply) => {

@@ -1,6 +1,8 @@
 //! `sub`: many subscriber connections, each reading frames and recording the publish →
-//! receive latency of every stamped one.
+//! receive latency of every stamped one. Over `wss://` (trusting `--ca`), with a ticket
+//! per key asked of the nodes first (`--api-token`), for a secure cluster (P10).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,14 +17,21 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::{emit, now_ns, stamp, stopped};
 
 /// Latencies are recorded in microseconds, up to a minute.
 const MAX_LATENCY_US: u64 = 60_000_000;
 const SHARDS: usize = 16;
+/// How long the tickets asked for stay valid: the most a node grants by default
+/// (`--max-ticket-ttl-s`), longer than any run.
+const TICKET_TTL_S: u64 = 3600;
+/// The subject of every ticket.
+const TICKET_SUBJECT: &str = "ringfeed-loadgen";
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct SubArgs {
@@ -59,6 +68,24 @@ pub(crate) struct SubArgs {
     /// updates (ringfeed only: its frames carry seqs).
     #[arg(long)]
     follow: bool,
+    /// Trust the CA certificates in this PEM file: for `wss://` URLs (TLS by rustls,
+    /// the name checked against the URL's host) and `https://` ticket requests.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// Present a ticket on every connection (`&ticket=…`): one per key this process
+    /// connects, asked of a node (`POST /v1/tickets` with this API token, at the
+    /// `https://` or `http://` base of one of the `--url`s) before the first
+    /// connection, valid an hour. A ticket admits any number of connections unless
+    /// the nodes run `--single-use-tickets`.
+    #[arg(long)]
+    api_token: Option<String>,
+    /// Ticket requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    ticket_concurrency: usize,
+    /// Before connecting (and after the tickets), say `holding` and wait until stdin
+    /// says `connect`: the orchestrator reads a node's resident set in between.
+    #[arg(long)]
+    hold: bool,
 }
 
 /// What the connections share.
@@ -108,6 +135,14 @@ pub(crate) async fn run(args: SubArgs) -> anyhow::Result<()> {
         "socketio" => (false, true),
         other => bail!("--target {other}: ws, tcp or socketio"),
     };
+    let tls = match &args.ca {
+        Some(path) => Some(ringfeed_client::Tls::from_ca_file(path)?),
+        None => None,
+    };
+    if args.follow && tls.is_some() {
+        bail!("--follow speaks ws:// only (no --ca)");
+    }
+    let connector = tls.as_ref().map(|t| TlsConnector::from(t.config()));
     let shared = Arc::new(Shared {
         follow: Follow::default(),
         last_receipt_ns: AtomicU64::new(0),
@@ -120,24 +155,67 @@ pub(crate) async fn run(args: SubArgs) -> anyhow::Result<()> {
             .map(|_| Mutex::new(Histogram::new_with_max(MAX_LATENCY_US, 3).expect("bounds")))
             .collect(),
     });
+    let total = keys.len() * args.per_key;
+    let mine: Vec<usize> = (0..total).filter(|c| c % of == index).collect();
+    let tickets = match &args.api_token {
+        Some(token) => {
+            let asked = Instant::now();
+            let mut needed: Vec<usize> = mine.iter().map(|c| c / args.per_key).collect();
+            needed.dedup();
+            let tickets = fetch_tickets(
+                &keys,
+                needed,
+                &args.url,
+                token,
+                tls.as_ref(),
+                args.ticket_concurrency,
+            )
+            .await?;
+            emit(json!({
+                "ev": "tickets",
+                "n": tickets.len(),
+                "ms": asked.elapsed().as_millis() as u64,
+            }));
+            tickets
+        }
+        None => HashMap::new(),
+    };
+    if args.hold {
+        emit(json!({"ev": "holding"}));
+        wait_for_line("connect").await?;
+    }
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut connecting = tokio::task::JoinSet::new();
-    let total = keys.len() * args.per_key;
     let urls = Arc::new(args.url.clone());
     let follow = args.follow && !tcp && !socketio;
-    for conn in (0..total).filter(|c| c % of == index) {
+    for conn in mine {
         let key = keys[conn / args.per_key].clone();
-        let url = args.url[conn % args.url.len()].replace("{key}", &key);
+        let mut url = args.url[conn % args.url.len()].replace("{key}", &key);
+        if let Some(ticket) = tickets.get(&(conn / args.per_key)) {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str("ticket=");
+            url.push_str(ticket);
+        }
         let source = args.sources[conn % args.sources.len()];
         let gate = gate.clone();
         let shared = shared.clone();
         let urls = urls.clone();
+        let connector = connector.clone();
         connecting.spawn(async move {
             let permit = gate.acquire_owned().await.expect("gate open");
             let attempt = tokio::time::timeout(Duration::from_secs(30), async {
                 if tcp {
                     connect_tcp(&url, &key, source).await.map(Conn::Tcp)
+                } else if url.starts_with("wss://") {
+                    let connector = connector
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("wss:// needs --ca"))?;
+                    let (mut ws, first) = connect_wss(&url, source, connector).await?;
+                    if socketio {
+                        socketio_connect(&mut ws, first).await?;
+                    }
+                    Ok(Conn::Wss(Box::new(ws)))
                 } else if socketio {
                     let (mut ws, first) = connect_ws(&url, source).await?;
                     socketio_connect(&mut ws, first).await?;
@@ -248,6 +326,8 @@ pub(crate) async fn run(args: SubArgs) -> anyhow::Result<()> {
 enum Conn {
     /// With the first text frame the server sent (its `welcome`).
     Ws(Box<Ws>, Option<String>),
+    /// The same over TLS (`wss://`; `--follow` is plain only, so no first frame).
+    Wss(Box<Wss>),
     Tcp(tokio::io::BufReader<TcpStream>),
 }
 
@@ -278,47 +358,175 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<TcpStream>;
+type Wss = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// `(host, port)` of a URL.
+fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let parsed = url::Url::parse(url).with_context(|| format!("bad url {url}"))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| anyhow!("no host in {url}"))?;
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    Ok((host.to_owned(), port))
+}
+
+/// What a server said first after the upgrade.
+enum First {
+    /// A `redirect` to this URL.
+    Redirect(String),
+    /// Anything else: the first text frame (the `welcome`), or none within 10 s.
+    Frame(Option<String>),
+}
+
+/// Reads the first frame. Every server (ringfeed, the peers, the calibration) sends
+/// `welcome` or `redirect` first.
+async fn first_frame<S>(ws: &mut WebSocketStream<S>) -> anyhow::Result<First>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    match first {
+        Ok(Some(Ok(Message::Text(text)))) if text.as_str().contains("\"redirect\"") => {
+            let frame: serde_json::Value = serde_json::from_str(text.as_str())?;
+            Ok(First::Redirect(
+                frame["url"]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("redirect without url"))?
+                    .to_owned(),
+            ))
+        }
+        Ok(Some(Ok(Message::Close(c)))) => bail!("closed at once: {c:?}"),
+        Ok(Some(Err(e))) => Err(e.into()),
+        Ok(Some(Ok(Message::Text(text)))) => Ok(First::Frame(Some(text.as_str().to_owned()))),
+        _ => Ok(First::Frame(None)),
+    }
+}
 
 /// Connects and follows `redirect` frames (at most 3) until another first frame (the
 /// `welcome`, returned with the socket) or none within 10 s.
 async fn connect_ws(url: &str, source: IpAddr) -> anyhow::Result<(Ws, Option<String>)> {
     let mut url = url.to_owned();
     for _ in 0..4 {
-        let parsed = url::Url::parse(&url).with_context(|| format!("bad url {url}"))?;
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| anyhow!("no host in {url}"))?;
-        let port = parsed.port_or_known_default().unwrap_or(80);
+        let (host, port) = host_port(&url)?;
         let stream = dial(&format!("{host}:{port}"), source).await?;
         let (mut ws, _) =
             tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(ws_config()))
                 .await?;
-        // Every server (ringfeed, the peers, the calibration) sends `welcome` or
-        // `redirect` first.
-        let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
-        match first {
-            Ok(Some(Ok(Message::Text(text)))) if text.as_str().contains("\"redirect\"") => {
-                let frame: serde_json::Value = serde_json::from_str(text.as_str())?;
-                url = frame["url"]
-                    .as_str()
-                    .ok_or_else(|| anyhow!("redirect without url"))?
-                    .to_owned();
-                continue;
-            }
-            Ok(Some(Ok(Message::Close(c)))) => bail!("closed at once: {c:?}"),
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(Some(Ok(Message::Text(text)))) => return Ok((ws, Some(text.as_str().to_owned()))),
-            _ => return Ok((ws, None)),
+        match first_frame(&mut ws).await? {
+            First::Redirect(next) => url = next,
+            First::Frame(first) => return Ok((ws, first)),
         }
     }
     bail!("too many redirects")
 }
 
+/// [`connect_ws`] over TLS: `wss://` URLs, redirects included, the server's
+/// certificate checked against the URL's host.
+async fn connect_wss(
+    url: &str,
+    source: IpAddr,
+    tls: &TlsConnector,
+) -> anyhow::Result<(Wss, Option<String>)> {
+    let mut url = url.to_owned();
+    for _ in 0..4 {
+        let (host, port) = host_port(&url)?;
+        let stream = dial(&format!("{host}:{port}"), source).await?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)?;
+        let stream = tls.connect(name, stream).await.context("TLS handshake")?;
+        let (mut ws, _) =
+            tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(ws_config()))
+                .await?;
+        match first_frame(&mut ws).await? {
+            First::Redirect(next) => url = next,
+            First::Frame(first) => return Ok((ws, first)),
+        }
+    }
+    bail!("too many redirects")
+}
+
+/// `https://host:port` (or `http://`) of a `wss://` (`ws://`) URL: where its node
+/// answers `POST /v1/tickets`.
+fn http_base(url: &str) -> anyhow::Result<String> {
+    let (host, port) = host_port(url)?;
+    let scheme = if url.starts_with("wss://") {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{scheme}://{host}:{port}"))
+}
+
+/// A ticket for each of the keys `needed` (indices into `keys`), asked of the node at
+/// `urls[k % urls.len()]`, `concurrency` requests at a time, each tried up to 3 times.
+async fn fetch_tickets(
+    keys: &[String],
+    needed: Vec<usize>,
+    urls: &[String],
+    api_token: &str,
+    tls: Option<&ringfeed_client::Tls>,
+    concurrency: usize,
+) -> anyhow::Result<HashMap<usize, String>> {
+    use futures_util::TryStreamExt;
+    futures_util::stream::iter(needed)
+        .map(|k| async move {
+            let base = http_base(&urls[k % urls.len()])?;
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match ringfeed_client::request_ticket(
+                    &base,
+                    api_token,
+                    &keys[k],
+                    TICKET_SUBJECT,
+                    TICKET_TTL_S,
+                    tls,
+                )
+                .await
+                {
+                    Ok(ticket) => return anyhow::Ok((k, ticket)),
+                    Err(e) if tries >= 3 => {
+                        return Err(anyhow!("a ticket for {} from {base}: {e}", keys[k]))
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await
+}
+
+/// Waits until stdin says `line`, reading a byte at a time: whatever follows stays
+/// unread for [`stopped`].
+async fn wait_for_line(line: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut got = Vec::new();
+    loop {
+        match stdin.read_u8().await {
+            Ok(b'\n') => {
+                if got.trim_ascii() == line.as_bytes() {
+                    return Ok(());
+                }
+                got.clear();
+            }
+            Ok(b) => got.push(b),
+            Err(e) => bail!("stdin closed before {line:?}: {e}"),
+        }
+    }
+}
+
 /// Engine.IO 4 / Socket.IO 5 after the WebSocket upgrade: the server's open packet
 /// (`0{…}`) came first; the client sends the namespace CONNECT (`40`) and the server
 /// confirms it (`40{"sid":…}`).
-async fn socketio_connect(ws: &mut Ws, first: Option<String>) -> anyhow::Result<()> {
+async fn socketio_connect<S>(
+    ws: &mut WebSocketStream<S>,
+    first: Option<String>,
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     if !first.as_deref().is_some_and(|f| f.starts_with('0')) {
         bail!("no Engine.IO open packet: {first:?}");
     }
@@ -359,22 +567,8 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
         }
     };
     match conn {
-        Conn::Ws(mut ws, _) => {
-            while let Some(message) = ws.next().await {
-                match message {
-                    // An Engine.IO ping (only the Socket.IO peer sends one).
-                    Ok(Message::Text(text)) if text.as_str() == "2" => {
-                        if ws.send(Message::Text("3".into())).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(Message::Text(text)) => seen(text.as_bytes()),
-                    Ok(Message::Binary(bytes)) => seen(&bytes),
-                    Ok(Message::Close(_)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        }
+        Conn::Ws(mut ws, _) => read_ws(&mut ws, &mut seen).await,
+        Conn::Wss(mut ws) => read_ws(&mut ws, &mut seen).await,
         Conn::Tcp(mut reader) => {
             let mut line = Vec::with_capacity(256);
             loop {
@@ -387,6 +581,27 @@ async fn read(conn: Conn, id: usize, shared: Arc<Shared>) {
         }
     }
     shared.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Reads a WebSocket until it closes, handing every text or binary frame to `seen`.
+async fn read_ws<S>(ws: &mut WebSocketStream<S>, seen: &mut impl FnMut(&[u8]))
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(message) = ws.next().await {
+        match message {
+            // An Engine.IO ping (only the Socket.IO peer sends one).
+            Ok(Message::Text(text)) if text.as_str() == "2" => {
+                if ws.send(Message::Text("3".into())).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Message::Text(text)) => seen(text.as_bytes()),
+            Ok(Message::Binary(bytes)) => seen(&bytes),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// What `--follow` accounts for, over all connections.
@@ -561,4 +776,21 @@ fn with_position(url: &str, at: &Position) -> String {
         }
     }
     parsed.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_are_asked_of_the_url_s_node_over_the_same_transport() {
+        let wss = "wss://127.0.0.1:8443/v1/connect?key={key}";
+        assert_eq!(http_base(wss).unwrap(), "https://127.0.0.1:8443");
+        let ws = "ws://127.0.0.1:8001/v1/connect?key=k";
+        assert_eq!(http_base(ws).unwrap(), "http://127.0.0.1:8001");
+        assert_eq!(
+            host_port("wss://localhost/v1/connect").unwrap(),
+            ("localhost".to_owned(), 443)
+        );
+    }
 }

@@ -8,6 +8,7 @@
 mod moves;
 mod procs;
 mod report;
+mod security;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use report::median;
     about = "ringfeed's benchmarks against its peers"
 )]
 struct Args {
-    /// P1 … P5, P7, P8, or `table` (rewrite the README table from the JSON).
+    /// P1 … P5, P7, P8, P10, or `table` (rewrite the README table from the JSON).
     scenario: String,
     /// Where the JSON files and plots go.
     #[arg(long, default_value = "bench/results")]
@@ -52,6 +53,16 @@ struct Args {
     /// A seconds-long run with tiny sizes: does the harness still work?
     #[arg(long)]
     smoke: bool,
+    /// P10's one idle-memory measurement in a process of its own (`P10-idle`, started
+    /// by P10): how many connections.
+    #[arg(long, hide = true, default_value_t = 0)]
+    idle_connections: usize,
+    /// `P10-idle`: a secure cluster (wss://, tickets), else a plain one.
+    #[arg(long, hide = true)]
+    idle_secure: bool,
+    /// `P10-idle`: the run's number, for distinct keys.
+    #[arg(long, hide = true, default_value_t = 0)]
+    idle_run: usize,
 }
 
 /// Source addresses the subscribers use. One, with no explicit bind: connect() then
@@ -87,8 +98,12 @@ async fn main() -> Result<()> {
         "P5" => p5(&args, &sizes).await,
         "P7" => moves::p7(&args).await,
         "P8" => moves::p8(&args).await,
+        "P10" => security::p10(&args, &sizes).await,
+        "P10-idle" => security::idle_child(&args, &sizes).await,
         "table" => report::readme_table(&args.out, &args.readme),
-        other => bail!("unknown scenario {other} (P1–P5, P7, P8, table; P6 is scripts/bench P6)"),
+        other => {
+            bail!("unknown scenario {other} (P1–P5, P7, P8, P10, table; P6 is scripts/bench P6)")
+        }
     }
 }
 
@@ -132,6 +147,9 @@ enum System {
         /// Each subscriber process straight to one owner: (its URL, a `@file` of the
         /// keys it owns) — no redirects (P4's 100k connections).
         direct: Option<Vec<(String, String)>>,
+        /// A secure cluster's client credentials (P10): `wss://` and gRPC over TLS
+        /// trusting its CA, tickets and the API token. `None`: plain.
+        secure: Option<Secure>,
     },
     /// A Node.js peer behind Redis.
     Peer {
@@ -156,6 +174,36 @@ impl System {
             System::Peer { peer, .. } => peer.name().into(),
             System::Calibration { mode, .. } => format!("calibration-{mode}"),
         }
+    }
+}
+
+/// How the load generators reach a secure cluster ([`Cluster::builder`]`.secure()`).
+#[derive(Clone)]
+struct Secure {
+    /// The cluster's CA (`ca.pem` in its `tls_dir`).
+    ca: PathBuf,
+    /// The API token of the router and of `POST /v1/tickets`.
+    api_token: String,
+}
+
+impl Secure {
+    /// The credentials of `cluster`, if it is a secure one.
+    fn of(cluster: &Cluster) -> Option<Secure> {
+        cluster.tls_dir().map(|dir| Secure {
+            ca: dir.join("ca.pem"),
+            api_token: ringfeed_cluster_tests::SECURE_TOKEN.to_owned(),
+        })
+    }
+
+    /// The load generator's arguments: `--ca PATH --api-token TOKEN` (for `sub` a
+    /// ticket per key, for `pub` the token on every call).
+    fn loadgen_args(&self) -> [String; 4] {
+        [
+            "--ca".into(),
+            self.ca.display().to_string(),
+            "--api-token".into(),
+            self.api_token.clone(),
+        ]
     }
 }
 
@@ -195,6 +243,9 @@ struct RunResult {
     /// The publisher's call round trips (sent → acked), p50/p99/p999 in ms; `None`
     /// for the calibration, which has no publisher.
     calls_ms: Option<[f64; 3]>,
+    /// The part of `box_cpu_ms` the load generators (subscribers and publisher) used
+    /// themselves, over the same span, in ms.
+    loadgen_cpu_ms: f64,
 }
 
 fn ringfeed_urls(cluster: &Cluster) -> Vec<String> {
@@ -204,7 +255,9 @@ fn ringfeed_urls(cluster: &Cluster) -> Vec<String> {
         .map(|n| {
             format!(
                 "{}/v1/connect?key={{key}}",
-                n.http.replace("http://", "ws://")
+                n.http
+                    .replace("https://", "wss://")
+                    .replace("http://", "ws://")
             )
         })
         .collect()
@@ -216,14 +269,22 @@ async fn start_ringfeed(nodes: usize) -> Result<Cluster> {
 
 /// As [`start_ringfeed`], each node also given `args`.
 async fn start_ringfeed_with(nodes: usize, args: &[&str]) -> Result<Cluster> {
+    start_ringfeed_as(nodes, args, false).await
+}
+
+/// As [`start_ringfeed_with`], in secure mode when `secure` ([`Cluster::builder`]
+/// `.secure()`: TLS everywhere, tickets, API tokens).
+async fn start_ringfeed_as(nodes: usize, args: &[&str], secure: bool) -> Result<Cluster> {
     let mut node_args = vec!["--max-connections", "19000"];
     node_args.extend_from_slice(args);
-    let cluster = Cluster::builder()
+    let mut builder = Cluster::builder()
         .nodes(nodes)
         .lease_ttl(5)
-        .node_args(&node_args)
-        .start()
-        .await?;
+        .node_args(&node_args);
+    if secure {
+        builder = builder.secure();
+    }
+    let cluster = builder.start().await?;
     Ok(cluster)
 }
 
@@ -308,27 +369,35 @@ async fn fanout_run(
             })
             .collect(),
     };
+    let secure = match system {
+        System::Ringfeed { secure, .. } => secure.clone(),
+        _ => None,
+    };
     let mut subs = Vec::new();
     for (i, (url, keys, shard, sources)) in plan.into_iter().enumerate() {
+        let mut args = vec![
+            "sub".into(),
+            "--target".into(),
+            target.into(),
+            "--url".into(),
+            url,
+            "--keys".into(),
+            keys,
+            "--per-key".into(),
+            per_key.to_string(),
+            "--shard".into(),
+            shard,
+            "--sources".into(),
+            sources,
+            "--connect-concurrency".into(),
+            "64".into(),
+        ];
+        if let Some(secure) = &secure {
+            args.extend(secure.loadgen_args());
+        }
         subs.push(Loadgen::spawn(
             &format!("{} subscribers {i}", system.name()),
-            &[
-                "sub".into(),
-                "--target".into(),
-                target.into(),
-                "--url".into(),
-                url,
-                "--keys".into(),
-                keys,
-                "--per-key".into(),
-                per_key.to_string(),
-                "--shard".into(),
-                shard,
-                "--sources".into(),
-                sources,
-                "--connect-concurrency".into(),
-                "64".into(),
-            ],
+            &args,
         )?);
     }
     let mut connected = 0;
@@ -359,10 +428,13 @@ async fn fanout_run(
             }
             None
         }
-        System::Ringfeed { router, .. } => Some(Loadgen::spawn(
-            "ringfeed publisher",
-            &publish_args("--grpc", router, keys, publishing),
-        )?),
+        System::Ringfeed { router, .. } => {
+            let mut args = publish_args("--grpc", router, keys, publishing);
+            if let Some(secure) = &secure {
+                args.extend(secure.loadgen_args());
+            }
+            Some(Loadgen::spawn("ringfeed publisher", &args)?)
+        }
         System::Peer { peer, redis, .. } => {
             let mut args = publish_args("--redis", redis, keys, publishing);
             args.extend(peer.publish_args().iter().map(|a| a.to_string()));
@@ -372,9 +444,18 @@ async fn fanout_run(
             )?)
         }
     };
+    // The load generators' own CPU over the same span as the box's.
+    let loadgen_pids: Vec<u32> = subs
+        .iter()
+        .chain(publisher.as_ref())
+        .filter_map(Loadgen::pid)
+        .collect();
+    let loadgen_cpu = || loadgen_pids.iter().map(|&p| procs::cpu_ms(p)).sum::<f64>();
     let rate;
     let box_cpu_ms;
+    let loadgen_cpu_ms;
     if publishing.count > 0 {
+        let loadgen_at_start = loadgen_cpu();
         // Until every subscriber got its update(s), or the window ends.
         let deadline = tokio::time::Instant::now() + window.max(Duration::from_secs(30));
         loop {
@@ -388,14 +469,17 @@ async fn fanout_run(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         box_cpu_ms = procs::busy_ms()? - busy_at_start;
+        loadgen_cpu_ms = loadgen_cpu() - loadgen_at_start;
         rate = f64::NAN;
     } else {
         tokio::time::sleep(warmup).await;
         let before = snapshot(&mut subs);
         let busy_before = procs::busy_ms()?;
+        let loadgen_before = loadgen_cpu();
         tokio::time::sleep(window).await;
         let after = snapshot(&mut subs);
         box_cpu_ms = procs::busy_ms()? - busy_before;
+        loadgen_cpu_ms = loadgen_cpu() - loadgen_before;
         rate = before
             .iter()
             .zip(&after)
@@ -467,6 +551,7 @@ async fn fanout_run(
         last_receipt_ms: last_receipt.saturating_sub(started_ns) as f64 / 1e6,
         box_cpu_ms,
         calls_ms,
+        loadgen_cpu_ms,
     })
 }
 
@@ -552,6 +637,7 @@ fn side_by_side(cluster: &Cluster, seed: &NodePeer, socketio: &NodePeer) -> [Sys
             urls: ringfeed_urls(cluster),
             router: cluster.router_grpc(),
             direct: None,
+            secure: None,
         },
         seed.system(),
         tcp,
@@ -570,6 +656,22 @@ fn calibrations(servers: usize, workers: usize) -> [System; 2] {
     })
 }
 
+/// How P1 publishes (and P10 beside it): every publisher keeps 64 calls of 100 in
+/// flight. ringfeed answers each only once its updates are replicated and shown
+/// (ack=replicated), so its window must hold a throughput's worth of them: with 4 in
+/// flight it was measured latency-bound, one socket write per message, while the
+/// peers' publishers are answered as soon as Redis has forwarded, and their queues grow
+/// without bound.
+fn p1_publishing() -> Publishing {
+    Publishing {
+        batch: 100,
+        rate: 0,
+        concurrency: 64,
+        count: 0,
+        ack_owner: false,
+    }
+}
+
 /// P1: delivered messages/s, batched, 1,000 keys × 10 subscribers on 3 nodes.
 async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
     let keys = format!("p1:*{}", sizes.keys);
@@ -577,18 +679,7 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
     let seed = NodePeer::start(&args.peers, Peer::Seed, 2).await?;
     let socketio = NodePeer::start(&args.peers, Peer::SocketIo, 2).await?;
     let systems = side_by_side(&cluster, &seed, &socketio);
-    // Every publisher keeps 64 calls of 100 in flight. ringfeed answers each only once
-    // its updates are replicated and shown (ack=replicated), so its window must hold a
-    // throughput's worth of them: with 4 in flight it was measured latency-bound, one
-    // socket write per message, while the peers' publishers are answered as soon as
-    // Redis has forwarded, and their queues grow without bound.
-    let publishing = Publishing {
-        batch: 100,
-        rate: 0,
-        concurrency: 64,
-        count: 0,
-        ack_owner: false,
-    };
+    let publishing = p1_publishing();
     // The five systems, then ringfeed again with ack=owner (docs/benchmarks.md: beside the
     // default where it differs; fan-out still waits for the successor's copy, only
     // the publisher's answer does not), and with the 4-call window of earlier runs.
@@ -727,6 +818,7 @@ async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
         urls: ringfeed_urls(&cluster),
         router: cluster.router_grpc(),
         direct: None,
+        secure: None,
     };
     let (max_publish, rate) = match args.p2_rate {
         Some(rate) => {
@@ -1237,6 +1329,7 @@ async fn p4_cluster(
         urls: ringfeed_urls(&cluster),
         router: cluster.router_grpc(),
         direct: Some(direct),
+        secure: None,
     };
     Ok((cluster, ringfeed))
 }

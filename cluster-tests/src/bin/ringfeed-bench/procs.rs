@@ -87,6 +87,11 @@ impl Loadgen {
         Ok(())
     }
 
+    /// Its process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Asks it to stop and returns its `done` event.
     pub(crate) async fn finish(&mut self, within: Duration) -> Result<Value> {
         let _ = self.say("stop").await;
@@ -110,6 +115,26 @@ pub(crate) fn rss(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
     let kib: u64 = line[6..].trim().trim_end_matches("kB").trim().parse()?;
     Ok(kib * 1024)
+}
+
+/// The CPU time (user + system) process `pid` has used so far, in ms (`/proc/PID/stat`
+/// counts in USER_HZ, 100 per second on Linux); 0 once it is gone.
+pub(crate) fn cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 * 10.0
 }
 
 /// The box's busy and total CPU time so far (jiffies, from `/proc/stat`).
