@@ -64,7 +64,7 @@ ensure_browser_deps() {
   command -v node >/dev/null 2>&1 || need+=(nodejs)
   command -v npm >/dev/null 2>&1 || need+=(npm)
   apt_install "${need[@]}"
-  if [ ! -d cluster-tests/browser/node_modules/playwright-core ]; then
+  if [ ! -d cluster-tests/browser/node_modules/playwright-core ] || [ ! -d cluster-tests/browser/node_modules/y-websocket ]; then
     echo "installing the browser driver (npm ci)…" >&2
     (cd cluster-tests/browser && npm ci --no-audit --no-fund >&2)
   fi

@@ -34,6 +34,8 @@ pub struct Node {
     pub replicas: Replicas,
     pub replication: Replication,
     pub handoffs: Handoffs,
+    /// The Yjs documents of the `doc:` keys this node owns.
+    pub docs: crate::state::docs::Docs,
     /// One permit per held client connection.
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -192,6 +194,7 @@ impl Node {
             replicas: Replicas::new(config.key_limits()),
             replication: Replication::default(),
             handoffs: Handoffs::default(),
+            docs: Default::default(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             budget: MemoryBudget::new(config.memory_budget()),
             counters: Counters::default(),

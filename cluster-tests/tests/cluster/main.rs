@@ -6,6 +6,7 @@ mod auth;
 mod browser_tls;
 mod chaos;
 mod delivery;
+mod docs;
 mod routing;
 mod secure;
 

@@ -13,6 +13,7 @@
 
 mod ops;
 use ops::{metrics, readyz, ring, route};
+mod doc;
 pub mod poll;
 mod reply;
 pub mod sse;
@@ -74,6 +75,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .route("/v1/route", get(route))
         .route("/v1/ring", get(ring))
         .route("/v1/tickets", axum::routing::post(tickets::issue))
+        .route("/v1/doc/{*name}", get(doc::doc))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

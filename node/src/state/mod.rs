@@ -18,6 +18,7 @@
 //! updates are shown in seq order as their acknowledgements come, see [`log`].)
 
 mod clock;
+pub mod docs;
 mod fencing;
 mod handoffs;
 mod idempotency;

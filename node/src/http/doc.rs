@@ -1,0 +1,246 @@
+//! `GET /v1/doc/{name}`: the y-websocket protocol (sync step 1 / step 2 / update,
+//! awareness and awareness queries, binary frames) on the owner of the key
+//! `doc:{name}`, as the stock npm `y-websocket` client speaks it.
+//!
+//! Built so far (issue 25, started): documents in memory on the owner; a non-owner
+//! answers 503 (proxying to the owner is not built yet, and stock clients do not follow
+//! redirects). Each connection's awareness states are removed when it closes. A
+//! malformed message closes that connection only, with 4400 and the reason.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, StatusCode};
+use hyper_util::rt::TokioIo;
+use ringfeed_router::key::Key;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+use yrs::encoding::read::Cursor;
+use yrs::sync::{Message, MessageReader, SyncMessage};
+use yrs::updates::decoder::{Decode, DecoderV1};
+use yrs::{ClientID, ReadTxn, Transact, Update};
+
+use super::{refused, unavailable, ApiError};
+use crate::node::Node;
+use crate::protocol::close::CloseCode;
+use crate::protocol::params::ClientQuery;
+use crate::session::{self, Placement};
+use crate::state::docs::{encode, Room};
+
+/// The largest y-protocol message a client may send (an update or a sync step).
+pub(super) const MAX_DOC_MESSAGE: usize = 8 << 20;
+
+/// `GET /v1/doc/{name}`: checks, then the upgrade.
+pub(super) async fn doc(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    mut request: Request,
+) -> Response {
+    let query = match ClientQuery::parse(request.uri().query()) {
+        Ok(query) => query,
+        Err(e) => return ApiError::bad_request(e).into_response(),
+    };
+    let key = match Key::parse(&format!("doc:{name}")) {
+        Ok(key) => key,
+        Err(e) => {
+            return ApiError::bad_request(format!("invalid document name: {e}")).into_response()
+        }
+    };
+    if !super::is_upgrade(&request) {
+        return ApiError(
+            StatusCode::UPGRADE_REQUIRED,
+            "expected a WebSocket upgrade (version 13)".into(),
+        )
+        .into_response();
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        if !origin.to_str().is_ok_and(|o| node.config.origin_allowed(o)) {
+            return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
+        }
+    }
+    match session::place(&node, &key, query.rv).await {
+        Placement::Here => {}
+        Placement::Moved { .. } | Placement::Unknown => {
+            return unavailable(
+                "this node does not own the document (proxying to its owner is not built yet)",
+                1,
+            );
+        }
+    }
+    if let Err(e) = session::authorize(
+        &node,
+        &key,
+        query.credential(),
+        false,
+        super::source(&request),
+    ) {
+        return refused(&e);
+    }
+    let permit = match node.admit() {
+        Ok(permit) => permit,
+        Err(e) => return refused(&e),
+    };
+    let Some(accept) = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let room = node.docs.room(key.as_str());
+    let shutdown = node.shutdown.clone();
+    node.tasks.spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_DOC_MESSAGE))
+            .max_frame_size(Some(MAX_DOC_MESSAGE));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        serve(ws, room, shutdown).await;
+        drop(permit);
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("a valid 101 response")
+}
+
+/// One editor's connection, until it ends.
+async fn serve<S>(
+    mut ws: WebSocketStream<S>,
+    room: Arc<Room>,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut changes = room.changes.subscribe();
+    // The server's side of the sync: its state vector and who is there.
+    let start = {
+        let awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
+        let sv = awareness.doc().transact().state_vector();
+        let mut start = vec![encode(&Message::Sync(SyncMessage::SyncStep1(sv)))];
+        if let Ok(update) = awareness.update() {
+            start.push(encode(&Message::Awareness(update)));
+        }
+        start
+    };
+    for message in start {
+        if ws.send(WsMessage::Binary(message.into())).await.is_err() {
+            return;
+        }
+    }
+    // The awareness clients this connection announced, removed when it ends.
+    let mut mine = HashSet::new();
+    let ended = loop {
+        tokio::select! {
+            message = ws.next() => match message {
+                Some(Ok(WsMessage::Binary(data))) => match handle(&room, &data, &mut mine) {
+                    Ok(replies) => {
+                        let mut sent = true;
+                        for reply in replies {
+                            sent = sent && ws.send(WsMessage::Binary(reply.into())).await.is_ok();
+                        }
+                        if !sent {
+                            break None;
+                        }
+                    }
+                    Err(reason) => break Some((CloseCode::BadRequest, reason)),
+                },
+                Some(Ok(WsMessage::Text(_))) => {
+                    break Some((CloseCode::BadRequest, "y-websocket messages are binary".into()))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break None,
+            },
+            change = changes.recv() => match change {
+                Ok(bytes) => {
+                    if ws.send(WsMessage::Binary(bytes.to_vec().into())).await.is_err() {
+                        break None;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    break Some((CloseCode::SlowConsumer, "too far behind the document's changes; reconnect".into()))
+                }
+                Err(RecvError::Closed) => break None,
+            },
+            _ = shutdown.cancelled() => break Some((CloseCode::GoingAway, "node shutting down".into())),
+        }
+    };
+    if let Some((code, reason)) = ended {
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code as u16),
+            reason: reason.into(),
+        };
+        let _ = ws.close(Some(frame)).await;
+    }
+    // Whoever this connection announced has left.
+    if !mine.is_empty() {
+        let gone = {
+            let mut awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &mine {
+                awareness.remove_state(*id);
+            }
+            awareness.update_with_clients(mine.iter().copied())
+        };
+        if let Ok(update) = gone {
+            let _ = room
+                .changes
+                .send(Arc::from(encode(&Message::Awareness(update))));
+        }
+    }
+}
+
+/// Applies one client message (several y-protocol messages may share it); the replies
+/// to send back. An error is the reason to close the connection.
+fn handle(room: &Room, data: &[u8], mine: &mut HashSet<ClientID>) -> Result<Vec<Vec<u8>>, String> {
+    let mut decoder = DecoderV1::new(Cursor::new(data));
+    let reader = MessageReader::new(&mut decoder);
+    let mut replies = Vec::new();
+    let mut awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
+    for message in reader {
+        match message.map_err(|e| format!("malformed y-protocol message: {e}"))? {
+            Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                let update = awareness.doc().transact().encode_state_as_update_v1(&sv);
+                replies.push(encode(&Message::Sync(SyncMessage::SyncStep2(update))));
+            }
+            Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+                let update =
+                    Update::decode_v1(&update).map_err(|e| format!("malformed update: {e}"))?;
+                awareness
+                    .doc()
+                    .transact_mut()
+                    .apply_update(update)
+                    .map_err(|e| format!("update not applied: {e}"))?;
+            }
+            Message::Awareness(update) => {
+                mine.extend(update.clients.keys().copied());
+                let forwarded = encode(&Message::Awareness(update.clone()));
+                awareness
+                    .apply_update(update)
+                    .map_err(|e| format!("malformed awareness update: {e}"))?;
+                let _ = room.changes.send(Arc::from(forwarded));
+            }
+            Message::AwarenessQuery => {
+                let update = awareness.update().map_err(|e| format!("awareness: {e}"))?;
+                replies.push(encode(&Message::Awareness(update)));
+            }
+            Message::Auth(_) | Message::Custom(..) => {}
+        }
+    }
+    Ok(replies)
+}
