@@ -1,5 +1,6 @@
 //! Collaborative documents (issue 25, started): stock y-websocket clients edit a
-//! `doc:` key's Yjs document on its owner.
+//! `doc:` key's Yjs document on its owner, one of them through another node that
+//! relays it.
 
 use anyhow::{anyhow, ensure, Context};
 use futures_util::{SinkExt, StreamExt};
@@ -9,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{bounded, owner_of, FRAME_TIMEOUT};
 
 #[tokio::test]
-async fn two_stock_y_websocket_clients_converge_on_one_document_and_a_malformed_message_closes_only_its_connection(
+async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_document_and_a_malformed_message_closes_only_its_connection(
 ) {
     bounded(async {
         let cluster = Cluster::builder().nodes(2).start().await?;
@@ -17,6 +18,13 @@ async fn two_stock_y_websocket_clients_converge_on_one_document_and_a_malformed_
         let owner = owner_of(&cluster, &format!("doc:{name}")).await?;
         let ws = cluster.node(&owner).http.replacen("http://", "ws://", 1);
         let server = format!("{ws}/v1/doc");
+        // The second client goes through the other node, which relays it to the owner.
+        let other = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id != owner)
+            .context("another node")?;
+        let through = format!("{}/v1/doc", other.http.replacen("http://", "ws://", 1));
 
         // A client that sends garbage is closed with 4400; the document is unaffected.
         let (mut bad, _) = tokio_tungstenite::connect_async(format!("{server}/{name}")).await?;
@@ -38,7 +46,7 @@ async fn two_stock_y_websocket_clients_converge_on_one_document_and_a_malformed_
 
         let output = tokio::process::Command::new("node")
             .arg("yjs_two.mjs")
-            .args([server.as_str(), server.as_str(), name, "50", "30000"])
+            .args([server.as_str(), through.as_str(), name, "50", "30000"])
             .current_dir(ringfeed_cluster_tests::browser_dir())
             .kill_on_drop(true)
             .output()

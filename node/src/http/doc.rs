@@ -3,8 +3,8 @@
 //! `doc:{name}`, as the stock npm `y-websocket` client speaks it.
 //!
 //! Built so far (issue 25, started): documents in memory on the owner; a non-owner
-//! answers 503 (proxying to the owner is not built yet, and stock clients do not follow
-//! redirects). Each connection's awareness states are removed when it closes. A
+//! relays the connection to the owner (stock clients do not follow redirects), for
+//! owners reached over plain HTTP so far. Each connection's awareness states are removed when it closes. A
 //! malformed message closes that connection only, with 4400 and the reason.
 
 use std::collections::HashSet;
@@ -66,23 +66,40 @@ pub(super) async fn doc(
             return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
         }
     }
-    match session::place(&node, &key, query.rv).await {
-        Placement::Here => {}
-        Placement::Moved { .. } | Placement::Unknown => {
-            return unavailable(
-                "this node does not own the document (proxying to its owner is not built yet)",
-                1,
-            );
+    // Stock clients do not follow redirects: a non-owner relays the connection to the
+    // owner (plain HTTP owners only so far), which checks the ticket.
+    let upstream = match session::place(&node, &key, query.rv).await {
+        Placement::Here => None,
+        Placement::Moved { owner, .. } => match owner.http.strip_prefix("http://") {
+            Some(host) => {
+                let query = request
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                Some(format!("ws://{host}/v1/doc/{name}{query}"))
+            }
+            None => {
+                return unavailable(
+                    "this node does not own the document (relaying over TLS is not built yet)",
+                    1,
+                )
+            }
+        },
+        Placement::Unknown => {
+            return unavailable("no owner known for this document", 1);
         }
-    }
-    if let Err(e) = session::authorize(
-        &node,
-        &key,
-        query.credential(),
-        false,
-        super::source(&request),
-    ) {
-        return refused(&e);
+    };
+    if upstream.is_none() {
+        if let Err(e) = session::authorize(
+            &node,
+            &key,
+            query.credential(),
+            false,
+            super::source(&request),
+        ) {
+            return refused(&e);
+        }
     }
     let permit = match node.admit() {
         Ok(permit) => permit,
@@ -96,8 +113,8 @@ pub(super) async fn doc(
         return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let room = node.docs.room(key.as_str());
     let shutdown = node.shutdown.clone();
+    let docs = node.clone();
     node.tasks.spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
@@ -108,7 +125,10 @@ pub(super) async fn doc(
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        serve(ws, room, shutdown).await;
+        match upstream {
+            None => serve(ws, docs.docs.room(key.as_str()), shutdown).await,
+            Some(url) => relay(ws, &url, config, shutdown).await,
+        }
         drop(permit);
     });
     Response::builder()
@@ -118,6 +138,67 @@ pub(super) async fn doc(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .expect("a valid 101 response")
+}
+
+/// Relays a client to the owner at `url`, message for message (one in flight each way:
+/// no buffer grows), until either side ends; the owner's close is passed on.
+async fn relay<S>(
+    mut client: WebSocketStream<S>,
+    url: &str,
+    config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    let mut owner = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok((owner, _))) => owner,
+        _ => {
+            let frame = CloseFrame {
+                code: WsCloseCode::from(CloseCode::Unavailable as u16),
+                reason: "the document's owner cannot be reached; reconnect".into(),
+            };
+            let _ = client.close(Some(frame)).await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            message = client.next() => match message {
+                Some(Ok(message @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
+                    if owner.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let _ = owner.close(frame).await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+            message = owner.next() => match message {
+                Some(Ok(message @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
+                    if client.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let _ = client.close(frame).await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    let frame = CloseFrame {
+        code: WsCloseCode::from(CloseCode::GoingAway as u16),
+        reason: "relay ended; reconnect".into(),
+    };
+    let _ = client.close(Some(frame)).await;
+    let _ = owner.close(None).await;
 }
 
 /// One editor's connection, until it ends.
