@@ -10,15 +10,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use http::{header, StatusCode};
 use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
 use tokio::sync::broadcast::error::RecvError;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -54,17 +51,8 @@ pub(super) async fn doc(
             return ApiError::bad_request(format!("invalid document name: {e}")).into_response()
         }
     };
-    if !super::is_upgrade(&request) {
-        return ApiError(
-            StatusCode::UPGRADE_REQUIRED,
-            "expected a WebSocket upgrade (version 13)".into(),
-        )
-        .into_response();
-    }
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        if !origin.to_str().is_ok_and(|o| node.config.origin_allowed(o)) {
-            return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
-        }
+    if let Some(refusal) = super::refuse_upgrade(&node, &request) {
+        return refusal;
     }
     // Stock clients do not follow redirects: a non-owner relays the connection to the
     // owner (plain HTTP owners only so far), which checks the ticket.
@@ -105,14 +93,10 @@ pub(super) async fn doc(
         Ok(permit) => permit,
         Err(e) => return refused(&e),
     };
-    let Some(accept) = request
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-    else {
-        return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
+    let (on_upgrade, switching) = match super::switch_protocols(&mut request) {
+        Ok(switched) => switched,
+        Err(refusal) => return refusal,
     };
-    let on_upgrade = hyper::upgrade::on(&mut request);
     let shutdown = node.shutdown.clone();
     let docs = node.clone();
     node.tasks.spawn(async move {
@@ -131,13 +115,7 @@ pub(super) async fn doc(
         }
         drop(permit);
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::empty())
-        .expect("a valid 101 response")
+    switching
 }
 
 /// Relays a client to the owner at `url`, message for message (one in flight each way:

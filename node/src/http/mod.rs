@@ -33,6 +33,7 @@ use axum::routing::get;
 use http::{header, HeaderValue, Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use hyper::upgrade::OnUpgrade;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -344,17 +345,8 @@ async fn cors(
 async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Response {
     // A bad parameter is said on the socket (4400) once upgraded.
     let query = ClientQuery::parse(request.uri().query());
-    if !is_upgrade(&request) {
-        return ApiError(
-            StatusCode::UPGRADE_REQUIRED,
-            "expected a WebSocket upgrade (version 13)".into(),
-        )
-        .into_response();
-    }
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        if !origin.to_str().is_ok_and(|o| node.config.origin_allowed(o)) {
-            return ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response();
-        }
+    if let Some(refusal) = refuse_upgrade(&node, &request) {
+        return refusal;
     }
     // A draining node says so on the socket (docs/protocol.md keeps an HTTP 503 for the
     // connection limit): a redirect (4300) for a key the ring gives another node, else
@@ -363,14 +355,10 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         Ok(permit) => permit,
         Err(e) => return refused(&e),
     };
-    let Some(accept) = request
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-    else {
-        return ApiError::bad_request("missing Sec-WebSocket-Key").into_response();
+    let (on_upgrade, switching) = match switch_protocols(&mut request) {
+        Ok(switched) => switched,
+        Err(refusal) => return refusal,
     };
-    let on_upgrade = hyper::upgrade::on(&mut request);
     let span = tracing::debug_span!("connection", transport = "ws", node = %node.id, key = tracing::field::Empty);
     node.tasks.spawn(ws::serve(Box::new(ws::Connect {
         node: node.clone(),
@@ -380,13 +368,45 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         permit,
         span,
     })));
-    Response::builder()
+    switching
+}
+
+/// What every WebSocket upgrade refuses before anything else: a request that is not an
+/// upgrade (426), or one from an origin not allowed (403).
+fn refuse_upgrade(node: &Node, request: &Request) -> Option<Response> {
+    if !is_upgrade(request) {
+        return Some(
+            ApiError(
+                StatusCode::UPGRADE_REQUIRED,
+                "expected a WebSocket upgrade (version 13)".into(),
+            )
+            .into_response(),
+        );
+    }
+    let origin = request.headers().get(header::ORIGIN)?;
+    (!origin.to_str().is_ok_and(|o| node.config.origin_allowed(o)))
+        .then(|| ApiError(StatusCode::FORBIDDEN, "origin not allowed".into()).into_response())
+}
+
+/// Takes the upgrade: the connection once hyper hands it over, and the 101 answer to
+/// send now (400 without a `Sec-WebSocket-Key`).
+fn switch_protocols(request: &mut Request) -> Result<(OnUpgrade, Response), Response> {
+    let Some(accept) = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return Err(ApiError::bad_request("missing Sec-WebSocket-Key").into_response());
+    };
+    let on_upgrade = hyper::upgrade::on(request);
+    let switching = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
-        .expect("a valid 101 response")
+        .expect("a valid 101 response");
+    Ok((on_upgrade, switching))
 }
 
 fn is_upgrade(request: &Request) -> bool {

@@ -16,7 +16,7 @@ use crate::wire::ToWire;
 
 /// An error answer: `{"error": "…"}` with a status.
 #[derive(Debug)]
-pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
+pub struct ApiError(pub(super) StatusCode, pub(super) String);
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
