@@ -494,22 +494,13 @@ impl node_server::Node for NodeService {
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainReply>, Status> {
         // An operator action: with authentication on, it needs an API token.
-        if let Some(auth) = &self.node.auth {
-            let authorization = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            if let Err(e) = auth
-                .api_tokens
-                .check(authorization, request.remote_addr().map(|a| a.ip()))
-            {
-                self.node
-                    .counters
-                    .tokens_refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(Status::new(e.wire().grpc, e.to_string()));
-            }
-        }
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.node
+            .check_api_token(authorization, request.remote_addr().map(|a| a.ip()))
+            .map_err(|e| Status::new(e.wire().grpc, e.to_string()))?;
         let request = request.into_inner();
         if request.node != self.node.id.0 {
             return Err(Status::failed_precondition(format!(

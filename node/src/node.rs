@@ -213,6 +213,31 @@ impl Node {
         }
     }
 
+    /// Checks an API token (an `authorization` value, from `source`) for an operator
+    /// action or a ticket, counting a refusal in `ringfeed_api_tokens_refused_total`, or
+    /// in `ringfeed_auth_throttled_total` when the source is past its failures. Always
+    /// accepted with authentication off.
+    pub fn check_api_token(
+        &self,
+        authorization: Option<&str>,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<(), ringfeed_router::api_token::TokenError> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        auth.api_tokens
+            .check(authorization, source)
+            .inspect_err(|e| {
+                let counter = match e {
+                    ringfeed_router::api_token::TokenError::Throttled { .. } => {
+                        &self.counters.auth_throttled
+                    }
+                    _ => &self.counters.tokens_refused,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            })
+    }
+
     /// The node, with authentication on ([`Config::load_auth`]).
     pub fn with_auth(mut self, auth: Option<Auth>) -> Node {
         self.auth = auth;

@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, StatusCode};
-use ringfeed_router::api_token::TokenError;
 use ringfeed_router::key;
 use serde::Deserialize;
 use serde_json::json;
@@ -48,15 +47,7 @@ pub(super) async fn issue(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Err(e) = auth
-        .api_tokens
-        .check(authorization, peer.map(|p| p.0 .0.ip()))
-    {
-        let counter = match e {
-            TokenError::Throttled { .. } => &node.counters.auth_throttled,
-            _ => &node.counters.tokens_refused,
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = node.check_api_token(authorization, peer.map(|p| p.0 .0.ip())) {
         return refused(&e);
     }
     let request: TicketRequest = match serde_json::from_slice(&body) {
