@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
@@ -228,7 +229,8 @@ async fn serve<S>(
             },
             change = changes.recv() => match change {
                 Ok(bytes) => {
-                    if ws.send(WsMessage::Binary(bytes.to_vec().into())).await.is_err() {
+                    // Every editor shares the one encoded message.
+                    if ws.send(WsMessage::Binary(bytes)).await.is_err() {
                         break None;
                     }
                 }
@@ -259,7 +261,7 @@ async fn serve<S>(
         if let Ok(update) = gone {
             let _ = room
                 .changes
-                .send(Arc::from(encode(&Message::Awareness(update))));
+                .send(Bytes::from(encode(&Message::Awareness(update))));
         }
     }
 }
@@ -292,7 +294,7 @@ fn handle(room: &Room, data: &[u8], mine: &mut HashSet<ClientID>) -> Result<Vec<
                 awareness
                     .apply_update(update)
                     .map_err(|e| format!("malformed awareness update: {e}"))?;
-                let _ = room.changes.send(Arc::from(forwarded));
+                let _ = room.changes.send(Bytes::from(forwarded));
             }
             Message::AwarenessQuery => {
                 let update = awareness.update().map_err(|e| format!("awareness: {e}"))?;

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 use yrs::sync::{Awareness, Message, SyncMessage};
 use yrs::updates::encoder::{Encode, Encoder, EncoderV1};
@@ -22,7 +23,7 @@ pub struct Room {
     /// The document and its editors' awareness; held only between awaits.
     pub awareness: Mutex<Awareness>,
     /// Every change, as a y-protocol message: updates and awareness.
-    pub changes: broadcast::Sender<Arc<[u8]>>,
+    pub changes: broadcast::Sender<Bytes>,
 }
 
 impl Room {
@@ -33,7 +34,7 @@ impl Room {
         doc.observe_update_v1("room", move |_: &yrs::TransactionMut, event| {
             let message = Message::Sync(SyncMessage::Update(event.update.clone()));
             // Nobody listening is fine: the document keeps the change.
-            let _ = tx.send(Arc::from(encode(&message)));
+            let _ = tx.send(Bytes::from(encode(&message)));
         })
         .expect("a new document takes an observer");
         Arc::new(Room {
