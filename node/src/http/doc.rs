@@ -96,7 +96,7 @@ pub(super) async fn doc(
     };
     let (on_upgrade, switching) = match super::switch_protocols(&mut request) {
         Ok(switched) => switched,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let shutdown = node.shutdown.clone();
     let docs = node.clone();

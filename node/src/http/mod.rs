@@ -357,7 +357,7 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
     };
     let (on_upgrade, switching) = match switch_protocols(&mut request) {
         Ok(switched) => switched,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let span = tracing::debug_span!("connection", transport = "ws", node = %node.id, key = tracing::field::Empty);
     node.tasks.spawn(ws::serve(Box::new(ws::Connect {
@@ -390,13 +390,13 @@ fn refuse_upgrade(node: &Node, request: &Request) -> Option<Response> {
 
 /// Takes the upgrade: the connection once hyper hands it over, and the 101 answer to
 /// send now (400 without a `Sec-WebSocket-Key`).
-fn switch_protocols(request: &mut Request) -> Result<(OnUpgrade, Response), Response> {
+fn switch_protocols(request: &mut Request) -> Result<(OnUpgrade, Response), ApiError> {
     let Some(accept) = request
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
         .map(|k| derive_accept_key(k.as_bytes()))
     else {
-        return Err(ApiError::bad_request("missing Sec-WebSocket-Key").into_response());
+        return Err(ApiError::bad_request("missing Sec-WebSocket-Key"));
     };
     let on_upgrade = hyper::upgrade::on(request);
     let switching = Response::builder()
