@@ -406,19 +406,10 @@ where
 /// Connects and follows `redirect` frames (at most 3) until another first frame (the
 /// `welcome`, returned with the socket) or none within 10 s.
 async fn connect_ws(url: &str, source: IpAddr) -> anyhow::Result<(Ws, Option<String>)> {
-    let mut url = url.to_owned();
-    for _ in 0..4 {
-        let (host, port) = host_port(&url)?;
-        let stream = dial(&format!("{host}:{port}"), source).await?;
-        let (mut ws, _) =
-            tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(ws_config()))
-                .await?;
-        match first_frame(&mut ws).await? {
-            First::Redirect(next) => url = next,
-            First::Frame(first) => return Ok((ws, first)),
-        }
-    }
-    bail!("too many redirects")
+    connect_through(url, |host, port| async move {
+        dial(&format!("{host}:{port}"), source).await
+    })
+    .await
 }
 
 /// [`connect_ws`] over TLS: `wss://` URLs, redirects included, the server's
@@ -428,12 +419,29 @@ async fn connect_wss(
     source: IpAddr,
     tls: &TlsConnector,
 ) -> anyhow::Result<(Wss, Option<String>)> {
+    connect_through(url, |host, port| async move {
+        let stream = dial(&format!("{host}:{port}"), source).await?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)?;
+        Ok(tls.connect(name, stream).await.context("TLS handshake")?)
+    })
+    .await
+}
+
+/// Connects over what `open(host, port)` returns and follows `redirect` frames (at
+/// most 3) until another first frame, as [`connect_ws`] says.
+async fn connect_through<S, F, Fut>(
+    url: &str,
+    open: F,
+) -> anyhow::Result<(WebSocketStream<S>, Option<String>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: Fn(String, u16) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<S>>,
+{
     let mut url = url.to_owned();
     for _ in 0..4 {
         let (host, port) = host_port(&url)?;
-        let stream = dial(&format!("{host}:{port}"), source).await?;
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)?;
-        let stream = tls.connect(name, stream).await.context("TLS handshake")?;
+        let stream = open(host, port).await?;
         let (mut ws, _) =
             tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(ws_config()))
                 .await?;
