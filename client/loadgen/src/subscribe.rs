@@ -422,7 +422,7 @@ async fn connect_wss(
     connect_through(url, |host, port| async move {
         let stream = dial(&format!("{host}:{port}"), source).await?;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)?;
-        Ok(tls.connect(name, stream).await.context("TLS handshake")?)
+        tls.connect(name, stream).await.context("TLS handshake")
     })
     .await
 }
