@@ -275,7 +275,7 @@ async fn set_up(connect: Box<Connect>) -> Option<Live> {
         Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
             Ok(parts) => {
                 let (stream, tls) = parts.io.into_inner().into_inner();
-                Socket::new(stream, Some(Box::new(tls)), parts.read_buf, config)
+                Socket::new(stream, Some(tls), parts.read_buf, config)
             }
             Err(_) => {
                 tracing::error!("an upgraded connection is neither TCP nor TLS over TCP");

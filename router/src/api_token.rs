@@ -56,11 +56,6 @@ impl Gate {
         }
         checked
     }
-
-    /// The failure budgets this gate shares.
-    pub fn throttle(&self) -> &Arc<Throttle> {
-        &self.throttle
-    }
 }
 
 /// The accepted API tokens, kept as SHA-256 digests: the tokens themselves are not

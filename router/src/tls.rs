@@ -197,12 +197,6 @@ impl ResolvesClientCert for Current {
     }
 }
 
-impl<T> std::fmt::Debug for Watched<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Watched(reloads: {})", self.reloads())
-    }
-}
-
 impl Tls {
     /// A server config presenting the identity (none without one), offering `alpn`;
     /// with `mutual`, callers must present a certificate the CA signed.

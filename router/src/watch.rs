@@ -50,6 +50,13 @@ impl<T> Watched<T> {
     }
 }
 
+impl<T> std::fmt::Debug for Watched<T> {
+    /// Never the value (it may be a secret).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Watched(reloads: {})", self.reloads())
+    }
+}
+
 /// What a file looks like from outside: whether it changed.
 type Stamp = Option<(u64, SystemTime, u64)>;
 

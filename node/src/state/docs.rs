@@ -67,14 +67,4 @@ impl Docs {
             .or_insert_with(Room::new)
             .clone()
     }
-
-    /// How many documents are held.
-    pub fn len(&self) -> usize {
-        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -60,7 +60,7 @@ impl Socket {
     /// the handshake (a client may send frames right behind its request).
     pub(super) fn new(
         stream: TcpStream,
-        tls: Option<Box<rustls::ServerConnection>>,
+        tls: Option<rustls::ServerConnection>,
         read: Bytes,
         config: WebSocketConfig,
     ) -> Self {
@@ -68,12 +68,7 @@ impl Socket {
         scan.feed(&read);
         // A copy: `read` is a view of hyper's 8 KiB read buffer, kept alive by it.
         let spill = Bytes::copy_from_slice(&read);
-        let extra = (tls.is_some() || !spill.is_empty()).then(|| {
-            Box::new(Extra {
-                spill,
-                tls: tls.map(|tls| *tls),
-            })
-        });
+        let extra = (tls.is_some() || !spill.is_empty()).then(|| Box::new(Extra { spill, tls }));
         let tcp = Tcp {
             stream,
             extra,
