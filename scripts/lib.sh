@@ -27,6 +27,20 @@ ensure_deps() {
   fi
 }
 
+# Installs PostgreSQL's server programs, if missing: initdb, pg_ctl and postgres
+# (Debian's postgresql; it puts them in /usr/lib/postgresql/VERSION/bin, not on PATH).
+# The cluster tests start private servers with them (cluster-tests/src/postgres.rs).
+ensure_postgres() {
+  if command -v initdb && command -v pg_ctl && command -v postgres; then
+    return 0
+  fi >/dev/null 2>&1
+  local dir
+  for dir in /usr/lib/postgresql/*/bin; do
+    [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ] && return 0
+  done
+  apt_install postgresql
+}
+
 # A free TCP port on 127.0.0.1.
 # Where cargo puts its build output: target/ unless CARGO_TARGET_DIR (or a cargo config)
 # says otherwise. Binaries are found under it, never at a hard-coded path.

@@ -4,7 +4,8 @@
 //! then N `ringfeed-node` processes and a `ringfeed-router`, all with port 0 (each
 //! process prints the addresses it bound). Every process is killed when its handle is
 //! dropped — also when a test panics — and the logs of a failed test are printed.
-//! Waiting is done with [`eventually`], never with a fixed sleep.
+//! Waiting is done with [`eventually`], never with a fixed sleep. [`postgres::Postgres`]
+//! starts a private PostgreSQL server the same way.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,6 +20,8 @@ use ringfeed_proto::v1::router_client::RouterClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
+
+pub mod postgres;
 
 /// How long a process may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
