@@ -616,6 +616,9 @@ impl Cluster {
                 "127.0.0.1:0",
             ])
             .args(["--lease-ttl", &self.lease_ttl.to_string()])
+            // The cluster's own document store, shared by its nodes (one host).
+            .arg("--store")
+            .arg(format!("sqlite:{}", self.store_path().display()))
             .args(&self.node_args)
             .args(self.args_for.get(id).into_iter().flatten())
             .args(args)
@@ -807,7 +810,12 @@ impl Cluster {
         ringfeed_client::Tls::from_ca_file(&dir.join("ca.pem")).ok()
     }
 
-    /// A secure cluster's folder of certificates and secrets.
+    /// The SQLite file the cluster's nodes write document snapshots to.
+    pub fn store_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("docs.sqlite")
+    }
+
+    /// A secure cluster's directory of certificates and secrets.
     pub fn tls_dir(&self) -> Option<&Path> {
         self.tls_dir.as_ref().map(|d| d.path())
     }

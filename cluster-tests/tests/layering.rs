@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// ones below, never above (ARCHITECTURE.md explains each).
 const NODE_LAYERS: &[&[&str]] = &[
     &["protocol", "budget", "latency", "peers"],
-    &["config"],
+    &["config", "store"],
     &["state"],
     &["node"],
     &["cluster"],

@@ -75,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = PayloadLimits {
         max_payload: usize::MAX,
         max_json_depth: MAX_JSON_DEPTH,
+        max_doc_update: usize::MAX,
     };
     let seq = 7;
     let update = frames::update(
@@ -103,6 +104,7 @@ fuzz_target!(|data: &[u8]| {
     let peer_limits = PayloadLimits {
         max_payload: 1 << 20,
         max_json_depth: MAX_JSON_DEPTH,
+        max_doc_update: 1 << 20,
     };
     if let Err(e) = peer::check_update("user:1", seq, update.as_bytes(), peer_limits) {
         panic!("a peer refuses the update frame made of this publish ({e}): {update:?}");

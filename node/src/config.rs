@@ -20,6 +20,9 @@ use ringfeed_router::watch::{watch, Watched};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod docs;
+pub use docs::{DocArgs, StoreUrl};
+
 /// What authentication needs, loaded at start ([`Config::load_auth`]); the secrets and
 /// tokens are read again when their files change.
 pub struct Auth {
@@ -202,6 +205,8 @@ pub struct Config {
     pub single_use_tickets: bool,
     #[command(flatten)]
     pub failures: FailureArgs,
+    #[command(flatten)]
+    pub docs: DocArgs,
     /// Runtime worker threads (0: one per core). Several nodes sharing a box's cores
     /// each want their share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
@@ -221,6 +226,8 @@ pub struct Limits {
     pub history_bytes: usize,
     /// Idempotency keys remembered per key (those of the last N updates).
     pub idempotency_window: usize,
+    /// Largest Yjs update to a document.
+    pub max_doc_update: usize,
 }
 
 impl Limits {
@@ -229,6 +236,7 @@ impl Limits {
         frames::PayloadLimits {
             max_payload: self.max_payload,
             max_json_depth: self.max_json_depth,
+            max_doc_update: self.max_doc_update,
         }
     }
 }
@@ -242,6 +250,7 @@ impl Default for Limits {
             history_len: 1000,
             history_bytes: 1024 * 1024,
             idempotency_window: 1000,
+            max_doc_update: 4 << 20,
         }
     }
 }
@@ -254,6 +263,7 @@ impl Config {
         self.validate_timing()?;
         self.validate_http()?;
         self.tls.validate()?;
+        self.docs.validate()?;
         self.validate_auth()
     }
 
@@ -501,6 +511,7 @@ impl Config {
             history_len: self.history_len,
             history_bytes: self.history_bytes,
             idempotency_window: self.idempotency_window,
+            max_doc_update: self.docs.doc_max_update,
         }
     }
 
@@ -518,6 +529,9 @@ impl Config {
                 self.idempotency_window
                     .saturating_mul(MAX_IDEMPOTENCY_KEY + 24),
             );
+        // A document's state rides beside its key's snapshot (twice: a hand-off may
+        // carry its last update in the history too).
+        let snapshot = snapshot.saturating_add(self.docs.doc_max_bytes.saturating_mul(2));
         let peer = REQUEST_BUDGET.saturating_add(snapshot);
         deliver.max(peer.saturating_add(64 * 1024))
     }
@@ -611,8 +625,10 @@ mod tests {
     fn the_grpc_decode_limit_follows_the_request_limits() {
         let c = base();
         let limit = c.max_grpc_message();
-        // Room for a full batch at the payload limit…
+        // Room for a full batch at the payload limit, and for a hand-off with a
+        // document at its limit…
         assert!(limit >= 1000 * 64 * 1024);
+        assert!(limit >= 2 * c.docs.doc_max_bytes);
         // …and nowhere near the 256 MiB it used to be.
         assert!(limit < 80 << 20, "{limit}");
         // Smaller limits, a smaller bound (a peer's request budget, 4 MiB, and one
@@ -621,6 +637,8 @@ mod tests {
         small.max_payload = 1024;
         small.max_batch = 10;
         small.history_bytes = 64 * 1024;
+        small.docs.doc_max_update = 32 * 1024;
+        small.docs.doc_max_bytes = 64 * 1024;
         assert!(
             small.max_grpc_message() < 6 << 20,
             "{}",

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringfeed_proto::v1::{self as pb, deliver_result, key_presence_reply, node_server};
+use ringfeed_proto::v1::{
+    self as pb, deliver_result, key_document_reply, key_presence_reply, node_server,
+};
 use ringfeed_router::key;
 use ringfeed_router::membership::View;
 use ringfeed_router::ring::RingId;
@@ -410,6 +412,47 @@ impl node_server::Node for NodeService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn key_document(
+        &self,
+        request: Request<pb::KeyDocumentRequest>,
+    ) -> Result<Response<pb::KeyDocumentReply>, Status> {
+        let request = request.into_inner();
+        key::validate(&request.key)
+            .map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
+        if !request.key.starts_with("doc:") || request.text.len() > key::MAX_KEY_LEN {
+            return Err(Status::invalid_argument(
+                "documents live on doc: keys; a text name is at most 256 bytes",
+            ));
+        }
+        let view = self.view(request.ring.as_ref()).await;
+        let result = match self.node.decide(view.clone(), &request.key) {
+            Decision::Mine(_) => {
+                // The document may still be on its way from its previous owner.
+                if !self.node.handoffs.ready(&request.key, &view).await {
+                    return Err(Status::unavailable("the document is moving here; retry"));
+                }
+                let room = crate::cluster::documents::open(&self.node, &request.key).await;
+                key_document_reply::Result::Ok(pb::GetDocumentReply {
+                    update: room.state().to_vec(),
+                    text: match request.text.as_str() {
+                        "" => String::new(),
+                        name => room.text(name),
+                    },
+                    node: self.node.id.0.clone(),
+                })
+            }
+            Decision::Elsewhere(..) => key_document_reply::Result::NotOwner(ring_ref(&view)),
+            Decision::Nobody(_) => {
+                return Err(Status::unavailable(
+                    "no live owner for this key on this ring yet",
+                ))
+            }
+        };
+        Ok(Response::new(pb::KeyDocumentReply {
+            result: Some(result),
+        }))
     }
 
     async fn key_presence(

@@ -7,7 +7,8 @@
 //!    epochs, redirect URLs. Beside it, leaves: [`budget`] (resident memory),
 //!    [`latency`] (histograms), [`peers`] (how peers are reached).
 //! 2. [`config`] — flags and environment, validated before a port is bound; owns the
-//!    key state's [`Limits`](config::Limits).
+//!    key state's [`Limits`](config::Limits). Beside it, [`store`]: where document
+//!    snapshots go (SQLite or PostgreSQL).
 //! 3. [`state`] — the per-key state without IO: log and high watermark, idempotency,
 //!    presence, connection mailboxes, the key table, replicas, hand-off bookkeeping,
 //!    replication queues.
@@ -41,5 +42,6 @@ pub mod session;
 #[cfg(test)]
 mod sim;
 pub mod state;
+pub mod store;
 pub mod wire;
 pub mod ws;

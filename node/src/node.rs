@@ -36,6 +36,8 @@ pub struct Node {
     pub handoffs: Handoffs,
     /// The Yjs documents of the `doc:` keys this node owns.
     pub docs: crate::state::docs::Docs,
+    /// Where document snapshots go.
+    pub store: crate::store::Store,
     /// One permit per held client connection.
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -84,6 +86,11 @@ pub struct Counters {
     /// Replicated or handed-off state refused for failing its checks
     /// ([`crate::protocol::peer`]).
     pub peer_input_refused: AtomicU64,
+    /// Document snapshots written to the store.
+    pub doc_snapshots: AtomicU64,
+    /// Editors closed for breaking a document's bounds (a malformed message, an
+    /// update over the limit, an awareness flood).
+    pub doc_refused: AtomicU64,
     /// A `Deliver` request (a router's batch for this owner), from its arrival to its
     /// answer or its time limit: the owner's share of a publish's latency, replication
     /// included.
@@ -195,6 +202,7 @@ impl Node {
             replication: Replication::default(),
             handoffs: Handoffs::default(),
             docs: Default::default(),
+            store: crate::store::Store::None,
             connections: Arc::new(Semaphore::new(config.max_connections)),
             budget: MemoryBudget::new(config.memory_budget()),
             counters: Counters::default(),
@@ -241,6 +249,12 @@ impl Node {
     /// The node, with authentication on ([`Config::load_auth`]).
     pub fn with_auth(mut self, auth: Option<Auth>) -> Node {
         self.auth = auth;
+        self
+    }
+
+    /// The node, writing document snapshots to `store`.
+    pub fn with_store(mut self, store: crate::store::Store) -> Node {
+        self.store = store;
         self
     }
 

@@ -53,10 +53,15 @@ pub async fn run(
     )
     .await?;
     let grace = config.shutdown_grace();
+    let store_url = crate::config::StoreUrl::parse(&config.docs.store).map_err(anyhow::Error::msg)?;
+    let store = crate::store::Store::open(&store_url)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let node = Arc::new(
         Node::new(config, membership.clone(), shutdown.clone(), tasks.clone())
             .with_auth(auth)
-            .with_peers(peers),
+            .with_peers(peers)
+            .with_store(store),
     );
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
@@ -176,6 +181,7 @@ fn spawn_upkeep(node: &Arc<Node>) {
     let tasks = &node.tasks;
     tasks.spawn(crate::cluster::follower::follow_ring(node.clone()));
     tasks.spawn(crate::cluster::follower::sweep(node.clone()));
+    tasks.spawn(crate::cluster::documents::write_snapshots(node.clone()));
     tasks.spawn(node.clone().run_clock());
     tasks.spawn(crate::cluster::fence::watch(node.clone()));
     tasks.spawn(crate::cluster::follower::watch_memory(node.clone()));
@@ -241,7 +247,8 @@ async fn drain(node: &Arc<Node>, registration: &Registration) {
         }
     }
     let view = node.membership.view();
-    let moved = node.keys.take_where(|_| true);
+    let mut moved = node.keys.take_where(|_| true);
+    crate::cluster::documents::take_moved(&node, &mut moved, |_| true);
     crate::cluster::handoff::hand_off(node.clone(), view, moved, Vec::new()).await;
     // Let redirected clients go before the rest are closed.
     let deadline = tokio::time::Instant::now() + DRAIN_CLIENT_WAIT;

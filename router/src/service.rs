@@ -161,4 +161,17 @@ impl Router for RouterService {
             .await
             .map(Response::new)
     }
+
+    async fn get_document(
+        &self,
+        request: Request<pb::GetDocumentRequest>,
+    ) -> Result<Response<pb::GetDocumentReply>, Status> {
+        self.authenticate(&request)?;
+        let deadline = self.deadline(&request);
+        let request = request.into_inner();
+        self.forwarder
+            .document(&request.key, &request.text, deadline)
+            .await
+            .map(Response::new)
+    }
 }

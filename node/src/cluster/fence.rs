@@ -275,6 +275,9 @@ async fn ask(node: &Node, peer: &Member) -> Option<pb::StatusReply> {
 /// keys and replicas are dropped (the ring has promoted their replicas elsewhere).
 fn move_out(node: &Node, ring: &Ring, version: u64) {
     let moved = node.keys.take_where(|_| true);
+    // Documents go too (their editors reconnect to the new owners, which promoted the
+    // replicas); what the store holds stays.
+    node.docs.take_where(|_, _| true);
     let mut clients = 0usize;
     for m in &moved {
         let owner = ring.owner(&m.key).filter(|o| o.id != node.id);

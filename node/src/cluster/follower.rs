@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ringfeed_router::membership::View;
 
-use super::{handoff, replication};
+use super::{documents, handoff, replication};
 use crate::node::{departed, redirect_kick, Node};
 use crate::state::{successor_of, KeySnapshot, MemberRef};
 
@@ -69,9 +69,9 @@ async fn follow_ring_from(
         }
         // Keys this node gave up go whole to their new owners, then this node's
         // marker to everyone, then their clients are redirected.
-        let moved = node
-            .keys
-            .take_where(|key| view.ring.owner(key).is_some_and(|o| o.id != node.id));
+        let elsewhere = |key: &str| view.ring.owner(key).is_some_and(|o| o.id != node.id);
+        let mut moved = node.keys.take_where(elsewhere);
+        documents::take_moved(&node, &mut moved, elsewhere);
         let offers = orphans_owned_elsewhere(&node, &view);
         node.tasks
             .spawn(handoff::hand_off(node.clone(), view.clone(), moved, offers));
@@ -112,7 +112,10 @@ pub async fn sweep(node: Arc<Node>) {
             _ = node.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let dropped = node.keys.drop_idle(ttl);
+        let dropped = node
+            .keys
+            .drop_idle(ttl, |key| node.docs.get(key).is_some_and(|d| d.editors() > 0));
+        documents::let_go_idle(&node);
         if !dropped.is_empty() {
             tracing::debug!(keys = dropped.len(), "dropped idle keys");
         }
@@ -242,9 +245,20 @@ fn restore(
     take: impl FnOnce() -> Option<KeySnapshot>,
     view: &View,
 ) -> bool {
-    let Some(early) = node.keys.restore(key, take) else {
+    // The document the snapshot carries is installed before the key is sent to its
+    // successor (which gets the document from it).
+    let mut carried = None;
+    let restored = node.keys.restore(key, || {
+        let snapshot = take()?;
+        carried = documents::carried(key, &snapshot);
+        Some(snapshot)
+    });
+    let Some(early) = restored else {
         return false;
     };
+    if let Some(updates) = carried {
+        node.docs.install(key, &updates);
+    }
     // Clients that reached a fresh state before the promotion reconnect into it.
     if let Some(me) = view.ring.member(&node.id) {
         for s in early {

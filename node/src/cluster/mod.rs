@@ -2,6 +2,7 @@
 //! following the ring (promotion included), self-fencing, and the conversions between
 //! the internal protocol's messages and the key state's types.
 
+pub mod documents;
 pub mod fence;
 pub mod follower;
 pub mod handoff;

@@ -101,7 +101,8 @@ pub fn dispatch(node: &Arc<Node>, key: &str, to_replica: ToReplica) {
                 },
             );
         }
-        ToReplica::Snapshot(to, snapshot) => {
+        ToReplica::Snapshot(to, mut snapshot) => {
+            super::documents::fill(node, key, &mut snapshot);
             send(
                 node,
                 &to,
@@ -138,6 +139,8 @@ pub struct Started {
     replicated: bool,
     /// Told the subscribers reached once shown; `None` for a duplicate.
     done: Option<oneshot::Receiver<u32>>,
+    /// A document update, applied to its document once shown (so waited for).
+    doc: Option<(Arc<Node>, String, bytes::Bytes)>,
 }
 
 impl Started {
@@ -148,7 +151,9 @@ impl Started {
             replicated,
             done,
             span,
+            doc,
         } = self;
+        let wait = wait || doc.is_some();
         if let (true, Some(done)) = (wait, done) {
             let shown = done.instrument(span.clone()).await;
             let _in = span.enter();
@@ -158,7 +163,18 @@ impl Started {
             })?;
             tracing::trace!(delivered = applied.delivered, "shown");
         }
+        // Shown (or a retry of one shown): the document takes it. Applying an update
+        // twice changes nothing.
+        if let Some((node, key, update)) = doc {
+            super::documents::apply_shown(&node, &key, update).await;
+        }
         Ok((applied, replicated))
+    }
+
+    /// The same publish, applied to no document when shown (it already is).
+    pub fn without_doc(mut self) -> Started {
+        self.doc = None;
+        self
     }
 }
 
@@ -174,6 +190,16 @@ pub fn start(
     if node.is_fenced() {
         return Err(PublishError::Fenced);
     }
+    let doc = if crate::protocol::frames::is_doc_update(key, publish.content_type) {
+        super::documents::check_size(node, key, publish.data)?;
+        Some((
+            node.clone(),
+            key.to_owned(),
+            bytes::Bytes::copy_from_slice(publish.data),
+        ))
+    } else {
+        None
+    };
     let successor = successor_of(view, key);
     let replicated = successor.is_some();
     match node.keys.stage(key, publish, successor, view.version) {
@@ -201,6 +227,7 @@ pub fn start(
                 replicated,
                 done: None,
                 span,
+                doc,
             })
         }
         Ok(Staged::Waiting {
@@ -221,6 +248,7 @@ pub fn start(
                 replicated,
                 done: Some(done),
                 span,
+                doc,
             })
         }
     }
@@ -489,6 +517,7 @@ pub fn snapshot_pb(key: &str, snapshot: &KeySnapshot) -> pb::ReplicaSnapshot {
                 digest: *digest,
             })
             .collect(),
+        doc: snapshot.doc.as_ref().map(|d| d.to_vec()).unwrap_or_default(),
     }
 }
 
@@ -507,6 +536,7 @@ pub fn snapshot_from_pb(snapshot: pb::ReplicaSnapshot) -> KeySnapshot {
             .into_iter()
             .map(|r| (r.id, r.seq, r.digest))
             .collect(),
+        doc: (!snapshot.doc.is_empty()).then(|| bytes::Bytes::from(snapshot.doc)),
     }
 }
 

@@ -8,6 +8,7 @@
 //! malformed message closes that connection only, with 4400 and the reason.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
@@ -19,7 +20,7 @@ use ringfeed_router::key::Key;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 use yrs::encoding::read::Cursor;
 use yrs::sync::{Message, MessageReader, SyncMessage};
@@ -31,10 +32,16 @@ use crate::node::Node;
 use crate::protocol::close::CloseCode;
 use crate::protocol::params::ClientQuery;
 use crate::session::{self, Placement};
+use crate::cluster::documents;
+use crate::cluster::replication::{self, PublishError};
+use crate::node::Decision;
+use crate::protocol::frames::{self, PayloadError};
 use crate::state::docs::{encode, Room};
+use crate::state::{ApplyError, Publish};
 
-/// The largest y-protocol message a client may send (an update or a sync step).
-pub(super) const MAX_DOC_MESSAGE: usize = 8 << 20;
+/// Room in a client message beside its largest update (`--doc-max-update`): the
+/// y-protocol's headers and other messages sharing it.
+const MESSAGE_SLACK: usize = 64 * 1024;
 
 /// `GET /v1/doc/{name}`: checks, then the upgrade.
 pub(super) async fn doc(
@@ -104,14 +111,15 @@ pub(super) async fn doc(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
+        let max = docs.config.docs.doc_max_update + MESSAGE_SLACK;
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .max_message_size(Some(MAX_DOC_MESSAGE))
-            .max_frame_size(Some(MAX_DOC_MESSAGE));
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         match upstream {
-            None => serve(ws, docs.docs.room(key.as_str()), shutdown).await,
+            None => serve(ws, &docs, key.as_str(), shutdown).await,
             Some(url) => relay(ws, &url, config, shutdown).await,
         }
         drop(permit);
@@ -180,14 +188,19 @@ async fn relay<S>(
     let _ = owner.close(None).await;
 }
 
+/// Why an editor's connection ends.
+type Ending = Option<(CloseCode, String)>;
+
 /// One editor's connection, until it ends.
 async fn serve<S>(
     mut ws: WebSocketStream<S>,
-    room: Arc<Room>,
+    node: &Arc<Node>,
+    key: &str,
     shutdown: tokio_util::sync::CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let room = documents::open(node, key).await;
     let mut changes = room.changes.subscribe();
     // The server's side of the sync: its state vector and who is there.
     let start = {
@@ -204,27 +217,39 @@ async fn serve<S>(
             return;
         }
     }
-    // The awareness clients this connection announced, removed when it ends.
-    let mut mine = HashSet::new();
-    let ended = loop {
+    let mut editor = Editor {
+        mine: HashSet::new(),
+        awareness: Bucket::new(node.config.docs.doc_awareness_rate),
+        max_update: node.config.docs.doc_max_update,
+    };
+    let ended: Ending = loop {
         tokio::select! {
             message = ws.next() => match message {
-                Some(Ok(WsMessage::Binary(data))) => match handle(&room, &data, &mut mine) {
-                    Ok(replies) => {
-                        let mut sent = true;
-                        for reply in replies {
-                            sent = sent && ws.send(WsMessage::Binary(reply.into())).await.is_ok();
-                        }
-                        if !sent {
-                            break None;
-                        }
+                Some(Ok(WsMessage::Binary(data))) => {
+                    let handled = match editor.handle(&room, &data) {
+                        Ok(handled) => handled,
+                        Err(refusal) => break Some(refusal),
+                    };
+                    if let Some(refusal) = publish(node, key, handled.updates).await {
+                        break Some(refusal);
                     }
-                    Err(reason) => break Some((CloseCode::BadRequest, reason)),
-                },
+                    let mut sent = true;
+                    for reply in handled.replies {
+                        sent = sent && ws.send(WsMessage::Binary(reply.into())).await.is_ok();
+                    }
+                    if !sent {
+                        break None;
+                    }
+                }
                 Some(Ok(WsMessage::Text(_))) => {
                     break Some((CloseCode::BadRequest, "y-websocket messages are binary".into()))
                 }
                 Some(Ok(_)) => {}
+                Some(Err(WsError::Capacity(_))) => {
+                    break Some((CloseCode::TooLarge, format!(
+                        "message over the limit ({} bytes of update)", editor.max_update
+                    )))
+                }
                 Some(Err(_)) | None => break None,
             },
             change = changes.recv() => match change {
@@ -239,24 +264,34 @@ async fn serve<S>(
                 }
                 Err(RecvError::Closed) => break None,
             },
+            _ = room.gone.cancelled() => {
+                break Some((CloseCode::Unavailable, "the document moved to another node; reconnect".into()))
+            }
             _ = shutdown.cancelled() => break Some((CloseCode::GoingAway, "node shutting down".into())),
         }
     };
     if let Some((code, reason)) = ended {
+        if matches!(
+            code,
+            CloseCode::BadRequest | CloseCode::TooLarge | CloseCode::TooMany
+        ) {
+            node.counters.doc_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%key, code = code.code(), %reason, "editor refused");
+        }
         let frame = CloseFrame {
-            code: WsCloseCode::from(code as u16),
+            code: WsCloseCode::from(code.code()),
             reason: reason.into(),
         };
         let _ = ws.close(Some(frame)).await;
     }
     // Whoever this connection announced has left.
-    if !mine.is_empty() {
+    if !editor.mine.is_empty() {
         let gone = {
             let mut awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
-            for id in &mine {
+            for id in &editor.mine {
                 awareness.remove_state(*id);
             }
-            awareness.update_with_clients(mine.iter().copied())
+            awareness.update_with_clients(editor.mine.iter().copied())
         };
         if let Ok(update) = gone {
             let _ = room
@@ -266,42 +301,147 @@ async fn serve<S>(
     }
 }
 
-/// Applies one client message (several y-protocol messages may share it); the replies
-/// to send back. An error is the reason to close the connection.
-fn handle(room: &Room, data: &[u8], mine: &mut HashSet<ClientID>) -> Result<Vec<Vec<u8>>, String> {
-    let mut decoder = DecoderV1::new(Cursor::new(data));
-    let reader = MessageReader::new(&mut decoder);
-    let mut replies = Vec::new();
-    let mut awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
-    for message in reader {
-        match message.map_err(|e| format!("malformed y-protocol message: {e}"))? {
-            Message::Sync(SyncMessage::SyncStep1(sv)) => {
-                let update = awareness.doc().transact().encode_state_as_update_v1(&sv);
-                replies.push(encode(&Message::Sync(SyncMessage::SyncStep2(update))));
+/// Logs an editor's updates on the key, in order; each is applied to the document
+/// and sent to the editors once the successor holds it. A refusal closes the editor
+/// (which syncs again when it reconnects: nothing it holds is lost).
+async fn publish(node: &Arc<Node>, key: &str, updates: Vec<Vec<u8>>) -> Ending {
+    for update in updates {
+        let view = node.membership.view();
+        let view = match node.decide(view, key) {
+            Decision::Mine(view) => view,
+            _ => {
+                return Some((
+                    CloseCode::Unavailable,
+                    "the document moved to another node; reconnect".into(),
+                ))
             }
-            Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
-                let update =
-                    Update::decode_v1(&update).map_err(|e| format!("malformed update: {e}"))?;
-                awareness
-                    .doc()
-                    .transact_mut()
-                    .apply_update(update)
-                    .map_err(|e| format!("update not applied: {e}"))?;
-            }
-            Message::Awareness(update) => {
-                mine.extend(update.clients.keys().copied());
-                let forwarded = encode(&Message::Awareness(update.clone()));
-                awareness
-                    .apply_update(update)
-                    .map_err(|e| format!("malformed awareness update: {e}"))?;
-                let _ = room.changes.send(Bytes::from(forwarded));
-            }
-            Message::AwarenessQuery => {
-                let update = awareness.update().map_err(|e| format!("awareness: {e}"))?;
-                replies.push(encode(&Message::Awareness(update)));
-            }
-            Message::Auth(_) | Message::Custom(..) => {}
+        };
+        let publish = Publish {
+            data: &update,
+            content_type: frames::YJS_UPDATE,
+            ..Publish::default()
+        };
+        if let Err(e) = replication::publish(node, &view, key, publish, true).await {
+            let code = match &e {
+                PublishError::Apply(ApplyError::Payload(
+                    PayloadError::TooLarge(..) | PayloadError::DocumentFull(_),
+                )) => CloseCode::TooLarge,
+                PublishError::Apply(ApplyError::Payload(_)) => CloseCode::BadRequest,
+                PublishError::Apply(ApplyError::MemoryBudget) => CloseCode::TooMany,
+                _ => CloseCode::Unavailable,
+            };
+            return Some((code, e.to_string()));
         }
     }
-    Ok(replies)
+    None
+}
+
+/// What one editor's connection keeps.
+struct Editor {
+    /// The awareness clients it announced, removed when it ends.
+    mine: HashSet<ClientID>,
+    /// Its awareness messages.
+    awareness: Bucket,
+    max_update: usize,
+}
+
+/// What one client message asks for: replies to it, and updates to log.
+struct Handled {
+    replies: Vec<Vec<u8>>,
+    updates: Vec<Vec<u8>>,
+}
+
+impl Editor {
+    /// Reads one client message (several y-protocol messages may share it). An error
+    /// is the code and reason to close the connection with.
+    fn handle(&mut self, room: &Room, data: &[u8]) -> Result<Handled, (CloseCode, String)> {
+        let bad = |reason: String| (CloseCode::BadRequest, reason);
+        let mut decoder = DecoderV1::new(Cursor::new(data));
+        let reader = MessageReader::new(&mut decoder);
+        let mut handled = Handled {
+            replies: Vec::new(),
+            updates: Vec::new(),
+        };
+        let mut awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
+        for message in reader {
+            match message.map_err(|e| bad(format!("malformed y-protocol message: {e}")))? {
+                Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                    let update = awareness.doc().transact().encode_state_as_update_v1(&sv);
+                    handled
+                        .replies
+                        .push(encode(&Message::Sync(SyncMessage::SyncStep2(update))));
+                }
+                Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+                    if update.len() > self.max_update {
+                        return Err((
+                            CloseCode::TooLarge,
+                            format!(
+                                "an update of {} bytes; the limit is {}",
+                                update.len(),
+                                self.max_update
+                            ),
+                        ));
+                    }
+                    let decoded = Update::decode_v1(&update)
+                        .map_err(|e| bad(format!("malformed update: {e}")))?;
+                    if !decoded.is_empty() {
+                        handled.updates.push(update);
+                    }
+                }
+                Message::Awareness(update) => {
+                    if !self.awareness.take() {
+                        return Err((
+                            CloseCode::TooMany,
+                            "too many awareness messages; slow down".into(),
+                        ));
+                    }
+                    self.mine.extend(update.clients.keys().copied());
+                    let forwarded = encode(&Message::Awareness(update.clone()));
+                    awareness
+                        .apply_update(update)
+                        .map_err(|e| bad(format!("malformed awareness update: {e}")))?;
+                    let _ = room.changes.send(Bytes::from(forwarded));
+                }
+                Message::AwarenessQuery => {
+                    let update = awareness
+                        .update()
+                        .map_err(|e| bad(format!("awareness: {e}")))?;
+                    handled.replies.push(encode(&Message::Awareness(update)));
+                }
+                Message::Auth(_) | Message::Custom(..) => {}
+            }
+        }
+        Ok(handled)
+    }
+}
+
+/// A token bucket: `rate` a second, up to twice that at once.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate) * 2.0,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token, if there is one.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.at = now;
+        self.tokens = (self.tokens + refill).min(self.rate * 2.0);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }

@@ -122,7 +122,7 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
 type Metric = (&'static str, &'static str, u64);
 
 /// The node's gauges, as of now.
-fn gauges(node: &Node) -> [Metric; 11] {
+fn gauges(node: &Node) -> [Metric; 12] {
     let view = node.membership.view();
     let active = view
         .ring
@@ -168,6 +168,11 @@ fn gauges(node: &Node) -> [Metric; 11] {
             node.replicas.len() as u64,
         ),
         (
+            "ringfeed_documents",
+            "documents this node holds open as their owner",
+            node.docs.count() as u64,
+        ),
+        (
             "ringfeed_ring_version",
             "the etcd revision of this node's view of the ring",
             view.version,
@@ -191,7 +196,7 @@ fn gauges(node: &Node) -> [Metric; 11] {
 }
 
 /// The node's counters (totals since it started).
-fn counted(node: &Node) -> [Metric; 6] {
+fn counted(node: &Node) -> [Metric; 8] {
     let counters = &node.counters;
     let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
     [
@@ -224,6 +229,16 @@ fn counted(node: &Node) -> [Metric; 6] {
             "ringfeed_ring_fresh_reads_total",
             "reads of the ring from etcd made on demand (a request carried a ring version not seen yet); at most one a second",
             node.membership.fresh_reads(),
+        ),
+        (
+            "ringfeed_doc_snapshots_total",
+            "document snapshots this node wrote to the store",
+            read(&counters.doc_snapshots),
+        ),
+        (
+            "ringfeed_doc_refused_total",
+            "document editors closed for a malformed message, an update over the limit or an awareness flood",
+            read(&counters.doc_refused),
         ),
     ]
 }

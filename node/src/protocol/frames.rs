@@ -25,6 +25,10 @@ pub enum PayloadError {
     ContentTypeTooLong(usize),
     #[error("JSON payload nests deeper than {0} levels")]
     TooDeep(usize),
+    #[error("not a Yjs update (content type application/vnd.yjs.update): {0}")]
+    BadDocUpdate(String),
+    #[error("the document would grow past its limit of {0} bytes")]
+    DocumentFull(usize),
     #[error("payload is not valid JSON for content type {0}: {1}")]
     BadJson(String, String),
 }
@@ -46,11 +50,16 @@ pub fn update(
     content_type: &str,
     limits: PayloadLimits,
 ) -> Result<Utf8Bytes, PayloadError> {
-    if data.len() > limits.max_payload {
-        return Err(PayloadError::TooLarge(data.len(), limits.max_payload));
+    let max = limits.max_for(key, content_type);
+    if data.len() > max {
+        return Err(PayloadError::TooLarge(data.len(), max));
     }
     if content_type.len() > MAX_CONTENT_TYPE {
         return Err(PayloadError::ContentTypeTooLong(content_type.len()));
+    }
+    if is_doc_update(key, content_type) {
+        use yrs::updates::decoder::Decode;
+        yrs::Update::decode_v1(data).map_err(|e| PayloadError::BadDocUpdate(e.to_string()))?;
     }
     let mut out = String::with_capacity(update_capacity(key, data.len(), content_type));
     out.push_str(r#"{"type":"update","key":"#);
@@ -90,6 +99,58 @@ pub fn update(
 pub struct PayloadLimits {
     pub max_payload: usize,
     pub max_json_depth: usize,
+    /// The largest Yjs update to a document ([`is_doc_update`]), in place of
+    /// `max_payload`: a returning editor's sync can carry a whole document.
+    pub max_doc_update: usize,
+}
+
+impl PayloadLimits {
+    /// The largest payload `key` takes in `content_type`.
+    pub fn max_for(&self, key: &str, content_type: &str) -> usize {
+        if is_doc_update(key, content_type) {
+            self.max_doc_update.max(self.max_payload)
+        } else {
+            self.max_payload
+        }
+    }
+}
+
+/// The content type of a Yjs update (docs/protocol.md *Documents*).
+pub const YJS_UPDATE: &str = "application/vnd.yjs.update";
+
+/// Whether a publish of `content_type` to `key` is an update of the key's document:
+/// a Yjs update to a `doc:` key.
+pub fn is_doc_update(key: &str, content_type: &str) -> bool {
+    key.starts_with("doc:")
+        && content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(YJS_UPDATE)
+}
+
+/// The Yjs update an `update` frame made by [`update`] carries, if it carries one
+/// (a frame of a `doc:` key whose content type is [`YJS_UPDATE`]).
+pub fn doc_update(frame: &str) -> Option<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    struct Binary<'a> {
+        key: &'a str,
+        #[serde(borrow)]
+        data_b64: Option<&'a str>,
+        #[serde(borrow)]
+        content_type: Option<&'a str>,
+    }
+    if !frame.contains(r#""data_b64":"#) {
+        return None;
+    }
+    let binary: Binary<'_> = serde_json::from_str(frame).ok()?;
+    if !is_doc_update(binary.key, binary.content_type?) {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(binary.data_b64?)
+        .ok()
 }
 
 /// How deeply `json`'s arrays and objects nest (brackets inside strings do not count).
@@ -301,6 +362,7 @@ mod tests {
         PayloadLimits {
             max_payload,
             max_json_depth: 64,
+            max_doc_update: max_payload,
         }
     }
 

@@ -153,6 +153,13 @@ pub fn check_snapshot(snapshot: &pb::ReplicaSnapshot, limits: PayloadLimits) -> 
     if snapshot.idempotency.iter().any(bad_record) {
         return Err("an idempotency record with an empty or too long id, or past MAX_SEQ".into());
     }
+    if !snapshot.doc.is_empty() {
+        if !snapshot.key.starts_with("doc:") {
+            return Err("a document in the state of a key that is not a doc: key".into());
+        }
+        use yrs::updates::decoder::Decode;
+        yrs::Update::decode_v1(&snapshot.doc).map_err(|e| format!("document: {e}"))?;
+    }
     Ok(())
 }
 
@@ -182,6 +189,7 @@ mod tests {
     const LIMITS: PayloadLimits = PayloadLimits {
         max_payload: 1024,
         max_json_depth: 8,
+        max_doc_update: 1024,
     };
 
     fn frame(key: &str, seq: u64, data: &[u8], content_type: &str) -> Vec<u8> {
@@ -249,6 +257,7 @@ mod tests {
                 entry("k", 2, frame("k", 2, b"2", "")),
             ],
             idempotency: vec![],
+            ..Default::default()
         };
         assert_eq!(check_snapshot(&good, LIMITS), Ok(()));
         let mut swapped = good.clone();

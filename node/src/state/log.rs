@@ -168,6 +168,10 @@ pub struct KeySnapshot {
     /// The idempotency window, oldest first: key, seq, and its payload's digest
     /// ([`frames::payload_digest`]; 0 when not known).
     pub idempotency: Vec<(String, u64, u64)>,
+    /// A `doc:` key's document, as one Yjs update (v1) holding its whole state: it
+    /// holds at least every document update the history lost (docs/design.md
+    /// *Documents*). Filled in by whoever has the document, not by the key's log.
+    pub doc: Option<bytes::Bytes>,
 }
 
 impl LogEntry {
@@ -186,7 +190,8 @@ impl KeySnapshot {
             .map(|e| e.wire_bytes(key, &self.epoch))
             .sum();
         let window: usize = self.idempotency.iter().map(|(id, ..)| id.len() + 24).sum();
-        entries + window + key.len() + self.epoch.len() + 32
+        let doc = self.doc.as_ref().map_or(0, |d| d.len());
+        entries + window + doc + key.len() + self.epoch.len() + 32
     }
 }
 
@@ -361,6 +366,7 @@ impl KeyState {
             seq: self.seq,
             entries,
             idempotency,
+            doc: None,
         }
     }
 

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::clock::now_ms;
+use super::docs::ReplicaDoc;
 use super::log::{KeySnapshot, LogEntry};
 use super::member_ref::MemberRef;
 use super::table::StrMap;
@@ -27,6 +28,8 @@ pub struct Replica {
     /// When it last changed, for dropping copies nobody updates any more.
     /// When it last changed, in ms of [`clock`](super::clock).
     pub(super) touched: u64,
+    /// A `doc:` key's document, with every document update replicated applied.
+    pub(super) doc: Option<ReplicaDoc>,
 }
 
 impl Replica {
@@ -38,6 +41,7 @@ impl Replica {
             bytes: 0,
             idempotency: Vec::new(),
             touched: now_ms(),
+            doc: None,
         }
     }
 
@@ -52,6 +56,7 @@ impl Replica {
         KeySnapshot {
             epoch: self.epoch,
             seq,
+            doc: self.doc.map(|d| d.state()),
             entries: self.entries.into(),
             idempotency: self.idempotency,
         }
@@ -89,6 +94,10 @@ impl Replicas {
         if replica.owner.as_ref() != owner {
             replica.owner = owner.cloned();
         }
+        replica.doc = key.starts_with("doc:").then(|| {
+            let updates = super::docs::snapshot_updates(&snapshot);
+            ReplicaDoc::from_updates(updates.iter().map(Vec::as_slice))
+        });
         replica.epoch = snapshot.epoch;
         replica.idempotency = snapshot.idempotency;
         for e in snapshot.entries {
@@ -107,7 +116,11 @@ impl Replicas {
             replica.entries.clear();
             replica.bytes = 0;
             replica.idempotency.clear();
+            replica.doc = None;
             replica.epoch = epoch.to_owned();
+        }
+        if let Some(update) = frames::doc_update(&entry.frame) {
+            replica.doc.get_or_insert_with(ReplicaDoc::default).apply(&update);
         }
         if replica.owner.as_ref() != owner {
             replica.owner = owner.cloned();
@@ -141,6 +154,10 @@ impl Replicas {
             }
         }
         let mut replica = Replica::new(None, &snapshot.epoch);
+        replica.doc = key.starts_with("doc:").then(|| {
+            let updates = super::docs::snapshot_updates(&snapshot);
+            ReplicaDoc::from_updates(updates.iter().map(Vec::as_slice))
+        });
         replica.idempotency = snapshot.idempotency;
         for e in snapshot.entries {
             insert_entry(&mut replica, e, &self.limits);

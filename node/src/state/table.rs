@@ -458,7 +458,13 @@ impl KeyTable {
     /// publishing to, joining, leaving or reading it — and returns each with the
     /// successor that holds its replica, to be told to drop it too. A later publish
     /// starts a new epoch; a client resuming the old one gets `reset`.
-    pub fn drop_idle(&self, ttl: Duration) -> Vec<(String, Option<MemberRef>)> {
+    /// Keys for which `keep` says so stay (a document with editors: they are not
+    /// subscribers of the key).
+    pub fn drop_idle(
+        &self,
+        ttl: Duration,
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<(String, Option<MemberRef>)> {
         let mut dropped = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().expect("shard lock poisoned");
@@ -466,7 +472,8 @@ impl KeyTable {
                 let mut state = entry.lock().expect("key lock poisoned");
                 let idle = state.subscribers.is_empty()
                     && state.pending.is_empty()
-                    && u128::from(now_ms().saturating_sub(state.active)) >= ttl.as_millis();
+                    && u128::from(now_ms().saturating_sub(state.active)) >= ttl.as_millis()
+                    && !keep(key);
                 if idle {
                     state.retired = true;
                     dropped.push((key.clone(), state.replica_at.as_deref().cloned()));

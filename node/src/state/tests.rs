@@ -38,6 +38,7 @@ fn an_offered_replica_is_kept_only_when_newer() {
             })
             .collect(),
         idempotency: Vec::new(),
+        doc: None,
     };
     replicas.offer("k", snapshot("B", 5));
     replicas.offer("k", snapshot("B", 3));
@@ -776,6 +777,7 @@ fn a_restored_key_keeps_its_epoch_and_the_gap_free_run() {
             })
             .collect(),
         idempotency: vec![("i2".into(), 2, 0), ("i5".into(), 5, 0)],
+        doc: None,
     };
     assert!(table.restore("k", || Some(snapshot)).is_some());
     assert_eq!(table.position("k"), ("E".to_owned(), 3));

@@ -32,7 +32,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures_util::future::join_all;
-use ringfeed_proto::v1::{self as pb, key_presence_reply, node_client::NodeClient};
+use ringfeed_proto::v1::{
+    self as pb, key_document_reply, key_presence_reply, node_client::NodeClient,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -278,6 +280,56 @@ impl Forwarder {
         key: &str,
         deadline: Instant,
     ) -> Result<pb::PresenceReply, Status> {
+        self.ask_owner(key, deadline, |mut client, ring, request| {
+            let key = key.to_owned();
+            async move {
+                let request = with_timeout(pb::KeyPresenceRequest { ring, key }, request);
+                let reply = client.key_presence(request).await?.into_inner();
+                match reply.result {
+                    Some(key_presence_reply::Result::Ok(ok)) => Ok(Ok(ok)),
+                    Some(key_presence_reply::Result::NotOwner(r)) => Ok(Err(r)),
+                    None => Err(Status::internal("node sent an empty presence reply")),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The Yjs document of the `doc:` key `key` (and the text of its `Y.Text` named
+    /// `text`, when not empty), from its owner.
+    pub async fn document(
+        &self,
+        key: &str,
+        text: &str,
+        deadline: Instant,
+    ) -> Result<pb::GetDocumentReply, Status> {
+        if !key.starts_with("doc:") {
+            return Err(Status::invalid_argument("documents live on doc: keys"));
+        }
+        self.ask_owner(key, deadline, |mut client, ring, request| {
+            let (key, text) = (key.to_owned(), text.to_owned());
+            async move {
+                let request = with_timeout(pb::KeyDocumentRequest { ring, key, text }, request);
+                let reply = client.key_document(request).await?.into_inner();
+                match reply.result {
+                    Some(key_document_reply::Result::Ok(ok)) => Ok(Ok(ok)),
+                    Some(key_document_reply::Result::NotOwner(r)) => Ok(Err(r)),
+                    None => Err(Status::internal("node sent an empty document reply")),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Asks `key`'s owner with `call` (a client, the ring decided on, and the time
+    /// left), catching up with the ring an owner names and retrying an unreachable
+    /// owner until `deadline`. `call` answers the owner's reply, or the ring it said
+    /// it decided on when it does not own the key.
+    async fn ask_owner<T, F, Fut>(&self, key: &str, deadline: Instant, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(NodeClient<Channel>, Option<pb::RingRef>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, pb::RingRef>, Status>>,
+    {
         key::validate(key).map_err(|e| Status::invalid_argument(format!("invalid key: {e}")))?;
         let mut retry = Retry::new(deadline);
         let mut behind: Option<(u64, RingId)> = None;
@@ -287,29 +339,19 @@ impl Forwarder {
             let Some(owner) = view.ring.owner(key) else {
                 return Err(Status::unavailable("the ring has no active members"));
             };
-            let mut client = self.client(&owner.grpc)?;
-            let request = pb::KeyPresenceRequest {
-                ring: Some(ring_ref(&view)),
-                key: key.to_owned(),
-            };
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            );
-            match client.key_presence(request).await {
-                Ok(reply) => match reply.into_inner().result {
-                    Some(key_presence_reply::Result::Ok(ok)) => return Ok(ok),
-                    Some(key_presence_reply::Result::NotOwner(r)) => {
-                        // The owner decided on our own ring: wait before asking again.
-                        if r.ring_id == view.ring.id().0 {
-                            retry.pause(&self.membership).await;
-                        }
-                        note_behind(&mut behind, r);
+            let client = self.client(&owner.grpc)?;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            match call(client, Some(ring_ref(&view)), left).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(r)) => {
+                    // The owner decided on our own ring: wait before asking again.
+                    if r.ring_id == view.ring.id().0 {
+                        retry.pause(&self.membership).await;
                     }
-                    None => return Err(Status::internal("node sent an empty presence reply")),
-                },
+                    note_behind(&mut behind, r);
+                }
                 Err(status) if retryable(&status) => {
                     if Instant::now() >= deadline {
                         return Err(Status::unavailable(format!(
@@ -326,6 +368,13 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// `message` as a request that may take `timeout`.
+fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
 }
 
 /// The retry skeleton publish and presence share: catch up with the ring an owner

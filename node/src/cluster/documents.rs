@@ -1,0 +1,163 @@
+//! Documents among the cluster (docs/design.md *Documents*): opening a document on its
+//! owner (from the store when no node brought it), applying logged updates to it once
+//! shown, carrying it in its key's snapshots, and writing snapshots to the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::replication::{self, PublishError};
+use crate::node::Node;
+use crate::protocol::frames::{self, PayloadError};
+use crate::state::docs::{snapshot_updates, Room};
+use crate::state::{ApplyError, KeySnapshot, Moved, Publish};
+
+/// `key`'s document on its owner (this node), made if not held. A document made here
+/// is loaded from the store when the store has it, and that state is logged as an
+/// update of the key, so the successor holds it like any other edit.
+pub async fn open(node: &Arc<Node>, key: &str) -> Arc<Room> {
+    let (room, new) = node.docs.room(key);
+    if !new || node.store.is_none() {
+        return room;
+    }
+    match node.store.load(key).await {
+        Ok(Some(state)) => {
+            if let Err(e) = room.apply(&state) {
+                tracing::warn!(%key, error = %e, "the stored document does not apply");
+                return room;
+            }
+            tracing::debug!(%key, bytes = state.len(), "document loaded from the store");
+            let view = node.membership.view();
+            let publish = Publish {
+                data: &state,
+                content_type: frames::YJS_UPDATE,
+                ..Publish::default()
+            };
+            // Logged with no document to apply it to again (it is applied).
+            let logged = replication::start(node, &view, key, publish).map(|s| s.without_doc());
+            if let Err(e) = match logged {
+                Ok(started) => started.finish(true).await.map(|_| ()),
+                Err(e) => Err(e),
+            } {
+                tracing::warn!(%key, error = %e, "the stored document was not logged");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(%key, error = %e, "the store did not answer"),
+    }
+    room
+}
+
+/// Refuses a document update that would grow `key`'s document past
+/// `--doc-max-bytes` (measured exactly when the estimate says so).
+pub fn check_size(node: &Node, key: &str, update: &[u8]) -> Result<(), PublishError> {
+    let max = node.config.docs.doc_max_bytes;
+    let Some(room) = node.docs.get(key) else {
+        return Ok(());
+    };
+    if room.size(false) + update.len() <= max || room.size(true) + update.len() <= max {
+        return Ok(());
+    }
+    Err(PublishError::Apply(ApplyError::Payload(
+        PayloadError::DocumentFull(max),
+    )))
+}
+
+/// Applies a shown document update to `key`'s document (opening it).
+pub async fn apply_shown(node: &Arc<Node>, key: &str, update: Bytes) {
+    let room = Box::pin(open(node, key)).await;
+    if let Err(e) = room.apply(&update) {
+        tracing::warn!(%key, error = %e, "a logged document update did not apply");
+    }
+}
+
+/// Puts `key`'s document, if held here, in its snapshot (for a new successor).
+pub fn fill(node: &Node, key: &str, snapshot: &mut KeySnapshot) {
+    if let Some(room) = node.docs.get(key) {
+        snapshot.doc = Some(room.state());
+    }
+}
+
+/// The keys in `moved` left this node: their documents go with their snapshots (the
+/// editors are closed, and reconnect to the new owner), and to the store. Documents
+/// `gone` says left without a key state here go to the store alone.
+pub fn take_moved(node: &Arc<Node>, moved: &mut [Moved], gone: impl Fn(&str) -> bool) {
+    let rooms = node
+        .docs
+        .take_where(|key, _| gone(key) || moved.iter().any(|m| m.key == key));
+    for (key, room) in rooms {
+        let state = room.state();
+        if let Some(m) = moved.iter_mut().find(|m| m.key == key) {
+            m.snapshot.doc = Some(state.clone());
+        }
+        save_later(node, key, state);
+    }
+}
+
+/// The document updates a snapshot of `key` carries, to install once the key is
+/// restored here (`None` for a key that is not a document's).
+pub fn carried(key: &str, snapshot: &KeySnapshot) -> Option<Vec<Vec<u8>>> {
+    key.starts_with("doc:").then(|| snapshot_updates(snapshot))
+}
+
+/// Lets go of documents whose key this node dropped as idle and that nobody edits:
+/// their last state goes to the store.
+pub fn let_go_idle(node: &Arc<Node>) {
+    let idle = node
+        .docs
+        .take_where(|key, room| room.editors() == 0 && !node.keys.has_history(key));
+    for (key, room) in idle {
+        if room.take_dirty() {
+            save_later(node, key, room.state());
+        }
+    }
+}
+
+fn save_later(node: &Arc<Node>, key: String, state: Bytes) {
+    if node.store.is_none() {
+        return;
+    }
+    let store = node.store.clone();
+    let id = node.id.0.clone();
+    node.tasks.spawn(async move {
+        if let Err(e) = store.save(&key, &state, &id).await {
+            tracing::warn!(%key, error = %e, "a document snapshot was not written");
+        }
+    });
+}
+
+/// Writes every changed document to the store, each `--snapshot-interval-ms`, until
+/// shutdown; then once more.
+pub async fn write_snapshots(node: Arc<Node>) {
+    if node.store.is_none() {
+        return;
+    }
+    let every = Duration::from_millis(node.config.docs.snapshot_interval_ms);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = node.shutdown.cancelled() => true,
+        };
+        for (key, room) in node.docs.all() {
+            if !room.take_dirty() {
+                continue;
+            }
+            let state = room.state();
+            match node.store.save(&key, &state, &node.id.0).await {
+                Ok(()) => {
+                    node.counters.doc_snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    room.set_dirty();
+                    tracing::warn!(%key, error = %e, "a document snapshot was not written");
+                }
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
