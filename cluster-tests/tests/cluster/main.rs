@@ -3,6 +3,7 @@
 
 mod adversarial;
 mod auth;
+mod browser_doc;
 mod browser_tls;
 mod chaos;
 mod delivery;
