@@ -10,7 +10,8 @@
 //       through the server), as {"acked":[…]}
 //   {"cmd":"converge","names":["a","b"],"timeout_ms":30000,"must":[tokens]}
 //       waits until every named editor has the same text, holding every token its
-//       writers still keep (and `must`), and none they deleted
+//       writers still keep (and those of `must` no editor here deleted since), and
+//       none they deleted
 //   {"cmd":"wait","name":"a","contains":[tokens],"timeout_ms":N}
 //   {"cmd":"state","name":"a"}                → {"text","map","connected","synced"}
 //   {"cmd":"close","name":"a"}
@@ -35,6 +36,9 @@ function open({ name, url, room }) {
   const provider = new WebsocketProvider(url, room, doc, {
     WebSocketPolyfill: WebSocket,
     maxBackoffTime: 1000,
+    // Editors in one process would otherwise sync through a BroadcastChannel, around
+    // the server.
+    disableBc: true,
   });
   provider.awareness.setLocalStateField("user", { name });
   const editor = { name, doc, provider, kept: new Set(), deleted: new Set(), step: 0, timer: null };
@@ -97,7 +101,9 @@ async function handle(c) {
     }
     case "converge": {
       const group = c.names.map((n) => editors.get(n));
-      const must = c.must ?? [];
+      // What an editor deleted after it was acknowledged is no longer a must.
+      const deleted = new Set([...editors.values()].flatMap((g) => [...g.deleted]));
+      const must = (c.must ?? []).filter((t) => !deleted.has(t));
       const good = () => {
         const texts = group.map((g) => g.doc.getText("t").toString());
         if (texts.some((t) => t !== texts[0])) return false;

@@ -14,7 +14,9 @@ const deadline = Date.now() + Number(timeoutArg);
 
 function client(url) {
   const doc = new Y.Doc();
-  const provider = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket });
+  // disableBc: two providers in one process would otherwise sync through a
+  // BroadcastChannel, around the server.
+  const provider = new WebsocketProvider(url, room, doc, { WebSocketPolyfill: WebSocket, disableBc: true });
   provider.awareness.setLocalStateField("user", { name: url });
   return { doc, provider };
 }

@@ -53,7 +53,8 @@ pub async fn run(
     )
     .await?;
     let grace = config.shutdown_grace();
-    let store_url = crate::config::StoreUrl::parse(&config.docs.store).map_err(anyhow::Error::msg)?;
+    let store_url =
+        crate::config::StoreUrl::parse(&config.docs.store).map_err(anyhow::Error::msg)?;
     let store = crate::store::Store::open(&store_url)
         .await
         .map_err(anyhow::Error::msg)?;

@@ -69,7 +69,10 @@ impl Store {
                 // Several nodes starting at once may race to make the table: one wins.
                 let mut last = String::new();
                 for _ in 0..3 {
-                    match pg.with_client(|c| Box::pin(c.batch_execute(POSTGRES_SCHEMA))).await {
+                    match pg
+                        .with_client(|c| Box::pin(c.batch_execute(POSTGRES_SCHEMA)))
+                        .await
+                    {
                         Ok(()) => return Ok(Store::Postgres(Arc::new(pg))),
                         Err(e) => last = e,
                     }
@@ -211,8 +214,10 @@ fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, String> {
     // Several nodes on one host may share the file: readers never wait for the writer,
     // and a writer waits its turn.
     conn.busy_timeout(CALL_TIMEOUT).map_err(fail)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(fail)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(fail)?;
     conn.execute_batch(SQLITE_SCHEMA).map_err(fail)?;
     Ok(conn)
 }

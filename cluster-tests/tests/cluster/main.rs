@@ -8,6 +8,7 @@ mod browser_tls;
 mod chaos;
 mod delivery;
 mod docs;
+mod docs_moves;
 mod routing;
 mod secure;
 

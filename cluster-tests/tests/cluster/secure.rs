@@ -328,6 +328,7 @@ async fn a_secure_cluster_serves_wss_h2_sse_and_grpc_over_tls_and_refuses_peers_
                     idempotency_key: String::new(),
                 }],
                 idempotency: vec![],
+                doc: Vec::new(),
             }],
             ..Default::default()
         };

@@ -148,7 +148,9 @@ pub async fn write_snapshots(node: Arc<Node>) {
             let state = room.state();
             match node.store.save(&key, &state, &node.id.0).await {
                 Ok(()) => {
-                    node.counters.doc_snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    node.counters
+                        .doc_snapshots
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => {
                     room.set_dirty();

@@ -112,9 +112,9 @@ pub async fn sweep(node: Arc<Node>) {
             _ = node.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let dropped = node
-            .keys
-            .drop_idle(ttl, |key| node.docs.get(key).is_some_and(|d| d.editors() > 0));
+        let dropped = node.keys.drop_idle(ttl, |key| {
+            node.docs.get(key).is_some_and(|d| d.editors() > 0)
+        });
         documents::let_go_idle(&node);
         if !dropped.is_empty() {
             tracing::debug!(keys = dropped.len(), "dropped idle keys");

@@ -517,7 +517,11 @@ pub fn snapshot_pb(key: &str, snapshot: &KeySnapshot) -> pb::ReplicaSnapshot {
                 digest: *digest,
             })
             .collect(),
-        doc: snapshot.doc.as_ref().map(|d| d.to_vec()).unwrap_or_default(),
+        doc: snapshot
+            .doc
+            .as_ref()
+            .map(|d| d.to_vec())
+            .unwrap_or_default(),
     }
 }
 

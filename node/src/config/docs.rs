@@ -21,7 +21,11 @@ pub struct DocArgs {
     /// Where document snapshots go: `sqlite:PATH` (embedded, the default; nodes on one
     /// host may share the file), `postgres://…` (nodes on several hosts), or `none`
     /// (documents live only in their owner and its successor).
-    #[arg(long, env = "RINGFEED_STORE", default_value = "sqlite:ringfeed-docs.sqlite")]
+    #[arg(
+        long,
+        env = "RINGFEED_STORE",
+        default_value = "sqlite:ringfeed-docs.sqlite"
+    )]
     pub store: String,
     /// How long a changed document waits before its owner snapshots it, in ms: what
     /// losing the owner and its successor together can lose.

@@ -28,14 +28,14 @@ use yrs::updates::decoder::{Decode, DecoderV1};
 use yrs::{ClientID, ReadTxn, Transact, Update};
 
 use super::{refused, unavailable, ApiError};
-use crate::node::Node;
-use crate::protocol::close::CloseCode;
-use crate::protocol::params::ClientQuery;
-use crate::session::{self, Placement};
 use crate::cluster::documents;
 use crate::cluster::replication::{self, PublishError};
 use crate::node::Decision;
+use crate::node::Node;
+use crate::protocol::close::CloseCode;
 use crate::protocol::frames::{self, PayloadError};
+use crate::protocol::params::ClientQuery;
+use crate::session::{self, Placement};
 use crate::state::docs::{encode, Room};
 use crate::state::{ApplyError, Publish};
 

@@ -120,7 +120,10 @@ impl Replicas {
             replica.epoch = epoch.to_owned();
         }
         if let Some(update) = frames::doc_update(&entry.frame) {
-            replica.doc.get_or_insert_with(ReplicaDoc::default).apply(&update);
+            replica
+                .doc
+                .get_or_insert_with(ReplicaDoc::default)
+                .apply(&update);
         }
         if replica.owner.as_ref() != owner {
             replica.owner = owner.cloned();

@@ -325,7 +325,12 @@ impl Forwarder {
     /// left), catching up with the ring an owner names and retrying an unreachable
     /// owner until `deadline`. `call` answers the owner's reply, or the ring it said
     /// it decided on when it does not own the key.
-    async fn ask_owner<T, F, Fut>(&self, key: &str, deadline: Instant, mut call: F) -> Result<T, Status>
+    async fn ask_owner<T, F, Fut>(
+        &self,
+        key: &str,
+        deadline: Instant,
+        mut call: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(NodeClient<Channel>, Option<pb::RingRef>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Result<T, pb::RingRef>, Status>>,

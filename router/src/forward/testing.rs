@@ -58,6 +58,12 @@ impl pb::node_server::Node for HeldNode {
     ) -> Result<tonic::Response<pb::KeyPresenceReply>, Status> {
         Err(Status::unimplemented("test node"))
     }
+    async fn key_document(
+        &self,
+        _: tonic::Request<pb::KeyDocumentRequest>,
+    ) -> Result<tonic::Response<pb::KeyDocumentReply>, Status> {
+        Err(Status::unimplemented("test node"))
+    }
     async fn replicate(
         &self,
         _: tonic::Request<pb::ReplicateRequest>,
