@@ -85,8 +85,9 @@ ensure_browser_deps() {
 }
 
 # Installs what the benchmarks' peers need, if missing: Redis (Debian's redis-server),
-# Node.js, and the peers' npm packages (the seed reference's and Socket.IO's, pinned
-# in their package-lock.json files).
+# Node.js, and the peers' npm packages (the seed reference's, Socket.IO's, and P9's —
+# the y-websocket server, Hocuspocus and the stock Yjs clients —, pinned in their
+# package-lock.json files).
 ensure_bench_deps() {
   local need=()
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
@@ -100,5 +101,9 @@ ensure_bench_deps() {
   if [ ! -d bench/peers/socketio/node_modules/@socket.io/redis-adapter ]; then
     echo "installing the Socket.IO peer's packages (npm ci)…" >&2
     (cd bench/peers/socketio && npm ci --no-audit --no-fund >&2)
+  fi
+  if [ ! -d bench/peers/docs/node_modules/@hocuspocus/server ]; then
+    echo "installing P9's packages: y-websocket, Hocuspocus (npm ci)…" >&2
+    (cd bench/peers/docs && npm ci --no-audit --no-fund >&2)
   fi
 }

@@ -1,10 +1,12 @@
 //! `ringfeed-bench`: runs the docs/benchmarks.md scenarios side by side — ringfeed, the seed
 //! reference (Node.js `ws` + `ioredis` behind Redis) and the calibration (bare tokio TCP
-//! and tokio-tungstenite fan-outs) — alternating runs in one invocation, and writes
+//! and tokio-tungstenite fan-outs); for P9's documents the y-websocket server and
+//! Hocuspocus (`docs.rs`) — alternating runs in one invocation, and writes
 //! `bench/results/P*.json`, a plot per scenario, and the README's table.
 //!
 //! `scripts/bench` is the way in (it builds release binaries and installs the peers).
 
+mod docs;
 mod moves;
 mod procs;
 mod report;
@@ -28,7 +30,7 @@ use report::median;
     about = "ringfeed's benchmarks against its peers"
 )]
 struct Args {
-    /// P1 … P5, P7, P8, P10, or `table` (rewrite the README table from the JSON).
+    /// P1 … P5, P7 … P10, or `table` (rewrite the README table from the JSON).
     scenario: String,
     /// Where the JSON files and plots go.
     #[arg(long, default_value = "bench/results")]
@@ -98,11 +100,12 @@ async fn main() -> Result<()> {
         "P5" => p5(&args, &sizes).await,
         "P7" => moves::p7(&args).await,
         "P8" => moves::p8(&args).await,
+        "P9" => docs::p9(&args).await,
         "P10" => security::p10(&args, &sizes).await,
         "P10-idle" => security::idle_child(&args, &sizes).await,
         "table" => report::readme_table(&args.out, &args.readme),
         other => {
-            bail!("unknown scenario {other} (P1–P5, P7, P8, P10, table; P6 is scripts/bench P6)")
+            bail!("unknown scenario {other} (P1–P5, P7–P10, table; P6 is scripts/bench P6)")
         }
     }
 }

@@ -23,14 +23,28 @@ pub(crate) struct Loadgen {
 
 impl Loadgen {
     pub(crate) fn spawn(name: &str, args: &[String]) -> Result<Loadgen> {
-        let mut child = Command::new(bin("ringfeed-loadgen"))
-            .args(args)
+        let mut command = Command::new(bin("ringfeed-loadgen"));
+        command.args(args);
+        Loadgen::spawn_command(name, command)
+    }
+
+    /// Any program that speaks the same JSON lines (P9's Node.js editors); an
+    /// `{"ev":"error","error":…}` line fails the wait for any other event.
+    pub(crate) fn spawn_command(name: &str, mut command: Command) -> Result<Loadgen> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start ringfeed-loadgen {name}"))?;
+            .with_context(|| {
+                let program = command
+                    .as_std()
+                    .get_program()
+                    .to_string_lossy()
+                    .into_owned();
+                format!("cannot start {program} ({name})")
+            })?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -52,17 +66,26 @@ impl Loadgen {
 
     /// Waits for the next event `ev`, keeping ticks on the way.
     pub(crate) async fn wait(&mut self, ev: &str, within: Duration) -> Result<Value> {
+        self.wait_any(&[ev], within).await
+    }
+
+    /// Waits for the next event that is one of `evs`, keeping ticks on the way.
+    pub(crate) async fn wait_any(&mut self, evs: &[&str], within: Duration) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + within;
+        let what = evs.join(" or ");
         loop {
             let next = tokio::time::timeout_at(deadline, self.events.recv())
                 .await
-                .map_err(|_| anyhow!("{}: no {ev} within {within:?}", self.name))?
-                .ok_or_else(|| anyhow!("{}: exited before {ev}", self.name))?;
+                .map_err(|_| anyhow!("{}: no {what} within {within:?}", self.name))?
+                .ok_or_else(|| anyhow!("{}: exited before {what}", self.name))?;
             if next["ev"] == "tick" {
                 self.ticks.push(next.clone());
             }
-            if next["ev"] == ev {
+            if evs.iter().any(|ev| next["ev"] == *ev) {
                 return Ok(next);
+            }
+            if next["ev"] == "error" {
+                bail!("{}: {}", self.name, next["error"]);
             }
         }
     }

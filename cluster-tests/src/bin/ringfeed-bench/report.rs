@@ -100,7 +100,16 @@ pub(crate) fn plot(
         let (left, right) = root.split_horizontally(550);
         vec![left, right]
     };
-    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    let colors = [
+        RED,
+        BLUE,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(255, 140, 0),
+        RGBColor(128, 128, 128),
+    ];
     if !throughput.is_empty() {
         let x_max = throughput
             .iter()
@@ -182,7 +191,7 @@ pub(crate) fn plot(
 /// `<!-- bench:begin -->` and `<!-- bench:end -->`.
 pub(crate) fn readme_table(dir: &Path, readme: &Path) -> Result<()> {
     let mut rows = Vec::new();
-    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P10"] {
+    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10"] {
         let Ok(text) = std::fs::read_to_string(dir.join(format!("{id}.json"))) else {
             rows.push(format!("| {id} | not measured yet | | | | |"));
             continue;
