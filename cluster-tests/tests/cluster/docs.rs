@@ -6,14 +6,20 @@ use anyhow::{anyhow, ensure, Context};
 use futures_util::{SinkExt, StreamExt};
 use ringfeed_cluster_tests::Cluster;
 use tokio_tungstenite::tungstenite::Message;
+use yrs::sync::{Awareness, Message as YMessage, SyncMessage};
+use yrs::updates::encoder::{Encode, Encoder, EncoderV1};
 
 use super::{bounded, owner_of, FRAME_TIMEOUT};
 
 #[tokio::test]
-async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_document_and_a_malformed_message_closes_only_its_connection(
+async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_document_and_a_malformed_message_an_oversized_update_and_an_awareness_flood_each_close_only_their_connection(
 ) {
     bounded(async {
-        let cluster = Cluster::builder().nodes(2).start().await?;
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .node_args(&["--doc-max-update", "65536", "--doc-awareness-rate", "5"])
+            .start()
+            .await?;
         let name = "roadmap";
         let owner = owner_of(&cluster, &format!("doc:{name}")).await?;
         let ws = cluster.node(&owner).http.replacen("http://", "ws://", 1);
@@ -26,23 +32,21 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
             .context("another node")?;
         let through = format!("{}/v1/doc", other.http.replacen("http://", "ws://", 1));
 
-        // A client that sends garbage is closed with 4400; the document is unaffected.
-        let (mut bad, _) = tokio_tungstenite::connect_async(format!("{server}/{name}")).await?;
-        bad.send(Message::Binary(
-            vec![0x00, 0x02, 0x03, 0xff, 0xff, 0xff].into(),
-        ))
-        .await?;
-        let closed = tokio::time::timeout(FRAME_TIMEOUT, async {
-            while let Some(message) = bad.next().await {
-                if let Message::Close(frame) = message? {
-                    return Ok::<_, anyhow::Error>(frame);
-                }
-            }
-            Err(anyhow!("no close frame"))
-        })
-        .await??;
-        let frame = closed.context("a close frame with a code")?;
-        ensure!(u16::from(frame.code) == 4400, "closed with {frame:?}");
+        // A client that sends garbage is closed with 4400, one that sends an update
+        // over --doc-max-update with 4413, one that floods awareness with 4429 (and
+        // the owner says so, by reason, in the counter). The document and its editors
+        // are unaffected: the two stock clients then edit it as if nothing happened.
+        let url = format!("{server}/{name}");
+        let garbage = vec![vec![0x00, 0x02, 0x03, 0xff, 0xff, 0xff]];
+        ensure_closed(&url, garbage, 4400).await?;
+        let oversized = encode(&YMessage::Sync(SyncMessage::Update(vec![0; 70_000])));
+        ensure_closed(&url, vec![oversized], 4413).await?;
+        let mut awareness = Awareness::new(yrs::Doc::new());
+        awareness.set_local_state(serde_json::json!({"user": "flood"}))?;
+        let flood = encode(&YMessage::Awareness(awareness.update()?));
+        ensure_closed(&url, vec![flood; 40], 4429).await?;
+        let refused = super::metric(&cluster.node(&owner).http, "ringfeed_doc_refused_total").await?;
+        ensure!(refused == 3, "ringfeed_doc_refused_total {refused}");
 
         let output = tokio::process::Command::new("node")
             .arg("yjs_two.mjs")
@@ -69,4 +73,34 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
         Ok(())
     })
     .await
+}
+
+/// A y-protocol message's bytes.
+fn encode(message: &YMessage) -> Vec<u8> {
+    let mut encoder = EncoderV1::new();
+    message.encode(&mut encoder);
+    encoder.to_vec()
+}
+
+/// Connects to `url`, sends `messages` and expects to be closed with `code`.
+async fn ensure_closed(url: &str, messages: Vec<Vec<u8>>, code: u16) -> anyhow::Result<()> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    for message in messages {
+        // The server may close before the last is sent.
+        if ws.send(Message::Binary(message.into())).await.is_err() {
+            break;
+        }
+    }
+    let closed = tokio::time::timeout(FRAME_TIMEOUT, async {
+        while let Some(message) = ws.next().await {
+            if let Message::Close(frame) = message? {
+                return Ok::<_, anyhow::Error>(frame);
+            }
+        }
+        Err(anyhow!("no close frame"))
+    })
+    .await??;
+    let frame = closed.context("a close frame with a code")?;
+    ensure!(u16::from(frame.code) == code, "expected {code}, closed with {frame:?}");
+    Ok(())
 }

@@ -112,9 +112,14 @@ pub(super) async fn doc(
             return;
         };
         let max = docs.config.docs.doc_max_update + MESSAGE_SLACK;
+        // Small buffers: most editors are idle most of the time (tungstenite's default
+        // is 128 KiB each way), and one message is written at a time.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(max))
-            .max_frame_size(Some(max));
+            .max_frame_size(Some(max))
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_write_buffer_size(max);
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;

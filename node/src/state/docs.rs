@@ -28,8 +28,9 @@ use super::log::KeySnapshot;
 use crate::protocol::frames;
 
 /// Messages queued for a document's slowest editor before it misses some (and is
-/// closed: it reconnects and syncs again).
-pub const ROOM_QUEUE: usize = 1024;
+/// closed: it reconnects and syncs again). Every document holds this many slots (~64
+/// bytes each), editors or not.
+pub const ROOM_QUEUE: usize = 256;
 
 /// One document and its editors.
 pub struct Room {
