@@ -207,10 +207,24 @@ pub struct Config {
     pub failures: FailureArgs,
     #[command(flatten)]
     pub docs: DocArgs,
+    /// What a node does with a client whose key another node owns: `redirect` it there
+    /// (the owner's address, as the ring publishes it), or `proxy` it — connect to the
+    /// owner itself and pass everything through, for clusters that clients reach
+    /// through one address (a load balancer) and whose nodes have none of their own.
+    /// `/v1/doc` is always proxied (stock y-websocket clients follow no redirect).
+    #[arg(long, env = "RINGFEED_NON_OWNER", value_enum, default_value_t = NonOwner::Redirect)]
+    pub non_owner: NonOwner,
     /// Runtime worker threads (0: one per core). Several nodes sharing a box's cores
     /// each want their share: spare workers only wake and park one another.
     #[arg(long, env = "RINGFEED_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+}
+
+/// `--non-owner`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NonOwner {
+    Redirect,
+    Proxy,
 }
 
 /// The bounds of every key's state.

@@ -22,7 +22,7 @@ use crate::{bounded, metric, next_update, owner_of, FRAME_TIMEOUT};
 const UPDATES: u64 = 1000;
 
 /// Publishes `n` updates `{"n": i}` to `key` through the router, one call each.
-fn spawn_publisher(
+pub(super) fn spawn_publisher(
     cluster: &Cluster,
     key: &str,
     n: u64,
@@ -54,7 +54,7 @@ fn drop_points(n: u64) -> BTreeSet<u64> {
     points
 }
 
-fn check_exactly_once(seqs: &[u64], n: u64) -> Result<()> {
+pub(super) fn check_exactly_once(seqs: &[u64], n: u64) -> Result<()> {
     let expected: Vec<u64> = (1..=n).collect();
     if seqs != expected.as_slice() {
         let missing: Vec<u64> = expected

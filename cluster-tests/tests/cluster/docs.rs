@@ -45,7 +45,8 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
         awareness.set_local_state(serde_json::json!({"user": "flood"}))?;
         let flood = encode(&YMessage::Awareness(awareness.update()?));
         ensure_closed(&url, vec![flood; 40], 4429).await?;
-        let refused = super::metric(&cluster.node(&owner).http, "ringfeed_doc_refused_total").await?;
+        let refused =
+            super::metric(&cluster.node(&owner).http, "ringfeed_doc_refused_total").await?;
         ensure!(refused == 3, "ringfeed_doc_refused_total {refused}");
 
         let output = tokio::process::Command::new("node")
@@ -101,6 +102,9 @@ async fn ensure_closed(url: &str, messages: Vec<Vec<u8>>, code: u16) -> anyhow::
     })
     .await??;
     let frame = closed.context("a close frame with a code")?;
-    ensure!(u16::from(frame.code) == code, "expected {code}, closed with {frame:?}");
+    ensure!(
+        u16::from(frame.code) == code,
+        "expected {code}, closed with {frame:?}"
+    );
     Ok(())
 }

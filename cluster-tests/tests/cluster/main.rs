@@ -9,6 +9,7 @@ mod chaos;
 mod delivery;
 mod docs;
 mod docs_moves;
+mod proxy;
 mod routing;
 mod secure;
 

@@ -2,10 +2,12 @@
 //! awareness and awareness queries, binary frames) on the owner of the key
 //! `doc:{name}`, as the stock npm `y-websocket` client speaks it.
 //!
-//! Built so far (issue 25, started): documents in memory on the owner; a non-owner
-//! relays the connection to the owner (stock clients do not follow redirects), for
-//! owners reached over plain HTTP so far. Each connection's awareness states are removed when it closes. A
-//! malformed message closes that connection only, with 4400 and the reason.
+//! A non-owner relays the connection to the owner ([`proxy`]: stock clients follow no
+//! redirect); when the document moves, the owner closes its editors (4503) and they
+//! reconnect, through any node, to the new one. Each connection's awareness states are
+//! removed when it closes. A malformed message (4400), an update over
+//! `--doc-max-update` or one growing the document past `--doc-max-bytes` (4413), or
+//! awareness past `--doc-awareness-rate` (4429) closes that connection only.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -27,7 +29,7 @@ use yrs::sync::{Message, MessageReader, SyncMessage};
 use yrs::updates::decoder::{Decode, DecoderV1};
 use yrs::{ClientID, ReadTxn, Transact, Update};
 
-use super::{refused, unavailable, ApiError};
+use super::{proxy, refused, unavailable, ApiError};
 use crate::cluster::documents;
 use crate::cluster::replication::{self, PublishError};
 use crate::node::Decision;
@@ -63,25 +65,20 @@ pub(super) async fn doc(
         return refusal;
     }
     // Stock clients do not follow redirects: a non-owner relays the connection to the
-    // owner (plain HTTP owners only so far), which checks the ticket.
+    // owner (which checks the ticket).
     let upstream = match session::place(&node, &key, query.rv).await {
         Placement::Here => None,
-        Placement::Moved { owner, .. } => match owner.http.strip_prefix("http://") {
-            Some(host) => {
-                let query = request
-                    .uri()
-                    .query()
-                    .map(|q| format!("?{q}"))
-                    .unwrap_or_default();
-                Some(format!("ws://{host}/v1/doc/{name}{query}"))
-            }
-            None => {
-                return unavailable(
-                    "this node does not own the document (relaying over TLS is not built yet)",
-                    1,
-                )
-            }
-        },
+        Placement::Moved { owner, .. } => {
+            let query = request
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            Some((
+                owner.http.clone(),
+                format!("{}/v1/doc/{name}{query}", owner.ws_base()),
+            ))
+        }
         Placement::Unknown => {
             return unavailable("no owner known for this document", 1);
         }
@@ -125,72 +122,22 @@ pub(super) async fn doc(
                 .await;
         match upstream {
             None => serve(ws, &docs, key.as_str(), shutdown).await,
-            Some(url) => relay(ws, &url, config, shutdown).await,
+            Some((base, url)) => match proxy::dial_ws(&docs, &base, &url, config).await {
+                Ok(owner) => proxy::relay(ws, owner, None, shutdown).await,
+                Err(e) => {
+                    tracing::debug!(%url, error = %e, "the document's owner cannot be reached");
+                    let mut ws = ws;
+                    let frame = CloseFrame {
+                        code: WsCloseCode::from(CloseCode::Unavailable.code()),
+                        reason: "the document's owner cannot be reached; reconnect".into(),
+                    };
+                    let _ = ws.close(Some(frame)).await;
+                }
+            },
         }
         drop(permit);
     });
     switching
-}
-
-/// Relays a client to the owner at `url`, message for message (one in flight each way:
-/// no buffer grows), until either side ends; the owner's close is passed on.
-async fn relay<S>(
-    mut client: WebSocketStream<S>,
-    url: &str,
-    config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
-    shutdown: tokio_util::sync::CancellationToken,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
-    let mut owner = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
-        Ok(Ok((owner, _))) => owner,
-        _ => {
-            let frame = CloseFrame {
-                code: WsCloseCode::from(CloseCode::Unavailable as u16),
-                reason: "the document's owner cannot be reached; reconnect".into(),
-            };
-            let _ = client.close(Some(frame)).await;
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            message = client.next() => match message {
-                Some(Ok(message @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
-                    if owner.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(WsMessage::Close(frame))) => {
-                    let _ = owner.close(frame).await;
-                    return;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
-            },
-            message = owner.next() => match message {
-                Some(Ok(message @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
-                    if client.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(WsMessage::Close(frame))) => {
-                    let _ = client.close(frame).await;
-                    return;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
-            },
-            _ = shutdown.cancelled() => break,
-        }
-    }
-    let frame = CloseFrame {
-        code: WsCloseCode::from(CloseCode::GoingAway as u16),
-        reason: "relay ended; reconnect".into(),
-    };
-    let _ = client.close(Some(frame)).await;
-    let _ = owner.close(None).await;
 }
 
 /// Why an editor's connection ends.

@@ -15,6 +15,7 @@ mod ops;
 use ops::{metrics, readyz, ring, route};
 mod doc;
 pub mod poll;
+mod proxy;
 mod reply;
 pub mod sse;
 mod tickets;
@@ -41,8 +42,11 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::NonOwner;
 use crate::node::Node;
+use crate::protocol::close::CloseCode;
 use crate::protocol::params::ClientQuery;
+use crate::session;
 use crate::ws;
 
 /// Raw TCP connections accepted beyond the client-connection limit, so that a node at
@@ -355,10 +359,27 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         Ok(permit) => permit,
         Err(e) => return refused(&e),
     };
+    // With --non-owner proxy, a key another node owns is proxied there.
+    let upstream = match &query {
+        Ok(q) if node.config.non_owner == NonOwner::Proxy => proxied(&node, q).await,
+        _ => None,
+    };
+    let here = proxy::here(&node, request.headers());
     let (on_upgrade, switching) = match switch_protocols(&mut request) {
         Ok(switched) => switched,
         Err(refusal) => return refusal.into_response(),
     };
+    if let Some((base, url)) = upstream {
+        node.tasks.spawn(proxy_connect(
+            node.clone(),
+            on_upgrade,
+            base,
+            url,
+            here,
+            permit,
+        ));
+        return switching;
+    }
     let span = tracing::debug_span!("connection", transport = "ws", node = %node.id, key = tracing::field::Empty);
     node.tasks.spawn(ws::serve(Box::new(ws::Connect {
         node: node.clone(),
@@ -369,6 +390,52 @@ async fn connect(State(node): State<Arc<Node>>, mut request: Request) -> Respons
         span,
     })));
     switching
+}
+
+/// Where a `/v1/connect` client is proxied to (`--non-owner proxy`): the owner's base
+/// URL and the same request there, when another node owns the key.
+async fn proxied(node: &Node, query: &ClientQuery) -> Option<(String, String)> {
+    let key = ringfeed_router::key::Key::parse(query.key.as_deref()?).ok()?;
+    match session::place(node, &key, query.rv).await {
+        session::Placement::Moved { owner, .. } => Some((
+            owner.http.clone(),
+            format!("{}/v1/connect?{}", owner.ws_base(), query.raw),
+        )),
+        _ => None,
+    }
+}
+
+/// A `/v1/connect` client proxied to the owner.
+async fn proxy_connect(
+    node: Arc<Node>,
+    on_upgrade: OnUpgrade,
+    base: String,
+    url: String,
+    here: Option<String>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let Ok(upgraded) = on_upgrade.await else {
+        return;
+    };
+    let config = proxy::relay_config(&node);
+    let mut client = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        Some(config),
+    )
+    .await;
+    match proxy::dial_ws(&node, &base, &url, config).await {
+        Ok(owner) => proxy::relay(client, owner, here.as_deref(), node.shutdown.clone()).await,
+        Err(e) => {
+            tracing::debug!(%url, error = %e, "the key's owner cannot be reached");
+            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Unavailable.code().into(),
+                reason: "the key's owner cannot be reached; reconnect".into(),
+            };
+            let _ = client.close(Some(frame)).await;
+        }
+    }
+    drop(permit);
 }
 
 /// What every WebSocket upgrade refuses before anything else: a request that is not an

@@ -33,7 +33,10 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         .since
         .ok_or_else(|| ApiError::bad_request("missing since (use since=0 the first time)"))?;
     let wait = Duration::from_secs(query.wait.unwrap_or(DEFAULT_WAIT_S));
-    if let Some(answer) = elsewhere(&node, &key, &query, "/v1/poll").await {
+    let within = wait + Duration::from_secs(10);
+    if let Some(answer) =
+        elsewhere(&node, &key, &query, "/v1/poll", request.headers(), within).await
+    {
         return Ok(answer);
     }
     // The owner checks the ticket, before the key's state is touched.

@@ -8,6 +8,7 @@ use http::{header, HeaderValue, StatusCode};
 use ringfeed_router::key::Key;
 use serde_json::json;
 
+use crate::config::NonOwner;
 use crate::node::Node;
 use crate::protocol::params::ClientQuery;
 use crate::protocol::redirect::redirect_url;
@@ -86,15 +87,22 @@ pub fn client_request(request: &Request) -> Result<(ClientQuery, Key), ApiError>
 }
 
 /// `None` when this node owns `key`; otherwise the answer that sends the client on:
-/// a 307 to the same `path` on the owner, or a 503 when no owner is known.
+/// a 307 to the same `path` on the owner (or, with `--non-owner proxy`, the owner's
+/// own answer, within `within`), or a 503 when no owner is known.
 pub async fn elsewhere(
     node: &Node,
     key: &Key,
     query: &ClientQuery,
     path: &str,
+    headers: &http::HeaderMap,
+    within: std::time::Duration,
 ) -> Option<Response> {
     match session::place(node, key, query.rv).await {
         Placement::Here => None,
+        Placement::Moved { owner, .. } if node.config.non_owner == NonOwner::Proxy => {
+            let target = format!("{path}?{}", query.raw);
+            Some(super::proxy::forward(node, &owner, &target, headers, within).await)
+        }
         Placement::Moved { owner, version } => {
             Some(redirect_307(&owner.http, path, &query.raw, version))
         }

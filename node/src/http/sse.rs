@@ -50,7 +50,9 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         }
         None => query.resume(),
     };
-    if let Some(answer) = elsewhere(&node, &key, &query, "/v1/sse").await {
+    let within = Duration::from_secs(10);
+    if let Some(answer) = elsewhere(&node, &key, &query, "/v1/sse", request.headers(), within).await
+    {
         return Ok(answer);
     }
     if node.shutdown.is_cancelled() || node.is_draining() {
