@@ -108,7 +108,15 @@ impl NodeService {
         for (item, step) in request.items.iter().zip(steps) {
             let result = match step {
                 Step::Done(result) => result,
-                Step::Started(started) => self.answer(started.finish(wait_for(item)).await),
+                Step::Started(started) => {
+                    let finished = crate::cluster::documents::finish(
+                        &self.node,
+                        &item.key,
+                        started,
+                        wait_for(item),
+                    );
+                    self.answer(finished.await)
+                }
                 Step::Held => error(Code::Internal, "an update was never started".into()),
             };
             results.push(pb::DeliverResult {

@@ -249,7 +249,7 @@ async fn drain(node: &Arc<Node>, registration: &Registration) {
     }
     let view = node.membership.view();
     let mut moved = node.keys.take_where(|_| true);
-    crate::cluster::documents::take_moved(&node, &mut moved, |_| true);
+    crate::cluster::documents::take_moved(node, &mut moved, |_| true);
     crate::cluster::handoff::hand_off(node.clone(), view, moved, Vec::new()).await;
     // Let redirected clients go before the rest are closed.
     let deadline = tokio::time::Instant::now() + DRAIN_CLIENT_WAIT;

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::replication::{self, PublishError};
+use ringfeed_router::membership::View;
+
+use super::replication::{self, PublishError, Started};
 use crate::node::Node;
-use crate::protocol::frames::{self, PayloadError};
+use crate::protocol::frames;
 use crate::state::docs::{snapshot_updates, Room};
-use crate::state::{ApplyError, KeySnapshot, Moved, Publish};
+use crate::state::{Applied, KeySnapshot, Moved, Publish};
 
 /// `key`'s document on its owner (this node), made if not held. A document made here
 /// is loaded from the store when the store has it, and that state is logged as an
@@ -34,8 +36,8 @@ pub async fn open(node: &Arc<Node>, key: &str) -> Arc<Room> {
                 content_type: frames::YJS_UPDATE,
                 ..Publish::default()
             };
-            // Logged with no document to apply it to again (it is applied).
-            let logged = replication::start(node, &view, key, publish).map(|s| s.without_doc());
+            // Logged (it is applied already).
+            let logged = replication::start(node, &view, key, publish);
             if let Err(e) = match logged {
                 Ok(started) => started.finish(true).await.map(|_| ()),
                 Err(e) => Err(e),
@@ -49,34 +51,36 @@ pub async fn open(node: &Arc<Node>, key: &str) -> Arc<Room> {
     room
 }
 
-/// Refuses a document update that would grow `key`'s document past
-/// `--doc-max-bytes` (measured exactly when the estimate says so).
-pub fn check_size(node: &Node, key: &str, update: &[u8]) -> Result<(), PublishError> {
-    let max = node.config.docs.doc_max_bytes;
-    let Some(room) = node.docs.get(key) else {
-        return Ok(());
-    };
-    if room.size(false) + update.len() <= max || room.size(true) + update.len() <= max {
-        return Ok(());
+/// Waits for a started publish (to its end when it carries a document update) and
+/// applies its document update to the document once shown. Applying an update twice
+/// changes nothing, so a retry of one shown is applied again.
+pub async fn finish(
+    node: &Arc<Node>,
+    key: &str,
+    started: Started,
+    wait: bool,
+) -> Result<(Applied, bool), PublishError> {
+    let update = started.doc_update().cloned();
+    let finished = started.finish(wait || update.is_some()).await?;
+    if let Some(update) = update {
+        let room = Box::pin(open(node, key)).await;
+        if let Err(e) = room.apply(&update) {
+            tracing::warn!(%key, error = %e, "a logged document update did not apply");
+        }
     }
-    Err(PublishError::Apply(ApplyError::Payload(
-        PayloadError::DocumentFull(max),
-    )))
+    Ok(finished)
 }
 
-/// Applies a shown document update to `key`'s document (opening it).
-pub async fn apply_shown(node: &Arc<Node>, key: &str, update: Bytes) {
-    let room = Box::pin(open(node, key)).await;
-    if let Err(e) = room.apply(&update) {
-        tracing::warn!(%key, error = %e, "a logged document update did not apply");
-    }
-}
-
-/// Puts `key`'s document, if held here, in its snapshot (for a new successor).
-pub fn fill(node: &Node, key: &str, snapshot: &mut KeySnapshot) {
-    if let Some(room) = node.docs.get(key) {
-        snapshot.doc = Some(room.state());
-    }
+/// Publishes through `key`'s log on this node (its owner on `view`), as
+/// [`replication::publish`] does, applying a document update once shown.
+pub async fn publish(
+    node: &Arc<Node>,
+    view: &View,
+    key: &str,
+    publish: Publish<'_>,
+) -> Result<(Applied, bool), PublishError> {
+    let started = replication::start(node, view, key, publish)?;
+    finish(node, key, started, true).await
 }
 
 /// The keys in `moved` left this node: their documents go with their snapshots (the

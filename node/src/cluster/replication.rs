@@ -102,7 +102,10 @@ pub fn dispatch(node: &Arc<Node>, key: &str, to_replica: ToReplica) {
             );
         }
         ToReplica::Snapshot(to, mut snapshot) => {
-            super::documents::fill(node, key, &mut snapshot);
+            // A document's state goes with its key's to a new successor.
+            if let Some(room) = node.docs.get(key) {
+                snapshot.doc = Some(room.state());
+            }
             send(
                 node,
                 &to,
@@ -139,8 +142,9 @@ pub struct Started {
     replicated: bool,
     /// Told the subscribers reached once shown; `None` for a duplicate.
     done: Option<oneshot::Receiver<u32>>,
-    /// A document update, applied to its document once shown (so waited for).
-    doc: Option<(Arc<Node>, String, bytes::Bytes)>,
+    /// A document update: waited for, so that its caller applies it to the
+    /// document once shown ([`crate::cluster::documents::finish`]).
+    doc: Option<bytes::Bytes>,
 }
 
 impl Started {
@@ -163,18 +167,12 @@ impl Started {
             })?;
             tracing::trace!(delivered = applied.delivered, "shown");
         }
-        // Shown (or a retry of one shown): the document takes it. Applying an update
-        // twice changes nothing.
-        if let Some((node, key, update)) = doc {
-            super::documents::apply_shown(&node, &key, update).await;
-        }
         Ok((applied, replicated))
     }
 
-    /// The same publish, applied to no document when shown (it already is).
-    pub fn without_doc(mut self) -> Started {
-        self.doc = None;
-        self
+    /// The document update this publish carries, if it is one.
+    pub fn doc_update(&self) -> Option<&bytes::Bytes> {
+        self.doc.as_ref()
     }
 }
 
@@ -191,12 +189,20 @@ pub fn start(
         return Err(PublishError::Fenced);
     }
     let doc = if crate::protocol::frames::is_doc_update(key, publish.content_type) {
-        super::documents::check_size(node, key, publish.data)?;
-        Some((
-            node.clone(),
-            key.to_owned(),
-            bytes::Bytes::copy_from_slice(publish.data),
-        ))
+        // Refused before it is logged: an update that would grow the document past
+        // its bound.
+        let max = node.config.docs.doc_max_bytes;
+        if node
+            .docs
+            .get(key)
+            .is_some_and(|d| !d.fits(publish.data.len(), max))
+        {
+            return Err(
+                ApplyError::Payload(crate::protocol::frames::PayloadError::DocumentFull(max))
+                    .into(),
+            );
+        }
+        Some(bytes::Bytes::copy_from_slice(publish.data))
     } else {
         None
     };

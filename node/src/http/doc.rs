@@ -31,7 +31,7 @@ use yrs::{ClientID, ReadTxn, Transact, Update};
 
 use super::{proxy, refused, unavailable, ApiError};
 use crate::cluster::documents;
-use crate::cluster::replication::{self, PublishError};
+use crate::cluster::replication::PublishError;
 use crate::node::Decision;
 use crate::node::Node;
 use crate::protocol::close::CloseCode;
@@ -235,6 +235,10 @@ async fn serve<S>(
             reason: reason.into(),
         };
         let _ = ws.close(Some(frame)).await;
+        // The close handshake: what the client sent meanwhile is read and dropped, so
+        // it gets the close frame rather than a reset.
+        let drained = async { while let Some(Ok(_)) = ws.next().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drained).await;
     }
     // Whoever this connection announced has left.
     if !editor.mine.is_empty() {
@@ -273,7 +277,7 @@ async fn publish(node: &Arc<Node>, key: &str, updates: Vec<Vec<u8>>) -> Ending {
             content_type: frames::YJS_UPDATE,
             ..Publish::default()
         };
-        if let Err(e) = replication::publish(node, &view, key, publish, true).await {
+        if let Err(e) = documents::publish(node, &view, key, publish).await {
             let code = match &e {
                 PublishError::Apply(ApplyError::Payload(
                     PayloadError::TooLarge(..) | PayloadError::DocumentFull(_),
@@ -371,7 +375,7 @@ impl Editor {
 struct Bucket {
     rate: f64,
     tokens: f64,
-    at: std::time::Instant,
+    at: tokio::time::Instant,
 }
 
 impl Bucket {
@@ -379,13 +383,13 @@ impl Bucket {
         Bucket {
             rate: f64::from(rate),
             tokens: f64::from(rate) * 2.0,
-            at: std::time::Instant::now(),
+            at: tokio::time::Instant::now(),
         }
     }
 
     /// Takes one token, if there is one.
     fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.at = now;
         self.tokens = (self.tokens + refill).min(self.rate * 2.0);

@@ -107,6 +107,12 @@ impl Room {
         }
     }
 
+    /// Whether `more` bytes of update keep it within `max` (measured exactly when
+    /// the estimate says no).
+    pub fn fits(&self, more: usize, max: usize) -> bool {
+        self.size(false) + more <= max || self.size(true) + more <= max
+    }
+
     /// The text of the document's `Y.Text` named `name` (empty if there is none).
     pub fn text(&self, name: &str) -> String {
         let awareness = self.lock();
@@ -293,7 +299,7 @@ mod tests {
     fn a_document_is_rebuilt_from_its_state_and_updates_in_any_order_even_twice() {
         let docs = Docs::default();
         let a = edit("hello");
-        docs.install("doc:x", &[a.clone()]);
+        docs.install("doc:x", std::slice::from_ref(&a));
         let (room, new) = docs.room("doc:x");
         assert!(!new);
         assert_eq!(room.text("text"), "hello");
