@@ -6,6 +6,7 @@
 //       `${name}${i};` into Y.Text "t" (at the start or the end) and sets key
 //       `${name}${i}` in Y.Map "m"; every 7th step deletes an earlier token of its own
 //   {"cmd":"stop","name":"a"}                 stop editing
+//   {"cmd":"big","name":"a","chars":N}       one insert of N characters (one update)
 //   {"cmd":"acked","name":"a","by":"b"}       the tokens of a that b has seen (what went
 //       through the server), as {"acked":[…]}
 //   {"cmd":"converge","names":["a","b"],"timeout_ms":30000,"must":[tokens]}
@@ -88,6 +89,13 @@ async function handle(c) {
     case "edit":
       e.timer = setInterval(() => step(e), c.every_ms ?? 10);
       return { ok: true };
+    case "big": {
+      // One update of `chars` characters (past the payload limit of ordinary keys).
+      const token = `${e.name}-big${e.step++};`;
+      e.doc.getText("t").insert(0, token + "x".repeat(c.chars));
+      e.kept.add(token);
+      return { ok: true };
+    }
     case "steps":
       for (let i = 0; i < c.n; i++) step(e);
       return { ok: true };

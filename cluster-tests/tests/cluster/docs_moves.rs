@@ -355,6 +355,10 @@ async fn restart_finds_the_snapshot(store: Option<&str>) -> Result<()> {
     editors
         .must(json!({"cmd": "steps", "name": "b", "n": 30}))
         .await?;
+    // One update larger than an ordinary key's payload limit (64 KiB), replicated.
+    editors
+        .must(json!({"cmd": "big", "name": "b", "chars": 300_000}))
+        .await?;
     let converged = editors
         .must(json!({"cmd": "converge", "names": ["a", "b"], "timeout_ms": 20000}))
         .await?;

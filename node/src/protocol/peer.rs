@@ -45,9 +45,15 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
-/// The longest update frame a payload of `limits` makes (base64 is the larger form).
-fn max_frame(limits: PayloadLimits) -> usize {
-    limits.max_payload.div_ceil(3) * 4 + key::MAX_KEY_LEN * 6 + MAX_CONTENT_TYPE * 6 + 256
+/// The longest update frame of `key` a payload of `limits` makes (base64 is the larger
+/// form; a document's key takes larger updates).
+fn max_frame(key: &str, limits: PayloadLimits) -> usize {
+    let payload = if key.starts_with("doc:") {
+        limits.max_payload.max(limits.max_doc_update)
+    } else {
+        limits.max_payload
+    };
+    payload.div_ceil(3) * 4 + key::MAX_KEY_LEN * 6 + MAX_CONTENT_TYPE * 6 + 256
 }
 
 /// Checks that `frame` is the update frame of `key` at `seq`.
@@ -57,7 +63,7 @@ pub fn check_update(
     frame: &[u8],
     limits: PayloadLimits,
 ) -> Result<(), String> {
-    if frame.len() > max_frame(limits) {
+    if frame.len() > max_frame(key, limits) {
         return Err(format!(
             "a frame of {} bytes is over the limit",
             frame.len()
