@@ -336,4 +336,6 @@ try {
   say("error", { error: e.message });
   process.exitCode = 1;
 }
-process.exit();
+// stdout to a pipe is written asynchronously: exit once what was said is out (a
+// large `done` line would otherwise be cut off).
+process.stdout.write("", () => process.exit());

@@ -459,3 +459,64 @@ async fn single_use_tickets_resume_tokens_through_drain_and_failover_rotation_an
     })
     .await
 }
+
+/// Opens `/v1/doc/{name}` at `url` (`wss://`), answering the HTTP status of a refused
+/// upgrade, or the first message (the server's sync step 1) of an accepted one.
+async fn open_doc(url: &str) -> Result<Result<Vec<u8>, u16>> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Error, Message};
+    let tls = tls().context("the cluster CA")?;
+    let connector = tokio_tungstenite::Connector::Rustls(tls.config());
+    match tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector)).await
+    {
+        Ok((mut ws, _)) => {
+            let first = tokio::time::timeout(FRAME_TIMEOUT, ws.next())
+                .await?
+                .context("the stream ended")??;
+            let Message::Binary(data) = first else {
+                return Err(anyhow!("expected a binary message, got {first:?}"));
+            };
+            Ok(Ok(data.to_vec()))
+        }
+        Err(Error::Http(response)) => Ok(Err(response.status().as_u16())),
+        Err(e) => Err(anyhow!("{url}: {e}")),
+    }
+}
+
+#[tokio::test]
+async fn a_document_editor_needs_a_ticket_on_the_owner_and_through_a_node_that_relays_over_tls() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(2).secure().start().await?;
+        let key = "doc:secret-plans";
+        let owner = owner_of(&cluster, key).await?;
+        let base = cluster.node(&owner).http.clone();
+        let other = cluster
+            .nodes
+            .iter()
+            .find(|n| n.id != owner)
+            .context("another node")?
+            .http
+            .clone();
+        let wss = |http: &str| http.replacen("https://", "wss://", 1);
+        for node in [&base, &other] {
+            // No ticket, and a ticket for another key: 401, from the owner (relayed).
+            let url = format!("{}/v1/doc/secret-plans", wss(node));
+            ensure!(open_doc(&url).await? == Err(401), "{url} without a ticket");
+            let wrong = ticket(&base, "doc:other", "").await?;
+            let url = format!("{}/v1/doc/secret-plans?ticket={wrong}", wss(node));
+            ensure!(
+                open_doc(&url).await? == Err(401),
+                "{url} with another key's ticket"
+            );
+            // A ticket for the document: the owner's sync step 1 (message 0, sync 0).
+            let right = ticket(&base, key, "").await?;
+            let url = format!("{}/v1/doc/secret-plans?ticket={right}", wss(node));
+            let first = open_doc(&url)
+                .await?
+                .map_err(|status| anyhow!("{url}: {status}"))?;
+            ensure!(first.starts_with(&[0, 0]), "{url}: first message {first:?}");
+        }
+        Ok(())
+    })
+    .await
+}

@@ -41,10 +41,15 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
         ensure_closed(&url, garbage, 4400).await?;
         let oversized = encode(&YMessage::Sync(SyncMessage::Update(vec![0; 70_000])));
         ensure_closed(&url, vec![oversized], 4413).await?;
+        // Each message changes the sender's state (an echo of a state already held
+        // would not count).
         let mut awareness = Awareness::new(yrs::Doc::new());
-        awareness.set_local_state(serde_json::json!({"user": "flood"}))?;
-        let flood = encode(&YMessage::Awareness(awareness.update()?));
-        ensure_closed(&url, vec![flood; 40], 4429).await?;
+        let mut flood = Vec::new();
+        for n in 0..40 {
+            awareness.set_local_state(serde_json::json!({"user": "flood", "n": n}))?;
+            flood.push(encode(&YMessage::Awareness(awareness.update()?)));
+        }
+        ensure_closed(&url, flood, 4429).await?;
         let refused =
             super::metric(&cluster.node(&owner).http, "ringfeed_doc_refused_total").await?;
         ensure!(refused == 3, "ringfeed_doc_refused_total {refused}");

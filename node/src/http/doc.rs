@@ -98,6 +98,31 @@ pub(super) async fn doc(
         Ok(permit) => permit,
         Err(e) => return refused(&e),
     };
+    let max = node.config.docs.doc_max_update + MESSAGE_SLACK;
+    // Small buffers: most editors are idle most of the time (tungstenite's default is
+    // 128 KiB each way), and one message is written at a time.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max);
+    // A relayed editor is connected to the owner before its own upgrade is answered,
+    // so the owner's refusal (a ticket, a limit) reaches it as the owner's status.
+    let owner = match upstream {
+        None => None,
+        Some((base, url)) => match proxy::dial_ws(&node, &base, &url, config).await {
+            Ok(owner) => Some(owner),
+            Err(proxy::DialError::Refused(status)) => {
+                return ApiError(status, format!("the document's owner answered {status}"))
+                    .into_response()
+            }
+            Err(e) => {
+                tracing::debug!(%url, error = %e, "the document's owner cannot be reached");
+                return unavailable("the document's owner cannot be reached; retry", 1);
+            }
+        },
+    };
     let (on_upgrade, switching) = match super::switch_protocols(&mut request) {
         Ok(switched) => switched,
         Err(refusal) => return refusal.into_response(),
@@ -108,32 +133,12 @@ pub(super) async fn doc(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let max = docs.config.docs.doc_max_update + MESSAGE_SLACK;
-        // Small buffers: most editors are idle most of the time (tungstenite's default
-        // is 128 KiB each way), and one message is written at a time.
-        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max))
-            .read_buffer_size(4096)
-            .write_buffer_size(0)
-            .max_write_buffer_size(max);
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        match upstream {
+        match owner {
             None => serve(ws, &docs, key.as_str(), shutdown).await,
-            Some((base, url)) => match proxy::dial_ws(&docs, &base, &url, config).await {
-                Ok(owner) => proxy::relay(ws, owner, None, shutdown).await,
-                Err(e) => {
-                    tracing::debug!(%url, error = %e, "the document's owner cannot be reached");
-                    let mut ws = ws;
-                    let frame = CloseFrame {
-                        code: WsCloseCode::from(CloseCode::Unavailable.code()),
-                        reason: "the document's owner cannot be reached; reconnect".into(),
-                    };
-                    let _ = ws.close(Some(frame)).await;
-                }
-            },
+            Some(owner) => proxy::relay(ws, owner, None, shutdown).await,
         }
         drop(permit);
     });
@@ -172,6 +177,7 @@ async fn serve<S>(
     let mut editor = Editor {
         mine: HashSet::new(),
         awareness: Bucket::new(node.config.docs.doc_awareness_rate),
+        messages: Bucket::new(node.config.client_message_rate),
         max_update: node.config.docs.doc_max_update,
     };
     let ended: Ending = loop {
@@ -225,7 +231,7 @@ async fn serve<S>(
     if let Some((code, reason)) = ended {
         if matches!(
             code,
-            CloseCode::BadRequest | CloseCode::TooLarge | CloseCode::TooMany
+            CloseCode::BadRequest | CloseCode::TooLarge | CloseCode::TooMany | CloseCode::Policy
         ) {
             node.counters.doc_refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%key, code = code.code(), %reason, "editor refused");
@@ -296,8 +302,10 @@ async fn publish(node: &Arc<Node>, key: &str, updates: Vec<Vec<u8>>) -> Ending {
 struct Editor {
     /// The awareness clients it announced, removed when it ends.
     mine: HashSet<ClientID>,
-    /// Its awareness messages.
+    /// Its awareness messages that change something.
     awareness: Bucket,
+    /// All its messages (`--client-message-rate`, as on `/v1/connect`).
+    messages: Bucket,
     max_update: usize,
 }
 
@@ -311,6 +319,12 @@ impl Editor {
     /// Reads one client message (several y-protocol messages may share it). An error
     /// is the code and reason to close the connection with.
     fn handle(&mut self, room: &Room, data: &[u8]) -> Result<Handled, (CloseCode, String)> {
+        if !self.messages.take() {
+            return Err((
+                CloseCode::Policy,
+                "more messages a second than --client-message-rate".into(),
+            ));
+        }
         let bad = |reason: String| (CloseCode::BadRequest, reason);
         let mut decoder = DecoderV1::new(Cursor::new(data));
         let reader = MessageReader::new(&mut decoder);
@@ -345,17 +359,23 @@ impl Editor {
                     }
                 }
                 Message::Awareness(update) => {
+                    // Stock clients echo every awareness update they receive; an echo
+                    // changes nothing, and is neither counted nor sent on.
+                    let clients: Vec<ClientID> = update.clients.keys().copied().collect();
+                    let forwarded = encode(&Message::Awareness(update.clone()));
+                    let changed = awareness
+                        .apply_update_summary(update)
+                        .map_err(|e| bad(format!("malformed awareness update: {e}")))?;
+                    if changed.is_none() {
+                        continue;
+                    }
                     if !self.awareness.take() {
                         return Err((
                             CloseCode::TooMany,
-                            "too many awareness messages; slow down".into(),
+                            "too many awareness changes; slow down".into(),
                         ));
                     }
-                    self.mine.extend(update.clients.keys().copied());
-                    let forwarded = encode(&Message::Awareness(update.clone()));
-                    awareness
-                        .apply_update(update)
-                        .map_err(|e| bad(format!("malformed awareness update: {e}")))?;
+                    self.mine.extend(clients);
                     let _ = room.changes.send(Bytes::from(forwarded));
                 }
                 Message::AwarenessQuery => {

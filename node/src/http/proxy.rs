@@ -108,19 +108,39 @@ pub(super) fn relay_config(node: &Node) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
+/// Why a WebSocket to the owner was not opened.
+#[derive(Debug)]
+pub(super) enum DialError {
+    /// The owner answered the upgrade with this status (a refused ticket, say).
+    Refused(StatusCode),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialError::Refused(status) => write!(f, "the owner answered {status}"),
+            DialError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// Connects a WebSocket to `url` on the node at `base`.
 pub(super) async fn dial_ws(
     node: &Node,
     base: &str,
     url: &str,
     config: WebSocketConfig,
-) -> io::Result<WebSocketStream<Box<dyn Io>>> {
-    let stream = dial(node, base).await?;
+) -> Result<WebSocketStream<Box<dyn Io>>, DialError> {
+    let stream = dial(node, base).await.map_err(DialError::Io)?;
     let handshake = tokio_tungstenite::client_async_with_config(url, stream, Some(config));
     match tokio::time::timeout(DIAL_TIMEOUT, handshake).await {
         Ok(Ok((ws, _))) => Ok(ws),
-        Ok(Err(e)) => Err(io::Error::other(e)),
-        Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+            Err(DialError::Refused(response.status()))
+        }
+        Ok(Err(e)) => Err(DialError::Io(io::Error::other(e))),
+        Err(_) => Err(DialError::Io(io::Error::from(io::ErrorKind::TimedOut))),
     }
 }
 
