@@ -110,7 +110,7 @@ pub fn carried(key: &str, snapshot: &KeySnapshot) -> Option<Vec<Vec<u8>>> {
 pub fn let_go_idle(node: &Arc<Node>) {
     let idle = node
         .docs
-        .take_where(|key, room| room.editors() == 0 && !node.keys.has_history(key));
+        .take_where(|key, room| room.editor_count() == 0 && !node.keys.has_history(key));
     for (key, room) in idle {
         if room.take_dirty() {
             save_later(node, key, room.state());

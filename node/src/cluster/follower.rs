@@ -113,7 +113,7 @@ pub async fn sweep(node: Arc<Node>) {
             _ = tick.tick() => {}
         }
         let dropped = node.keys.drop_idle(ttl, |key| {
-            node.docs.get(key).is_some_and(|d| d.editors() > 0)
+            node.docs.get(key).is_some_and(|d| d.editor_count() > 0)
         });
         documents::let_go_idle(&node);
         if !dropped.is_empty() {

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use ringfeed_router::key::Key;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
@@ -158,7 +157,7 @@ async fn serve<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let room = documents::open(node, key).await;
-    let mut changes = room.changes.subscribe();
+    let mut editor_queue = room.join();
     // The server's side of the sync: its state vector and who is there.
     let start = {
         let awareness = room.awareness.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,17 +209,16 @@ async fn serve<S>(
                 }
                 Some(Err(_)) | None => break None,
             },
-            change = changes.recv() => match change {
-                Ok(bytes) => {
+            change = editor_queue.changes.recv() => match change {
+                Some(bytes) => {
                     // Every editor shares the one encoded message.
                     if ws.send(WsMessage::Binary(bytes)).await.is_err() {
                         break None;
                     }
                 }
-                Err(RecvError::Lagged(_)) => {
+                None => {
                     break Some((CloseCode::SlowConsumer, "too far behind the document's changes; reconnect".into()))
                 }
-                Err(RecvError::Closed) => break None,
             },
             _ = room.gone.cancelled() => {
                 break Some((CloseCode::Unavailable, "the document moved to another node; reconnect".into()))
@@ -255,10 +253,9 @@ async fn serve<S>(
             }
             awareness.update_with_clients(editor.mine.iter().copied())
         };
+        drop(editor_queue);
         if let Ok(update) = gone {
-            let _ = room
-                .changes
-                .send(Bytes::from(encode(&Message::Awareness(update))));
+            room.send(Bytes::from(encode(&Message::Awareness(update))));
         }
     }
 }
@@ -376,7 +373,7 @@ impl Editor {
                         ));
                     }
                     self.mine.extend(clients);
-                    let _ = room.changes.send(Bytes::from(forwarded));
+                    room.send(Bytes::from(forwarded));
                 }
                 Message::AwarenessQuery => {
                     let update = awareness

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use yrs::sync::{Awareness, Message, SyncMessage};
 use yrs::updates::decoder::Decode;
@@ -27,17 +27,49 @@ use yrs::{Doc, GetString, ReadTxn, StateVector, Transact, Update};
 use super::log::KeySnapshot;
 use crate::protocol::frames;
 
-/// Messages queued for a document's slowest editor before it misses some (and is
-/// closed: it reconnects and syncs again). Every document holds this many slots (~64
-/// bytes each), editors or not.
+/// Messages queued for one editor before it misses some (and is closed: it reconnects
+/// and syncs again). A queue takes memory as it fills, and lets go of each message
+/// once sent.
 pub const ROOM_QUEUE: usize = 256;
+
+/// The editors' queues of one document.
+#[derive(Default)]
+struct Editors {
+    next: u64,
+    queues: Vec<(u64, mpsc::Sender<Bytes>)>,
+}
+
+impl Editors {
+    /// Queues `message` for every editor; an editor whose queue is full is dropped
+    /// (its receiver ends: it is too far behind).
+    fn send(&mut self, message: &Bytes) {
+        self.queues
+            .retain(|(_, tx)| tx.try_send(message.clone()).is_ok());
+    }
+}
+
+/// One editor's place in a document: its queue of changes, left when dropped.
+pub struct Editor {
+    id: u64,
+    room: Arc<Room>,
+    /// The document's changes for this editor; it ends when the editor fell too far
+    /// behind.
+    pub changes: mpsc::Receiver<Bytes>,
+}
+
+impl Drop for Editor {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.room.editors().queues.retain(|(i, _)| *i != id);
+    }
+}
 
 /// One document and its editors.
 pub struct Room {
     /// The document and its editors' awareness; held only between awaits.
     pub awareness: Mutex<Awareness>,
-    /// Every change, as a y-protocol message: updates and awareness.
-    pub changes: broadcast::Sender<Bytes>,
+    /// Every editor's queue of changes (y-protocol messages: updates and awareness).
+    editors: Arc<Mutex<Editors>>,
     /// Cancelled when the document leaves this node (its key moved): its editors are
     /// closed, and reconnect to the new owner.
     pub gone: CancellationToken,
@@ -51,17 +83,19 @@ pub struct Room {
 impl Room {
     fn new() -> Arc<Room> {
         let doc = Doc::new();
-        let (changes, _) = broadcast::channel(ROOM_QUEUE);
-        let tx = changes.clone();
+        let editors = Arc::new(Mutex::new(Editors::default()));
+        let queues = editors.clone();
         doc.observe_update_v1("room", move |_: &yrs::TransactionMut, event| {
-            let message = Message::Sync(SyncMessage::Update(event.update.clone()));
-            // Nobody listening is fine: the document keeps the change.
-            let _ = tx.send(Bytes::from(encode(&message)));
+            let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
+            if !queues.queues.is_empty() {
+                let message = Message::Sync(SyncMessage::Update(event.update.clone()));
+                queues.send(&Bytes::from(encode(&message)));
+            }
         })
         .expect("a new document takes an observer");
         Arc::new(Room {
             awareness: Mutex::new(Awareness::new(doc)),
-            changes,
+            editors,
             gone: CancellationToken::new(),
             size: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
@@ -70,6 +104,29 @@ impl Room {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Awareness> {
         self.awareness.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn editors(&self) -> std::sync::MutexGuard<'_, Editors> {
+        self.editors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new editor's queue of the document's changes.
+    pub fn join(self: &Arc<Self>) -> Editor {
+        let (tx, changes) = mpsc::channel(ROOM_QUEUE);
+        let mut editors = self.editors();
+        let id = editors.next;
+        editors.next += 1;
+        editors.queues.push((id, tx));
+        Editor {
+            id,
+            room: self.clone(),
+            changes,
+        }
+    }
+
+    /// Sends `message` to every editor (awareness: the document does not keep it).
+    pub fn send(&self, message: Bytes) {
+        self.editors().send(&message);
     }
 
     /// Applies a Yjs update (v1) and tells the editors. An update that does not decode
@@ -133,8 +190,8 @@ impl Room {
     }
 
     /// Connections editing it here.
-    pub fn editors(&self) -> usize {
-        self.changes.receiver_count()
+    pub fn editor_count(&self) -> usize {
+        self.editors().queues.len()
     }
 }
 
