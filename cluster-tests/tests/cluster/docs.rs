@@ -54,6 +54,10 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
             super::metric(&cluster.node(&owner).http, "ringfeed_doc_refused_total").await?;
         ensure!(refused == 3, "ringfeed_doc_refused_total {refused}");
 
+        // An ordinary subscriber of the document's key follows its raw updates.
+        let connect = ringfeed_client::connect_url(&other.http, &format!("doc:{name}"), None);
+        let mut raw = ringfeed_client::Subscription::connect(&connect).await?;
+
         let output = tokio::process::Command::new("node")
             .arg("yjs_two.mjs")
             .args([server.as_str(), through.as_str(), name, "50", "30000"])
@@ -76,6 +80,46 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
             "{result}"
         );
         ensure!(result["mapA"] == 100, "{result}");
+
+        // The editors' updates, as the key's log has them: Yjs updates in data_b64,
+        // in seq order; applied to an empty document they give the editors' text.
+        let doc = yrs::Doc::new();
+        let mut last = 0;
+        let text = loop {
+            match raw.next_within(FRAME_TIMEOUT).await? {
+                ringfeed_client::Event::Frame(ringfeed_client::Frame::Update {
+                    seq,
+                    data_b64: Some(data),
+                    content_type: Some(content_type),
+                    ..
+                }) => {
+                    ensure!(seq == last + 1, "seq {seq} after {last}");
+                    last = seq;
+                    ensure!(
+                        content_type == "application/vnd.yjs.update",
+                        "{content_type}"
+                    );
+                    use base64::Engine;
+                    use yrs::updates::decoder::Decode;
+                    use yrs::{GetString, ReadTxn, Transact};
+                    let update = base64::engine::general_purpose::STANDARD.decode(data)?;
+                    doc.transact_mut()
+                        .apply_update(yrs::Update::decode_v1(&update)?)
+                        .map_err(|e| anyhow!("{e}"))?;
+                    let txn = doc.transact();
+                    let text = txn
+                        .get_text("t")
+                        .map(|t| t.get_string(&txn))
+                        .unwrap_or_default();
+                    if text == result["a"].as_str().unwrap_or_default() {
+                        break text;
+                    }
+                }
+                ringfeed_client::Event::Frame(_) => {}
+                other => return Err(anyhow!("the raw subscriber got {other:?}")),
+            }
+        };
+        ensure!(!text.is_empty() && last > 0, "no raw updates");
         Ok(())
     })
     .await
