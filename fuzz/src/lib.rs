@@ -35,6 +35,7 @@ pub fn limits() -> Limits {
         history_bytes: 1024,
         // Past `Idempotency::FEW` (8), so both the scan and the index are used.
         idempotency_window: 10,
+        max_doc_update: 2048,
     }
 }
 

@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Mutex as AsyncMutex;
-use yrs::updates::decoder::Decode;
-use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use crate::config::StoreUrl;
 
@@ -262,7 +261,7 @@ pub fn merge(held: Option<&[u8]>, state: &[u8]) -> Vec<u8> {
     {
         let mut txn = doc.transact_mut();
         for update in [held, state] {
-            if let Ok(update) = Update::decode_v1(update) {
+            if let Ok(update) = crate::protocol::frames::decode_yjs(update) {
                 if let Err(e) = txn.apply_update(update) {
                     tracing::warn!(error = %e, "a stored document did not apply");
                 }
@@ -278,7 +277,8 @@ pub fn merge(held: Option<&[u8]>, state: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yrs::{GetString, Text, WriteTxn};
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, Text, Update, WriteTxn};
 
     fn text_of(state: &[u8]) -> String {
         let doc = Doc::new();

@@ -25,8 +25,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 use yrs::encoding::read::Cursor;
 use yrs::sync::{Message, MessageReader, SyncMessage};
-use yrs::updates::decoder::{Decode, DecoderV1};
-use yrs::{ClientID, ReadTxn, Transact, Update};
+use yrs::updates::decoder::DecoderV1;
+use yrs::{ClientID, ReadTxn, Transact};
 
 use super::{proxy, refused, unavailable, ApiError};
 use crate::cluster::documents;
@@ -349,7 +349,7 @@ impl Editor {
                             ),
                         ));
                     }
-                    let decoded = Update::decode_v1(&update)
+                    let decoded = frames::decode_yjs(&update)
                         .map_err(|e| bad(format!("malformed update: {e}")))?;
                     if !decoded.is_empty() {
                         handled.updates.push(update);

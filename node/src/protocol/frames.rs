@@ -58,8 +58,7 @@ pub fn update(
         return Err(PayloadError::ContentTypeTooLong(content_type.len()));
     }
     if is_doc_update(key, content_type) {
-        use yrs::updates::decoder::Decode;
-        yrs::Update::decode_v1(data).map_err(|e| PayloadError::BadDocUpdate(e.to_string()))?;
+        decode_yjs(data).map_err(PayloadError::BadDocUpdate)?;
     }
     let mut out = String::with_capacity(update_capacity(key, data.len(), content_type));
     out.push_str(r#"{"type":"update","key":"#);
@@ -128,6 +127,31 @@ pub fn is_doc_update(key: &str, content_type: &str) -> bool {
             .unwrap_or("")
             .trim()
             .eq_ignore_ascii_case(YJS_UPDATE)
+}
+
+/// Decodes a Yjs update (v1) from untrusted bytes. yrs reserves room for as many
+/// clients as the update's first number claims before reading them, and a few bytes
+/// can claim billions; each client takes at least three bytes, so a claim the bytes
+/// cannot hold is refused first. (Block counts are reserved without being touched, and
+/// a reservation that cannot be made is an error, not an abort.)
+pub fn decode_yjs(data: &[u8]) -> Result<yrs::Update, String> {
+    use yrs::updates::decoder::Decode;
+    let (mut clients, mut shift, mut read) = (0u64, 0u32, 0usize);
+    for &byte in data.iter().take(5) {
+        clients |= u64::from(byte & 0x7f) << shift;
+        shift += 7;
+        read += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    if clients.saturating_mul(3) > (data.len() - read) as u64 {
+        return Err(format!(
+            "an update claiming {clients} clients in {} bytes",
+            data.len()
+        ));
+    }
+    yrs::Update::decode_v1(data).map_err(|e| e.to_string())
 }
 
 /// The Yjs update an `update` frame made by [`update`] carries, if it carries one
@@ -357,6 +381,18 @@ pub fn parse_client(text: &str) -> Result<ClientFrame, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_yjs_update_claiming_more_clients_than_its_bytes_hold_is_refused_before_yrs_reserves_room()
+    {
+        // 0xffffff0f: 2^32 - 1 clients in five bytes.
+        assert!(decode_yjs(&[0xff, 0xff, 0xff, 0xff, 0x0f])
+            .unwrap_err()
+            .contains("claiming"));
+        assert!(decode_yjs(&[0x80, 0x80, 0x80, 0x01, 0, 0]).is_err());
+        // The empty update: no clients, an empty delete set.
+        assert!(decode_yjs(&[0, 0]).is_ok());
+    }
 
     fn lim(max_payload: usize) -> PayloadLimits {
         PayloadLimits {

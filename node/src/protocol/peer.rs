@@ -163,8 +163,7 @@ pub fn check_snapshot(snapshot: &pb::ReplicaSnapshot, limits: PayloadLimits) -> 
         if !snapshot.key.starts_with("doc:") {
             return Err("a document in the state of a key that is not a doc: key".into());
         }
-        use yrs::updates::decoder::Decode;
-        yrs::Update::decode_v1(&snapshot.doc).map_err(|e| format!("document: {e}"))?;
+        super::frames::decode_yjs(&snapshot.doc).map_err(|e| format!("document: {e}"))?;
     }
     Ok(())
 }

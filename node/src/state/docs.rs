@@ -20,9 +20,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use yrs::sync::{Awareness, Message, SyncMessage};
-use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::{Encode, Encoder, EncoderV1};
-use yrs::{Doc, GetString, ReadTxn, StateVector, Transact, Update};
+use yrs::{Doc, GetString, ReadTxn, StateVector, Transact};
 
 use super::log::KeySnapshot;
 use crate::protocol::frames;
@@ -132,7 +131,7 @@ impl Room {
     /// Applies a Yjs update (v1) and tells the editors. An update that does not decode
     /// is refused; one that adds nothing changes nothing.
     pub fn apply(&self, update: &[u8]) -> Result<(), String> {
-        let decoded = Update::decode_v1(update).map_err(|e| format!("malformed update: {e}"))?;
+        let decoded = frames::decode_yjs(update).map_err(|e| format!("malformed update: {e}"))?;
         self.lock()
             .doc()
             .transact_mut()
@@ -311,7 +310,7 @@ impl ReplicaDoc {
     /// Applies one update (checked by the owner, and by `protocol::peer`); one that
     /// does not apply is skipped.
     pub fn apply(&self, update: &[u8]) {
-        if let Ok(update) = Update::decode_v1(update) {
+        if let Ok(update) = frames::decode_yjs(update) {
             if let Err(e) = self.0.transact_mut().apply_update(update) {
                 tracing::warn!(error = %e, "a replicated document update did not apply");
             }
