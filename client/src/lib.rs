@@ -5,7 +5,13 @@
 //! * [`Frame`] — the server frames, parsed.
 //! * [`publisher`] — a `Router` gRPC client for publishing.
 //!
-//! The `ringfeed` CLI (`src/main.rs`) is built on both.
+//! * [`routing`] — the ring as any node publishes it: who owns a key, computed here
+//!   (so a client connects straight to the owner), each member's share, and what a
+//!   change of members would move.
+//!
+//! The `ringfeed` CLI (`src/main.rs`) is built on them.
+
+pub mod routing;
 
 use std::time::Duration;
 
@@ -352,27 +358,90 @@ pub async fn request_ticket(
     ttl_s: u64,
     tls: Option<&Tls>,
 ) -> Result<String, ClientError> {
+    let body = serde_json::json!({
+        "sub": sub, "key": key, "ttl_s": ttl_s, "publish": true, "presence": true,
+    })
+    .to_string();
+    let bearer = format!("Bearer {api_token}");
+    let call = Call {
+        method: "POST",
+        path: "/v1/tickets",
+        headers: &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        body: &body,
+    };
+    let answer = http_json(base, call, tls).await?;
+    answer["ticket"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ClientError::Unexpected("POST /v1/tickets: no ticket in the answer".into()))
+}
+
+/// One HTTP/1.1 request to a node.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a str,
+}
+
+impl<'a> Call<'a> {
+    /// `GET path`.
+    pub fn get(path: &'a str) -> Call<'a> {
+        Call {
+            method: "GET",
+            path,
+            headers: &[],
+            body: "",
+        }
+    }
+}
+
+/// `call` to the node at `base` (`http://…` or `https://…`, TLS trusting `tls`'s CA),
+/// within 10 s; a 200's body as JSON, anything else an error.
+pub async fn http_json(
+    base: &str,
+    call: Call<'_>,
+    tls: Option<&Tls>,
+) -> Result<serde_json::Value, ClientError> {
+    let text = http_text(base, call, tls).await?;
+    serde_json::from_str(text.trim())
+        .map_err(|e| ClientError::Unexpected(format!("{} {}: {e}", call.method, call.path)))
+}
+
+/// [`http_json`]'s request, answering a 200's body as text.
+pub async fn http_text(
+    base: &str,
+    call: Call<'_>,
+    tls: Option<&Tls>,
+) -> Result<String, ClientError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let bad = |e: String| ClientError::Unexpected(format!("POST /v1/tickets: {e}"));
+    let Call {
+        method,
+        path,
+        headers,
+        body,
+    } = call;
+    let bad = |e: String| ClientError::Unexpected(format!("{method} {path}: {e}"));
     let (https, rest) = match (base.strip_prefix("https://"), base.strip_prefix("http://")) {
         (Some(rest), _) => (true, rest),
         (None, Some(rest)) => (false, rest),
         _ => (false, base),
     };
     let host = rest.trim_end_matches('/');
-    let body = serde_json::json!({
-        "sub": sub, "key": key, "ttl_s": ttl_s, "publish": true, "presence": true,
-    })
-    .to_string();
-    let request = format!(
-        "POST /v1/tickets HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAuthorization: Bearer {api_token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let tcp = TcpStream::connect(host)
-        .await
-        .map_err(|e| bad(e.to_string()))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     let mut raw = Vec::new();
     let exchange = async {
+        let tcp = TcpStream::connect(host)
+            .await
+            .map_err(|e| bad(e.to_string()))?;
         if https {
             let tls = tls.ok_or_else(|| bad("https needs a CA".into()))?;
             let name = host.rsplit_once(':').map_or(host, |(h, _)| h).to_owned();
@@ -413,12 +482,7 @@ pub async fn request_ticket(
             + " "
             + answer.trim()));
     }
-    let answer: serde_json::Value =
-        serde_json::from_str(answer.trim()).map_err(|e| bad(e.to_string()))?;
-    answer["ticket"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| bad("no ticket in the answer".into()))
+    Ok(answer.to_owned())
 }
 
 /// Publishing through a router.

@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
 use ringfeed_proto::v1::GetRingRequest;
 
+mod ops;
+
 #[derive(Parser)]
 #[command(
     name = "ringfeed",
@@ -55,10 +57,39 @@ enum Command {
         /// A JSON value.
         data: String,
     },
-    /// Print the ring as the router sees it.
+    /// Print the ring: as the router sees it (--router), or as a node publishes it
+    /// (--node), with each member's share of the keys.
     Ring {
-        #[arg(long, env = "RINGFEED_ROUTER")]
-        router: String,
+        #[arg(long, env = "RINGFEED_ROUTER", conflicts_with = "node")]
+        router: Option<String>,
+        #[arg(long, env = "RINGFEED_NODE")]
+        node: Option<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which node owns KEY: computed here from the ring a node publishes, and what the
+    /// node itself says.
+    Route {
+        /// Any node's HTTP URL.
+        #[arg(long, env = "RINGFEED_NODE")]
+        node: String,
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A dry run against the live ring: what would move if a member left (--remove)
+    /// or joined (--add ID[:POINTS]): the share of keys, from where to where, and
+    /// about how many keys and connections (from each node's own counts).
+    Simulate {
+        #[arg(long, env = "RINGFEED_NODE")]
+        node: String,
+        #[arg(long, conflicts_with = "add", required_unless_present = "add")]
+        remove: Option<String>,
+        #[arg(long)]
+        add: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -135,7 +166,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Ring { router } => {
+        Command::Route { node, key, json } => ops::route(&node, &key, json, tls.as_ref()).await,
+        Command::Simulate {
+            node,
+            remove,
+            add,
+            json,
+        } => {
+            let change = match (remove, add) {
+                (Some(id), _) => ops::Change::Remove(id),
+                (None, Some(add)) => {
+                    let (id, points) = match add.split_once(':') {
+                        Some((id, points)) => (
+                            id.to_owned(),
+                            points.parse().map_err(|_| {
+                                anyhow::anyhow!("--add ID[:POINTS]: bad points {points:?}")
+                            })?,
+                        ),
+                        None => (add, ringfeed_router::ring::DEFAULT_POINTS),
+                    };
+                    ops::Change::Add(id, points)
+                }
+                (None, None) => anyhow::bail!("--remove ID or --add ID[:POINTS]"),
+            };
+            ops::simulate(&node, change, json, tls.as_ref()).await
+        }
+        Command::Ring {
+            node: Some(node),
+            json,
+            ..
+        } => ops::ring(&node, json, tls.as_ref()).await,
+        Command::Ring { router: None, .. } => {
+            anyhow::bail!("ring needs --node URL or --router ADDR")
+        }
+        Command::Ring {
+            router: Some(router),
+            ..
+        } => {
             let mut client = publisher::connect_with(&router, tls.as_ref()).await?;
             let ring = client
                 .get_ring(with_token(tonic::Request::new(GetRingRequest {}), token)?)

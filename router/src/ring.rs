@@ -189,6 +189,47 @@ impl Ring {
         self.hashes.len()
     }
 
+    /// Each active member's share of the hash space (the keys it owns), largest first
+    /// (`ringfeed ring`).
+    pub fn shares(&self) -> Vec<(NodeId, f64)> {
+        let mut shares: Vec<(NodeId, f64)> = Vec::new();
+        for (from, to, share) in self.moves_to(self) {
+            debug_assert_eq!(from, to);
+            shares.push((from, share));
+        }
+        shares.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        shares
+    }
+
+    /// How the hash space goes from this ring's owners to `next`'s: each (owner here,
+    /// owner there) pair with the share of keys it covers, the unmoved (`from == to`)
+    /// included. Exact: the hash space is cut at every point of either ring, and each
+    /// piece has one owner on each.
+    pub fn moves_to(&self, next: &Ring) -> Vec<(NodeId, NodeId, f64)> {
+        let mut cuts: Vec<u64> = self.hashes.iter().chain(&next.hashes).copied().collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut moved: std::collections::BTreeMap<(NodeId, NodeId), f64> = Default::default();
+        let Some(&last) = cuts.last() else {
+            return Vec::new();
+        };
+        let mut prev = last;
+        for &cut in &cuts {
+            // The keys in (prev, cut], wrapping past the top for the first piece.
+            let len = cut.wrapping_sub(prev);
+            let len = if cuts.len() == 1 { u64::MAX } else { len };
+            prev = cut;
+            let (Some(a), Some(b)) = (self.owner_of_hash(cut), next.owner_of_hash(cut)) else {
+                continue;
+            };
+            *moved.entry((a.id.clone(), b.id.clone())).or_default() += len as f64 / 2f64.powi(64);
+        }
+        moved
+            .into_iter()
+            .map(|((from, to), share)| (from, to, share))
+            .collect()
+    }
+
     fn point_at(&self, hash: u64) -> Option<usize> {
         if self.hashes.is_empty() {
             return None;
@@ -275,6 +316,35 @@ pub(crate) mod tests {
 
     fn keys(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("user:{i}")).collect()
+    }
+
+    #[test]
+    fn shares_and_moves_measure_what_many_keys_show() {
+        let three = Ring::new((1..=3).map(|i| member(&format!("n{i}"), 256)));
+        let two = Ring::new((1..=2).map(|i| member(&format!("n{i}"), 256)));
+        let shares = three.shares();
+        assert_eq!(shares.len(), 3);
+        let total: f64 = shares.iter().map(|(_, s)| s).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+        // Without n3, exactly n3's share moves, and only from n3.
+        let moves = three.moves_to(&two);
+        let moved: f64 = moves.iter().filter(|(f, t, _)| f != t).map(|m| m.2).sum();
+        let n3 = shares
+            .iter()
+            .find(|(id, _)| id.0 == "n3")
+            .map(|s| s.1)
+            .unwrap();
+        assert!((moved - n3).abs() < 1e-9, "{moved} vs {n3}");
+        assert!(moves.iter().all(|(f, t, _)| f == t || f.0 == "n3"));
+        // Keys agree with the shares, within sampling error.
+        let keys = keys(100_000);
+        let on_n3 = keys
+            .iter()
+            .filter(|k| three.owner(k).unwrap().id.0 == "n3")
+            .count() as f64
+            / keys.len() as f64;
+        assert!((on_n3 - n3).abs() < 0.01, "{on_n3} vs {n3}");
+        assert!(Ring::empty().shares().is_empty());
     }
 
     #[test]

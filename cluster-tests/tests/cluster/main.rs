@@ -6,6 +6,7 @@ mod auth;
 mod browser_doc;
 mod browser_tls;
 mod chaos;
+mod client_routing;
 mod delivery;
 mod docs;
 mod docs_moves;

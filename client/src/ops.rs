@@ -1,0 +1,168 @@
+//! The operator's commands of the `ringfeed` CLI: `route`, `ring --node` and
+//! `simulate`, computed from the ring any node publishes.
+
+use std::collections::BTreeMap;
+
+use ringfeed_client::routing::{gauge, RingView};
+use ringfeed_client::Tls;
+use ringfeed_router::ring::Ring;
+
+/// `ringfeed route KEY`: the owner computed here, and what the node says.
+pub(crate) async fn route(
+    node: &str,
+    key: &str,
+    json: bool,
+    tls: Option<&Tls>,
+) -> anyhow::Result<()> {
+    let view = RingView::fetch(node, tls).await?;
+    let owner = view
+        .owner(key)
+        .ok_or_else(|| anyhow::anyhow!("the ring has no active member"))?;
+    let path = format!("/v1/route?key={}", form_key(key));
+    let said = ringfeed_client::http_json(node, ringfeed_client::Call::get(&path), tls).await?;
+    let server = said["owner"]["id"].as_str().unwrap_or_default().to_owned();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"key": key, "owner": owner.id.0, "http": owner.http,
+                "grpc": owner.grpc, "ring_version": view.version, "node_says": server})
+        );
+    } else {
+        println!(
+            "{key} → {} (http {}, grpc {}) on ring version {}",
+            owner.id, owner.http, owner.grpc, view.version
+        );
+        if server != owner.id.0 {
+            println!("  the node says {server}: the ring moved meanwhile; ask again");
+        }
+    }
+    Ok(())
+}
+
+/// `ringfeed ring --node URL`: members, state, share of the keys.
+pub(crate) async fn ring(node: &str, json: bool, tls: Option<&Tls>) -> anyhow::Result<()> {
+    let view = RingView::fetch(node, tls).await?;
+    let shares = view.shares();
+    if json {
+        let members: Vec<_> = view
+            .ring
+            .members()
+            .iter()
+            .map(|m| {
+                serde_json::json!({"id": m.id.0, "state": m.state.as_str(),
+                    "incarnation": m.incarnation, "http": m.http, "grpc": m.grpc,
+                    "points": m.points, "share": shares.get(&m.id.0).copied().unwrap_or(0.0)})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"cluster": view.cluster, "ring_version": view.version,
+                "ring_id": view.ring.id().0, "members": members})
+        );
+        return Ok(());
+    }
+    println!(
+        "cluster {} ring version {} ({})",
+        view.cluster,
+        view.version,
+        view.ring.id()
+    );
+    for m in view.ring.members() {
+        let share = shares.get(&m.id.0).copied().unwrap_or(0.0);
+        println!(
+            "  {:<8} {:<9} {:>6.2}% of keys  {} points  http {}",
+            m.id.0,
+            m.state.as_str(),
+            share * 100.0,
+            m.points,
+            m.http
+        );
+    }
+    Ok(())
+}
+
+/// What `simulate` changes.
+pub(crate) enum Change {
+    Remove(String),
+    Add(String, u32),
+}
+
+/// `ringfeed simulate`: a dry run of a member leaving or joining, against the live
+/// ring: the share of keys that would move, from where to where, and — from each
+/// node's own counts — about how many keys and connections.
+pub(crate) async fn simulate(
+    node: &str,
+    change: Change,
+    json: bool,
+    tls: Option<&Tls>,
+) -> anyhow::Result<()> {
+    let view = RingView::fetch(node, tls).await?;
+    let next: Ring = match &change {
+        Change::Remove(id) => {
+            anyhow::ensure!(
+                view.ring.members().iter().any(|m| &m.id.0 == id),
+                "{id} is not on the ring"
+            );
+            view.without(id)
+        }
+        Change::Add(id, points) => view.with(id, *points),
+    };
+    let shares = view.shares();
+    // Each node's live keys and connections, to scale shares into counts.
+    let mut live: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for m in view.ring.members() {
+        let keys = gauge(&m.http, "ringfeed_keys", tls).await.unwrap_or(0);
+        let conns = gauge(&m.http, "ringfeed_connections", tls)
+            .await
+            .unwrap_or(0);
+        live.insert(m.id.0.clone(), (keys, conns));
+    }
+    let mut rows = Vec::new();
+    let mut total = 0.0;
+    for (from, to, share) in view.ring.moves_to(&next) {
+        if from == to {
+            continue;
+        }
+        total += share;
+        let of_from = shares.get(&from.0).copied().unwrap_or(0.0);
+        let (keys, conns) = live.get(&from.0).copied().unwrap_or((0, 0));
+        let part = if of_from > 0.0 { share / of_from } else { 0.0 };
+        rows.push((
+            from.0,
+            to.0,
+            share,
+            (keys as f64 * part).round() as u64,
+            (conns as f64 * part).round() as u64,
+        ));
+    }
+    if json {
+        let moves: Vec<_> = rows
+            .iter()
+            .map(|(f, t, s, k, c)| {
+                serde_json::json!({"from": f, "to": t, "share": s, "keys": k, "connections": c})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"ring_version": view.version, "moved_share": total, "moves": moves})
+        );
+        return Ok(());
+    }
+    println!(
+        "{:.2}% of the keys would move (ring version {}):",
+        total * 100.0,
+        view.version
+    );
+    for (from, to, share, keys, conns) in rows {
+        println!(
+            "  {from} → {to}: {:.2}% of keys, about {keys} keys and {conns} connections now",
+            share * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// `key` for a query string.
+fn form_key(key: &str) -> String {
+    url::form_urlencoded::byte_serialize(key.as_bytes()).collect()
+}
