@@ -213,12 +213,31 @@ fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, String> {
     // Several nodes on one host may share the file: readers never wait for the writer,
     // and a writer waits its turn.
     conn.busy_timeout(CALL_TIMEOUT).map_err(fail)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(fail)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(fail)?;
-    conn.execute_batch(SQLITE_SCHEMA).map_err(fail)?;
-    Ok(conn)
+    // Switching to WAL and making the table take locks that SQLite does not wait for
+    // (it answers "database is locked" at once): nodes starting together take turns.
+    let mut tries = 0;
+    loop {
+        let set_up = conn
+            .pragma_update(None, "journal_mode", "WAL")
+            .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+            .and_then(|()| conn.execute_batch(SQLITE_SCHEMA));
+        match set_up {
+            Ok(()) => return Ok(conn),
+            Err(e) if tries < 100 && is_busy(&e) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 + 10 * tries));
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+}
+
+/// Whether SQLite refused for another connection's lock.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 fn sqlite_load(conn: &rusqlite::Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
@@ -287,6 +306,16 @@ mod tests {
             .unwrap();
         let txn = doc.transact();
         txn.get_text("t").unwrap().get_string(&txn)
+    }
+
+    #[tokio::test]
+    async fn nodes_opening_one_sqlite_file_together_all_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = StoreUrl::Sqlite(dir.path().join("shared.sqlite"));
+        let opens = (0..8).map(|_| Store::open(&url));
+        for opened in futures_util::future::join_all(opens).await {
+            assert!(opened.is_ok(), "{:?}", opened.err());
+        }
     }
 
     #[tokio::test]
