@@ -78,6 +78,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drain node ID: it hands its keys and clients to the others and exits; shows the
+    /// progress until it has left the ring. Plain clusters (a secure cluster's nodes
+    /// take this only from a node certificate: use `ringfeed-node drain`).
+    Drain {
+        /// Another node's HTTP URL (asked who is on the ring).
+        #[arg(long, env = "RINGFEED_NODE")]
+        node: String,
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// A dry run against the live ring: what would move if a member left (--remove)
     /// or joined (--add ID[:POINTS]): the share of keys, from where to where, and
     /// about how many keys and connections (from each node's own counts).
@@ -167,6 +181,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Route { node, key, json } => ops::route(&node, &key, json, tls.as_ref()).await,
+        Command::Drain {
+            node,
+            id,
+            wait_secs,
+            json,
+        } => ops::drain(&node, &id, token, wait_secs, json).await,
         Command::Simulate {
             node,
             remove,

@@ -166,3 +166,83 @@ pub(crate) async fn simulate(
 fn form_key(key: &str) -> String {
     url::form_urlencoded::byte_serialize(key.as_bytes()).collect()
 }
+
+/// `ringfeed drain ID`: asks node ID (found on the ring `node` publishes) to drain,
+/// then shows its keys and connections going until it has left the ring, within
+/// `wait_secs`. Plain clusters only: a secure cluster's internal port admits only a
+/// node certificate (use `ringfeed-node drain` there).
+pub(crate) async fn drain(
+    node: &str,
+    id: &str,
+    token: Option<&str>,
+    wait_secs: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    use ringfeed_proto::v1::{node_client::NodeClient, DrainRequest};
+    let view = RingView::fetch(node, None).await?;
+    let member = view
+        .ring
+        .members()
+        .iter()
+        .find(|m| m.id.0 == id)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("{id} is not on the ring"))?;
+    anyhow::ensure!(
+        member.http != node.trim_end_matches('/'),
+        "--node must be another node than the one drained (it is asked who is left)"
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", member.grpc))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut request = tonic::Request::new(DrainRequest {
+        node: id.to_owned(),
+    });
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--token is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let reply = NodeClient::new(channel).drain(request).await?.into_inner();
+    if !json {
+        println!(
+            "{id} is draining: {} keys and {} connections to move",
+            reply.keys, reply.connections
+        );
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+    let mut last = None;
+    loop {
+        let keys = gauge(&member.http, "ringfeed_keys", None).await.ok();
+        let conns = gauge(&member.http, "ringfeed_connections", None).await.ok();
+        let on_ring = RingView::fetch(node, None)
+            .await
+            .map(|v| v.ring.members().iter().any(|m| m.id.0 == id))
+            .unwrap_or(true);
+        if !json && last != Some((keys, conns)) {
+            match (keys, conns) {
+                (Some(k), Some(c)) => println!("  {k} keys, {c} connections left"),
+                _ => println!("  {id} no longer answers"),
+            }
+            last = Some((keys, conns));
+        }
+        if !on_ring && keys.is_none() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{id} had not left within {wait_secs} s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"node": id, "keys": reply.keys, "connections": reply.connections, "gone": true})
+        );
+    } else {
+        println!("{id} has left the ring and exited");
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! A client that routes itself: the owner it computes from the ring a node publishes
 //! agrees with the cluster for many keys, before and after a node joins; what the ring
-//! said a join would move is what moves; the CLI's `route`, `ring` and `simulate`.
+//! said a join would move is what moves; the CLI's `route`, `ring`, `simulate` and
+//! `drain`.
 
 use anyhow::{ensure, Context, Result};
 use ringfeed_client::routing::RingView;
@@ -122,6 +123,15 @@ async fn a_client_computes_every_owner_as_the_cluster_does_before_and_after_a_jo
         ensure!(
             route["owner"].as_str() == after.owner("user:7").map(|m| m.id.0.as_str()),
             "{route}"
+        );
+
+        // `drain` takes n2 off the ring and waits until it has gone.
+        let drained = cli(&["drain", "--node", &node, "n2", "--json"]).await?;
+        ensure!(drained["gone"] == true, "{drained}");
+        let left = RingView::fetch(&node, None).await?;
+        ensure!(
+            left.ring.members().iter().all(|m| m.id.0 != "n2"),
+            "n2 is still on the ring"
         );
         Ok(())
     })
