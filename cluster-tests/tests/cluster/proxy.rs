@@ -198,7 +198,10 @@ async fn follow_poll(entry: String, key: &'static str) -> Result<Vec<u64>> {
         let answer: serde_json::Value = serde_json::from_str(&body)?;
         epoch = answer["epoch"].as_str().map(str::to_owned);
         for frame in answer["updates"].as_array().into_iter().flatten() {
-            seqs.push(frame["seq"].as_u64().unwrap_or_default());
+            ensure!(frame["type"] == "update", "poll got {frame} after {since}");
+            let seq = frame["seq"].as_u64().unwrap_or_default();
+            ensure!(seq > since, "poll since {since} answered {answer}");
+            seqs.push(seq);
         }
         since = answer["seq"]
             .as_u64()

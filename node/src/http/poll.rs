@@ -87,6 +87,15 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
     };
     let deadline = tokio::time::Instant::now() + wait;
     loop {
+        // Reading creates the key: once it has moved away (a drain while this poll
+        // waited), a read would make a fresh epoch here. The client polls again, and
+        // reaches the new owner.
+        if !matches!(
+            node.decide(node.membership.view(), key.as_str()),
+            crate::node::Decision::Mine(_)
+        ) {
+            return Ok(unavailable("the key moved; poll again", 1));
+        }
         let Some((catchup, mut changes)) = read() else {
             return Ok(over_budget(&node));
         };
