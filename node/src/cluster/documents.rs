@@ -87,13 +87,20 @@ pub async fn publish(
 /// editors are closed, and reconnect to the new owner), and to the store. Documents
 /// `gone` says left without a key state here go to the store alone.
 pub fn take_moved(node: &Arc<Node>, moved: &mut [Moved], gone: impl Fn(&str) -> bool) {
+    // Only `doc:` keys have documents: index those, not every key a drain moves.
+    let docs: std::collections::HashMap<String, usize> = moved
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.key.starts_with("doc:"))
+        .map(|(i, m)| (m.key.clone(), i))
+        .collect();
     let rooms = node
         .docs
-        .take_where(|key, _| gone(key) || moved.iter().any(|m| m.key == key));
+        .take_where(|key, _| docs.contains_key(key) || gone(key));
     for (key, room) in rooms {
         let state = room.state();
-        if let Some(m) = moved.iter_mut().find(|m| m.key == key) {
-            m.snapshot.doc = Some(state.clone());
+        if let Some(&i) = docs.get(&key) {
+            moved[i].snapshot.doc = Some(state.clone());
         }
         save_later(node, key, state);
     }

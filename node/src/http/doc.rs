@@ -358,8 +358,7 @@ impl Editor {
                 Message::Awareness(update) => {
                     // Stock clients echo every awareness update they receive; an echo
                     // changes nothing, and is neither counted nor sent on.
-                    let clients: Vec<ClientID> = update.clients.keys().copied().collect();
-                    let forwarded = encode(&Message::Awareness(update.clone()));
+                    let sent = update.clone();
                     let changed = awareness
                         .apply_update_summary(update)
                         .map_err(|e| bad(format!("malformed awareness update: {e}")))?;
@@ -372,8 +371,8 @@ impl Editor {
                             "too many awareness changes; slow down".into(),
                         ));
                     }
-                    self.mine.extend(clients);
-                    room.send(Bytes::from(forwarded));
+                    self.mine.extend(sent.clients.keys().copied());
+                    room.send(Bytes::from(encode(&Message::Awareness(sent))));
                 }
                 Message::AwarenessQuery => {
                     let update = awareness
