@@ -5,12 +5,19 @@
 //! * [`Frame`] — the server frames, parsed.
 //! * [`publisher`] — a `Router` gRPC client for publishing.
 //!
+//! * [`follow`] — [`follow::Follower`], a subscriber that reconnects by itself
+//!   (full-jitter back-off, every close code honoured), resuming gap-free, over
+//!   WebSocket or QUIC, optionally straight to the owner.
+//! * [`quic`] — a QUIC subscriber (ALPN `ringfeed/1`), trusting a CA or the
+//!   certificate digests the ring publishes.
 //! * [`routing`] — the ring as any node publishes it: who owns a key, computed here
 //!   (so a client connects straight to the owner), each member's share, and what a
 //!   change of members would move.
 //!
 //! The `ringfeed` CLI (`src/main.rs`) is built on them.
 
+pub mod follow;
+pub mod quic;
 pub mod routing;
 
 use std::time::Duration;
@@ -77,6 +84,9 @@ pub enum Frame {
         url: String,
         node: String,
         ring_version: u64,
+        /// The owner's QUIC address (host:port), when it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<String>,
     },
     Ack {
         id: serde_json::Value,

@@ -58,6 +58,7 @@ impl RingView {
             grpc: String::new(),
             http: String::new(),
             quic: None,
+            quic_sha256: None,
             points,
             state: ringfeed_router::ring::MemberState::Active,
             version: String::new(),

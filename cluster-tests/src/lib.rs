@@ -238,6 +238,8 @@ pub struct NodeProc {
     /// `127.0.0.1:port`
     pub grpc: String,
     pub incarnation: String,
+    /// `127.0.0.1:port` of its QUIC listener, if it has one.
+    pub quic: Option<String>,
     log: PathBuf,
     pub started: Instant,
 }
@@ -641,6 +643,7 @@ impl Cluster {
             http: field("http")?,
             grpc: field("grpc")?,
             incarnation: field("incarnation")?,
+            quic: field("quic").ok().filter(|q| q != "off"),
             child: Some(child),
             log,
             started,

@@ -19,7 +19,7 @@ const NODE_LAYERS: &[&[&str]] = &[
     &["state"],
     &["node"],
     &["cluster"],
-    &["session", "ws", "http", "internal", "wire"],
+    &["session", "ws", "quic", "http", "internal", "wire"],
     &["run", "admin", "certs", "sim"],
 ];
 

@@ -22,6 +22,8 @@ use tokio_util::task::TaskTracker;
 
 pub mod docs;
 pub use docs::{DocArgs, StoreUrl};
+pub mod quic;
+pub use quic::{QuicArgs, QuicListen};
 
 /// What authentication needs, loaded at start ([`Config::load_auth`]); the secrets and
 /// tokens are read again when their files change.
@@ -207,6 +209,8 @@ pub struct Config {
     pub failures: FailureArgs,
     #[command(flatten)]
     pub docs: DocArgs,
+    #[command(flatten)]
+    pub quic: QuicArgs,
     /// What a node does with a client whose key another node owns: `redirect` it there
     /// (the owner's address, as the ring publishes it), or `proxy` it — connect to the
     /// owner itself and pass everything through, for clusters that clients reach
@@ -278,6 +282,7 @@ impl Config {
         self.validate_http()?;
         self.tls.validate()?;
         self.docs.validate()?;
+        self.quic.validate(self.http_listen)?;
         self.validate_auth()
     }
 

@@ -17,7 +17,7 @@
 //! 5. [`cluster`] — the node among its peers: replication, hand-off, the ring
 //!    follower and promotion, self-fencing.
 //! 6. Transports and services: [`session`] (what every transport does for a client),
-//!    [`ws`] (WebSocket), [`http`] (the listener, SSE, long polling, health and
+//!    [`ws`] (WebSocket), [`quic`] (QUIC), [`http`] (the listener, SSE, long polling, health and
 //!    metrics), [`internal`] (the internal `ringfeed.v1.Node` gRPC service), and
 //!    [`wire`]: each refusal's form on every transport.
 //! 7. [`run`] — the one place where everything is wired; [`admin`] — `ringfeed-node
@@ -37,6 +37,7 @@ pub mod latency;
 pub mod node;
 pub mod peers;
 pub mod protocol;
+pub mod quic;
 pub mod run;
 pub mod session;
 #[cfg(test)]

@@ -115,10 +115,11 @@ async fn start(
     let grpc = listen(config.grpc_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind --grpc-listen {}: {e}", config.grpc_listen))?;
+    let quic = ringfeed_node::quic::socket(&config, http.local_addr()?)?;
     // SIGTERM or Ctrl-C asks for a drain.
     let stop = CancellationToken::new();
     tokio::spawn(signal(stop.clone()));
-    ringfeed_node::run::run(config, auth, tls, http, grpc, stop).await
+    ringfeed_node::run::run(config, auth, tls, http, grpc, quic, stop).await
 }
 
 async fn signal(shutdown: CancellationToken) {

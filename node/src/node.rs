@@ -463,6 +463,7 @@ pub fn redirect_kick(owner: &Member, query: &str, ring_version: u64) -> Kick {
         url: &url,
         node: &owner.id.0,
         ring_version,
+        quic: owner.quic.as_deref(),
     }
     .encode();
     Kick {

@@ -27,11 +27,19 @@ pub async fn run(
     tls: Tls,
     http: TcpListener,
     grpc: TcpListener,
+    quic: Option<std::net::UdpSocket>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
-    let record = own_record(&config, &http, &grpc, tls.identity.is_some())?;
+    let quic = quic
+        .map(|socket| crate::quic::bind(&config, &tls, socket))
+        .transpose()?;
+    let mut record = own_record(&config, &http, &grpc, tls.identity.is_some())?;
+    if let Some(quic) = &quic {
+        record.quic = Some(quic.advertised.clone());
+        record.quic_sha256 = Some(quic.sha256.clone());
+    }
     // Clients: TLS with HTTP/2 or HTTP/1.1 by ALPN. Peers: mutual TLS with the CA.
     let http_tls = tls
         .server(&[b"h2", b"http/1.1"], false)
@@ -67,6 +75,9 @@ pub async fn run(
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
     tasks.spawn(crate::http::serve(node.clone(), http, http_tls));
+    if let Some(quic) = quic {
+        tasks.spawn(crate::quic::serve(node.clone(), quic.endpoint));
+    }
     serve_internal(&node, grpc, internal_tls, stop.clone());
     spawn_upkeep(&node);
 
@@ -87,8 +98,12 @@ pub async fn run(
     tasks.spawn(close_transitions(node.clone(), registration.clone()));
     let record = registration.record();
     println!(
-        "ringfeed-node ready id={} http={} grpc={} incarnation={}",
-        record.id, record.http, record.grpc, record.incarnation
+        "ringfeed-node ready id={} http={} grpc={} incarnation={} quic={}",
+        record.id,
+        record.http,
+        record.grpc,
+        record.incarnation,
+        record.quic.as_deref().unwrap_or("off")
     );
     tracing::info!(id = %record.id, http = %record.http, grpc = %record.grpc, "node on the ring");
 
@@ -133,6 +148,7 @@ fn own_record(
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{http_addr}")),
         quic: None,
+        quic_sha256: None,
         points: config.points,
         state: MemberState::Active,
         version: env!("CARGO_PKG_VERSION").to_owned(),

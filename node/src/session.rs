@@ -9,11 +9,196 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ringfeed_router::key::Key;
 use ringfeed_router::ring::Member;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::node::{redirect_kick, Decision, Node};
-use crate::protocol::params::Resume;
+use crate::cluster::replication::{self, PublishError};
+use crate::node::{redirect_kick, Decision, Node, Violation};
+use crate::protocol::close::CloseCode;
+use crate::protocol::frames::{self, ClientFrame, ServerFrame};
+use crate::protocol::params::{ClientQuery, Resume};
+pub use crate::protocol::ticket::AuthError;
 use crate::protocol::ticket::{Claims, Kind, SpendError, TicketError};
-use crate::state::{Control, Start, SubscribeError, Subscriber};
+use crate::state::{ApplyError, Control, Kick, Publish, Start, SubscribeError, Subscriber};
+use crate::wire::ToWire;
+
+/// How long a client's publish may wait for its replica.
+const CLIENT_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens a session for a client that asked with `query`, on every transport that
+/// holds a connection (WebSocket, QUIC): the key's grammar, the placement, the
+/// node's state, the ticket (on the owner, before the key's state is touched), the
+/// subscription. A refusal is the [`Kick`] that ends the connection: a `redirect`
+/// frame and 4300, or a close code and its reason.
+pub async fn open(
+    node: &Arc<Node>,
+    query: &ClientQuery,
+    source: Option<IpAddr>,
+) -> Result<Subscription, Kick> {
+    let close = |code: CloseCode, reason: String| Kick {
+        frame: None,
+        code,
+        reason,
+    };
+    let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
+        Ok(key) => key,
+        Err(e) if query.key.is_none() => {
+            return Err(close(CloseCode::BadRequest, format!("missing key ({e})")))
+        }
+        Err(e) => return Err(close(CloseCode::BadRequest, format!("invalid key: {e}"))),
+    };
+    tracing::Span::current().record("key", key.as_str());
+    // Rare steps are boxed: an async fn's state is as large as its largest await.
+    match Box::pin(place(node, &key, query.rv)).await {
+        Placement::Here => {}
+        Placement::Moved { owner, version } => {
+            return Err(redirect_kick(&owner, &query.raw, version))
+        }
+        Placement::Unknown => {
+            return Err(close(
+                CloseCode::Unavailable,
+                "no owner known for this key".into(),
+            ))
+        }
+    }
+    if node.shutdown.is_cancelled() || node.is_draining() {
+        return Err(close(CloseCode::Unavailable, "node draining".into()));
+    }
+    let granted =
+        authorize(node, &key, query.credential(), query.presence, source).map_err(|e| {
+            tracing::debug!(error = %e, "ticket refused");
+            close(e.wire().close, e.close_reason())
+        })?;
+    let resume = query.resume();
+    let sub = subscribe(
+        node,
+        &key,
+        query.raw.clone(),
+        resume.as_ref(),
+        query.presence,
+        granted.as_ref(),
+    )
+    .map_err(|e| {
+        tracing::debug!(error = %e, "subscription refused");
+        close(e.wire().close, e.close_reason())
+    })?;
+    // The shutdown kicks every subscriber: one that subscribed as it began is told
+    // here instead.
+    if node.shutdown.is_cancelled() {
+        return Err(close(CloseCode::GoingAway, "node shutting down".into()));
+    }
+    tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
+    Ok(sub)
+}
+
+/// What a subscription starts with, in order, each as one frame: `welcome`, the reset
+/// if any, the replay and the presence list.
+pub fn start_frames(node: &Node, sub: &Subscription, mut out: impl FnMut(&Utf8Bytes)) {
+    let start = &sub.start;
+    let c = &start.catchup;
+    let key = sub.control().key();
+    let welcome = ServerFrame::Welcome {
+        key,
+        node: &node.id.0,
+        epoch: &c.epoch,
+        seq: c.seq,
+        heartbeat_ms: node.config.heartbeat_ms,
+        resume: sub.resume.as_deref(),
+    };
+    out(&welcome.encode());
+    if let Some(reset) = &c.reset {
+        out(&reset.frame(key, &c.epoch));
+    }
+    for frame in &c.updates {
+        out(frame);
+    }
+    if let Some(presence) = &start.presence {
+        out(presence);
+    }
+}
+
+/// The per-second bound `count` (messages, control frames in the second so far)
+/// breaks, if any.
+pub fn flood(count: (u32, u32), config: &crate::config::Config) -> Option<Violation> {
+    let (messages, controls) = count;
+    if controls > config.client_control_rate {
+        Some(Violation::ControlFlood)
+    } else if messages > config.client_message_rate {
+        Some(Violation::MessageFlood)
+    } else {
+        None
+    }
+}
+
+/// The answer to one text frame from a live client (`pong`, `ack`, `nack`), on every
+/// transport; an `Err` (its `error` code and message) ends the session.
+pub async fn answer(
+    node: &Arc<Node>,
+    control: &Control,
+    text: &str,
+) -> Result<Utf8Bytes, (&'static str, String)> {
+    let key = control.key();
+    let frame = frames::parse_client(text).map_err(|e| (e.code, e.message))?;
+    Ok(match frame {
+        ClientFrame::Ping => ServerFrame::Pong.encode(),
+        ClientFrame::Publish { id, .. } if !control.may_publish() => ServerFrame::Nack {
+            id: &id,
+            code: "forbidden",
+            message: "this connection's ticket does not allow publishing",
+        }
+        .encode(),
+        ClientFrame::Publish { data, id } => {
+            let idempotency_key = match &id {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let publish = Publish {
+                data: data.get().as_bytes(),
+                content_type: "application/json",
+                idempotency_key: &idempotency_key,
+                ..Publish::default()
+            };
+            match client_publish(node.clone(), key, publish).await {
+                Ok(seq) => ServerFrame::Ack { id: &id, seq }.encode(),
+                Err((code, message)) => ServerFrame::Nack {
+                    id: &id,
+                    code,
+                    message: &message,
+                }
+                .encode(),
+            }
+        }
+    })
+}
+
+/// A client's publish, through the key's log like any other: answered once the
+/// successor holds it (bounded by [`CLIENT_PUBLISH_TIMEOUT`]).
+async fn client_publish(
+    node: Arc<Node>,
+    key: &str,
+    publish: Publish<'_>,
+) -> Result<u64, (&'static str, String)> {
+    let view = node.membership.view();
+    if !matches!(node.decide(view.clone(), key), Decision::Mine(_)) {
+        return Err((
+            "not_owner",
+            "this node no longer owns the key; reconnect".into(),
+        ));
+    }
+    let published = replication::publish(&node, &view, key, publish, true);
+    match tokio::time::timeout(CLIENT_PUBLISH_TIMEOUT, published).await {
+        Err(_) => Err((
+            "timeout",
+            "the update was not replicated in time; retry with the same id".into(),
+        )),
+        Ok(Ok((applied, _))) => Ok(applied.seq),
+        Ok(Err(PublishError::Apply(ApplyError::Payload(e)))) => {
+            // The payload's own error says what is wrong with it.
+            Err(("bad_payload", e.to_string()))
+        }
+        Ok(Err(e)) => Err((e.wire().nack, e.to_string())),
+    }
+}
 
 /// Where a client should be.
 pub enum Placement {
@@ -79,20 +264,6 @@ pub struct Granted {
     pub claims: Claims,
     /// The `resume` token `welcome` hands back: the same rights, for longer.
     pub resume: String,
-}
-
-/// Why a client was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    /// 401 / close 4401.
-    #[error(transparent)]
-    Ticket(#[from] TicketError),
-    /// Its address is past its failed authentications: 429 / close 4429.
-    #[error("too many failed authentications from this address; retry in {retry_after_ms} ms")]
-    Throttled { retry_after_ms: u64 },
-    /// Too many single-use tickets are live to record another: retry later.
-    #[error("too many single-use tickets in use; retry later")]
-    Busy,
 }
 
 /// Seconds since the Unix epoch.

@@ -10,8 +10,8 @@ use tonic::Code;
 use crate::cluster::replication::PublishError;
 use crate::node::AdmitError;
 use crate::protocol::close::CloseCode;
+use crate::protocol::ticket::AuthError;
 use crate::protocol::ticket::TicketError;
-use crate::session::AuthError;
 use crate::state::{ApplyError, SubscribeError};
 use ringfeed_router::api_token::TokenError;
 

@@ -11,7 +11,6 @@ use std::task::Poll;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use ringfeed_router::key::Key;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
@@ -19,14 +18,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCl
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::cluster::replication::{self, PublishError};
-use crate::node::{redirect_kick, Decision, Node, Violation};
+use crate::node::{Node, Violation};
 use crate::protocol::close::CloseCode;
-use crate::protocol::frames::{self, ClientFrame, ServerFrame};
+use crate::protocol::frames::ServerFrame;
 use crate::protocol::params::ClientQuery;
-use crate::session::{self, Placement, Subscription};
-use crate::state::{ApplyError, Control, Kick, Publish, Ready};
-use crate::wire::ToWire;
+use crate::session::{self, Subscription};
+use crate::state::{Control, Kick, Ready};
 use tracing::Instrument;
 
 mod socket;
@@ -43,9 +40,6 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long one write to a client may take before the client is given up on (the
 /// fan-out path has its own bound: a full queue is a slow consumer).
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// How long a client's publish may wait for its replica.
-const CLIENT_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most queued frames written in one flush.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
@@ -130,19 +124,6 @@ struct Live {
     control: Arc<Control>,
     ping_at: u64,
     dead_at: u64,
-}
-
-/// The per-second bound `count` (messages, control frames in the second so far)
-/// breaks, if any.
-fn flood(count: (u32, u32), config: &crate::config::Config) -> Option<Violation> {
-    let (messages, controls) = count;
-    if controls > config.client_control_rate {
-        Some(Violation::ControlFlood)
-    } else if messages > config.client_message_rate {
-        Some(Violation::MessageFlood)
-    } else {
-        None
-    }
 }
 
 impl Drop for Live {
@@ -239,7 +220,7 @@ impl Live {
                         Message::Ping(_) | Message::Pong(_) | Message::Close(_)
                     );
                     let count = self.control.count_from_client(now / 1000, control);
-                    if let Some(violation) = flood(count, &session.node.config) {
+                    if let Some(violation) = session::flood(count, &session.node.config) {
                         return Some(Box::pin(session.violated(violation)));
                     }
                 }
@@ -303,82 +284,23 @@ struct Session {
 }
 
 impl Session {
-    /// Places and subscribes the client, and sends it where it starts: the subscription
-    /// to go live with, or `None` once the connection has been ended.
-    /// Its state is dropped before the connection goes live (the live loop is not
-    /// nested in it), so an idle connection does not keep it.
+    /// Places and subscribes the client ([`session::open`]), and sends it where it
+    /// starts: the subscription to go live with, or `None` once the connection has
+    /// been ended. Its state is dropped before the connection goes live (the live loop
+    /// is not nested in it), so an idle connection does not keep it.
     async fn run(
         &mut self,
         query: ClientQuery,
         source: Option<std::net::IpAddr>,
     ) -> Option<Subscription> {
-        let key = match Key::parse(query.key.as_deref().unwrap_or("")) {
-            Ok(key) => key,
-            Err(e) if query.key.is_none() => {
-                Box::pin(self.close(CloseCode::BadRequest, &format!("missing key ({e})"))).await;
-                return None;
-            }
-            Err(e) => {
-                Box::pin(self.close(CloseCode::BadRequest, &format!("invalid key: {e}"))).await;
-                return None;
-            }
-        };
-        tracing::Span::current().record("key", key.as_str());
-        // Rare steps are boxed: an async fn's state is as large as its largest await.
-        match Box::pin(session::place(&self.node, &key, query.rv)).await {
-            Placement::Here => {}
-            Placement::Moved { owner, version } => {
-                Box::pin(self.kicked(redirect_kick(&owner, &query.raw, version))).await;
-                return None;
-            }
-            Placement::Unknown => {
-                Box::pin(self.close(CloseCode::Unavailable, "no owner known for this key")).await;
-                return None;
-            }
-        }
-        if self.node.shutdown.is_cancelled() || self.node.is_draining() {
-            Box::pin(self.close(CloseCode::Unavailable, "node draining")).await;
-            return None;
-        }
-        // The owner checks the ticket, before the key's state is touched.
-        let granted = match session::authorize(
-            &self.node,
-            &key,
-            query.credential(),
-            query.presence,
-            source,
-        ) {
-            Ok(granted) => granted,
-            Err(e) => {
-                tracing::debug!(error = %e, "ticket refused");
-                Box::pin(self.close(e.wire().close, &e.close_reason())).await;
-                return None;
-            }
-        };
-        let resume = query.resume();
-        let sub = match session::subscribe(
-            &self.node,
-            &key,
-            query.raw.clone(),
-            resume.as_ref(),
-            query.presence,
-            granted.as_ref(),
-        ) {
+        let sub = match Box::pin(session::open(&self.node, &query, source)).await {
             Ok(sub) => sub,
-            Err(e) => {
-                tracing::debug!(error = %e, "subscription refused");
-                Box::pin(self.close(e.wire().close, &e.close_reason())).await;
+            Err(kick) => {
+                Box::pin(self.kicked(kick)).await;
                 return None;
             }
         };
-        // The shutdown kicks every subscriber: one that subscribed as it began is
-        // told here instead.
-        if self.node.shutdown.is_cancelled() {
-            Box::pin(self.close(CloseCode::GoingAway, "node shutting down")).await;
-            return None;
-        }
-        tracing::debug!(key = %key, subscriber = sub.id, "subscribed");
-        match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&key, &sub))).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(self.send_start(&sub))).await {
             Ok(Ok(())) => {}
             _ => return None,
         }
@@ -386,27 +308,9 @@ impl Session {
     }
 
     /// Sends `welcome`, the reset if any, the replay and the presence list, in one flush.
-    async fn send_start(&mut self, key: &Key, sub: &Subscription) -> Result<(), WsError> {
-        let start = &sub.start;
-        let c = &start.catchup;
-        let welcome = ServerFrame::Welcome {
-            key: key.as_str(),
-            node: &self.node.id.0,
-            epoch: &c.epoch,
-            seq: c.seq,
-            heartbeat_ms: self.node.config.heartbeat_ms,
-            resume: sub.resume.as_deref(),
-        };
-        self.socket.queue_text(&welcome.encode());
-        if let Some(reset) = &c.reset {
-            self.socket.queue_text(&reset.frame(key.as_str(), &c.epoch));
-        }
-        for frame in &c.updates {
-            self.socket.queue_text(frame);
-        }
-        if let Some(presence) = &start.presence {
-            self.socket.queue_text(presence);
-        }
+    async fn send_start(&mut self, sub: &Subscription) -> Result<(), WsError> {
+        let socket = &mut self.socket;
+        session::start_frames(&self.node, sub, |frame| socket.queue_text(frame));
         self.socket.flush().await
     }
 
@@ -526,78 +430,18 @@ impl Session {
         self.socket.flush().await
     }
 
-    /// Handles one text frame from the client; an `Err` ends the session.
+    /// Handles one text frame from the client ([`session::answer`]); an `Err` ends
+    /// the session.
     async fn client_frame(
         &mut self,
         control: &Control,
         text: &str,
     ) -> Result<(), (&'static str, String)> {
-        let key = control.key();
-        let frame = frames::parse_client(text).map_err(|e| (e.code, e.message))?;
-        let reply = match frame {
-            ClientFrame::Ping => ServerFrame::Pong.encode(),
-            ClientFrame::Publish { id, .. } if !control.may_publish() => ServerFrame::Nack {
-                id: &id,
-                code: "forbidden",
-                message: "this connection's ticket does not allow publishing",
-            }
-            .encode(),
-            ClientFrame::Publish { data, id } => {
-                let idempotency_key = match &id {
-                    serde_json::Value::Null => String::new(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                let publish = Publish {
-                    data: data.get().as_bytes(),
-                    content_type: "application/json",
-                    idempotency_key: &idempotency_key,
-                    ..Publish::default()
-                };
-                match Self::publish(self.node.clone(), key, publish).await {
-                    Ok(seq) => ServerFrame::Ack { id: &id, seq }.encode(),
-                    Err((code, message)) => ServerFrame::Nack {
-                        id: &id,
-                        code,
-                        message: &message,
-                    }
-                    .encode(),
-                }
-            }
-        };
+        let reply = session::answer(&self.node, control, text).await?;
         self.socket.queue_text(&reply);
         match tokio::time::timeout(WRITE_TIMEOUT, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(("io", String::new())),
-        }
-    }
-
-    /// A client's publish, through the key's log like any other: answered once the
-    /// successor holds it (bounded by [`CLIENT_PUBLISH_TIMEOUT`]).
-    async fn publish(
-        node: Arc<Node>,
-        key: &str,
-        publish: Publish<'_>,
-    ) -> Result<u64, (&'static str, String)> {
-        let view = node.membership.view();
-        if !matches!(node.decide(view.clone(), key), Decision::Mine(_)) {
-            return Err((
-                "not_owner",
-                "this node no longer owns the key; reconnect".into(),
-            ));
-        }
-        let published = replication::publish(&node, &view, key, publish, true);
-        match tokio::time::timeout(CLIENT_PUBLISH_TIMEOUT, published).await {
-            Err(_) => Err((
-                "timeout",
-                "the update was not replicated in time; retry with the same id".into(),
-            )),
-            Ok(Ok((applied, _))) => Ok(applied.seq),
-            Ok(Err(PublishError::Apply(ApplyError::Payload(e)))) => {
-                // The payload's own error says what is wrong with it.
-                Err(("bad_payload", e.to_string()))
-            }
-            Ok(Err(e)) => Err((e.wire().nack, e.to_string())),
         }
     }
 

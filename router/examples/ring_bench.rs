@@ -19,6 +19,7 @@ fn member(id: &str) -> Member {
         grpc: String::new(),
         http: String::new(),
         quic: None,
+        quic_sha256: None,
         points: DEFAULT_POINTS,
         state: MemberState::Active,
         version: String::new(),

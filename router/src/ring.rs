@@ -56,7 +56,12 @@ pub struct Member {
     pub incarnation: String,
     pub grpc: String,
     pub http: String,
+    /// The host:port of its QUIC listener, if it has one.
     pub quic: Option<String>,
+    /// The SHA-256 of its QUIC certificate (lowercase hex), for clients to pin when the
+    /// certificate is self-signed. Absent from records written before QUIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_sha256: Option<String>,
     pub points: u32,
     pub state: MemberState,
     pub version: String,
@@ -308,6 +313,7 @@ pub(crate) mod tests {
             grpc: format!("{id}:1"),
             http: format!("http://{id}:2"),
             quic: None,
+            quic_sha256: None,
             points,
             state: MemberState::Active,
             version: "0.1.0".to_owned(),

@@ -77,6 +77,7 @@ pub fn member_pb(m: &Member) -> pb::Member {
         grpc: m.grpc.clone(),
         http: m.http.clone(),
         quic: m.quic.clone().unwrap_or_default(),
+        quic_sha256: m.quic_sha256.clone().unwrap_or_default(),
         points: m.points,
         state: m.state.as_str().to_owned(),
         version: m.version.clone(),

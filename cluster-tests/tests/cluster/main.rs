@@ -11,6 +11,7 @@ mod delivery;
 mod docs;
 mod docs_moves;
 mod proxy;
+mod quic;
 mod routing;
 mod secure;
 

@@ -71,6 +71,7 @@ async fn every_node_sends_a_client_to_the_same_owner() {
                         url,
                         node: to,
                         ring_version,
+                        ..
                     }) = first
                     else {
                         panic!("non-owner {} sent {first:?}", node.id);

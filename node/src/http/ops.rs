@@ -20,7 +20,8 @@ use super::reply::ApiError;
 
 /// The owner's record as `/v1/route` shows it.
 fn owner_json(m: &Member) -> serde_json::Value {
-    json!({ "id": m.id.0, "http": m.http, "ws": m.ws_base(), "quic": m.quic, "grpc": m.grpc })
+    json!({ "id": m.id.0, "http": m.http, "ws": m.ws_base(), "quic": m.quic,
+        "quic_sha256": m.quic_sha256, "grpc": m.grpc })
 }
 
 /// `GET /v1/route?key=K`.

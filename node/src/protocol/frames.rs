@@ -281,6 +281,9 @@ pub enum ServerFrame<'a> {
         url: &'a str,
         node: &'a str,
         ring_version: u64,
+        /// The owner's QUIC address (host:port), when it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        quic: Option<&'a str>,
     },
     Ack {
         id: &'a serde_json::Value,

@@ -80,6 +80,51 @@ impl ClientQuery {
         Ok(q)
     }
 
+    /// Parses a QUIC client's `hello` frame (docs/protocol.md *QUIC*): the same fields
+    /// as the WebSocket query, as JSON — `key`, `since`, `epoch`, `ticket`, `resume`,
+    /// `presence`, `rv` — checked as the query is. The raw query redirects are built
+    /// from is made from them.
+    pub fn from_hello(frame: &[u8]) -> Result<ClientQuery, String> {
+        #[derive(serde::Deserialize)]
+        struct Hello {
+            #[serde(rename = "type")]
+            kind: String,
+            key: Option<String>,
+            since: Option<u64>,
+            epoch: Option<String>,
+            ticket: Option<String>,
+            resume: Option<String>,
+            presence: Option<bool>,
+            rv: Option<u64>,
+        }
+        let hello: Hello =
+            serde_json::from_slice(frame).map_err(|e| format!("invalid hello frame: {e}"))?;
+        if hello.kind != "hello" {
+            return Err(format!(
+                "the first frame must be a hello, not {:?}",
+                hello.kind
+            ));
+        }
+        let mut raw = form_urlencoded::Serializer::new(String::new());
+        let mut pair = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                raw.append_pair(name, &value);
+            }
+        };
+        pair("key", hello.key);
+        pair("since", hello.since.map(|s| s.to_string()));
+        pair("epoch", hello.epoch);
+        pair("ticket", hello.ticket);
+        pair("resume", hello.resume);
+        pair(
+            "presence",
+            hello.presence.filter(|p| *p).map(|_| "1".into()),
+        );
+        pair("rv", hello.rv.map(|v| v.to_string()));
+        let raw = raw.finish();
+        ClientQuery::parse(Some(&raw))
+    }
+
     /// What the client presents for its key: its resume token, else its ticket.
     pub fn credential(&self) -> Option<&str> {
         self.resume_token.as_deref().or(self.ticket.as_deref())
@@ -120,6 +165,27 @@ fn number(name: &str, value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hello_frames_read_as_queries() {
+        let q = ClientQuery::from_hello(
+            br#"{"type":"hello","key":"user:1","since":4,"epoch":"e1","presence":true,"x":1}"#,
+        )
+        .unwrap();
+        assert_eq!(q.key.as_deref(), Some("user:1"));
+        assert_eq!(q.since, Some(4));
+        assert!(q.presence);
+        assert_eq!(&*q.raw, "key=user%3A1&since=4&epoch=e1&presence=1");
+        for bad in [
+            &br#"{"type":"ping"}"#[..],
+            br#"{"key":"user:1"}"#,
+            br#"{"type":"hello","epoch":"no spaces"}"#,
+            br#"{"type":"hello","since":-1}"#,
+            b"not json",
+        ] {
+            assert!(ClientQuery::from_hello(bad).is_err());
+        }
+    }
 
     #[test]
     fn parses_and_names_bad_values() {

@@ -265,6 +265,20 @@ impl Spent {
     }
 }
 
+/// Why a client was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// 401 / close 4401.
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    /// Its address is past its failed authentications: 429 / close 4429.
+    #[error("too many failed authentications from this address; retry in {retry_after_ms} ms")]
+    Throttled { retry_after_ms: u64 },
+    /// Too many single-use tickets are live to record another: retry later.
+    #[error("too many single-use tickets in use; retry later")]
+    Busy,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,7 @@ pub(crate) fn member(id: &str) -> Member {
         grpc: id.to_owned(),
         http: format!("http://{id}"),
         quic: None,
+        quic_sha256: None,
         points: 64,
         state: MemberState::Active,
         version: String::new(),

@@ -243,6 +243,7 @@ mod tests {
             grpc: String::new(),
             http: String::new(),
             quic: None,
+            quic_sha256: None,
             points: 64,
             state: MemberState::Active,
             version: String::new(),

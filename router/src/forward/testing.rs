@@ -127,6 +127,7 @@ pub(super) fn member(id: &str, grpc: &str) -> Member {
         grpc: grpc.into(),
         http: String::new(),
         quic: None,
+        quic_sha256: None,
         points: 64,
         state: MemberState::Active,
         version: String::new(),

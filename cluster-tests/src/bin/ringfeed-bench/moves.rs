@@ -365,6 +365,7 @@ pub(crate) fn ring_of(ids: &[&str]) -> Ring {
         grpc: String::new(),
         http: String::new(),
         quic: None,
+        quic_sha256: None,
         points: DEFAULT_POINTS,
         state: MemberState::Active,
         version: String::new(),
