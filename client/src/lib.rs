@@ -5,6 +5,8 @@
 //! * [`Frame`] — the server frames, parsed.
 //! * [`publisher`] — a `Router` gRPC client for publishing.
 //!
+//! * [`direct`] — [`direct::Publisher`], publishing straight to each key's owner
+//!   (every node serves the public `Router`), with idempotency keys and retries.
 //! * [`follow`] — [`follow::Follower`], a subscriber that reconnects by itself
 //!   (full-jitter back-off, every close code honoured), resuming gap-free, over
 //!   WebSocket or QUIC, optionally straight to the owner.
@@ -16,6 +18,7 @@
 //!
 //! The `ringfeed` CLI (`src/main.rs`) is built on them.
 
+pub mod direct;
 pub mod follow;
 pub mod quic;
 pub mod routing;

@@ -362,6 +362,33 @@ fn ring_ref(view: &View) -> pb::RingRef {
     }
 }
 
+/// The node's own `Deliver`, for the public `Router` it serves beside `Node`: a
+/// publish this node owns is applied in process, not sent to itself over gRPC.
+pub struct LocalDeliver {
+    service: NodeService,
+    grpc: String,
+}
+
+impl LocalDeliver {
+    /// Delivers through `service` for the node on the ring at `grpc`.
+    pub fn new(service: NodeService, grpc: String) -> LocalDeliver {
+        LocalDeliver { service, grpc }
+    }
+}
+
+impl ringfeed_router::forward::LocalDelivery for LocalDeliver {
+    fn grpc(&self) -> &str {
+        &self.grpc
+    }
+
+    fn deliver(
+        &self,
+        request: pb::DeliverRequest,
+    ) -> futures_util::future::BoxFuture<'_, pb::DeliverReply> {
+        Box::pin(self.service.deliver_one(request))
+    }
+}
+
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
     async fn deliver(

@@ -12,9 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Auth, Config};
-use crate::internal::NodeService;
+use crate::internal::{LocalDeliver, NodeService};
 use crate::node::Node;
 use crate::peers::Peers;
+use ringfeed_proto::v1::router_server::RouterServer;
+use ringfeed_router::forward::{ForwardConfig, Forwarder};
+use ringfeed_router::service::RouterService;
 
 /// Runs a node on bound listeners until `stop` is cancelled (SIGTERM), then drains:
 /// mark the record `draining` (off the ring), hand every key whole to its new owner,
@@ -74,11 +77,16 @@ pub async fn run(
     );
 
     // Serve before registering: once the record is in etcd, traffic may come at once.
+    let router = public_router(
+        &node,
+        &record,
+        tls.client().map_err(|e| anyhow::anyhow!(e))?,
+    );
     tasks.spawn(crate::http::serve(node.clone(), http, http_tls));
     if let Some(quic) = quic {
         tasks.spawn(crate::quic::serve(node.clone(), quic.endpoint));
     }
-    serve_internal(&node, grpc, internal_tls, stop.clone());
+    serve_internal(&node, grpc, internal_tls, router, stop.clone());
     spawn_upkeep(&node);
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
@@ -155,12 +163,42 @@ fn own_record(
     })
 }
 
-/// Serves the internal `Node` service on `grpc` until the node shuts down — over
-/// mutual TLS with `tls` — ; a `Drain` call cancels `drain`.
+/// The public `Router` service a node serves beside `Node`, so that any node is a
+/// router: publishes it owns are applied in process, the rest forwarded to their
+/// owners as the router would (with the node's API tokens, if any).
+fn public_router(
+    node: &Arc<Node>,
+    record: &Member,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> RouterServer<RouterService> {
+    let config = ForwardConfig {
+        max_payload: node.config.max_payload,
+        tls,
+        ..ForwardConfig::default()
+    };
+    // The forwarder's lanes live as long as the node serves.
+    let forwarder = Forwarder::new(
+        node.membership.clone(),
+        config,
+        node.tasks.clone(),
+        node.shutdown.clone(),
+    )
+    .with_local(Arc::new(LocalDeliver::new(
+        NodeService::new(node.clone(), CancellationToken::new()),
+        record.grpc.clone(),
+    )));
+    let tokens = node.auth.as_ref().map(|a| a.api_tokens.clone());
+    RouterServer::new(RouterService::new(Arc::new(forwarder)).with_tokens(tokens))
+        .max_decoding_message_size(node.config.max_grpc_message())
+}
+
+/// Serves the internal `Node` service and the public `Router` on `grpc` until the node
+/// shuts down — over mutual TLS with `tls` — ; a `Drain` call cancels `drain`.
 fn serve_internal(
     node: &Arc<Node>,
     grpc: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    router: RouterServer<RouterService>,
     drain: CancellationToken,
 ) {
     let stop = node.shutdown.clone();
@@ -169,7 +207,7 @@ fn serve_internal(
     let tasks = node.tasks.clone();
     node.tasks.spawn(async move {
         let mut server = tonic::transport::Server::builder();
-        let server = server.add_service(service);
+        let server = server.add_service(service).add_service(router);
         let accepting = stop.clone();
         let until = async move { stop.cancelled().await };
         let served = match tls {

@@ -2,12 +2,14 @@
 //! real sockets. One test binary; `.config/nextest.toml` runs the tests one at a time.
 
 mod adversarial;
+mod aioquic;
 mod auth;
 mod browser_doc;
 mod browser_tls;
 mod chaos;
 mod client_routing;
 mod delivery;
+mod direct;
 mod docs;
 mod docs_moves;
 mod proxy;

@@ -76,10 +76,24 @@ impl Default for ForwardConfig {
     }
 }
 
+/// A node's own delivery, for a forwarder that runs inside a node (every node serves
+/// the public `Router` too): groups for this node are handed to it in process, not
+/// sent to itself over gRPC.
+pub trait LocalDelivery: Send + Sync {
+    /// The gRPC address the node has on the ring.
+    fn grpc(&self) -> &str;
+    /// Delivers `request` as the node's `Deliver` would.
+    fn deliver(
+        &self,
+        request: pb::DeliverRequest,
+    ) -> futures_util::future::BoxFuture<'_, pb::DeliverReply>;
+}
+
 /// Pooled channels to nodes, a lane per node, and the retry logic around them.
 pub struct Forwarder {
     membership: Membership,
     config: ForwardConfig,
+    local: Option<Arc<dyn LocalDelivery>>,
     channels: Mutex<HashMap<String, NodeClient<Channel>>>,
     lanes: Mutex<HashMap<String, Lane>>,
     /// The ring version the pool was last pruned at.
@@ -100,12 +114,19 @@ impl Forwarder {
         Forwarder {
             membership,
             config,
+            local: None,
             channels: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
             pruned_at: AtomicU64::new(0),
             tasks,
             shutdown,
         }
+    }
+
+    /// The forwarder of a node: groups for `local` are delivered in process.
+    pub fn with_local(mut self, local: Arc<dyn LocalDelivery>) -> Forwarder {
+        self.local = Some(local);
+        self
     }
 
     pub fn config(&self) -> &ForwardConfig {
@@ -250,6 +271,18 @@ impl Forwarder {
         ring: pb::RingRef,
         deadline: Instant,
     ) -> plan::GroupResult {
+        if let Some(local) = self.local.as_ref().filter(|l| l.grpc() == grpc) {
+            let request = pb::DeliverRequest {
+                ring: Some(ring),
+                items,
+                ..Default::default()
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            return match tokio::time::timeout(left, local.deliver(request)).await {
+                Ok(reply) => Ok(reply.results),
+                Err(_) => Err(Status::deadline_exceeded("deliver timed out")),
+            };
+        }
         let lane = self.lane(grpc)?;
         let (tx, rx) = oneshot::channel();
         let group = Group {
