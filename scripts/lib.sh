@@ -84,6 +84,22 @@ ensure_browser_deps() {
   fi
 }
 
+# Installs what the aioquic cluster test needs, if missing: a Python virtual environment
+# at cluster-tests/quic/.venv with the packages of cluster-tests/quic/requirements.txt
+# (aioquic, pinned), for the independent QUIC client cluster-tests/quic/aioquic_client.py.
+ensure_python_quic() {
+  local venv=cluster-tests/quic/.venv
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import aioquic' >/dev/null 2>&1; then
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || apt_install python3-venv
+  echo "installing aioquic into $venv…" >&2
+  python3 -m venv "$venv" >&2
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r cluster-tests/quic/requirements.txt >&2
+}
+
 # Installs what the benchmarks' peers need, if missing: Redis (Debian's redis-server),
 # Node.js, and the peers' npm packages (the seed reference's, Socket.IO's, and P9's —
 # the y-websocket server, Hocuspocus and the stock Yjs clients —, pinned in their
