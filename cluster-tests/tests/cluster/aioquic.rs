@@ -53,7 +53,6 @@ async fn an_independent_aioquic_client_is_redirected_pings_and_receives_updates_
             .map(|m| m.quic_sha256.clone().context("a member without quic_sha256"))
             .collect::<Result<Vec<_>>>()?
             .join(",");
-        let pins = pins.split(",").next().unwrap().to_owned();
         let n1 = cluster.node("n1").quic.clone().context("n1 serves QUIC")?;
         let n2 = cluster.node("n2").quic.clone().context("n2 serves QUIC")?;
 
