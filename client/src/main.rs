@@ -1,9 +1,12 @@
-//! `ringfeed`: subscribe to a key, publish through a router, show the ring.
+//! `ringfeed`: subscribe to a key (`sub`), publish (`pub`, through a router or straight
+//! to the owner), and the operator's commands: `ring`, `route`, `simulate`, `drain`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ringfeed_client::{connect_url, publisher, Event, Frame, Subscription};
+use ringfeed_client::direct::Publisher;
+use ringfeed_client::follow::{FollowConfig, FollowEvent, Follower, Transport};
+use ringfeed_client::{publisher, Frame};
 use ringfeed_proto::v1::GetRingRequest;
 
 mod ops;
@@ -34,13 +37,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Subscribe to KEY through any node and print every frame as a JSON line;
-    /// follows redirects and reconnects with `since` when moved.
-    Subscribe {
-        /// Any node's HTTP URL, e.g. http://127.0.0.1:8001
-        #[arg(long, env = "RINGFEED_NODE")]
-        node: String,
+    /// Subscribe to KEY and print every update as a JSON line on stdout (connections,
+    /// disconnections and resets go to stderr). Survives node restarts, drains and
+    /// deaths: it reconnects with full-jitter back-off and resumes where it was, so
+    /// nothing is missed or printed twice.
+    #[command(alias = "subscribe")]
+    Sub {
+        /// A node's HTTP URL, e.g. http://127.0.0.1:8001; repeat it to give others to
+        /// fall back on.
+        #[arg(long, env = "RINGFEED_NODE", value_delimiter = ',', required = true)]
+        node: Vec<String>,
+        /// The key, e.g. user:42.
         key: String,
+        /// Start after this seq (its history replayed) rather than at the live end.
+        #[arg(long)]
+        since: Option<u64>,
+        /// The epoch --since belongs to (a different one starts with a `reset`).
+        #[arg(long, requires = "since")]
+        epoch: Option<String>,
+        /// Over QUIC (the node's certificate is checked against the digest the ring
+        /// publishes, or against --ca).
+        #[arg(long)]
+        quic: bool,
+        /// Connect straight to the owner the ring names (no redirect hop).
+        #[arg(long)]
+        direct: bool,
         /// Stop after this many updates.
         #[arg(long)]
         count: Option<u64>,
@@ -48,21 +69,52 @@ enum Command {
         #[arg(long, env = "RINGFEED_TICKET", hide_env_values = true)]
         ticket: Option<String>,
     },
-    /// Publish one JSON value to KEY through a router.
-    Publish {
-        /// The router's gRPC address, e.g. 127.0.0.1:7000
-        #[arg(long, env = "RINGFEED_ROUTER")]
-        router: String,
+    /// Publish to KEY: DATA (a JSON value), --file F, or `-` for standard input.
+    /// Through a router (--router), or straight to the owner (--direct, with --node).
+    #[command(alias = "publish")]
+    Pub {
+        /// The router's gRPC address, e.g. 127.0.0.1:7000.
+        #[arg(long, env = "RINGFEED_ROUTER", required_unless_present = "direct")]
+        router: Option<String>,
+        /// Straight to the key's owner, computed from the ring of --node.
+        #[arg(long, requires = "node")]
+        direct: bool,
+        /// A node's HTTP URL (for --direct); repeat it to give others.
+        #[arg(long, env = "RINGFEED_NODE", value_delimiter = ',')]
+        node: Vec<String>,
+        /// The key, e.g. user:42.
         key: String,
-        /// A JSON value.
-        data: String,
+        /// A JSON value, or `-` to read it from standard input.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        data: Option<String>,
+        /// Read the JSON value from this file.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Applied at most once per key within the idempotency window: a retry with
+        /// the same key gets the first answer.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Compare-and-set: publish only if the key's current seq is this.
+        #[arg(long)]
+        expect_seq: Option<u64>,
+        /// With --expect-seq: the epoch that seq belongs to.
+        #[arg(long, requires = "expect_seq")]
+        expect_epoch: Option<String>,
+        /// Give up after this many seconds (retries included).
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+        /// One JSON object (the default prints a line for people).
+        #[arg(long)]
+        json: bool,
     },
     /// Print the ring: as the router sees it (--router), or as a node publishes it
     /// (--node), with each member's share of the keys.
     Ring {
         #[arg(long, env = "RINGFEED_ROUTER", conflicts_with = "node")]
+        /// The router's gRPC address (what the router sees).
         router: Option<String>,
         #[arg(long, env = "RINGFEED_NODE")]
+        /// Any node's HTTP URL (what that node publishes).
         node: Option<String>,
         /// One JSON object instead of text.
         #[arg(long)]
@@ -73,8 +125,11 @@ enum Command {
     Route {
         /// Any node's HTTP URL.
         #[arg(long, env = "RINGFEED_NODE")]
+        /// Any node's HTTP URL.
         node: String,
+        /// The key, e.g. user:42.
         key: String,
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -85,10 +140,12 @@ enum Command {
         /// Another node's HTTP URL (asked who is on the ring).
         #[arg(long, env = "RINGFEED_NODE")]
         node: String,
+        /// The id of the node to drain.
         id: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         wait_secs: u64,
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -97,11 +154,15 @@ enum Command {
     /// about how many keys and connections (from each node's own counts).
     Simulate {
         #[arg(long, env = "RINGFEED_NODE")]
+        /// Any node's HTTP URL.
         node: String,
+        /// The id of a member that would leave.
         #[arg(long, conflicts_with = "add", required_unless_present = "add")]
         remove: Option<String>,
+        /// A member that would join: ID, or ID:POINTS (its virtual nodes).
         #[arg(long)]
         add: Option<String>,
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -139,9 +200,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let token = cli.token.as_deref();
     match cli.command {
-        Command::Subscribe {
+        Command::Sub {
             node,
             key,
+            since,
+            epoch,
+            quic,
+            direct,
             count,
             ticket,
         } => {
@@ -149,7 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(ticket), _) => Some(ticket),
                 (None, Some(token)) => Some(
                     ringfeed_client::request_ticket(
-                        &node,
+                        &node[0],
                         token,
                         &key,
                         "ringfeed-cli",
@@ -160,24 +225,76 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (None, None) => None,
             };
-            subscribe(&node, &key, count, ticket, tls.as_ref()).await
+            let mut config = FollowConfig::new(node, &key);
+            config.since = since;
+            config.epoch = epoch;
+            config.transport = if quic {
+                Transport::Quic
+            } else {
+                Transport::WebSocket
+            };
+            config.direct = direct;
+            config.tls = tls;
+            config.ticket = ticket;
+            subscribe(config, count).await
         }
-        Command::Publish { router, key, data } => {
-            let value: serde_json::Value = serde_json::from_str(&data)
-                .map_err(|e| anyhow::anyhow!("DATA is not JSON: {e}"))?;
-            let mut client = publisher::connect_with(&router, tls.as_ref()).await?;
-            let reply = client
-                .publish(with_token(
-                    tonic::Request::new(publisher::json(&key, &value)),
-                    token,
-                )?)
-                .await?
-                .into_inner();
-            println!(
-                "{}",
-                serde_json::json!({"seq": reply.seq, "epoch": reply.epoch, "node": reply.node,
-                    "delivered": reply.delivered, "replicated": reply.replicated})
-            );
+        Command::Pub {
+            router,
+            direct,
+            node,
+            key,
+            data,
+            file,
+            idempotency_key,
+            expect_seq,
+            expect_epoch,
+            timeout_secs,
+            json,
+        } => {
+            let text = match (data.as_deref(), file) {
+                (_, Some(file)) => std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("--file {}: {e}", file.display()))?,
+                (Some("-"), None) => std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| anyhow::anyhow!("standard input: {e}"))?,
+                (Some(data), None) => data.to_owned(),
+                (None, None) => anyhow::bail!("DATA, --file F or - is needed"),
+            };
+            let value: serde_json::Value = serde_json::from_str(text.trim())
+                .map_err(|e| anyhow::anyhow!("the data is not JSON: {e}"))?;
+            let item = ringfeed_proto::v1::PublishRequest {
+                idempotency_key: idempotency_key.unwrap_or_default(),
+                expected_seq: expect_seq,
+                expected_epoch: expect_epoch.unwrap_or_default(),
+                ..publisher::json(&key, &value)
+            };
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            let reply = if direct {
+                let mut publisher = Publisher::connect(node, tls).await?;
+                publisher.deadline = timeout;
+                publisher.publish(item).await?
+            } else {
+                let router = router.ok_or_else(|| anyhow::anyhow!("--router or --direct"))?;
+                let mut client = publisher::connect_with(&router, tls.as_ref()).await?;
+                let mut request = with_token(tonic::Request::new(item), token)?;
+                request.set_timeout(timeout);
+                client.publish(request).await?.into_inner()
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"seq": reply.seq, "epoch": reply.epoch, "node": reply.node,
+                        "delivered": reply.delivered, "replicated": reply.replicated})
+                );
+            } else {
+                println!(
+                    "published {key} seq {} (epoch {}) on {}; {} subscriber(s) there{}",
+                    reply.seq,
+                    reply.epoch,
+                    reply.node,
+                    reply.delivered,
+                    if reply.replicated { "; replicated" } else { "" }
+                );
+            }
             Ok(())
         }
         Command::Route { node, key, json } => ops::route(&node, &key, json, tls.as_ref()).await,
@@ -240,68 +357,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn subscribe(
-    node: &str,
-    key: &str,
-    count: Option<u64>,
-    ticket: Option<String>,
-    tls: Option<&ringfeed_client::Tls>,
-) -> anyhow::Result<()> {
-    let mut last: Option<(u64, String)> = None;
+/// Follows a key, printing each update as a JSON line, until `count` updates.
+async fn subscribe(config: FollowConfig, count: Option<u64>) -> anyhow::Result<()> {
+    let mut follower = Follower::new(config);
     let mut seen = 0u64;
-    // The ticket first; then the resume token each welcome hands back.
-    let mut credential = ticket.map(|t| ("ticket", t));
     loop {
-        let mut url = connect_url(
-            node,
-            key,
-            last.as_ref().map(|(s, e)| (*s, Some(e.as_str()))),
-        );
-        if let Some((name, value)) = &credential {
-            url = url::Url::parse_with_params(&url, [(name, value)])?.to_string();
-        }
-        let mut sub = Subscription::connect_with(&url, tls).await?;
-        // The URL carries the ticket: show where, not with what.
-        eprintln!("connected to {}", sub.node());
-        if let Frame::Welcome {
-            epoch, seq, resume, ..
-        } = &sub.welcome
-        {
-            if last.is_none() {
-                last = Some((*seq, epoch.clone()));
+        match follower.next().await? {
+            FollowEvent::Update(frame) | FollowEvent::Presence(frame) => {
+                println!("{}", serde_json::to_string(&frame)?);
+                if matches!(frame, Frame::Update { .. }) {
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        return Ok(());
+                    }
+                }
             }
-            if let Some(resume) = resume {
-                credential = Some(("resume", resume.clone()));
+            FollowEvent::Reset(frame) => {
+                eprintln!("reset: the key's history was lost");
+                println!("{}", serde_json::to_string(&frame)?);
+            }
+            FollowEvent::Connected { node, redirects } => {
+                eprintln!("connected to {node} ({redirects} redirect(s))");
+            }
+            FollowEvent::Disconnected {
+                code,
+                reason,
+                retry_in,
+            } => {
+                eprintln!("disconnected ({code}: {reason}); again in {retry_in:?}");
             }
         }
-        loop {
-            match sub.next().await? {
-                Event::Frame(frame) => {
-                    println!("{}", serde_json::to_string(&frame)?);
-                    if let Frame::Update { seq, .. } = frame {
-                        if let Some((s, _)) = last.as_mut() {
-                            *s = seq;
-                        }
-                        seen += 1;
-                        if count.is_some_and(|c| seen >= c) {
-                            sub.close().await;
-                            return Ok(());
-                        }
-                    }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand, argument and option says what it is for in `--help`.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
                 }
-                Event::Unreadable { error, seq } => {
-                    eprintln!("a frame could not be read ({error}); going on");
-                    if let (Some(seq), Some((s, _))) = (seq, last.as_mut()) {
-                        *s = seq;
-                    }
-                }
-                Event::Closed { code, reason } => {
-                    eprintln!("closed {code}: {reason}");
-                    if matches!(code, 4300 | 4408 | 4503 | 1001) {
-                        break;
-                    }
-                    anyhow::bail!("closed with {code}: {reason}");
-                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "ringfeed {} {id} has no help",
+                    sub.get_name()
+                );
             }
         }
     }

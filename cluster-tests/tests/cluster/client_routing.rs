@@ -125,6 +125,50 @@ async fn a_client_computes_every_owner_as_the_cluster_does_before_and_after_a_jo
             "{route}"
         );
 
+        // `simulate --remove n2` against what moves when n2 really drains: 300 keys
+        // made (a publish each), n2's share of them counted by the simulation from
+        // each node's live key count, then the others' counts after the drain.
+        let mut router = cluster.router().await?;
+        for i in 0..300 {
+            let key = format!("count:{i}");
+            router
+                .publish(ringfeed_client::publisher::json(
+                    &key,
+                    &serde_json::json!(i),
+                ))
+                .await?;
+        }
+        let live = |cluster: &Cluster, skip: &'static str| {
+            let nodes: Vec<(String, String)> = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.is_running() && n.id != skip)
+                .map(|n| (n.id.clone(), n.http.clone()))
+                .collect();
+            async move {
+                let mut counts = std::collections::BTreeMap::new();
+                for (id, http) in nodes {
+                    counts.insert(id, super::metric(&http, "ringfeed_keys").await?);
+                }
+                anyhow::Ok(counts)
+            }
+        };
+        let before = live(&cluster, "").await?;
+        let total: u64 = before.values().sum();
+        ensure!(total >= 300, "{before:?}");
+        let gone = cli(&["simulate", "--node", &node, "--remove", "n2", "--json"]).await?;
+        let predicted: u64 = gone["moves"]
+            .as_array()
+            .context("moves")?
+            .iter()
+            .filter_map(|m| m["keys"].as_u64())
+            .sum();
+        ensure!(
+            predicted == before["n2"],
+            "simulate says {predicted} keys move; n2 holds {}",
+            before["n2"]
+        );
+
         // `drain` takes n2 off the ring and waits until it has gone.
         let drained = cli(&["drain", "--node", &node, "n2", "--json"]).await?;
         ensure!(drained["gone"] == true, "{drained}");
@@ -133,6 +177,119 @@ async fn a_client_computes_every_owner_as_the_cluster_does_before_and_after_a_jo
             left.ring.members().iter().all(|m| m.id.0 != "n2"),
             "n2 is still on the ring"
         );
+        let after = ringfeed_cluster_tests::eventually(
+            "the drained keys counted on their new owners",
+            std::time::Duration::from_secs(20),
+            || {
+                let counts = live(&cluster, "n2");
+                async move {
+                    let counts = counts.await?;
+                    let others: u64 = counts.values().sum();
+                    Ok((others == total).then_some(counts))
+                }
+            },
+        )
+        .await;
+        // What each node received, against the simulation's split (estimated from
+        // shares: within a few keys).
+        for m in gone["moves"].as_array().context("moves")? {
+            let to = m["to"].as_str().context("to")?;
+            let estimate = m["keys"].as_u64().context("keys")? as i64;
+            let got = after[to] as i64 - before[to] as i64;
+            ensure!(
+                (got - estimate).abs() <= 12.max(estimate / 4),
+                "{to} received {got} keys; the simulation estimated {estimate}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_cli_follows_a_key_over_quic_and_publishes_straight_to_the_owner() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(2).start().await?;
+        let node = cluster.nodes[0].http.clone();
+        let key = "cli:quic";
+        let bin = bin_dir().join("ringfeed");
+        // `pub --direct`: DATA, a file, and standard input.
+        let first = cli(&[
+            "pub",
+            "--direct",
+            "--node",
+            &node,
+            key,
+            r#"{"n":1}"#,
+            "--json",
+        ])
+        .await?;
+        ensure!(first["seq"] == 1, "{first}");
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), r#"{"n":2}"#)?;
+        let path = file.path().to_string_lossy().into_owned();
+        let second = cli(&[
+            "pub", "--direct", "--node", &node, key, "--file", &path, "--json",
+        ])
+        .await?;
+        ensure!(second["seq"] == 2, "{second}");
+        let mut stdin_pub = tokio::process::Command::new(&bin)
+            .args(["pub", "--direct", "--node", &node, key, "-", "--json"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = stdin_pub.stdin.take().context("stdin")?;
+            stdin.write_all(br#"{"n":3}"#).await?;
+        }
+        let out = stdin_pub.wait_with_output().await?;
+        ensure!(out.status.success(), "pub - failed");
+        // A failed compare-and-set is an error, with a clear message.
+        let refused = tokio::process::Command::new(&bin)
+            .args([
+                "pub",
+                "--direct",
+                "--node",
+                &node,
+                key,
+                "4",
+                "--expect-seq",
+                "99",
+            ])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        ensure!(
+            !refused.status.success() && stderr.contains("seq"),
+            "CAS: {stderr}"
+        );
+        // Through the router too.
+        let router = cluster.router_grpc();
+        let via = cli(&["pub", "--router", &router, key, r#"{"n":4}"#, "--json"]).await?;
+        ensure!(via["seq"] == 4, "{via}");
+
+        // `sub --quic --since 0` replays the four and stops after them.
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::process::Command::new(&bin)
+                .args([
+                    "sub", "--node", &node, key, "--quic", "--since", "0", "--count", "4",
+                ])
+                .output(),
+        )
+        .await??;
+        ensure!(
+            out.status.success(),
+            "sub: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|f| f["data"]["n"].as_u64())
+            .collect();
+        ensure!(ns == [1, 2, 3, 4], "sub printed {ns:?}");
         Ok(())
     })
     .await

@@ -67,7 +67,7 @@ async fn direct_publishing_loses_nothing_and_applies_nothing_twice_across_a_join
         publisher.deadline = Duration::from_secs(15);
         let mut acked: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
         let mut n = 0u64;
-        let mut publish_round = |publisher: &mut Publisher, rounds: usize| {
+        let mut publish_round = |rounds: usize| {
             let keys = keys.clone();
             let mut batch = Vec::new();
             for _ in 0..rounds {
@@ -93,13 +93,13 @@ async fn direct_publishing_loses_nothing_and_applies_nothing_twice_across_a_join
             }
             Ok(())
         }
-        let batch = publish_round(&mut publisher, 5);
+        let batch = publish_round(5);
         send(&mut publisher, batch, &mut acked).await?;
 
         // A node joins; the publisher's ring is stale until a retry refreshes it, and
         // a node that no longer owns a key forwards it.
         cluster.add_node("n4").await?;
-        let batch = publish_round(&mut publisher, 10);
+        let batch = publish_round(10);
         send(&mut publisher, batch, &mut acked).await?;
         cluster.converged().await;
 
@@ -107,7 +107,7 @@ async fn direct_publishing_loses_nothing_and_applies_nothing_twice_across_a_join
         let ring = RingView::fetch(&nodes[0], None).await?;
         let victim = ring.owner(&keys[0]).context("an owner")?.id.0.clone();
         cluster.node_mut(&victim).kill().await;
-        let batch = publish_round(&mut publisher, 10);
+        let batch = publish_round(10);
         send(&mut publisher, batch, &mut acked).await?;
         let retries = publisher.retries;
         ensure!(
