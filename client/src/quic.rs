@@ -52,7 +52,8 @@ impl Trust {
         )
     }
 
-    fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, ClientError> {
+    /// The quinn client configuration offering `alpn` (a client offers [`ALPN`]).
+    pub fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, ClientError> {
         #[allow(deprecated)] // ring, as everywhere in ringfeed (see docs/design.md)
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let bad = |e: String| ClientError::Unexpected(format!("QUIC TLS: {e}"));

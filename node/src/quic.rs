@@ -120,6 +120,13 @@ fn transport(config: &Config) -> TransportConfig {
         .receive_window(window)
         .send_window(256 * 1024)
         .keep_alive_interval(Some(heartbeat))
+        // One datagram per transmit: with segmentation offload each connection keeps a
+        // send buffer of up to ten datagrams (~14 KiB) for its life, and a session's
+        // frames are small.
+        .enable_segmentation_offload(false)
+        // No path MTU probing: 1,200-byte datagrams (what every QUIC path carries), and
+        // no probe state or larger send buffer per connection.
+        .mtu_discovery_config(None)
         .max_idle_timeout(IdleTimeout::try_from(heartbeat * 3 / 2).ok());
     t
 }
@@ -140,13 +147,25 @@ fn server_crypto(
         .first()
         .map(|leaf| hex(&Sha256::digest(leaf)))
         .ok_or("the certificate chain is empty")?;
-    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+    // ChaCha20-Poly1305 first, in the server's order: a connection holds four packet
+    // keys (this phase's and the next's, each way) and two header keys for its life;
+    // ChaCha20's are 32 bytes where an AES-GCM key schedule is hundreds.
+    let mut provider = (*provider()).clone();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Fixed(certified)));
     server.alpn_protocols = vec![ALPN.to_vec()];
+    server.ignore_client_order = true;
     server.max_early_data_size = 0;
+    // No resumption: a client reconnects with a full handshake (its `resume` token is
+    // ringfeed's, not TLS's), and no ticket or session is kept per connection.
+    server.send_tls13_tickets = 0;
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok((server, sha256))
 }
 
@@ -202,8 +221,12 @@ pub async fn serve(node: Arc<Node>, endpoint: Endpoint) {
             Ok(permit) => {
                 let span = tracing::debug_span!("connection", transport = "quic", node = %node.id,
                     peer = %incoming.remote_address(), key = tracing::field::Empty);
-                node.tasks
-                    .spawn(session::serve(node.clone(), incoming, permit, span));
+                node.tasks.spawn(session::serve(Box::new(session::Accepted {
+                    node: node.clone(),
+                    incoming,
+                    permit,
+                    span,
+                })));
             }
             Err(e) => {
                 tracing::debug!(error = %e, "QUIC connection refused");

@@ -2,8 +2,12 @@
 //! tokio-tungstenite — that sends the same `update` frames ringfeed would to the same
 //! sockets, one write per message per socket: no routing, no JSON work beyond the
 //! stamp, no replication, no gRPC. Whatever the box can do for this stack.
+//!
+//! With `--input` it generates nothing: after `go` it takes its messages from the
+//! connections made to that address (length-prefixed `key\nframe`, see `relay`) and
+//! fans each out to its key's sockets. That is the last hop of P2's same-hop floor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +17,7 @@ use anyhow::bail;
 use bytes::Bytes;
 use futures_util::SinkExt;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -45,6 +49,12 @@ pub(crate) struct FanoutArgs {
     /// paces publishes (0: flat out).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Generate nothing: after `go`, fan out the messages that arrive on connections
+    /// to this address instead, each a big-endian `u32` length and then `key\nframe`
+    /// (from the last `relay` of P2's same-hop floor, or a `pub --relay`). Its address
+    /// is `input` in the `listening` event. `--count` and `--rate` do not apply.
+    #[arg(long, conflicts_with_all = ["count", "rate"])]
+    input: Option<SocketAddr>,
 }
 
 type Subscribers = Arc<Mutex<BTreeMap<String, Vec<mpsc::Sender<Bytes>>>>>;
@@ -56,7 +66,17 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         other => bail!("--mode {other}: tcp or ws"),
     };
     let listener = TcpListener::bind(args.listen).await?;
-    emit(json!({"ev": "listening", "addr": listener.local_addr()?.to_string()}));
+    let input = match args.input {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let input_addr = match &input {
+        Some(l) => Some(l.local_addr()?.to_string()),
+        None => None,
+    };
+    emit(
+        json!({"ev": "listening", "addr": listener.local_addr()?.to_string(), "input": input_addr}),
+    );
     let subscribers: Subscribers = Arc::default();
     let connected = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready) = mpsc::channel::<()>(1);
@@ -114,7 +134,23 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         bail!("nobody connected");
     }
     let sent = Arc::new(AtomicU64::new(0));
-    let generator = {
+    let generator = if let Some(input) = input {
+        let targets: Arc<HashMap<String, Vec<mpsc::Sender<Bytes>>>> =
+            Arc::new(targets.into_iter().collect());
+        let sent = sent.clone();
+        // Connections made before `go` wait in the backlog until now.
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = input.accept().await {
+                let _ = stream.set_nodelay(true);
+                let (targets, sent) = (targets.clone(), sent.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = fan_out_input(stream, &targets, ws, &sent).await {
+                        eprintln!("fanout input: {e:#}");
+                    }
+                });
+            }
+        })
+    } else {
         let sent = sent.clone();
         let (count, size, rate) = (args.count, args.payload, args.rate);
         tokio::spawn(async move {
@@ -157,6 +193,51 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     generator.abort();
     emit(json!({"ev": "done", "sent": sent.load(Ordering::Relaxed)}));
     std::process::exit(0);
+}
+
+/// Fans out every message that arrives on `stream` (a big-endian `u32` length, then
+/// `key\nframe`) to the sockets of its key, as the generator does: one write per
+/// message per socket (a newline after each for `tcp`).
+async fn fan_out_input(
+    stream: TcpStream,
+    targets: &HashMap<String, Vec<mpsc::Sender<Bytes>>>,
+    ws: bool,
+    sent: &AtomicU64,
+) -> anyhow::Result<()> {
+    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, stream);
+    let mut body = Vec::new();
+    loop {
+        let len = match reader.read_u32().await {
+            Ok(len) => len as usize,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if len > crate::relay::MAX_FRAME {
+            bail!("a message of {len} bytes");
+        }
+        body.resize(len, 0);
+        reader.read_exact(&mut body).await?;
+        let Some(newline) = body.iter().position(|&b| b == b'\n') else {
+            bail!("a message without a key line");
+        };
+        let Some(senders) = std::str::from_utf8(&body[..newline])
+            .ok()
+            .and_then(|key| targets.get(key))
+        else {
+            continue;
+        };
+        let mut frame = Vec::with_capacity(len - newline);
+        frame.extend_from_slice(&body[newline + 1..]);
+        if !ws {
+            frame.push(b'\n');
+        }
+        let frame = Bytes::from(frame);
+        for tx in senders {
+            if tx.send(frame.clone()).await.is_ok() {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 // The handshake callback's error type is tungstenite's, large or not.

@@ -4,10 +4,14 @@
 //!   calibration), spread over several 127.0.0.x source addresses, and records the
 //!   publish → receive latency of every update in an HDR histogram.
 //! * `pub` — publishes stamped 64-byte payloads at a target rate or flat out, through
-//!   the router (`Publish` / `PublishBatch`) or as pipelined Redis `PUBLISH`es (the
-//!   seed reference).
+//!   the router (`Publish` / `PublishBatch`), straight to each key's owner node
+//!   (`--direct-node`), as pipelined Redis `PUBLISH`es (the seed reference), or as
+//!   length-prefixed frames to the first relay of P2's same-hop floor (`--relay`).
 //! * `fanout` — the calibration: a bare tokio TCP or tokio-tungstenite server that
-//!   fans messages out to its sockets, one write per message, nothing else.
+//!   fans messages out to its sockets, one write per message, nothing else; with
+//!   `--input`, the last hop of the same-hop floor.
+//! * `relay` — one link of the same-hop floor: passes length-prefixed frames on to the
+//!   next process over one persistent TCP connection.
 //!
 //! Every mode speaks JSON lines on stdout (`{"ev":…}`): progress once a second and a
 //! final `done` with the figures; it stops at `--duration-secs` or when stdin says
@@ -15,6 +19,7 @@
 
 mod fanout;
 mod publish;
+mod relay;
 mod subscribe;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -44,6 +49,8 @@ enum Mode {
     Pub(publish::PubArgs),
     /// The calibration fan-out server.
     Fanout(fanout::FanoutArgs),
+    /// One link of P2's same-hop floor: forward length-prefixed frames to the next hop.
+    Relay(relay::RelayArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Mode::Sub(a) => runtime.block_on(subscribe::run(a)),
         Mode::Pub(a) => runtime.block_on(publish::run(a)),
         Mode::Fanout(a) => runtime.block_on(fanout::run(a)),
+        Mode::Relay(a) => runtime.block_on(relay::run(a)),
     }
 }
 

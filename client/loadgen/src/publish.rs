@@ -1,11 +1,15 @@
-//! `pub`: stamped payloads through the router (`Publish` / `PublishBatch`) or as
-//! pipelined Redis `PUBLISH`es of whole `update` frames (the seed reference's
-//! publishers), at a target rate or flat out. `done` also reports the round trip of
-//! each call (sent → answered: the ack for ringfeed, the `PUBLISH` reply for Redis), so
-//! a latency can be split into the part before the ack and the part after it.
+//! `pub`: stamped payloads through the router (`Publish` / `PublishBatch`), straight
+//! to each key's owner node (`--direct-node`: unary `Publish` to the owner's own
+//! `Router` service), as pipelined Redis `PUBLISH`es of whole `update` frames (the seed
+//! reference's publishers), or as length-prefixed frames to the first relay of P2's
+//! same-hop floor (`--relay`), at a target rate or flat out. `done` also reports the
+//! round trip of each call (sent → answered: the ack for ringfeed, the `PUBLISH` reply
+//! for Redis; `null` for the relay, which answers nothing), so a latency can be split
+//! into the part before the ack and the part after it.
 //! To a secure router (P10): over TLS trusting `--ca`, each call carrying
 //! `authorization: Bearer` with `--api-token`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,11 +18,13 @@ use tokio::time::Instant;
 
 use anyhow::{anyhow, bail};
 use hdrhistogram::Histogram;
+use ringfeed_client::routing::RingView;
 use ringfeed_proto::v1::router_client::RouterClient;
 use ringfeed_proto::v1::{Ack, PublishBatchRequest, PublishRequest};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
 
 use crate::{emit, now_ns, payload, stopped};
 
@@ -34,6 +40,18 @@ pub(crate) struct PubArgs {
     /// with `--api-tokens-file`).
     #[arg(long, requires = "grpc")]
     api_token: Option<String>,
+    /// Publish straight to each key's owner instead of through the router: fetch the
+    /// ring from this node (`GET {URL}/v1/ring`, e.g. `http://127.0.0.1:8001`) and send
+    /// each unary `Publish` to its key's owner's own `Router` service (every node
+    /// serves one on its gRPC port), over one connection per node. Unary only
+    /// (`--batch 0`); the ring is read once, at the start.
+    #[arg(long, conflicts_with_all = ["grpc", "redis", "relay"])]
+    direct_node: Option<String>,
+    /// The first relay of P2's same-hop floor (host:port): each update as a big-endian
+    /// `u32` length and then `key\n` and the whole `update` frame, over one
+    /// connection per worker, nothing answered. Unary only (`--batch 0`).
+    #[arg(long, conflicts_with_all = ["grpc", "redis"])]
+    relay: Option<String>,
     /// A Redis server (host:port): `PUBLISH {key} {update frame}`, pipelined.
     #[arg(long)]
     redis: Option<String>,
@@ -108,6 +126,9 @@ pub(crate) async fn run(args: PubArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let per_call = args.batch.max(1) as u64;
     let mut workers: tokio::task::JoinSet<Histogram<u64>> = tokio::task::JoinSet::new();
+    if (args.direct_node.is_some() || args.relay.is_some()) && args.batch > 0 {
+        bail!("--direct-node and --relay publish one update at a time (--batch 0)");
+    }
     if let Some(grpc) = &args.grpc {
         let tls = match &args.ca {
             Some(path) => Some(ringfeed_client::Tls::from_ca_file(path)?),
@@ -122,17 +143,34 @@ pub(crate) async fn run(args: PubArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("cannot reach the router at {grpc}: {e}"))?
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
+        let route = Route::Router(client);
         for _ in 0..args.concurrency.max(1) {
-            let (client, keys, shared, args, bearer) = (
-                client.clone(),
+            let (route, keys, shared, args, bearer) = (
+                route.clone(),
                 keys.clone(),
                 shared.clone(),
                 args.clone(),
                 bearer.clone(),
             );
             workers.spawn(async move {
-                grpc_worker(client, keys, shared, args, ack, bearer, per_call, started).await
+                grpc_worker(route, keys, shared, args, ack, bearer, per_call, started).await
             });
+        }
+    } else if let Some(node) = &args.direct_node {
+        let route = Route::Owners(Arc::new(owners(node, &keys).await?));
+        for _ in 0..args.concurrency.max(1) {
+            let (route, keys, shared, args) =
+                (route.clone(), keys.clone(), shared.clone(), args.clone());
+            workers.spawn(async move {
+                grpc_worker(route, keys, shared, args, ack, None, per_call, started).await
+            });
+        }
+    } else if let Some(relay) = &args.relay {
+        for _ in 0..args.concurrency.max(1) {
+            let stream = tokio::net::TcpStream::connect(relay).await?;
+            stream.set_nodelay(true)?;
+            let (keys, shared, args) = (keys.clone(), shared.clone(), args.clone());
+            workers.spawn(async move { relay_worker(stream, keys, shared, args, started).await });
         }
     } else if let Some(redis) = &args.redis {
         for _ in 0..args.concurrency.max(1) {
@@ -144,7 +182,7 @@ pub(crate) async fn run(args: PubArgs) -> anyhow::Result<()> {
             });
         }
     } else {
-        bail!("--grpc or --redis is needed");
+        bail!("--grpc, --direct-node, --relay or --redis is needed");
     }
 
     let ticker = {
@@ -175,7 +213,8 @@ pub(crate) async fn run(args: PubArgs) -> anyhow::Result<()> {
         }
     }
     ticker.abort();
-    let us = |q: f64| calls.value_at_quantile(q);
+    // No round trips (the relay answers nothing): null, not 0.
+    let us = |q: f64| (!calls.is_empty()).then(|| calls.value_at_quantile(q));
     let secs = started.elapsed().as_secs_f64();
     let published = shared.published.load(Ordering::Relaxed);
     emit(json!({
@@ -245,9 +284,48 @@ fn authorized<T>(message: T, bearer: Option<&MetadataValue<Ascii>>) -> tonic::Re
     request
 }
 
+/// Where a gRPC worker sends its calls.
+#[derive(Clone)]
+enum Route {
+    /// Everything to the router.
+    Router(RouterClient<Channel>),
+    /// Each key's publishes to its owner: a client per key (in `--keys` order), one
+    /// connection per node shared by its keys.
+    Owners(Arc<Vec<RouterClient<Channel>>>),
+}
+
+/// A client of each key's owner (in the order of `keys`) on the ring that `node`
+/// publishes, one connection per node.
+async fn owners(node: &str, keys: &[String]) -> anyhow::Result<Vec<RouterClient<Channel>>> {
+    let ring = RingView::fetch(node, None)
+        .await
+        .map_err(|e| anyhow!("cannot read the ring from {node}: {e}"))?;
+    let mut nodes: HashMap<String, RouterClient<Channel>> = HashMap::new();
+    let mut by_key = Vec::with_capacity(keys.len());
+    for key in keys {
+        let owner = ring
+            .owner(key)
+            .ok_or_else(|| anyhow!("nobody owns {key} on the ring of {node}"))?;
+        let client = match nodes.get(&owner.grpc) {
+            Some(client) => client.clone(),
+            None => {
+                let client = ringfeed_client::publisher::connect_with(&owner.grpc, None)
+                    .await
+                    .map_err(|e| anyhow!("cannot reach {} at {}: {e}", owner.id.0, owner.grpc))?
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20);
+                nodes.insert(owner.grpc.clone(), client.clone());
+                client
+            }
+        };
+        by_key.push(client);
+    }
+    Ok(by_key)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn grpc_worker(
-    mut client: RouterClient<tonic::transport::Channel>,
+    mut route: Route,
     keys: Arc<Vec<String>>,
     shared: Arc<Shared>,
     args: PubArgs,
@@ -267,6 +345,14 @@ async fn grpc_worker(
     while let Some(first) = next_call(&shared, &args, per_call, started).await {
         let n = calls_in(&args, first, per_call);
         if args.batch == 0 {
+            let mut owner;
+            let client = match &mut route {
+                Route::Router(client) => client,
+                Route::Owners(by_key) => {
+                    owner = by_key[(first % keys.len() as u64) as usize].clone();
+                    &mut owner
+                }
+            };
             let sent = Instant::now();
             let reply = client
                 .publish(authorized(request(first), bearer.as_ref()))
@@ -279,6 +365,9 @@ async fn grpc_worker(
                 Err(e) => shared.failed(format!("{:?}: {}", e.code(), e.message())),
             }
         } else {
+            let Route::Router(client) = &mut route else {
+                unreachable!("--direct-node is unary only");
+            };
             let items = (first..first + n).map(request).collect();
             let sent = Instant::now();
             let reply = client
@@ -326,11 +415,7 @@ async fn redis_worker(
         buf.clear();
         for i in first..first + n {
             let key = &keys[(i % keys.len() as u64) as usize];
-            let frame = format!(
-                "{{\"type\":\"update\",\"key\":\"{key}\",\"seq\":{},\"data\":{}}}",
-                i + 1,
-                payload(args.payload)
-            );
+            let frame = update_frame(key, i + 1, &payload(args.payload));
             if args.socketio {
                 let channel = format!("socket.io#/#{key}#");
                 let message = socketio_emit(key, &frame);
@@ -376,6 +461,38 @@ async fn redis_worker(
         record(&mut calls, sent);
     }
     calls
+}
+
+/// The `update` frame a subscriber receives for update `seq` of `key`.
+fn update_frame(key: &str, seq: u64, data: &str) -> String {
+    format!("{{\"type\":\"update\",\"key\":\"{key}\",\"seq\":{seq},\"data\":{data}}}")
+}
+
+/// Frames of `key\n{update frame}` to the first relay of the same-hop floor, one per
+/// update as it falls due: nothing is answered, so there are no round trips to record.
+async fn relay_worker(
+    mut stream: tokio::net::TcpStream,
+    keys: Arc<Vec<String>>,
+    shared: Arc<Shared>,
+    args: PubArgs,
+    started: Instant,
+) -> Histogram<u64> {
+    while let Some(i) = next_call(&shared, &args, 1, started).await {
+        let key = &keys[(i % keys.len() as u64) as usize];
+        let body = format!(
+            "{key}\n{}",
+            update_frame(key, i + 1, &payload(args.payload))
+        );
+        if let Err(e) = stream
+            .write_all(&crate::relay::frame(body.as_bytes()))
+            .await
+        {
+            shared.failed(e);
+            break;
+        }
+        shared.published.fetch_add(1, Ordering::Relaxed);
+    }
+    round_trips()
 }
 
 /// The message `@socket.io/redis-emitter` publishes for `io.to(room).emit("update",

@@ -21,6 +21,9 @@ use super::bounded;
 
 const KEYS: usize = 8;
 
+/// What a follower received: `(seq, n)` of each update.
+type Ledger = Arc<Mutex<Vec<(u64, u64)>>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_publishing_loses_nothing_and_applies_nothing_twice_across_a_join_and_a_kill() {
     bounded(async {
@@ -44,7 +47,7 @@ async fn direct_publishing_loses_nothing_and_applies_nothing_twice_across_a_join
         ensure!(looked.owner.is_some(), "a node's Router answers Lookup");
 
         // A follower per key, from the start of its log.
-        let ledgers: Vec<Arc<Mutex<Vec<(u64, u64)>>>> = (0..KEYS).map(|_| Arc::default()).collect();
+        let ledgers: Vec<Ledger> = (0..KEYS).map(|_| Arc::default()).collect();
         let mut followers = Vec::new();
         for (key, ledger) in keys.iter().zip(&ledgers) {
             let mut config = FollowConfig::new(nodes.clone(), key);

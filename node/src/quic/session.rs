@@ -4,7 +4,9 @@
 
 use std::future::poll_fn;
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
@@ -18,7 +20,7 @@ use crate::node::{Node, Violation};
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::params::ClientQuery;
-use crate::session::{self, Subscription};
+use crate::session::{self, Subscription, SubscriptionGuard};
 use crate::state::{Control, Kick, Ready};
 
 /// How long a client has to finish its handshake, open its stream and send `hello`.
@@ -40,21 +42,105 @@ const PROTOCOL_ERROR: CloseCode = CloseCode::BadRequest;
 
 /// Serves one incoming QUIC connection, holding `permit` (its place under the node's
 /// connection limit) until it ends.
-pub(super) async fn serve(
+///
+/// This future is the connection's task, held for as long as the client stays: set-up
+/// (handshake, `hello`, subscription, start) runs in a box of its own that is dropped
+/// before the live loop, and the live loop boxes each step it takes, so what an idle
+/// connection's task holds is the session and what it waits in (a test bounds it).
+pub(super) async fn serve(accepted: Box<Accepted>) {
+    let Some((mut session, control, _permit)) = Box::pin(set_up(accepted)).await else {
+        return;
+    };
+    let _guard = SubscriptionGuard::new(session.node.clone(), control.clone());
+    let mut message_by: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        let wake = session.wake(&control, &mut message_by).await;
+        let step: Step<'_> = match wake {
+            Wake::Control(Ready::Kicked(kick)) => Box::pin(async {
+                session.kicked(kick).await;
+                ControlFlow::Break(())
+            }),
+            Wake::Control(Ready::Frame(Some(first))) => {
+                Box::pin(session.write_frames(first, &control))
+            }
+            Wake::Control(Ready::Frame(None)) => return,
+            // The QUIC connection keeps its own clock (keep-alive, idle timeout).
+            Wake::Control(Ready::Due) => continue,
+            Wake::Begun => {
+                // A frame the client has begun must be whole within the message timeout.
+                let timeout = session.node.config.client_message_timeout_ms;
+                message_by = Some(Box::pin(tokio::time::sleep(Duration::from_millis(timeout))));
+                continue;
+            }
+            Wake::Frame(read) => {
+                message_by = None;
+                Box::pin(session.client_frame(&control, read))
+            }
+            Wake::Stream(true) => {
+                Box::pin(session.end(PROTOCOL_ERROR, "one stream per connection"))
+            }
+            Wake::Stream(false) => return,
+            Wake::Late => Box::pin(session.violated(Violation::MessageTimeout)),
+        };
+        if step.await.is_break() {
+            return;
+        }
+    }
+}
+
+/// One thing a live session does after waking, boxed: what it binds stays out of the
+/// state an idle connection waits in.
+type Step<'a> = Pin<Box<dyn std::future::Future<Output = ControlFlow<()>> + Send + 'a>>;
+
+/// What woke a live session.
+enum Wake {
+    Control(Ready),
+    /// The client began a frame (its clock starts).
+    Begun,
+    Frame(Result<Option<Vec<u8>>, ReadError>),
+    /// The client opened another stream (`true`), or the connection ended.
+    Stream(bool),
+    /// A begun frame was not finished in time.
+    Late,
+}
+
+/// A connection accepted under the node's limit, before its handshake.
+pub(super) struct Accepted {
+    pub(super) node: Arc<Node>,
+    pub(super) incoming: Incoming,
+    /// Its place under the node's connection limit, held until it ends.
+    pub(super) permit: OwnedSemaphorePermit,
+    /// Its span (transport, node, peer, key), entered while it is set up.
+    pub(super) span: tracing::Span,
+}
+
+/// The handshake, the ALPN, the stream, `hello` and the session's start: the session,
+/// its subscriber's control and its permit, or `None` once the connection has ended.
+async fn set_up(accepted: Box<Accepted>) -> Option<(Session, Arc<Control>, OwnedSemaphorePermit)> {
+    let Accepted {
+        node,
+        incoming,
+        permit,
+        span,
+    } = *accepted;
+    let set_up = open_session(node, incoming, span.clone()).instrument(span);
+    let (session, control) = set_up.await?;
+    Some((session, control, permit))
+}
+
+async fn open_session(
     node: Arc<Node>,
     incoming: Incoming,
-    permit: OwnedSemaphorePermit,
     span: tracing::Span,
-) {
-    let _permit = permit;
+) -> Option<(Session, Arc<Control>)> {
     let source = incoming.remote_address().ip();
     let connection = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
             tracing::debug!(parent: &span, error = %e, "QUIC handshake failed");
-            return;
+            return None;
         }
-        Err(_) => return,
+        Err(_) => return None,
     };
     let alpn = connection
         .handshake_data()
@@ -62,12 +148,12 @@ pub(super) async fn serve(
         .and_then(|data| data.protocol);
     if alpn.as_deref() != Some(ALPN) {
         close(&connection, PROTOCOL_ERROR, "ALPN ringfeed/1 required");
-        return;
+        return None;
     }
     let opened = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
     let Ok(Ok((send, recv))) = opened else {
         close(&connection, CloseCode::GoingAway, "no stream opened");
-        return;
+        return None;
     };
     let mut session = Session {
         reader: Reader::new(node.config.max_frame),
@@ -77,14 +163,8 @@ pub(super) async fn serve(
         recv,
         out: Vec::new(),
     };
-    async move {
-        let Some(sub) = session.start(source).await else {
-            return;
-        };
-        session.live(&sub).await;
-    }
-    .instrument(span)
-    .await
+    let sub = session.start(source).await?;
+    Some((session, sub.release()))
 }
 
 struct Session {
@@ -132,54 +212,26 @@ impl Session {
         self.flush().await.is_continue().then_some(sub)
     }
 
-    /// The live session: updates and kicks from the key, frames from the client.
-    async fn live(&mut self, sub: &Subscription) {
-        let control = sub.control().clone();
-        let mut message_by: Option<tokio::time::Instant> = None;
-        loop {
-            let step = tokio::select! {
-                biased;
-                ready = poll_fn(|cx| control.poll_ready(cx)) => match ready {
-                    Ready::Kicked(kick) => {
-                        self.kicked(kick).await;
-                        ControlFlow::Break(())
-                    }
-                    Ready::Frame(Some(first)) => self.write_frames(first, &control).await,
-                    Ready::Frame(None) => ControlFlow::Break(()),
-                    // The QUIC connection keeps its own clock (keep-alive, idle timeout).
-                    Ready::Due => ControlFlow::Continue(()),
-                },
-                read = poll_fn(|cx| {
-                    let read = self.reader.poll_frame(&mut self.recv, cx);
-                    // A frame begun: come back to start its clock.
-                    if read.is_pending() && self.reader.open() && message_by.is_none() {
-                        return std::task::Poll::Ready(None);
-                    }
-                    read.map(Some)
-                }) => match read {
-                    Some(read) => {
-                        message_by = None;
-                        self.client_frame(&control, read).await
-                    }
-                    None => ControlFlow::Continue(()),
-                },
-                second = self.connection.accept_bi() => match second {
-                    Ok(_) => self.end(PROTOCOL_ERROR, "one stream per connection").await,
-                    Err(_) => ControlFlow::Break(()),
-                },
-                _ = sleep_until(message_by) => {
-                    message_by = None;
-                    self.violated(Violation::MessageTimeout).await
+    /// Waits for the control (kick, queue), the client's stream, a second stream, or
+    /// the clock of a begun frame.
+    async fn wake(
+        &mut self,
+        control: &Control,
+        message_by: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    ) -> Wake {
+        let timing = message_by.is_some();
+        tokio::select! {
+            biased;
+            ready = poll_fn(|cx| control.poll_ready(cx)) => Wake::Control(ready),
+            read = poll_fn(|cx| {
+                let read = self.reader.poll_frame(&mut self.recv, cx);
+                if read.is_pending() && self.reader.open() && !timing {
+                    return Poll::Ready(Wake::Begun);
                 }
-            };
-            if step.is_break() {
-                return;
-            }
-            // A frame the client has begun must be whole within the message timeout.
-            if self.reader.open() && message_by.is_none() {
-                let timeout = self.node.config.client_message_timeout_ms;
-                message_by = Some(tokio::time::Instant::now() + Duration::from_millis(timeout));
-            }
+                read.map(Wake::Frame)
+            }) => read,
+            second = self.connection.accept_bi() => Wake::Stream(second.is_ok()),
+            _ = async { message_by.as_mut().expect("a clock when timing").await }, if timing => Wake::Late,
         }
     }
 
@@ -322,10 +374,19 @@ fn close(connection: &Connection, code: CloseCode, reason: &str) {
     );
 }
 
-/// Waits until `at`, or forever.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, F: std::future::Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle QUIC connection's task stays small: set-up and each step are boxed.
+    #[test]
+    fn an_idle_quic_session_task_is_small() {
+        let size = future_size(serve);
+        println!("the QUIC session future is {size} bytes");
+        assert!(size <= 512, "the QUIC session future is {size} bytes");
     }
 }

@@ -1,6 +1,7 @@
 //! `ringfeed-bench`: runs the docs/benchmarks.md scenarios side by side — ringfeed, the seed
 //! reference (Node.js `ws` + `ioredis` behind Redis) and the calibration (bare tokio TCP
-//! and tokio-tungstenite fan-outs); for P9's documents the y-websocket server and
+//! and tokio-tungstenite fan-outs; for P2 also the same-hop floor, a chain of bare
+//! relays in front of one, `p2.rs`); for P9's documents the y-websocket server and
 //! Hocuspocus (`docs.rs`) — alternating runs in one invocation, and writes
 //! `bench/results/P*.json`, a plot per scenario, and the README's table.
 //!
@@ -8,7 +9,9 @@
 
 mod docs;
 mod moves;
+mod p2;
 mod procs;
+mod quic;
 mod report;
 mod security;
 
@@ -41,17 +44,23 @@ struct Args {
     /// The README whose table `table` rewrites.
     #[arg(long, default_value = "README.md")]
     readme: PathBuf,
-    /// Alternating runs per system (medians are quoted); at least 1.
+    /// Alternating runs per system (medians are quoted); at least 1. P2 makes at least
+    /// 5 (its bar is on medians of 5), except with `--smoke`.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     runs: usize,
     /// Seconds measured per throughput run (after a warm-up).
     #[arg(long, default_value_t = 8)]
     window_secs: u64,
-    /// P2 only: publish at this rate (publishes/s) instead of half of ringfeed's
-    /// measured maximum, e.g. to see where the latency goes at a lighter load. The
-    /// JSON records that the rate was given.
+    /// P2 only: measure at this rate (publishes/s) instead of half of ringfeed's
+    /// measured maximum (1,000/s is measured as well), e.g. to see where the latency
+    /// goes at another load. The JSON records that the rate was given, and its `met`
+    /// is then null: the bar is for half the maximum.
     #[arg(long)]
     p2_rate: Option<u64>,
+    /// P2 only: relays in front of the fan-out server in the same-hop floor. 3 gives
+    /// ringfeed's path through the router its five process hops (p2.rs).
+    #[arg(long, default_value_t = p2::RELAYS)]
+    p2_relays: usize,
     /// A seconds-long run with tiny sizes: does the harness still work?
     #[arg(long)]
     smoke: bool,
@@ -94,7 +103,7 @@ async fn main() -> Result<()> {
     let sizes = Sizes::new(args.smoke);
     match args.scenario.as_str() {
         "P1" => p1(&args, &sizes).await,
-        "P2" => p2(&args, &sizes).await,
+        "P2" => p2::p2(&args, &sizes).await,
         "P3" => p3(&args, &sizes).await,
         "P4" => p4(&args).await,
         "P5" => p5(&args, &sizes).await,
@@ -103,6 +112,7 @@ async fn main() -> Result<()> {
         "P9" => docs::p9(&args).await,
         "P10" => security::p10(&args, &sizes).await,
         "P10-idle" => security::idle_child(&args, &sizes).await,
+        "P11" => quic::p11(&args, &sizes).await,
         "table" => report::readme_table(&args.out, &args.readme),
         other => {
             bail!("unknown scenario {other} (P1–P5, P7–P10, table; P6 is scripts/bench P6)")
@@ -154,6 +164,10 @@ enum System {
         /// trusting its CA, tickets and the API token. `None`: plain.
         secure: Option<Secure>,
     },
+    /// ringfeed with each update published straight to its key's owner node (every
+    /// node serves the public `Router` on its gRPC port), the ring read from `node`
+    /// (an `http://` base URL): the router's hop saved. Subscribers as for `Ringfeed`.
+    RingfeedDirect { urls: Vec<String>, node: String },
     /// A Node.js peer behind Redis.
     Peer {
         peer: Peer,
@@ -168,12 +182,19 @@ enum System {
         servers: usize,
         workers: usize,
     },
+    /// P2's same-hop floor: `relays` bare relay processes (`loadgen relay`) in a line
+    /// in front of one calibration fan-out server (`ws`, `fanout --input`); the
+    /// publisher (`pub --relay`) sends each update to the first relay at the same
+    /// rate as the others publish. See `p2.rs` for how its hops match ringfeed's.
+    RelayChain { relays: usize },
 }
 
 impl System {
     fn name(&self) -> String {
         match self {
             System::Ringfeed { .. } => "ringfeed".into(),
+            System::RingfeedDirect { .. } => "ringfeed-direct".into(),
+            System::RelayChain { .. } => "relay-chain".into(),
             System::Peer { peer, .. } => peer.name().into(),
             System::Calibration { mode, .. } => format!("calibration-{mode}"),
         }
@@ -303,6 +324,9 @@ async fn fanout_run(
 ) -> Result<RunResult> {
     procs::quiet_box(Duration::from_secs(30)).await?;
     let expected = keys_count(keys) * per_key;
+    // The same-hop floor's relays, and the first one's address (the publisher's).
+    let mut relays = Vec::new();
+    let mut first_relay = String::new();
     let (mut fanout, urls, target) = match system {
         System::Calibration {
             mode,
@@ -342,7 +366,39 @@ async fn fanout_run(
             }
             (fanout, urls, *mode)
         }
-        System::Ringfeed { urls, .. } => (Vec::new(), urls.clone(), "ws"),
+        System::RelayChain { relays: n } => {
+            let args: Vec<String> = [
+                "fanout",
+                "--mode",
+                "ws",
+                "--expect",
+                &expected.to_string(),
+                "--input",
+                "127.0.0.1:0",
+            ]
+            .map(String::from)
+            .into();
+            let mut f = Loadgen::spawn(&format!("{} fan-out", system.name()), &args)?;
+            let listening = f.wait("listening", Duration::from_secs(10)).await?;
+            let addr = listening["addr"].as_str().unwrap_or_default().to_owned();
+            // From the last relay back to the first, each connecting to the one after.
+            let mut next = listening["input"].as_str().unwrap_or_default().to_owned();
+            for i in (1..=*n).rev() {
+                let args: Vec<String> = ["relay", "--next", &next].map(String::from).into();
+                let mut r = Loadgen::spawn(&format!("{} relay {i}", system.name()), &args)?;
+                next = r.wait("listening", Duration::from_secs(10)).await?["addr"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                relays.push(r);
+            }
+            first_relay = next;
+            let url = format!("ws://{addr}/v1/connect?key={{key}}");
+            (vec![f], vec![url], "ws")
+        }
+        System::Ringfeed { urls, .. } | System::RingfeedDirect { urls, .. } => {
+            (Vec::new(), urls.clone(), "ws")
+        }
         System::Peer { peer, urls, .. } => (Vec::new(), urls.clone(), peer.target()),
     };
     // (url, keys, shard, sources) per subscriber process.
@@ -438,6 +494,17 @@ async fn fanout_run(
             }
             Some(Loadgen::spawn("ringfeed publisher", &args)?)
         }
+        System::RingfeedDirect { node, .. } => {
+            let args = publish_args("--direct-node", node, keys, publishing);
+            Some(Loadgen::spawn("ringfeed-direct publisher", &args)?)
+        }
+        System::RelayChain { .. } => {
+            for f in &mut fanout {
+                f.say("go").await?;
+            }
+            let args = publish_args("--relay", &first_relay, keys, publishing);
+            Some(Loadgen::spawn("relay-chain publisher", &args)?)
+        }
         System::Peer { peer, redis, .. } => {
             let mut args = publish_args("--redis", redis, keys, publishing);
             args.extend(peer.publish_args().iter().map(|a| a.to_string()));
@@ -506,7 +573,10 @@ async fn fanout_run(
                 );
             }
             let ms = |field: &str| done[field].as_f64().unwrap_or(f64::NAN) / 1000.0;
-            calls_ms = Some([ms("call_p50_us"), ms("call_p99_us"), ms("call_p999_us")]);
+            // None when nothing answers the calls (the same-hop floor's relays).
+            if done["call_p99_us"].is_number() {
+                calls_ms = Some([ms("call_p50_us"), ms("call_p99_us"), ms("call_p999_us")]);
+            }
             done["published"].as_u64().unwrap_or(0)
         }
         None => 0,
@@ -537,11 +607,21 @@ async fn fanout_run(
             }
         }
     }
-    // The calibration server stops after its subscribers (it would close them).
+    // The calibration server stops after its subscribers (it would close them). The
+    // same-hop floor's publisher counted its own publishes; its relays stop last.
     for f in &mut fanout {
-        published += f.finish(Duration::from_secs(10)).await?["sent"]
+        let sent = f.finish(Duration::from_secs(10)).await?["sent"]
             .as_u64()
             .unwrap_or(0);
+        if matches!(system, System::Calibration { .. }) {
+            published += sent;
+        }
+    }
+    for r in &mut relays {
+        let done = r.finish(Duration::from_secs(10)).await?;
+        if done["errors"].as_u64().unwrap_or(0) > 0 {
+            eprintln!("  {}: {} connections failed", r.name, done["errors"]);
+        }
     }
     Ok(RunResult {
         rate,
@@ -808,262 +888,6 @@ async fn p1(args: &Args, sizes: &Sizes) -> Result<()> {
     drop((seed, socketio));
     drop(cluster);
     Ok(())
-}
-
-/// P2: latency, unbatched `Publish` at half of ringfeed's maximum unbatched rate; the
-/// seed reference at the same rate.
-async fn p2(args: &Args, sizes: &Sizes) -> Result<()> {
-    let keys = format!("p2:*{}", sizes.keys);
-    let cluster = start_ringfeed(3).await?;
-    let seed = NodePeer::start(&args.peers, Peer::Seed, 2).await?;
-    let socketio = NodePeer::start(&args.peers, Peer::SocketIo, 2).await?;
-    let ringfeed = System::Ringfeed {
-        urls: ringfeed_urls(&cluster),
-        router: cluster.router_grpc(),
-        direct: None,
-        secure: None,
-    };
-    let (max_publish, rate) = match args.p2_rate {
-        Some(rate) => {
-            println!("P2: at the rate given, {rate} publishes/s (not half of the maximum)");
-            (f64::NAN, rate.max(1))
-        }
-        None => {
-            // Ringfeed's own maximum unbatched rate, with the subscribers connected.
-            let max = fanout_run(
-                &ringfeed,
-                &keys,
-                sizes.per_key,
-                sizes.sub_procs,
-                Publishing {
-                    batch: 0,
-                    rate: 0,
-                    concurrency: 64,
-                    count: 0,
-                    ack_owner: false,
-                },
-                Duration::from_secs(2),
-                Duration::from_secs(args.window_secs),
-            )
-            .await?;
-            let max_publish = max.rate / sizes.per_key as f64;
-            let rate = (max_publish / 2.0).max(10.0) as u64;
-            println!(
-                "P2: ringfeed's maximum unbatched rate {:.0} publishes/s ({}); measuring at {rate}/s",
-                max_publish,
-                fmt_rate(max.rate)
-            );
-            (max_publish, rate)
-        }
-    };
-    let publishing = Publishing {
-        batch: 0,
-        rate,
-        concurrency: 64,
-        count: 0,
-        ack_owner: false,
-    };
-    // The calibrations at the same rate: this box's latency floor for one bare hop.
-    let [tcp, ws] = calibrations(1, 0);
-    let systems = [ringfeed, seed.system(), socketio.system(), tcp, ws];
-    let mut p99: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-    let mut p50: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-    let mut p999: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-    // Evidence for where the latency goes: the publisher's ack round trip (p99, ms)
-    // and how busy the whole box was over the window (% of all cores).
-    let mut ack99: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-    let mut busy: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let mut last: Vec<Option<RunResult>> = systems.iter().map(|_| None).collect();
-    // Ringfeed's hops, from the nodes' own histograms (bucket bounds, ms): the owner's
-    // Deliver (arrival → answer) and its replication batches (sent → answered), p99.
-    let mut deliver99 = Vec::new();
-    let mut replication99 = Vec::new();
-    for run in 0..args.runs {
-        for (i, system) in systems.iter().enumerate() {
-            let hops_before = if i == 0 {
-                Some(hop_histograms(&cluster).await?)
-            } else {
-                None
-            };
-            let r = fanout_run(
-                system,
-                &keys,
-                sizes.per_key,
-                sizes.sub_procs,
-                publishing,
-                Duration::from_secs(1),
-                Duration::from_secs(args.window_secs),
-            )
-            .await?;
-            let mut hops = String::new();
-            if let Some(before) = hops_before {
-                let after = hop_histograms(&cluster).await?;
-                let d99 = bucket_quantile_ms(&before[0], &after[0], 0.99);
-                let r99 = bucket_quantile_ms(&before[1], &after[1], 0.99);
-                hops = format!("; at the owners p99 ≤ {d99} ms Deliver, ≤ {r99} ms replication");
-                deliver99.push(d99);
-                replication99.push(r99);
-            }
-            let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
-            let busy_pct = r.box_cpu_ms / (args.window_secs as f64 * 1000.0 * cores) * 100.0;
-            let ack = match r.calls_ms {
-                Some([a50, a99, _]) => format!("; ack p50 {a50:.2} / p99 {a99:.2} ms"),
-                None => String::new(),
-            };
-            println!(
-                "P2 run {}/{} {:>15}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms over {} receipts ({} published); box {busy_pct:.0}% busy{ack}{hops}",
-                run + 1,
-                args.runs,
-                system.name(),
-                ms(0.5),
-                ms(0.99),
-                ms(0.999),
-                r.hist.len(),
-                r.published,
-            );
-            p50[i].push(ms(0.5));
-            p99[i].push(ms(0.99));
-            p999[i].push(ms(0.999));
-            busy[i].push(busy_pct);
-            if let Some([_, a99, _]) = r.calls_ms {
-                ack99[i].push(a99);
-            }
-            last[i] = Some(r);
-        }
-    }
-    let (r99, s99, io99) = (median(&p99[0]), median(&p99[1]), median(&p99[2]));
-    // The better calibration is the one with the lower median p99.
-    let best = if median(&p99[3]) <= median(&p99[4]) {
-        3
-    } else {
-        4
-    };
-    let (c50, c99, c999) = (median(&p50[best]), median(&p99[best]), median(&p999[best]));
-    let met = r99 <= 2.0 && r99 <= s99 / 3.0;
-    let summary = format!(
-        "p50 {:.2} / p99 {r99:.2} / p999 {:.2} ms at {rate} publishes/s",
-        median(&p50[0]),
-        median(&p999[0])
-    );
-    println!(
-        "P2 medians: ringfeed {summary}; seed reference p99 {s99:.2} ms; Socket.IO p99 {io99:.2} ms; calibration ({}) p50 {c50:.2} / p99 {c99:.2} / p999 {c999:.2} ms; bar {}",
-        systems[best].name(),
-        if met { "met" } else { "not met" }
-    );
-    println!(
-        "P2 where it goes: ack p99 (publish → ack) ringfeed {:.2} ms (at the owners: Deliver p99 ≤ {} ms, replication ≤ {} ms), seed reference {:.2} ms (Redis reply); box busy ringfeed {:.0}%, seed reference {:.0}%, Socket.IO {:.0}%, calibration {:.0}%",
-        median(&ack99[0]),
-        median(&deliver99),
-        median(&replication99),
-        median(&ack99[1]),
-        median(&busy[0]),
-        median(&busy[1]),
-        median(&busy[2]),
-        median(&busy[best]),
-    );
-    let result = json!({
-        "id": "P2",
-        "what": "latency, unbatched Publish at half of ringfeed's max rate, 1,000 keys × 10 subscribers, 3 nodes",
-        "setup": {"keys": sizes.keys, "subscribers_per_key": sizes.per_key, "nodes": 3, "payload_bytes": 64, "publish_concurrency": 64, "ringfeed_max_publishes_per_s": max_publish, "rate_publishes_per_s": rate, "rate_given": args.p2_rate.is_some(), "window_secs": args.window_secs, "runs": args.runs, "ack": "replicated"},
-        "ringfeed": {"p50_ms": p50[0], "p99_ms": p99[0], "p999_ms": p999[0], "median_p99_ms": r99, "ack_p99_ms": ack99[0], "box_busy_pct": busy[0], "owner_deliver_p99_le_ms": deliver99, "owner_replication_p99_le_ms": replication99},
-        "peers": {
-            "seed-reference": {"p50_ms": p50[1], "p99_ms": p99[1], "p999_ms": p999[1], "median_p99_ms": s99, "redis_reply_p99_ms": ack99[1], "box_busy_pct": busy[1]},
-            "socketio": {"p50_ms": p50[2], "p99_ms": p99[2], "p999_ms": p999[2], "median_p99_ms": io99, "redis_reply_p99_ms": ack99[2], "box_busy_pct": busy[2]},
-        },
-        "calibration": {
-            "what": "the bare fan-out (one process, one write per message) at the same rate to the same sockets: this box's latency floor for one hop",
-            "tcp": {"p50_ms": p50[3], "p99_ms": p99[3], "p999_ms": p999[3], "median_p99_ms": median(&p99[3]), "box_busy_pct": busy[3]},
-            "ws": {"p50_ms": p50[4], "p99_ms": p99[4], "p999_ms": p999[4], "median_p99_ms": median(&p99[4]), "box_busy_pct": busy[4]},
-            "best": {"name": systems[best].name(), "median_p50_ms": c50, "median_p99_ms": c99, "median_p999_ms": c999},
-        },
-        "ratio_vs_calibration_p99": r99 / c99,
-        "ratio_vs_seed_reference": r99 / s99,
-        "ratio_vs_socketio": r99 / io99,
-        "bar": "p99 ≤ 2 ms and ≤ 1/3 of the seed reference's p99",
-        "met": met,
-        "summary_ringfeed": summary,
-        "summary_peers": format!("seed reference p99 {s99:.2} ms, Socket.IO p99 {io99:.2} ms"),
-        "summary_calibration": format!("p99 {c99:.2} ms (p50 {c50:.2}, p999 {c999:.2}) at the same rate"),
-        "machine": report::machine(),
-    });
-    report::write_json(&args.out, "P2", &result)?;
-    let latency: Vec<(String, Vec<(f64, f64)>)> = systems
-        .iter()
-        .zip(&last)
-        .filter_map(|(s, r)| Some((s.name(), report::cdf(&r.as_ref()?.hist))))
-        .collect();
-    let throughput: Vec<(String, Vec<(f64, f64)>)> = systems
-        .iter()
-        .zip(&last)
-        .filter_map(|(s, r)| Some((s.name(), r.as_ref()?.series.clone())))
-        .collect();
-    report::plot(
-        &args.out.join("P2.svg"),
-        &format!("P2: unbatched latency at {rate} publishes/s"),
-        &throughput,
-        &latency,
-    )?;
-    Ok(())
-}
-
-/// The nodes' latency histograms (`ringfeed_deliver_seconds`,
-/// `ringfeed_replication_seconds`) summed over `cluster`: per histogram, the cumulative
-/// count at each bucket bound (seconds, `+Inf` as infinity), in the nodes' order: low
-/// to high.
-async fn hop_histograms(cluster: &Cluster) -> Result<[Vec<(f64, u64)>; 2]> {
-    let names = ["ringfeed_deliver_seconds", "ringfeed_replication_seconds"];
-    let mut sums: [Vec<(f64, u64)>; 2] = Default::default();
-    for node in &cluster.nodes {
-        let (status, text) =
-            ringfeed_cluster_tests::http_get(&format!("{}/metrics", node.http)).await?;
-        ensure!(status == 200, "{} /metrics answered {status}", node.id);
-        for line in text.lines() {
-            for (i, name) in names.iter().enumerate() {
-                let Some(rest) = line
-                    .strip_prefix(name)
-                    .and_then(|r| r.strip_prefix("_bucket{le=\""))
-                else {
-                    continue;
-                };
-                let Some((le, count)) = rest.split_once("\"} ") else {
-                    continue;
-                };
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse()?
-                };
-                let count: u64 = count.trim().parse()?;
-                match sums[i].iter_mut().find(|b| b.0 == le) {
-                    Some(bucket) => bucket.1 += count,
-                    None => sums[i].push((le, count)),
-                }
-            }
-        }
-    }
-    Ok(sums)
-}
-
-/// The bucket bound (ms) under which quantile `q` of what was counted between two
-/// readings of a cumulative histogram falls: an upper bound, as fine as the buckets.
-fn bucket_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
-    let delta: Vec<(f64, u64)> = after
-        .iter()
-        .map(|&(le, n)| {
-            let was = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
-            (le, n.saturating_sub(was))
-        })
-        .collect();
-    let total = delta.last().map_or(0, |d| d.1);
-    if total == 0 {
-        return f64::NAN;
-    }
-    let want = (q * total as f64).ceil() as u64;
-    delta
-        .iter()
-        .find(|d| d.1 >= want)
-        .map_or(f64::INFINITY, |d| d.0 * 1000.0)
 }
 
 /// P3: memory per idle connection, each on its own key, at 10k and 17k connections.
@@ -1452,24 +1276,4 @@ async fn p4(args: &Args) -> Result<()> {
     });
     report::write_json(&args.out, "P4", &result)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_bucket_quantile_counts_only_what_came_between_the_readings() {
-        let before = [(0.001, 10), (0.005, 10), (f64::INFINITY, 10)];
-        // 100 new: 90 under 1 ms, 9 more under 5 ms, 1 past the last bound.
-        let after = [(0.001, 100), (0.005, 109), (f64::INFINITY, 110)];
-        assert_eq!(bucket_quantile_ms(&before, &after, 0.5), 1.0);
-        assert_eq!(bucket_quantile_ms(&before, &after, 0.9), 1.0);
-        assert_eq!(bucket_quantile_ms(&before, &after, 0.99), 5.0);
-        assert_eq!(bucket_quantile_ms(&before, &after, 1.0), f64::INFINITY);
-        assert!(
-            bucket_quantile_ms(&after, &after, 0.99).is_nan(),
-            "nothing new"
-        );
-    }
 }

@@ -191,7 +191,9 @@ pub(crate) fn plot(
 /// `<!-- bench:begin -->` and `<!-- bench:end -->`.
 pub(crate) fn readme_table(dir: &Path, readme: &Path) -> Result<()> {
     let mut rows = Vec::new();
-    for id in ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10"] {
+    for id in [
+        "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11",
+    ] {
         let Ok(text) = std::fs::read_to_string(dir.join(format!("{id}.json"))) else {
             rows.push(format!("| {id} | not measured yet | | | | |"));
             continue;
