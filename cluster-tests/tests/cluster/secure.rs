@@ -411,3 +411,70 @@ async fn a_secure_cluster_serves_wss_h2_sse_and_grpc_over_tls_and_refuses_peers_
     })
     .await
 }
+
+/// QUIC in secure mode: the node's certificate is checked against the cluster CA,
+/// the owner checks the ticket in `hello` (4401 without one), and `welcome` hands
+/// back a resume token that admits the client again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_clients_present_tickets_and_check_the_cluster_ca() {
+    use ringfeed_client::quic::{Hello, QuicSubscription, Trust};
+    bounded(async {
+        let cluster = Cluster::builder().nodes(2).secure().start().await?;
+        let ca = cluster.ca().context("a CA")?;
+        let key = "secure:quic";
+        let owner = owner_of(&cluster, key).await?;
+        let node = cluster.node(&owner);
+        let addr = node.quic.clone().context("QUIC")?;
+        let trust = Trust::Ca(ca);
+        let refused = QuicSubscription::connect(
+            &addr,
+            &Hello {
+                key: key.into(),
+                ..Hello::default()
+            },
+            &trust,
+        )
+        .await;
+        match refused {
+            Err(ringfeed_client::ClientError::Closed { code: 4401, .. }) => {}
+            Err(e) => anyhow::bail!("without a ticket: {e}"),
+            Ok(_) => anyhow::bail!("admitted without a ticket"),
+        }
+        let ticket = ticket(&node.http, key).await?;
+        let hello = Hello {
+            key: key.into(),
+            ticket: Some(ticket),
+            ..Hello::default()
+        };
+        let mut sub = QuicSubscription::connect(&addr, &hello, &trust).await?;
+        let Frame::Welcome {
+            resume: Some(resume),
+            ..
+        } = sub.welcome.clone()
+        else {
+            anyhow::bail!("no resume token in {:?}", sub.welcome);
+        };
+        publish(&cluster, key, 1).await?;
+        match sub.next_within(FRAME_TIMEOUT).await? {
+            Event::Frame(Frame::Update { data, .. }) => {
+                ensure!(data == Some(serde_json::json!({"n": 1})), "{data:?}")
+            }
+            other => anyhow::bail!("expected an update, got {other:?}"),
+        }
+        // The resume token admits it again, in place of the ticket.
+        let again = QuicSubscription::connect(
+            &addr,
+            &Hello {
+                key: key.into(),
+                resume: Some(resume),
+                since: Some(0),
+                ..Hello::default()
+            },
+            &trust,
+        )
+        .await?;
+        ensure!(again.node() == owner);
+        Ok(())
+    })
+    .await
+}
