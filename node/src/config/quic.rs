@@ -8,8 +8,8 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct QuicArgs {
     /// Address of the QUIC (UDP) listener: `auto` (the default) is the HTTP listener's
-    /// address and port, over UDP (a free port when the HTTP port is 0); `off` serves
-    /// no QUIC.
+    /// address and port number, over UDP (any free port if that one is taken); `off`
+    /// serves no QUIC.
     #[arg(long, env = "RINGFEED_QUIC_LISTEN", default_value = "auto")]
     pub quic_listen: String,
     /// The host:port clients reach the QUIC listener at (default: the bound address).
@@ -20,6 +20,7 @@ pub struct QuicArgs {
     /// whose SHA-256 the member record publishes for clients to pin.
     #[arg(long, env = "RINGFEED_QUIC_CERT", requires = "quic_key")]
     pub quic_cert: Option<std::path::PathBuf>,
+    /// The key of `--quic-cert` (PEM).
     #[arg(long, env = "RINGFEED_QUIC_KEY", requires = "quic_cert")]
     pub quic_key: Option<std::path::PathBuf>,
 }
