@@ -404,3 +404,64 @@ async fn followers_over_websocket_and_quic_miss_nothing_and_see_nothing_twice_ac
 fn tokio_util_free_flag() -> Arc<std::sync::atomic::AtomicBool> {
     Arc::new(std::sync::atomic::AtomicBool::new(false))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_client_that_stops_reading_is_closed_4408_and_presence_works_as_on_websocket() {
+    bounded(async {
+        let cluster = Cluster::builder()
+            .nodes(1)
+            .node_args(&["--subscriber-queue", "64"])
+            .start()
+            .await?;
+        let node = &cluster.nodes[0];
+        let addr = node.quic.clone().context("QUIC")?;
+        let trust = Trust::pins_of(&RingView::fetch(&node.http, None).await?);
+
+        // Presence: asked for in `hello`, the list follows `welcome`.
+        let hello = Hello {
+            key: "quic:room".into(),
+            presence: true,
+            ..Hello::default()
+        };
+        let mut member = QuicSubscription::connect(&addr, &hello, &trust).await?;
+        match member.next_within(FRAME_TIMEOUT).await? {
+            Event::Frame(Frame::Presence { members: Some(m), .. }) => {
+                ensure!(m.len() == 1, "presence lists {m:?}")
+            }
+            other => bail!("expected the presence list, got {other:?}"),
+        }
+
+        // A client that reads nothing: its stream's window fills, then its queue.
+        let hello = Hello {
+            key: "quic:slow".into(),
+            ..Hello::default()
+        };
+        let mut slow = QuicSubscription::connect(&addr, &hello, &trust).await?;
+        let mut router = cluster.router().await?;
+        let big = "x".repeat(60_000);
+        for i in 0..40 {
+            let items = (0..10)
+                .map(|j| publisher::json("quic:slow", &json!({"i": i * 10 + j, "pad": big})))
+                .collect();
+            router
+                .publish_batch(ringfeed_proto::v1::PublishBatchRequest { items })
+                .await?;
+        }
+        // It reads at last: what was sent, then the close.
+        let code = loop {
+            match slow.next_within(FRAME_TIMEOUT).await? {
+                Event::Closed { code, .. } => break code,
+                Event::Frame(_) => {}
+                other => bail!("{other:?}"),
+            }
+        };
+        ensure!(code == 4408, "the slow client was closed with {code}");
+        // The other client is unaffected.
+        router
+            .publish(publisher::json("quic:room", &json!("still")))
+            .await?;
+        ensure!(next_data(&mut member).await? == json!("still"));
+        Ok(())
+    })
+    .await
+}
