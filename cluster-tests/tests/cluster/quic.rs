@@ -425,7 +425,9 @@ async fn a_quic_client_that_stops_reading_is_closed_4408_and_presence_works_as_o
         };
         let mut member = QuicSubscription::connect(&addr, &hello, &trust).await?;
         match member.next_within(FRAME_TIMEOUT).await? {
-            Event::Frame(Frame::Presence { members: Some(m), .. }) => {
+            Event::Frame(Frame::Presence {
+                members: Some(m), ..
+            }) => {
                 ensure!(m.len() == 1, "presence lists {m:?}")
             }
             other => bail!("expected the presence list, got {other:?}"),
