@@ -173,7 +173,11 @@ async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringfeed: {e:#}");
+            // A gRPC status reads as its code and message, not tonic's description.
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("ringfeed: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("ringfeed: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
