@@ -313,6 +313,8 @@ pub struct RouterProc {
     child: Option<Child>,
     /// `127.0.0.1:port`
     pub grpc: String,
+    /// `http://127.0.0.1:port`: `/metrics`, `/healthz`, `/readyz`.
+    pub http: String,
     log: PathBuf,
 }
 
@@ -714,6 +716,8 @@ impl Cluster {
                 &self.etcd.endpoint,
                 "--listen",
                 "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
             ])
             .args(&self.router_args)
             .env("RINGFEED_LOG", self.log_filter())
@@ -728,9 +732,15 @@ impl Cluster {
             .find_map(|w| w.strip_prefix("grpc="))
             .ok_or_else(|| anyhow!("router ready line without grpc: {line}"))?
             .to_owned();
+        let http = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .ok_or_else(|| anyhow!("router ready line without http: {line}"))?
+            .to_owned();
         Ok(RouterProc {
             child: Some(child),
             grpc,
+            http,
             log,
         })
     }
@@ -757,6 +767,14 @@ impl Cluster {
     }
 
     /// The router's gRPC address.
+    /// The router's HTTP base URL (`/metrics`, `/healthz`, `/readyz`).
+    pub fn router_http(&self) -> String {
+        self.router
+            .as_ref()
+            .map(|r| r.http.clone())
+            .expect("router started")
+    }
+
     pub fn router_grpc(&self) -> String {
         self.router
             .as_ref()

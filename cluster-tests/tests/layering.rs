@@ -33,10 +33,11 @@ const ROUTER_LAYERS: &[&[&str]] = &[
         "throttle",
         "watch",
         "tls",
+        "stats",
     ],
     &["membership"],
     &["forward"],
-    &["service", "config"],
+    &["service", "config", "observe"],
 ];
 
 /// The most lines a source file may have outside its tests.

@@ -174,6 +174,10 @@ pub struct Config {
     /// Address the gRPC service listens on (port 0 picks a free one).
     #[arg(long, env = "RINGFEED_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
+    /// Address of the HTTP listener: `/metrics`, `/healthz`, `/readyz` (port 0 picks a
+    /// free one).
+    #[arg(long, env = "RINGFEED_HTTP_LISTEN", default_value = "127.0.0.1:7080")]
+    pub http_listen: SocketAddr,
     /// Deadline of a call whose caller sets none, in milliseconds.
     #[arg(long, env = "RINGFEED_PUBLISH_TIMEOUT_MS", default_value_t = 10_000)]
     pub publish_timeout_ms: u64,

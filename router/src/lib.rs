@@ -13,7 +13,10 @@
 //!   when the files change or on `SIGHUP`.
 //! * [`forward`] — pooled channels to nodes; per-owner batching; NOT_OWNER catch-up and
 //!   jittered retries until the caller's deadline.
+//! * [`stats`] — the router's figures (publish latency by outcome, retries, `NOT_OWNER`
+//!   catch-ups, per owner calls in flight and lane depth) in the Prometheus format.
 //! * [`service`] — the public `ringfeed.v1.Router` gRPC service.
+//! * [`observe`] — `/metrics`, `/healthz`, `/readyz` and `grpc.health.v1`.
 //! * [`config`] — the `ringfeed-router` binary's flags.
 //!
 //! Nodes use this crate as a library for the ring and membership; the
@@ -25,8 +28,10 @@ pub mod config;
 pub mod forward;
 pub mod key;
 pub mod membership;
+pub mod observe;
 pub mod ring;
 pub mod service;
+pub mod stats;
 pub mod throttle;
 pub mod tls;
 pub mod watch;

@@ -10,6 +10,7 @@ use ringfeed_router::api_token::Gate;
 use ringfeed_router::config::Config;
 use ringfeed_router::forward::{ForwardConfig, Forwarder};
 use ringfeed_router::membership::Membership;
+use ringfeed_router::observe;
 use ringfeed_router::service::RouterService;
 use ringfeed_router::tls::Tls;
 use tokio_util::sync::CancellationToken;
@@ -84,18 +85,36 @@ async fn run(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ringfeed_proto::ROUTER_FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = RouterServer::new(RouterService::new(forwarder).with_tokens(tokens))
+    let router = RouterServer::new(RouterService::new(forwarder.clone()).with_tokens(tokens))
         .max_decoding_message_size(config.max_grpc_message());
+    // What operators watch: grpc.health.v1 beside Router, and an HTTP listener.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let readiness = observe::watch_readiness(forwarder.clone(), health, shutdown.clone());
+    let http = tokio::net::TcpListener::bind(config.http_listen).await?;
+    let http_addr = http.local_addr()?;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let app = observe::http(forwarder, readiness);
+        let served = axum::serve(http, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the router's HTTP listener failed");
+        }
+    });
 
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    println!("ringfeed-router ready grpc={addr}");
+    println!("ringfeed-router ready grpc={addr} http=http://{http_addr}");
     tracing::info!(%addr, cluster = %config.membership.cluster, "router serving");
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
     // set here, or every reply larger than a segment waits for a delayed ACK (~40 ms).
     let stop = shutdown.clone();
     let until = async move { stop.cancelled().await };
     let mut server = tonic::transport::Server::builder();
-    let server = server.add_service(reflection).add_service(router);
+    let server = server
+        .add_service(reflection)
+        .add_service(health_service)
+        .add_service(router);
     // Callers: gRPC over TLS when the router has a certificate (callers need not
     // present one: they present API tokens).
     match tls

@@ -12,6 +12,7 @@ use crate::api_token::{Gate, TokenError};
 use crate::forward::{parse_grpc_timeout, publish_result, Forwarder};
 use crate::key;
 use crate::ring::Member;
+use crate::stats::outcome;
 
 /// The longest deadline a caller may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
@@ -90,13 +91,19 @@ impl Router for RouterService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishReply>, Status> {
+        let started = Instant::now();
         self.authenticate(&request)?;
         let deadline = self.deadline(&request);
         let item = request.into_inner();
         let result = self.forwarder.publish(vec![item], deadline).await.pop();
-        result
-            .unwrap_or_else(|| Err(Status::internal("no result")))
-            .map(Response::new)
+        let result = result.unwrap_or_else(|| Err(Status::internal("no result")));
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.forwarder
+            .stats()
+            .publish_done(&outcome(code), started.elapsed().as_secs_f64());
+        result.map(Response::new)
     }
 
     async fn publish_batch(
@@ -113,7 +120,16 @@ impl Router for RouterService {
                 items.len()
             )));
         }
+        let started = Instant::now();
         let results = self.forwarder.publish(items, deadline).await;
+        // A batch's outcome: `ok`, or the code of its first failed item.
+        let code = results
+            .iter()
+            .find_map(|r| r.as_ref().err().map(|s| s.code()))
+            .unwrap_or(tonic::Code::Ok);
+        self.forwarder
+            .stats()
+            .publish_done(&outcome(code), started.elapsed().as_secs_f64());
         Ok(Response::new(pb::PublishBatchReply {
             results: results.into_iter().map(publish_result).collect(),
         }))

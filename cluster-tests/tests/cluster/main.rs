@@ -14,6 +14,7 @@ mod docs;
 mod docs_moves;
 mod proxy;
 mod quic;
+mod router_watch;
 mod routing;
 mod secure;
 

@@ -46,6 +46,20 @@ use crate::backoff::Backoff;
 use crate::key;
 use crate::membership::{Membership, View};
 use crate::ring::RingId;
+use crate::stats::{NodeLabel, RouterStats};
+
+/// Runs `f` when dropped.
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
 pub use lane::LANE_CALLS;
 use lane::{run_lane, Group, Lane, Link, LANE_QUEUE};
 pub use plan::{error_status, parse_grpc_timeout, publish_result, status_error};
@@ -94,6 +108,7 @@ pub struct Forwarder {
     membership: Membership,
     config: ForwardConfig,
     local: Option<Arc<dyn LocalDelivery>>,
+    stats: Arc<RouterStats>,
     channels: Mutex<HashMap<String, NodeClient<Channel>>>,
     lanes: Mutex<HashMap<String, Lane>>,
     /// The ring version the pool was last pruned at.
@@ -115,6 +130,7 @@ impl Forwarder {
             membership,
             config,
             local: None,
+            stats: Arc::new(RouterStats::new()),
             channels: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
             pruned_at: AtomicU64::new(0),
@@ -127,6 +143,21 @@ impl Forwarder {
     pub fn with_local(mut self, local: Arc<dyn LocalDelivery>) -> Forwarder {
         self.local = Some(local);
         self
+    }
+
+    /// The figures it keeps (for the router's `/metrics`).
+    pub fn stats(&self) -> &Arc<RouterStats> {
+        &self.stats
+    }
+
+    /// The groups waiting in each owner's lane, by gRPC address.
+    pub fn lane_depths(&self) -> Vec<(String, usize)> {
+        self.lanes
+            .lock()
+            .expect("lane lock poisoned")
+            .iter()
+            .map(|(grpc, lane)| (grpc.clone(), LANE_QUEUE - lane.tx.capacity()))
+            .collect()
     }
 
     pub fn config(&self) -> &ForwardConfig {
@@ -237,7 +268,11 @@ impl Forwarder {
             if !std::mem::take(&mut first) && Instant::now() >= deadline {
                 break;
             }
-            let view = retry.view(&self.membership, outcome.behind.take()).await;
+            let behind = outcome.behind.take();
+            if behind.is_some() {
+                self.stats.not_owner.inc();
+            }
+            let view = retry.view(&self.membership, behind).await;
             self.prune(&view);
             let ring = ring_ref(&view);
             let (groups, unowned) = plan(&view.ring, &items, &outcome.pending);
@@ -256,6 +291,7 @@ impl Forwarder {
                 break;
             }
             if outcome.transport_failure {
+                self.stats.retries.inc();
                 retry.pause(&self.membership).await;
             }
         }
@@ -284,6 +320,19 @@ impl Forwarder {
             };
         }
         let lane = self.lane(grpc)?;
+        // A clone of the gauge (shared), not the family's read guard: it is held
+        // across the call.
+        let in_flight = self
+            .stats
+            .in_flight
+            .get_or_create(&NodeLabel {
+                node: grpc.to_owned(),
+            })
+            .clone();
+        in_flight.inc();
+        let _done = scopeguard(move || {
+            in_flight.dec();
+        });
         let (tx, rx) = oneshot::channel();
         let group = Group {
             ring,
