@@ -100,6 +100,51 @@ ensure_python_quic() {
     -r cluster-tests/quic/requirements.txt >&2
 }
 
+# Checks the deployment files in deploy/ with the tools that read them: the systemd
+# units with `systemd-analyze verify` (as installed: the binaries built here are
+# bind-mounted at /usr/local/bin in a mount namespace of the check's own, where
+# ExecStart= finds them), and the Kubernetes manifests against the Kubernetes schemas
+# (`kubernetes-validate --strict`, from PyPI, in deploy/.venv). Installs what is missing.
+check_deploy() {
+  command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd
+  local venv=deploy/.venv
+  if ! { [ -x "$venv/bin/kubernetes-validate" ] && "$venv/bin/kubernetes-validate" --version >/dev/null 2>&1; }; then
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || apt_install python3-venv
+    echo "installing kubernetes-validate into $venv…" >&2
+    python3 -m venv "$venv" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r deploy/requirements.txt >&2
+  fi
+  local bin
+  bin="$(target_dir)/debug"
+  # systemd-analyze verify only warns about some mistakes (an unknown key, say): any
+  # word from it fails the check.
+  local units=(deploy/systemd/*.service) root said
+  root=$(mktemp -d)
+  ln -s "$(cd "$bin" && pwd)/ringfeed-node" "$root/ringfeed-node"
+  ln -s "$(cd "$bin" && pwd)/ringfeed-router" "$root/ringfeed-router"
+  if unshare -m true 2>/dev/null; then
+    said=$(unshare -m sh -c "mount --bind '$root' /usr/local/bin && systemd-analyze verify ${units[*]}" 2>&1) || said="${said:-systemd-analyze verify failed}"
+  else
+    # No mount namespace here: verify copies whose ExecStart= names the built binaries.
+    local copy="$root/units"
+    mkdir -p "$copy"
+    for unit in "${units[@]}"; do
+      sed "s#/usr/local/bin/#$root/#g" "$unit" > "$copy/$(basename "$unit")"
+    done
+    said=$(systemd-analyze verify "$copy"/*.service 2>&1) || said="${said:-systemd-analyze verify failed}"
+  fi
+  rm -rf "$root"
+  if [ -n "$said" ]; then
+    echo "systemd-analyze verify deploy/systemd/*.service:" >&2
+    echo "$said" >&2
+    return 1
+  fi
+  "$venv/bin/kubernetes-validate" --strict --quiet -k 1.30.0 deploy/kubernetes/*.yaml
+  "$venv/bin/kubernetes-validate" --strict --quiet deploy/kubernetes/*.yaml
+  echo "deployment files: systemd units and Kubernetes manifests check out" >&2
+}
+
 # Installs what the benchmarks' peers need, if missing: Redis (Debian's redis-server),
 # Node.js, and the peers' npm packages (the seed reference's, Socket.IO's, and P9's —
 # the y-websocket server, Hocuspocus and the stock Yjs clients —, pinned in their
