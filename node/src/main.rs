@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    ringfeed_router::init_tracing();
     // `ringfeed-node certs …` makes a cluster CA and certificates.
     if std::env::args().nth(1).as_deref() == Some("certs") {
         let args = ringfeed_node::certs::CertsArgs::parse_from(
             std::iter::once("ringfeed-node certs".to_owned()).chain(std::env::args().skip(2)),
         );
+        ringfeed_router::init_tracing(ringfeed_router::LogFormat::Text);
         return match ringfeed_node::certs::certs(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         let args = DrainArgs::parse_from(
             std::iter::once("ringfeed-node drain".to_owned()).chain(std::env::args().skip(2)),
         );
+        ringfeed_router::init_tracing(args.membership.log_format);
         return match runtime(0).map(|rt| rt.block_on(admin::drain(args))) {
             Some(Ok(())) => ExitCode::SUCCESS,
             Some(Err(e)) => {
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
         };
     }
     let config = Config::parse();
+    ringfeed_router::init_tracing(config.membership.log_format);
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-node: bad configuration: {e}");
         return ExitCode::from(64);

@@ -101,6 +101,10 @@ pub struct ClusterArgs {
     /// A file whose first line is --etcd-user's password.
     #[arg(long, env = "RINGFEED_ETCD_PASSWORD_FILE")]
     pub etcd_password_file: Option<std::path::PathBuf>,
+    /// How logs are written to stderr: `text` for people, or `json` (one object a line,
+    /// with the fields of the spans it happened in). `RINGFEED_LOG` sets the level.
+    #[arg(long, env = "RINGFEED_LOG_FORMAT", value_enum, default_value_t = crate::LogFormat::Text)]
+    pub log_format: crate::LogFormat,
 }
 
 impl ClusterArgs {

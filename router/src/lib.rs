@@ -36,17 +36,35 @@ pub mod throttle;
 pub mod tls;
 pub mod watch;
 
-/// Logs to stderr, filtered by `RINGFEED_LOG` (default `info`), in colour only on a
-/// terminal. For the binaries.
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// How the binaries write their logs (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people, in colour on a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line: time, level, target, message and fields, and the
+    /// spans it happened in with their fields.
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by `RINGFEED_LOG` (default `info`). For the
+/// binaries.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// A multi-threaded runtime with `workers` threads (0: tokio's default, one per core).

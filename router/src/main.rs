@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 fn main() -> ExitCode {
-    ringfeed_router::init_tracing();
     let config = Config::parse();
+    ringfeed_router::init_tracing(config.membership.log_format);
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-router: bad configuration: {e}");
         return ExitCode::from(64);

@@ -97,3 +97,54 @@ async fn the_router_answers_health_readiness_metrics_and_grpc_health_and_is_not_
     })
     .await
 }
+
+/// `--log-format json`: every line a node and the router write is one JSON object, with
+/// the fields of the spans it happened in; a credential in a client's URL is not in
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_a_line_with_span_fields_and_no_credentials() {
+    bounded(async {
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .log("debug,h2=info,tower=info,hyper=info,tonic=info,etcd_client=info")
+            .node_args(&["--log-format", "json"])
+            .router_args(&["--log-format", "json"])
+            .start()
+            .await?;
+        let node = &cluster.nodes[0];
+        let secret = "tkt-that-must-not-be-logged";
+        let url = format!("{}&ticket={secret}", node.connect_url("json:1"));
+        let mut sub = ringfeed_client::Subscription::connect(&url).await?;
+        cluster
+            .router()
+            .await?
+            .publish(publisher::json("json:1", &json!(1)))
+            .await?;
+        let _ = sub.next_within(Duration::from_secs(5)).await?;
+        sub.close().await;
+        let logs: Vec<String> = cluster.nodes.iter().map(|n| n.log()).collect();
+        let mut spans = 0;
+        for log in &logs {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("not a JSON object: {line}"))?;
+                ensure!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+                if v["spans"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["transport"] == "ws"))
+                {
+                    spans += 1;
+                }
+            }
+            ensure!(!log.contains(secret), "a ticket was logged");
+        }
+        ensure!(spans > 0, "no line carries the connection span's fields");
+        let router_log = cluster.router_log();
+        for line in router_log.lines().filter(|l| !l.trim().is_empty()) {
+            serde_json::from_str::<serde_json::Value>(line)
+                .with_context(|| format!("router: not a JSON object: {line}"))?;
+        }
+        Ok(())
+    })
+    .await
+}

@@ -117,7 +117,7 @@ pub(super) async fn doc(
                     .into_response()
             }
             Err(e) => {
-                tracing::debug!(%url, error = %e, "the document's owner cannot be reached");
+                tracing::debug!(url = %crate::protocol::redirect::redacted(&url), error = %e, "the document's owner cannot be reached");
                 return unavailable("the document's owner cannot be reached; retry", 1);
             }
         },

@@ -427,7 +427,7 @@ async fn proxy_connect(
     match proxy::dial_ws(&node, &base, &url, config).await {
         Ok(owner) => proxy::relay(client, owner, here.as_deref(), node.shutdown.clone()).await,
         Err(e) => {
-            tracing::debug!(%url, error = %e, "the key's owner cannot be reached");
+            tracing::debug!(url = %crate::protocol::redirect::redacted(&url), error = %e, "the key's owner cannot be reached");
             let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
                 code: CloseCode::Unavailable.code().into(),
                 reason: "the key's owner cannot be reached; reconnect".into(),
