@@ -98,6 +98,81 @@ pub struct Counters {
     /// A replication batch, from being sent to the successor to its answer (retries
     /// included).
     pub replication: crate::latency::Latency,
+    /// Client connections open now, by transport.
+    pub open: OpenConnections,
+}
+
+/// The transports a client connection comes over (the `transport` label of
+/// `ringfeed_connections_open`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Sse,
+    Poll,
+    Quic,
+    Doc,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 5] = [
+        Transport::Ws,
+        Transport::Sse,
+        Transport::Poll,
+        Transport::Quic,
+        Transport::Doc,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+            Transport::Poll => "poll",
+            Transport::Quic => "quic",
+            Transport::Doc => "doc",
+        }
+    }
+}
+
+/// Client connections open now, by transport.
+#[derive(Debug, Default)]
+pub struct OpenConnections([AtomicU64; 5]);
+
+impl OpenConnections {
+    pub fn opened(&self, transport: Transport) {
+        self.0[transport as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn closed(&self, transport: Transport) {
+        self.0[transport as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// How many are open over `transport`.
+    pub fn get(&self, transport: Transport) -> u64 {
+        self.0[transport as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// One open client connection, counted by transport until dropped.
+pub struct Held {
+    node: Arc<Node>,
+    transport: Transport,
+}
+
+impl Held {
+    /// Counts a connection over `transport` open until the guard is dropped.
+    pub fn new(node: &Arc<Node>, transport: Transport) -> Held {
+        node.counters.open.opened(transport);
+        Held {
+            node: node.clone(),
+            transport,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.node.counters.open.closed(self.transport);
+    }
 }
 
 /// A per-connection bound a client broke (it is then closed with 1008).

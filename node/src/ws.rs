@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCl
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::node::{Node, Violation};
+use crate::node::{Node, Transport, Violation};
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::params::ClientQuery;
@@ -131,6 +131,7 @@ impl Drop for Live {
         let node = &self.session.node;
         node.keys.unsubscribe(&self.control);
         node.connections.add_permits(1);
+        node.counters.open.closed(Transport::Ws);
     }
 }
 
@@ -138,6 +139,7 @@ impl Live {
     /// A session whose start has been sent, its clock set.
     fn new(session: Session, control: Arc<Control>) -> Live {
         let now = session.now_ms();
+        session.node.counters.open.opened(Transport::Ws);
         let live = Live {
             ping_at: now + session.heartbeat_ms(),
             dead_at: now + session.silence_ms(),

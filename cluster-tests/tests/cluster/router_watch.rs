@@ -148,3 +148,139 @@ async fn json_logs_are_one_object_a_line_with_span_fields_and_no_credentials() {
     })
     .await
 }
+
+/// A node's `/metrics` counts open connections by transport and carries the process's
+/// own figures (CPU, memory, file descriptors, threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_metrics_count_connections_by_transport_and_the_process() {
+    use ringfeed_client::quic::{Hello, QuicSubscription, Trust};
+    bounded(async {
+        let cluster = Cluster::builder().nodes(1).start().await?;
+        let node = &cluster.nodes[0];
+        let open = |text: &str, transport: &str| -> Option<u64> {
+            let prefix = format!("ringfeed_connections_open{{transport=\"{transport}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let ws = ringfeed_client::Subscription::connect(&node.connect_url("m:1")).await?;
+        let ring = ringfeed_client::routing::RingView::fetch(&node.http, None).await?;
+        let quic = QuicSubscription::connect(
+            node.quic.as_deref().context("QUIC")?,
+            &Hello {
+                key: "m:2".into(),
+                ..Hello::default()
+            },
+            &Trust::pins_of(&ring),
+        )
+        .await?;
+        let _sse =
+            ringfeed_cluster_tests::SseStream::open(&format!("{}/v1/sse?key=m:3", node.http), None)
+                .await?;
+        let metrics = format!("{}/metrics", node.http);
+        eventually("one connection of each", Duration::from_secs(10), || {
+            let metrics = metrics.clone();
+            async move {
+                let text = http_get(&metrics).await?.1;
+                Ok((open(&text, "ws") == Some(1)
+                    && open(&text, "quic") == Some(1)
+                    && open(&text, "sse") == Some(1)
+                    && open(&text, "poll") == Some(0)
+                    && open(&text, "doc") == Some(0))
+                .then_some(()))
+            }
+        })
+        .await;
+        let text = http_get(&metrics).await?.1;
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_threads ",
+        ] {
+            let value: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .with_context(|| format!("no {name}"))?
+                .trim()
+                .parse()?;
+            ensure!(
+                value > 0.0 || name.starts_with("process_cpu"),
+                "{name}{value}"
+            );
+        }
+        ws.close().await;
+        quic.close().await;
+        eventually("the closed ones uncounted", Duration::from_secs(10), || {
+            let metrics = metrics.clone();
+            async move {
+                let text = http_get(&metrics).await?.1;
+                Ok((open(&text, "ws") == Some(0) && open(&text, "quic") == Some(0)).then_some(()))
+            }
+        })
+        .await;
+        Ok(())
+    })
+    .await
+}
+
+/// `docs/metrics.md` lists every metric a node and a router export, as their `/metrics`
+/// describe them (`# HELP`, `# TYPE`). `RINGFEED_UPDATE_DOCS=1` rewrites the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_doc_lists_every_metric_the_processes_export() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(1).start().await?;
+        let mut rows = Vec::new();
+        for (process, url) in [
+            ("node", format!("{}/metrics", cluster.nodes[0].http)),
+            ("router", format!("{}/metrics", cluster.router_http())),
+        ] {
+            let text = http_get(&url).await?.1;
+            let mut kinds = std::collections::BTreeMap::new();
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("# TYPE ") {
+                    if let Some((name, kind)) = rest.split_once(' ') {
+                        kinds.insert(name.to_owned(), kind.to_owned());
+                    }
+                }
+            }
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("# HELP ") {
+                    let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let kind = kinds.get(name).cloned().unwrap_or_default();
+                    // OpenMetrics names counters without `_total` in HELP/TYPE.
+                    let shown = if kind == "counter" && !name.ends_with("_total") {
+                        format!("{name}_total")
+                    } else {
+                        name.to_owned()
+                    };
+                    rows.push(format!(
+                        "| `{shown}` | {process} | {kind} | {} |",
+                        help.trim_end_matches('.').replace('|', "\\|")
+                    ));
+                }
+            }
+        }
+        let doc = format!(
+            "# Metrics\n\n\
+             Every node serves `GET /metrics` on its HTTP port, and every router on its HTTP\n\
+             listener (`--http-listen`), in the Prometheus text format (the router's in\n\
+             OpenMetrics). This list is generated from what the processes export\n\
+             (`RINGFEED_UPDATE_DOCS=1 cargo nextest run -p ringfeed-cluster-tests --test\n\
+             cluster the_metrics_doc`), and a test fails when they differ.\n\n\
+             | metric | process | type | what |\n| --- | --- | --- | --- |\n{}\n",
+            rows.join("\n")
+        );
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+        if std::env::var_os("RINGFEED_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &doc)?;
+        }
+        let written = std::fs::read_to_string(&path).unwrap_or_default();
+        ensure!(
+            written == doc,
+            "docs/metrics.md is not what the processes export; run with RINGFEED_UPDATE_DOCS=1"
+        );
+        Ok(())
+    })
+    .await
+}

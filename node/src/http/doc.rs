@@ -132,6 +132,7 @@ pub(super) async fn doc(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
+        let _held = crate::node::Held::new(&docs, crate::node::Transport::Doc);
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;

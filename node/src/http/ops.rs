@@ -119,6 +119,50 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
     response
 }
 
+/// The process's own figures, under the names Prometheus's client libraries use:
+/// CPU seconds, resident memory, open file descriptors, threads (Linux `/proc`).
+fn process_metrics(body: &mut String) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    // utime and stime, the 14th and 15th fields of /proc/self/stat, in clock ticks
+    // (100 a second on Linux); the command name may hold spaces, so count after ')'.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    body.push_str(&format!(
+        "# HELP process_cpu_seconds_total CPU time of the process, user and system\n\
+         # TYPE process_cpu_seconds_total counter\n\
+         process_cpu_seconds_total {:.2}\n\
+         # HELP process_resident_memory_bytes resident memory of the process\n\
+         # TYPE process_resident_memory_bytes gauge\n\
+         process_resident_memory_bytes {}\n\
+         # HELP process_open_fds open file descriptors\n\
+         # TYPE process_open_fds gauge\n\
+         process_open_fds {fds}\n\
+         # HELP process_threads threads of the process\n\
+         # TYPE process_threads gauge\n\
+         process_threads {}\n",
+        ticks as f64 / 100.0,
+        field("VmRSS:").unwrap_or(0) * 1024,
+        field("Threads:").unwrap_or(0),
+    ));
+}
+
 /// A metric: name, help, value.
 type Metric = (&'static str, &'static str, u64);
 
@@ -247,6 +291,18 @@ fn counted(node: &Node) -> [Metric; 8] {
 /// The labelled counters and the latency histograms.
 fn labelled_and_histograms(node: &Node, body: &mut String) {
     let counters = &node.counters;
+    body.push_str(
+        "# HELP ringfeed_connections_open client connections open, by transport (ws, sse, poll: waiting polls, quic, doc: document editors)\n\
+         # TYPE ringfeed_connections_open gauge\n",
+    );
+    for transport in crate::node::Transport::ALL {
+        body.push_str(&format!(
+            "ringfeed_connections_open{{transport=\"{}\"}} {}\n",
+            transport.name(),
+            counters.open.get(transport)
+        ));
+    }
+    process_metrics(body);
     body.push_str(
         "# HELP ringfeed_tickets_refused_total client tickets refused (401 / close 4401), by reason\n\
          # TYPE ringfeed_tickets_refused_total counter\n",

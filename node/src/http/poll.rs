@@ -85,6 +85,7 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         Ok(permit) => permit,
         Err(e) => return Ok(refused(&e)),
     };
+    let _held = crate::node::Held::new(&node, crate::node::Transport::Poll);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         // Reading creates the key: once it has moved away (a drain while this poll

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::reply::{client_request, connection_span, elsewhere, refused, unavailable, ApiError};
 use tracing::Instrument;
 
-use crate::node::Node;
+use crate::node::{Held, Node, Transport};
 use crate::protocol::frames::{self, ServerFrame};
 use crate::protocol::params::last_event_id;
 use crate::session::{self, Subscription};
@@ -95,6 +95,7 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         first: Some(first),
         ends_at,
         _permit: permit,
+        _held: Held::new(&node, Transport::Sse),
     };
     let body = Body::from_stream(futures_util::stream::unfold(
         stream,
@@ -172,6 +173,8 @@ struct EventStream {
     /// When the stream is ended for the client to reconnect, if ever.
     ends_at: Option<tokio::time::Instant>,
     _permit: OwnedSemaphorePermit,
+    /// Counted as an open SSE connection while it lasts.
+    _held: Held,
 }
 
 impl EventStream {

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::frame::{self, ReadError, Reader};
 use super::ALPN;
-use crate::node::{Node, Violation};
+use crate::node::{Held, Node, Transport, Violation};
 use crate::protocol::close::CloseCode;
 use crate::protocol::frames::ServerFrame;
 use crate::protocol::params::ClientQuery;
@@ -52,6 +52,7 @@ pub(super) async fn serve(accepted: Box<Accepted>) {
         return;
     };
     let _guard = SubscriptionGuard::new(session.node.clone(), control.clone());
+    let _held = Held::new(&session.node, Transport::Quic);
     let mut message_by: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let wake = session.wake(&control, &mut message_by).await;
