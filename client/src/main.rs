@@ -149,6 +149,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The hottest keys cluster-wide, by update rate and by subscribers, refreshed
+    /// live in the terminal (each node reports its own; Ctrl-C to stop).
+    Top {
+        /// Any node's HTTP URL.
+        #[arg(long, env = "RINGFEED_NODE")]
+        node: String,
+        /// How many keys in each list.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Seconds between refreshes (at least 1.1).
+        #[arg(long, default_value_t = 2.0)]
+        interval_secs: f64,
+        /// Print once (after two samples, so that rates exist) and exit.
+        #[arg(long)]
+        once: bool,
+        /// One JSON object a refresh instead of the live table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A dry run against the live ring: what would move if a member left (--remove)
     /// or joined (--add ID[:POINTS]): the share of keys, from where to where, and
     /// about how many keys and connections (from each node's own counts).
@@ -300,6 +319,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Top {
+            node,
+            count,
+            interval_secs,
+            once,
+            json,
+        } => {
+            let interval = std::time::Duration::try_from_secs_f64(interval_secs)
+                .map_err(|_| anyhow::anyhow!("--interval-secs: a number of seconds"))?;
+            ops::top(&node, count, interval, once, json, tls.as_ref()).await
         }
         Command::Route { node, key, json } => ops::route(&node, &key, json, tls.as_ref()).await,
         Command::Drain {

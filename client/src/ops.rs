@@ -246,3 +246,107 @@ pub(crate) async fn drain(
     }
     Ok(())
 }
+
+/// One key's figures in `ringfeed top`.
+#[derive(Debug, Clone, Default)]
+struct HotKey {
+    node: String,
+    per_s: f64,
+    subscribers: u64,
+}
+
+/// Every active member's hottest keys (`GET /v1/hot`), merged.
+async fn hot_keys(view: &RingView, tls: Option<&Tls>) -> BTreeMap<String, HotKey> {
+    let mut keys: BTreeMap<String, HotKey> = BTreeMap::new();
+    for m in view.ring.members() {
+        let Ok(answer) =
+            ringfeed_client::http_json(&m.http, ringfeed_client::Call::get("/v1/hot"), tls).await
+        else {
+            continue;
+        };
+        for item in answer["by_rate"].as_array().into_iter().flatten() {
+            if let Some(key) = item["key"].as_str() {
+                let entry = keys.entry(key.to_owned()).or_default();
+                entry.node = m.id.0.clone();
+                entry.per_s = item["per_s"].as_f64().unwrap_or(0.0);
+            }
+        }
+        for item in answer["by_subscribers"].as_array().into_iter().flatten() {
+            if let Some(key) = item["key"].as_str() {
+                let entry = keys.entry(key.to_owned()).or_default();
+                entry.node = m.id.0.clone();
+                entry.subscribers = item["subscribers"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    keys
+}
+
+/// `ringfeed top`: the hottest keys cluster-wide, by update rate and by subscribers,
+/// from every member's own view (each samples at most once a second). Refreshed every
+/// `interval` in the terminal until interrupted; with `once`, printed once after two
+/// samples (so that rates exist).
+pub(crate) async fn top(
+    node: &str,
+    count: usize,
+    interval: std::time::Duration,
+    once: bool,
+    json: bool,
+    tls: Option<&Tls>,
+) -> anyhow::Result<()> {
+    let interval = interval.max(std::time::Duration::from_millis(1100));
+    let view = RingView::fetch(node, tls).await?;
+    // The first sample of each node only starts its clock.
+    hot_keys(&view, tls).await;
+    loop {
+        tokio::time::sleep(interval).await;
+        let view = RingView::fetch(node, tls).await.unwrap_or(view.clone());
+        let keys = hot_keys(&view, tls).await;
+        let mut by_rate: Vec<(&String, &HotKey)> =
+            keys.iter().filter(|(_, h)| h.per_s > 0.0).collect();
+        by_rate.sort_by(|a, b| b.1.per_s.total_cmp(&a.1.per_s).then_with(|| a.0.cmp(b.0)));
+        by_rate.truncate(count);
+        let mut by_subs: Vec<(&String, &HotKey)> =
+            keys.iter().filter(|(_, h)| h.subscribers > 0).collect();
+        by_subs.sort_by(|a, b| {
+            b.1.subscribers
+                .cmp(&a.1.subscribers)
+                .then_with(|| a.0.cmp(b.0))
+        });
+        by_subs.truncate(count);
+        if json {
+            let rate: Vec<_> = by_rate
+                .iter()
+                .map(|(k, h)| serde_json::json!({"key": k, "node": h.node, "per_s": h.per_s}))
+                .collect();
+            let subs: Vec<_> = by_subs
+                .iter()
+                .map(|(k, h)| serde_json::json!({"key": k, "node": h.node, "subscribers": h.subscribers}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"ring_version": view.version, "by_rate": rate, "by_subscribers": subs})
+            );
+        } else {
+            if !once {
+                // Clear the terminal and go home: a live view.
+                print!("\x1b[2J\x1b[H");
+            }
+            println!(
+                "hottest keys, ring version {} (every {:?})",
+                view.version, interval
+            );
+            println!("  {:<40} {:>10}  {:<8}", "key", "updates/s", "owner");
+            for (k, h) in &by_rate {
+                println!("  {k:<40} {:>10.1}  {:<8}", h.per_s, h.node);
+            }
+            println!("  {:<40} {:>10}  {:<8}", "key", "subscribers", "owner");
+            for (k, h) in &by_subs {
+                println!("  {k:<40} {:>10}  {:<8}", h.subscribers, h.node);
+            }
+        }
+        if once {
+            return Ok(());
+        }
+    }
+}

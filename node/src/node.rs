@@ -30,6 +30,8 @@ pub struct Node {
     pub config: Config,
     pub membership: Membership,
     pub keys: KeyTable,
+    /// The hottest keys, sampled on demand (`/v1/hot`, `/metrics`).
+    pub hot: std::sync::Mutex<crate::state::hot::HotKeys>,
     /// Copies of other owners' keys, held as their successor.
     pub replicas: Replicas,
     pub replication: Replication,
@@ -273,6 +275,7 @@ impl Node {
         Node {
             id: NodeId(config.id.clone()),
             keys: KeyTable::new(config.key_limits()),
+            hot: Default::default(),
             replicas: Replicas::new(config.key_limits()),
             replication: Replication::default(),
             handoffs: Handoffs::default(),

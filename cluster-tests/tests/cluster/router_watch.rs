@@ -284,3 +284,99 @@ async fn the_metrics_doc_lists_every_metric_the_processes_export() {
     })
     .await
 }
+
+/// Under a skewed load — three keys at 100× the rate of fifty others — the hot-key view
+/// (`ringfeed top`, from every node's `/v1/hot`) names the three, and a node's
+/// `/metrics` carries them as hot-key gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_key_view_names_the_keys_under_a_skewed_load() {
+    bounded(async {
+        let cluster = Cluster::builder().nodes(3).start().await?;
+        let node = cluster.nodes[0].http.clone();
+        let hot: Vec<String> = (0..3).map(|i| format!("celebrity:{i}")).collect();
+        let cold: Vec<String> = (0..50).map(|i| format!("fan:{i}")).collect();
+        // Subscribers: a crowd on one hot key.
+        let mut crowd = Vec::new();
+        for _ in 0..5 {
+            crowd.push(
+                ringfeed_client::Subscription::connect(&cluster.nodes[0].connect_url(&hot[0]))
+                    .await?,
+            );
+        }
+        let router = cluster.router_grpc();
+        let load = {
+            let (hot, cold) = (hot.clone(), cold.clone());
+            tokio::spawn(async move {
+                let mut client = ringfeed_cluster_tests::connect_router(&router).await?;
+                // 100 rounds a second for 6 s: each hot key every round (100/s), each
+                // cold key once a second (1/s).
+                for round in 0..600u64 {
+                    let mut items: Vec<_> = hot
+                        .iter()
+                        .map(|k| publisher::json(k, &json!(round)))
+                        .collect();
+                    if round % 100 < 50 {
+                        let k = &cold[(round % 100) as usize];
+                        items.push(publisher::json(k, &json!(round)));
+                    }
+                    client
+                        .publish_batch(ringfeed_proto::v1::PublishBatchRequest { items })
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                anyhow::Ok(())
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let out = tokio::process::Command::new(ringfeed_cluster_tests::bin_dir().join("ringfeed"))
+            .args([
+                "top",
+                "--node",
+                &node,
+                "--once",
+                "--json",
+                "--count",
+                "3",
+                "--interval-secs",
+                "2",
+            ])
+            .output()
+            .await?;
+        ensure!(
+            out.status.success(),
+            "top: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let top: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut named: Vec<String> = top["by_rate"]
+            .as_array()
+            .context("by_rate")?
+            .iter()
+            .filter_map(|k| k["key"].as_str().map(str::to_owned))
+            .collect();
+        named.sort();
+        ensure!(named == hot, "top named {named:?}: {top}");
+        ensure!(
+            top["by_subscribers"][0]["key"] == hot[0].as_str()
+                && top["by_subscribers"][0]["subscribers"] == 5,
+            "{top}"
+        );
+        // The hot-key gauges on the owner of celebrity:0.
+        let owner = super::owner_of(&cluster, &hot[0]).await?;
+        let metrics = http_get(&format!("{}/metrics", cluster.node(&owner).http))
+            .await?
+            .1;
+        ensure!(
+            metrics.contains(&format!(
+                "ringfeed_hot_key_updates_per_second{{key=\"{}\"}}",
+                hot[0]
+            )),
+            "no hot-key gauge for {}",
+            hot[0]
+        );
+        load.await??;
+        drop(crowd);
+        Ok(())
+    })
+    .await
+}

@@ -79,6 +79,7 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .route("/v1/poll", get(poll::poll))
         .route("/v1/route", get(route))
         .route("/v1/ring", get(ring))
+        .route("/v1/hot", get(ops::hot_keys))
         .route("/v1/tickets", axum::routing::post(tickets::issue))
         .route("/v1/doc/{*name}", get(doc::doc))
         .route("/healthz", get(|| async { "ok\n" }))

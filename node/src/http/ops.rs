@@ -62,6 +62,26 @@ pub(super) async fn ring(State(node): State<Arc<Node>>) -> Response {
     .into_response()
 }
 
+/// This node's hottest keys, sampled now (at most once a second).
+fn hot(node: &Node) -> crate::state::hot::Hot {
+    node.hot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .sample(&node.keys, tokio::time::Instant::now())
+}
+
+/// `GET /v1/hot`: this node's hottest keys, by update rate and by subscribers.
+pub(super) async fn hot_keys(State(node): State<Arc<Node>>) -> Response {
+    let hot = hot(&node);
+    Json(json!({
+        "node": node.id.0,
+        "window_ms": hot.window_ms,
+        "by_rate": hot.by_rate.iter().map(|(k, r)| json!({"key": k, "per_s": r})).collect::<Vec<_>>(),
+        "by_subscribers": hot.by_subscribers.iter().map(|(k, n)| json!({"key": k, "subscribers": n})).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
 /// `GET /readyz`: 200 when registered, on the last known ring, not fenced, not
 /// draining ([`Node::not_ready`]).
 pub(super) async fn readyz(State(node): State<Arc<Node>>) -> Response {
@@ -161,6 +181,14 @@ fn process_metrics(body: &mut String) {
         field("VmRSS:").unwrap_or(0) * 1024,
         field("Threads:").unwrap_or(0),
     ));
+}
+
+/// `value` as a Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// A metric: name, help, value.
@@ -303,6 +331,27 @@ fn labelled_and_histograms(node: &Node, body: &mut String) {
         ));
     }
     process_metrics(body);
+    let hot = hot(node);
+    body.push_str(
+        "# HELP ringfeed_hot_key_updates_per_second the hottest keys' update rates (top 20, between the last two samples)\n\
+         # TYPE ringfeed_hot_key_updates_per_second gauge\n",
+    );
+    for (key, rate) in &hot.by_rate {
+        body.push_str(&format!(
+            "ringfeed_hot_key_updates_per_second{{key=\"{}\"}} {rate:.2}\n",
+            label(key)
+        ));
+    }
+    body.push_str(
+        "# HELP ringfeed_hot_key_subscribers the keys with the most subscribers (top 20)\n\
+         # TYPE ringfeed_hot_key_subscribers gauge\n",
+    );
+    for (key, n) in &hot.by_subscribers {
+        body.push_str(&format!(
+            "ringfeed_hot_key_subscribers{{key=\"{}\"}} {n}\n",
+            label(key)
+        ));
+    }
     body.push_str(
         "# HELP ringfeed_tickets_refused_total client tickets refused (401 / close 4401), by reason\n\
          # TYPE ringfeed_tickets_refused_total counter\n",

@@ -21,6 +21,7 @@ mod clock;
 pub mod docs;
 mod fencing;
 mod handoffs;
+pub mod hot;
 mod idempotency;
 mod log;
 mod mailbox;

@@ -518,6 +518,23 @@ impl KeyTable {
         }
     }
 
+    /// Calls `each(key, epoch, seq, subscribers)` for every key held, each key's lock
+    /// held only for its call (for the hot-key view).
+    pub fn activity(&self, mut each: impl FnMut(&str, &str, u64, usize)) {
+        for shard in &self.shards {
+            let keys: Vec<(String, KeyRef)> = shard
+                .lock()
+                .expect("shard lock poisoned")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (key, state) in keys {
+                let state = state.lock().expect("key lock poisoned");
+                each(&key, &state.epoch, state.seq, state.subscribers.len());
+            }
+        }
+    }
+
     /// How many keys are held.
     pub fn len(&self) -> usize {
         self.shards
