@@ -45,7 +45,10 @@ fn main() -> ExitCode {
             None => ExitCode::FAILURE,
         };
     }
-    let config = Config::parse();
+    let config = match parse_config() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
     ringfeed_router::init_tracing(config.membership.log_format);
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-node: bad configuration: {e}");
@@ -80,6 +83,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The node's settings: flags, environment, the config file, defaults, in that order.
+/// A bad one is exit 64 with a message naming it (help and version exit as clap does).
+fn parse_config() -> Result<Config, ExitCode> {
+    use clap::CommandFactory;
+    let argv = ringfeed_router::config::with_config_file(
+        &Config::command(),
+        std::env::args_os().collect(),
+    )
+    .map_err(|e| {
+        eprintln!("ringfeed-node: bad configuration: {e}");
+        ExitCode::from(64)
+    })?;
+    Config::try_parse_from(argv).map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            e.exit();
+        }
+        eprint!("ringfeed-node: bad configuration: {e}");
+        ExitCode::from(64)
+    })
 }
 
 /// The runtime with `workers` threads (0: one per core).

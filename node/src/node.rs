@@ -30,6 +30,8 @@ pub struct Node {
     pub config: Config,
     pub membership: Membership,
     pub keys: KeyTable,
+    /// The limits a `SIGHUP` may change while the node runs.
+    pub live: LiveLimits,
     /// The hottest keys, sampled on demand (`/v1/hot`, `/metrics`).
     pub hot: std::sync::Mutex<crate::state::hot::HotKeys>,
     /// Copies of other owners' keys, held as their successor.
@@ -102,6 +104,46 @@ pub struct Counters {
     pub replication: crate::latency::Latency,
     /// Client connections open now, by transport.
     pub open: OpenConnections,
+}
+
+/// The limits that change without a restart (`SIGHUP` with a changed config file):
+/// read at each use from here, not from [`Config`].
+#[derive(Debug)]
+pub struct LiveLimits {
+    pub client_message_rate: std::sync::atomic::AtomicU32,
+    pub client_control_rate: std::sync::atomic::AtomicU32,
+}
+
+impl LiveLimits {
+    fn of(config: &Config) -> LiveLimits {
+        LiveLimits {
+            client_message_rate: config.client_message_rate.into(),
+            client_control_rate: config.client_control_rate.into(),
+        }
+    }
+
+    /// Takes `config`'s values; returns what changed, `(setting, from, to)`.
+    pub fn update(&self, config: &Config) -> Vec<(&'static str, u32, u32)> {
+        let mut changed = Vec::new();
+        for (name, slot, to) in [
+            (
+                "client-message-rate",
+                &self.client_message_rate,
+                config.client_message_rate,
+            ),
+            (
+                "client-control-rate",
+                &self.client_control_rate,
+                config.client_control_rate,
+            ),
+        ] {
+            let from = slot.swap(to, Ordering::Relaxed);
+            if from != to {
+                changed.push((name, from, to));
+            }
+        }
+        changed
+    }
 }
 
 /// The transports a client connection comes over (the `transport` label of
@@ -276,6 +318,7 @@ impl Node {
             id: NodeId(config.id.clone()),
             keys: KeyTable::new(config.key_limits()),
             hot: Default::default(),
+            live: LiveLimits::of(&config),
             replicas: Replicas::new(config.key_limits()),
             replication: Replication::default(),
             handoffs: Handoffs::default(),

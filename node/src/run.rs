@@ -88,6 +88,7 @@ pub async fn run(
     }
     serve_internal(&node, grpc, internal_tls, router, stop.clone());
     spawn_upkeep(&node);
+    tasks.spawn(reload_on_sighup(node.clone()));
 
     // Registration lives on its own token: it must outlast the client-facing shutdown
     // long enough to deregister.
@@ -228,6 +229,46 @@ fn serve_internal(
             tracing::error!(error = %e, "internal gRPC server failed");
         }
     });
+}
+
+/// On `SIGHUP`, reads the settings again (flags, environment, the config file) and
+/// applies what can change while the node runs ([`crate::node::LiveLimits`]), logging
+/// each change; a file that does not parse or validate changes nothing.
+async fn reload_on_sighup(node: Arc<Node>) {
+    use clap::{CommandFactory, Parser};
+    let Ok(mut hups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: settings will not be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hups.recv() => {}
+            _ = node.shutdown.cancelled() => return,
+        }
+        let reread = ringfeed_router::config::with_config_file(
+            &Config::command(),
+            std::env::args_os().collect(),
+        )
+        .and_then(|argv| Config::try_parse_from(argv).map_err(|e| e.to_string()))
+        .and_then(|config| config.validate().map(|()| config));
+        match reread {
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: the settings did not load; nothing changed")
+            }
+            Ok(config) => {
+                let changed = node.live.update(&config);
+                if changed.is_empty() {
+                    tracing::info!(
+                        "SIGHUP: settings read again; no limit that changes live changed"
+                    );
+                }
+                for (setting, from, to) in changed {
+                    tracing::info!(setting, from, to, "SIGHUP: changed");
+                }
+            }
+        }
+    }
 }
 
 /// The node's background work: following the ring, sweeping idle state, the

@@ -118,11 +118,12 @@ pub fn start_frames(node: &Node, sub: &Subscription, mut out: impl FnMut(&Utf8By
 
 /// The per-second bound `count` (messages, control frames in the second so far)
 /// breaks, if any.
-pub fn flood(count: (u32, u32), config: &crate::config::Config) -> Option<Violation> {
+pub fn flood(count: (u32, u32), node: &Node) -> Option<Violation> {
     let (messages, controls) = count;
-    if controls > config.client_control_rate {
+    let live = &node.live;
+    if controls > live.client_control_rate.load(Ordering::Relaxed) {
         Some(Violation::ControlFlood)
-    } else if messages > config.client_message_rate {
+    } else if messages > live.client_message_rate.load(Ordering::Relaxed) {
         Some(Violation::MessageFlood)
     } else {
         None

@@ -222,7 +222,7 @@ impl Live {
                         Message::Ping(_) | Message::Pong(_) | Message::Close(_)
                     );
                     let count = self.control.count_from_client(now / 1000, control);
-                    if let Some(violation) = session::flood(count, &session.node.config) {
+                    if let Some(violation) = session::flood(count, &session.node) {
                         return Some(Box::pin(session.violated(violation)));
                     }
                 }

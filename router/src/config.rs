@@ -101,6 +101,11 @@ pub struct ClusterArgs {
     /// A file whose first line is --etcd-user's password.
     #[arg(long, env = "RINGFEED_ETCD_PASSWORD_FILE")]
     pub etcd_password_file: Option<std::path::PathBuf>,
+    /// A TOML file of settings, named as the flags without their dashes
+    /// (`max-connections = 19000`): a flag beats its environment variable, which beats
+    /// the file, which beats the default. `SIGHUP` makes a node read it again.
+    #[arg(long, env = "RINGFEED_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// How logs are written to stderr: `text` for people, or `json` (one object a line,
     /// with the fields of the spans it happened in). `RINGFEED_LOG` sets the level.
     #[arg(long, env = "RINGFEED_LOG_FORMAT", value_enum, default_value_t = crate::LogFormat::Text)]
@@ -256,4 +261,84 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The command line a binary runs with once its config file is read: `argv`, plus
+/// `--name value` for every setting of the file (`--config FILE`, or `RINGFEED_CONFIG`)
+/// that neither `argv` nor the environment sets. So a flag beats its environment
+/// variable, which beats the file, which beats the default (docs/configuration.md).
+///
+/// The file is TOML, one `name = value` per setting, named as the flag without its
+/// dashes (`max-connections = 19000`, or `max_connections`); a list is an array. A
+/// setting the binary does not have, or a value that is not a scalar or a list of
+/// them, is an error naming it. Without a config file, `argv` is returned as it is.
+pub fn with_config_file(
+    command: &clap::Command,
+    argv: Vec<std::ffi::OsString>,
+) -> Result<Vec<std::ffi::OsString>, String> {
+    let args: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let from_args = args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--config" {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(str::to_owned)
+        }
+    });
+    let Some(path) = from_args.or_else(|| std::env::var("RINGFEED_CONFIG").ok()) else {
+        return Ok(argv);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("--config {path}: not TOML: {e}"))?;
+    let given = |flag: &str| {
+        args.iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let mut out = argv;
+    for (name, value) in table {
+        let long = name.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+            .ok_or_else(|| format!("--config {path}: unknown setting `{name}`"))?;
+        let flag = format!("--{long}");
+        let from_env = arg
+            .get_env()
+            .is_some_and(|env| std::env::var_os(env).is_some());
+        if given(&flag) || from_env {
+            continue;
+        }
+        let scalar = |v: &toml::Value| match v {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Float(f) => Some(f.to_string()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        };
+        let bad = || {
+            format!("--config {path}: `{name}` must be a string, number, boolean or a list of them")
+        };
+        let takes_value = arg.get_num_args().is_none_or(|n| n.takes_values());
+        match &value {
+            toml::Value::Boolean(on) if !takes_value => {
+                if *on {
+                    out.push(flag.into());
+                }
+            }
+            toml::Value::Array(items) => {
+                let items: Option<Vec<String>> = items.iter().map(scalar).collect();
+                out.push(flag.into());
+                out.push(items.ok_or_else(bad)?.join(",").into());
+            }
+            other => {
+                out.push(flag.into());
+                out.push(scalar(other).ok_or_else(bad)?.into());
+            }
+        }
+    }
+    Ok(out)
 }

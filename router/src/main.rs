@@ -17,7 +17,28 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    use clap::CommandFactory;
+    let argv = match ringfeed_router::config::with_config_file(
+        &Config::command(),
+        std::env::args_os().collect(),
+    ) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("ringfeed-router: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let config = match Config::try_parse_from(argv) {
+        Ok(config) => config,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            eprint!("ringfeed-router: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
     ringfeed_router::init_tracing(config.membership.log_format);
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-router: bad configuration: {e}");

@@ -8,6 +8,7 @@ mod browser_doc;
 mod browser_tls;
 mod chaos;
 mod client_routing;
+mod config_file;
 mod delivery;
 mod direct;
 mod docs;

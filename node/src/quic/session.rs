@@ -250,7 +250,7 @@ impl Session {
         };
         let now = self.node.clock_ms(tokio::time::Instant::now());
         let count = control.count_from_client(now / 1000, false);
-        if let Some(violation) = session::flood(count, &self.node.config) {
+        if let Some(violation) = session::flood(count, &self.node) {
             return self.violated(violation).await;
         }
         let reply = match std::str::from_utf8(&frame) {
