@@ -4,6 +4,7 @@
 mod adversarial;
 mod aioquic;
 mod auth;
+mod browser_client;
 mod browser_doc;
 mod browser_tls;
 mod chaos;

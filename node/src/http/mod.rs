@@ -80,6 +80,14 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .route("/v1/route", get(route))
         .route("/v1/ring", get(ring))
         .route("/v1/hot", get(ops::hot_keys))
+        .route(
+            "/client.js",
+            get(|| async { script(CLIENT_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/client.d.ts",
+            get(|| async { script(CLIENT_D_TS, "application/typescript; charset=utf-8") }),
+        )
         .route("/v1/tickets", axum::routing::post(tickets::issue))
         .route("/v1/doc/{*name}", get(doc::doc))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -88,6 +96,24 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(node.clone(), cors))
         .with_state(node)
+}
+
+/// The browser client (docs/protocol.md), an ES module with no dependencies.
+const CLIENT_JS: &str = include_str!("client.js");
+/// Its TypeScript declarations.
+const CLIENT_D_TS: &str = include_str!("client.d.ts");
+
+/// A static text file with its content type; revalidated on each use (it changes with
+/// the node's version).
+fn script(body: &'static str, content_type: &'static str) -> axum::response::Response {
+    (
+        [
+            (http::header::CONTENT_TYPE, content_type),
+            (http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// What a connection in the reserve is answered: health, readiness and metrics.

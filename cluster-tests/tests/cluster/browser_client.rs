@@ -1,0 +1,204 @@
+//! The browser client (`GET /client.js`) in headless Chromium: a page that follows a
+//! key through a node that does not own it receives every update once, in order,
+//! while the owner is drained and then the next owner is SIGKILLed (a ledger of every
+//! acknowledged update), and publishes from the page; with WebSocket blocked, it falls
+//! back to Server-Sent Events.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use ringfeed_client::routing::RingView;
+use ringfeed_cluster_tests::{connect_router, http_get, Cluster};
+use ringfeed_proto::v1::{PresenceRequest, PublishRequest};
+use serde_json::{json, Value};
+
+use super::bounded;
+
+const PAGE: &str = include_str!("../../browser/client.html");
+
+/// A key that `owner` owns.
+fn owned_by(ring: &RingView, owner: &str, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}:{i}"))
+        .find(|k| ring.owner(k).is_some_and(|m| m.id.0 == owner))
+        .expect("some key")
+}
+
+fn escape(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Starts the driver on the page for `key` from `node`; it ends once `n = last` arrived.
+fn drive(
+    page: &str,
+    node: &str,
+    key: &str,
+    last: u64,
+    extra: &[&str],
+) -> Result<tokio::process::Child> {
+    let url = format!(
+        "{page}/?node={}&key={}{}",
+        escape(node),
+        escape(key),
+        extra.concat()
+    );
+    tokio::process::Command::new("node")
+        .arg("client.mjs")
+        .args([url.as_str(), &last.to_string(), "90000"])
+        .args(if extra.is_empty() {
+            vec!["publish"]
+        } else {
+            vec![]
+        })
+        .current_dir(ringfeed_cluster_tests::browser_dir())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            anyhow!("cannot run node (scripts/test installs Node.js packages and Chromium): {e}")
+        })
+}
+
+/// Waits until the page has subscribed (the key's presence lists it).
+async fn subscribed(cluster: &Cluster, key: &str) -> Result<()> {
+    let router = cluster.router().await?;
+    ringfeed_cluster_tests::eventually("the page to subscribe", Duration::from_secs(30), || {
+        let mut router = router.clone();
+        let key = key.to_owned();
+        async move {
+            let presence = router.presence(PresenceRequest { key }).await?.into_inner();
+            Ok((!presence.members.is_empty()).then_some(()))
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Publishes `n` until it is acknowledged (the same idempotency key each time).
+async fn publish_acked(router: &str, key: &str, n: u64) -> Result<()> {
+    let mut client = connect_router(router).await?;
+    for _ in 0..20 {
+        let request = PublishRequest {
+            idempotency_key: format!("page-{n}"),
+            ..ringfeed_client::publisher::json(key, &json!({"n": n}))
+        };
+        if client.publish(request).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(anyhow!("update {n} was never acknowledged"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_with_client_js_misses_nothing_across_a_drain_and_a_kill_and_publishes() {
+    bounded(async {
+        const LAST: u64 = 150;
+        let mut cluster = Cluster::builder().nodes(3).lease_ttl(2).start().await?;
+        // The module is served with its declarations, to any origin.
+        let (status, js) = http_get(&format!("{}/client.js", cluster.nodes[0].http)).await?;
+        ensure!(
+            status == 200 && js.contains("export function subscribe"),
+            "/client.js {status}"
+        );
+        let (status, dts) = http_get(&format!("{}/client.d.ts", cluster.nodes[0].http)).await?;
+        ensure!(
+            status == 200 && dts.contains("export function subscribe"),
+            "/client.d.ts {status}"
+        );
+
+        let ring = RingView::fetch(&cluster.nodes[0].http, None).await?;
+        let key = owned_by(&ring, "n2", "page");
+        let page = ringfeed_cluster_tests::serve_page(PAGE).await?;
+        let driver = drive(&page, &cluster.node("n1").http, &key, LAST, &[])?;
+        subscribed(&cluster, &key).await?;
+        let router = cluster.router_grpc();
+        for n in 1..=LAST {
+            publish_acked(&router, &key, n).await?;
+            if n == LAST / 3 {
+                // The owner drains (its clients are redirected).
+                cluster
+                    .node_mut("n2")
+                    .terminate(Duration::from_secs(20))
+                    .await?;
+            }
+            if n == 2 * LAST / 3 {
+                // Whoever owns it now dies.
+                let owner = RingView::fetch(&cluster.node("n1").http, None)
+                    .await?
+                    .owner(&key)
+                    .context("an owner")?
+                    .id
+                    .0
+                    .clone();
+                cluster.node_mut(&owner).kill().await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
+            .await
+            .context("the driver did not finish")??;
+        let state: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("driver said {}", String::from_utf8_lossy(&out.stdout)))?;
+        ensure!(out.status.success(), "driver failed: {state}");
+        let ns: Vec<u64> = state["ns"]
+            .as_array()
+            .context("ns")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        ensure!(
+            ns == (1..=LAST).collect::<Vec<_>>(),
+            "the page received {ns:?}"
+        );
+        let seqs: Vec<u64> = state["seqs"]
+            .as_array()
+            .context("seqs")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        ensure!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "seqs with a gap: {seqs:?}"
+        );
+        ensure!(
+            state["published"].as_u64().is_some_and(|s| s > LAST),
+            "publish from the page: {state}"
+        );
+        ensure!(state["resets"] == 0, "{state}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_websocket_blocked_the_page_falls_back_to_server_sent_events() {
+    bounded(async {
+        const LAST: u64 = 20;
+        let cluster = Cluster::builder().nodes(2).start().await?;
+        let ring = RingView::fetch(&cluster.nodes[0].http, None).await?;
+        let key = owned_by(&ring, "n2", "sse-page");
+        let page = ringfeed_cluster_tests::serve_page(PAGE).await?;
+        let driver = drive(&page, &cluster.node("n1").http, &key, LAST, &["&blockws=1"])?;
+        subscribed(&cluster, &key).await?;
+        let router = cluster.router_grpc();
+        for n in 1..=LAST {
+            publish_acked(&router, &key, n).await?;
+        }
+        let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
+            .await
+            .context("the driver did not finish")??;
+        let state: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(out.status.success(), "driver failed: {state}");
+        ensure!(state["transports"] == json!(["sse"]), "{state}");
+        let ns: Vec<u64> = state["ns"]
+            .as_array()
+            .context("ns")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        ensure!(ns == (1..=LAST).collect::<Vec<_>>(), "{ns:?}");
+        Ok(())
+    })
+    .await
+}
