@@ -20,6 +20,8 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use ringfeed_router::backoff::Backoff;
+
 use crate::routing::RingView;
 use crate::Tls;
 
@@ -105,7 +107,7 @@ impl Publisher {
     async fn send(&mut self, items: Vec<PublishRequest>) -> Vec<PublishResult> {
         let deadline = Instant::now() + self.deadline;
         let mut results: Vec<Option<PublishResult>> = vec![None; items.len()];
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::full_jitter(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let pending: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
             if pending.is_empty() {
@@ -167,14 +169,7 @@ impl Publisher {
             }
             // Refresh the ring (the owner may be gone) and back off, jittered.
             self.retries += 1;
-            attempt += 1;
-            let ceiling = Duration::from_millis(50)
-                .saturating_mul(1 << attempt.min(6))
-                .min(Duration::from_secs(1));
-            let random = std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish();
-            let pause = ceiling.mul_f64((random % 1000) as f64 / 1000.0);
+            let pause = backoff.next_pause();
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
             if let Ok(ring) = fetch_ring(&self.nodes, self.tls.as_ref()).await {
                 if ring.version >= self.ring.version {

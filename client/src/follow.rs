@@ -10,8 +10,9 @@
 //! any node, refreshed when a redirect or a 4503 says it moved) and connects straight
 //! to it, saving the redirect hop.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
+
+use ringfeed_router::backoff::Backoff;
 
 use crate::quic::{Hello, QuicSubscription, Trust};
 use crate::routing::RingView;
@@ -111,8 +112,8 @@ pub struct Follower {
     ring: Option<RingView>,
     /// Where the last redirect pointed (a WebSocket URL, or a QUIC address).
     redirect: Option<String>,
-    /// Failed attempts in a row.
-    attempt: u32,
+    /// The pause before the next attempt, reset once welcomed.
+    backoff: Backoff,
     /// The next node of `nodes` to try.
     next_node: usize,
     /// What to wait before the next attempt.
@@ -122,6 +123,7 @@ pub struct Follower {
 impl Follower {
     pub fn new(config: FollowConfig) -> Follower {
         Follower {
+            backoff: Backoff::full_jitter(config.backoff_base, config.backoff_cap),
             seq: config.since,
             epoch: config.epoch.clone(),
             config,
@@ -129,7 +131,6 @@ impl Follower {
             resume: None,
             ring: None,
             redirect: None,
-            attempt: 0,
             next_node: 0,
             wait: Duration::ZERO,
         }
@@ -236,16 +237,7 @@ impl Follower {
 
     /// Full jitter: a uniform pause below `min(cap, base × 2^attempt)`.
     fn backoff(&mut self) -> Duration {
-        let ceiling = self
-            .config
-            .backoff_base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.config.backoff_cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        ceiling.mul_f64((random % 10_000) as f64 / 10_000.0)
+        self.backoff.next_pause()
     }
 
     /// One connection attempt: `Connected`, or the error that stopped it.
@@ -323,7 +315,7 @@ impl Follower {
         if resume.is_some() {
             self.resume = resume.clone();
         }
-        self.attempt = 0;
+        self.backoff.reset();
         self.conn = Some(conn);
         Ok(FollowEvent::Connected { node, redirects })
     }

@@ -10,6 +10,8 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     current: Duration,
+    /// Full jitter: a pause anywhere below the ceiling, not in its upper half.
+    full: bool,
 }
 
 impl Backoff {
@@ -18,6 +20,16 @@ impl Backoff {
             base,
             max,
             current: base,
+            full: false,
+        }
+    }
+
+    /// Full jitter: each pause uniform below a ceiling that starts at `base` and
+    /// doubles up to `max` (clients reconnecting at once spread out the most).
+    pub fn full_jitter(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            full: true,
+            ..Backoff::new(base, max)
         }
     }
 
@@ -25,6 +37,9 @@ impl Backoff {
     pub fn next_pause(&mut self) -> Duration {
         let ceiling = self.current;
         self.current = (self.current * 2).min(self.max);
+        if self.full {
+            return ceiling.mul_f64(rand::rng().random::<f64>());
+        }
         let half = ceiling / 2;
         half + ceiling.mul_f64(rand::rng().random::<f64>() * 0.5)
     }

@@ -12,7 +12,6 @@ use crate::api_token::{Gate, TokenError};
 use crate::forward::{parse_grpc_timeout, publish_result, Forwarder};
 use crate::key;
 use crate::ring::Member;
-use crate::stats::outcome;
 
 /// The longest deadline a caller may ask for.
 const MAX_DEADLINE: Duration = Duration::from_secs(60);
@@ -102,7 +101,7 @@ impl Router for RouterService {
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
         self.forwarder
             .stats()
-            .publish_done(&outcome(code), started.elapsed().as_secs_f64());
+            .publish_done(code, started.elapsed().as_secs_f64());
         result.map(Response::new)
     }
 
@@ -129,7 +128,7 @@ impl Router for RouterService {
             .unwrap_or(tonic::Code::Ok);
         self.forwarder
             .stats()
-            .publish_done(&outcome(code), started.elapsed().as_secs_f64());
+            .publish_done(code, started.elapsed().as_secs_f64());
         Ok(Response::new(pb::PublishBatchReply {
             results: results.into_iter().map(publish_result).collect(),
         }))

@@ -230,6 +230,13 @@ async fn node_metrics_count_connections_by_transport_and_the_process() {
 async fn the_metrics_doc_lists_every_metric_the_processes_export() {
     bounded(async {
         let cluster = Cluster::builder().nodes(1).start().await?;
+        // One publish through the router, so that its per-owner families have members
+        // (an empty family writes no HELP line).
+        cluster
+            .router()
+            .await?
+            .publish(publisher::json("metrics:1", &json!(1)))
+            .await?;
         let mut rows = Vec::new();
         for (process, url) in [
             ("node", format!("{}/metrics", cluster.nodes[0].http)),

@@ -5,7 +5,9 @@
 //! shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +39,8 @@ pub(super) struct Group {
 #[derive(Clone)]
 pub(super) struct Lane {
     pub(super) tx: mpsc::Sender<Group>,
+    /// This owner's calls-in-flight gauge, found once when the lane starts.
+    pub(super) in_flight: Gauge<i64, AtomicI64>,
 }
 
 /// Drains one node's lane: takes what is queued (up to `max_batch` items, all decided on

@@ -213,7 +213,14 @@ impl Forwarder {
         );
         self.tasks
             .spawn(lane.instrument(tracing::debug_span!("lane", node = %grpc)));
-        let lane = Lane { tx };
+        let in_flight = self
+            .stats
+            .in_flight
+            .get_or_create(&NodeLabel {
+                node: grpc.to_owned(),
+            })
+            .clone();
+        let lane = Lane { tx, in_flight };
         lanes.insert(grpc.to_owned(), lane.clone());
         Ok(lane)
     }
@@ -320,15 +327,8 @@ impl Forwarder {
             };
         }
         let lane = self.lane(grpc)?;
-        // A clone of the gauge (shared), not the family's read guard: it is held
-        // across the call.
-        let in_flight = self
-            .stats
-            .in_flight
-            .get_or_create(&NodeLabel {
-                node: grpc.to_owned(),
-            })
-            .clone();
+        // The lane's own gauge (shared with the family): no label to build per call.
+        let in_flight = lane.in_flight.clone();
         in_flight.inc();
         let _done = scopeguard(move || {
             in_flight.dec();
