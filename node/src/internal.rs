@@ -560,6 +560,13 @@ impl node_server::Node for NodeService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn figures(
+        &self,
+        _request: Request<pb::FiguresRequest>,
+    ) -> Result<Response<pb::FiguresReply>, Status> {
+        Ok(Response::new(crate::cluster::figures::local(&self.node)))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,

@@ -464,6 +464,14 @@ impl Node {
         });
     }
 
+    /// This node's hottest keys, sampled now (at most once a second).
+    pub fn hot_keys(&self) -> crate::state::hot::Hot {
+        self.hot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample(&self.keys, tokio::time::Instant::now())
+    }
+
     /// Where self-fencing stands.
     pub fn fence(&self) -> Fence {
         match self.fence_state.load(Ordering::Relaxed) {

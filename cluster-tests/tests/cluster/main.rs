@@ -10,6 +10,7 @@ mod browser_tls;
 mod chaos;
 mod client_routing;
 mod config_file;
+mod dashboard;
 mod delivery;
 mod direct;
 mod docs;

@@ -4,6 +4,7 @@
 
 pub mod documents;
 pub mod fence;
+pub mod figures;
 pub mod follower;
 pub mod handoff;
 pub mod replication;

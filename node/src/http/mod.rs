@@ -13,6 +13,7 @@
 
 mod ops;
 use ops::{metrics, readyz, ring, route};
+mod dashboard;
 mod doc;
 pub mod poll;
 mod proxy;
@@ -88,6 +89,10 @@ pub fn router(node: Arc<Node>) -> axum::Router {
             "/client.d.ts",
             get(|| async { script(CLIENT_D_TS, "application/typescript; charset=utf-8") }),
         )
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::module))
+        .route("/v1/dashboard", get(dashboard::stream))
+        .route("/v1/cluster", get(dashboard::once))
         .route("/v1/tickets", axum::routing::post(tickets::issue))
         .route("/v1/doc/{*name}", get(doc::doc))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -95,6 +100,9 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(node.clone(), cors))
+        .layer(axum::Extension(crate::cluster::figures::Dashboard::new(
+            node.clone(),
+        )))
         .with_state(node)
 }
 

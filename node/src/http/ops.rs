@@ -62,17 +62,9 @@ pub(super) async fn ring(State(node): State<Arc<Node>>) -> Response {
     .into_response()
 }
 
-/// This node's hottest keys, sampled now (at most once a second).
-fn hot(node: &Node) -> crate::state::hot::Hot {
-    node.hot
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .sample(&node.keys, tokio::time::Instant::now())
-}
-
 /// `GET /v1/hot`: this node's hottest keys, by update rate and by subscribers.
 pub(super) async fn hot_keys(State(node): State<Arc<Node>>) -> Response {
-    let hot = hot(&node);
+    let hot = node.hot_keys();
     Json(json!({
         "node": node.id.0,
         "window_ms": hot.window_ms,
@@ -331,7 +323,7 @@ fn labelled_and_histograms(node: &Node, body: &mut String) {
         ));
     }
     process_metrics(body);
-    let hot = hot(node);
+    let hot = node.hot_keys();
     body.push_str(
         "# HELP ringfeed_hot_key_updates_per_second the hottest keys' update rates (top 20, between the last two samples)\n\
          # TYPE ringfeed_hot_key_updates_per_second gauge\n",

@@ -83,6 +83,12 @@ impl pb::node_server::Node for HeldNode {
     ) -> Result<tonic::Response<pb::HandoffReply>, Status> {
         Err(Status::unimplemented("test node"))
     }
+    async fn figures(
+        &self,
+        _: tonic::Request<pb::FiguresRequest>,
+    ) -> Result<tonic::Response<pb::FiguresReply>, Status> {
+        Err(Status::unimplemented("test node"))
+    }
     async fn status(
         &self,
         _: tonic::Request<pb::StatusRequest>,

@@ -54,6 +54,20 @@ impl Membership {
         format!("/ringfeed/{}/nodes/", self.inner.cluster)
     }
 
+    /// The open transition record (docs/protocol.md *etcd layout*) as etcd holds it,
+    /// if a planned change is under way; `None` too on a fixed ring.
+    pub async fn transition(&self) -> Result<Option<String>, MembershipError> {
+        let Some(mut client) = self.client() else {
+            return Ok(None);
+        };
+        let key = format!("/ringfeed/{}/transition", self.inner.cluster);
+        let resp = timed(client.get(key.as_str(), None)).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
     /// The etcd client, unless the ring is fixed.
     pub(super) fn client(&self) -> Option<Client> {
         self.inner.client.clone()
