@@ -361,7 +361,7 @@ impl ClusterBuilder {
         self
     }
 
-    /// Every process's `RINGFEED_LOG` (default: the test's own, else `info`).
+    /// Every process's `RINGFEED_LOG` (default: the test's own, else `info`; `""`: none).
     pub fn log(mut self, filter: &str) -> Self {
         self.log = Some(filter.to_owned());
         self
@@ -626,7 +626,8 @@ impl Cluster {
             .args(&self.node_args)
             .args(self.args_for.get(id).into_iter().flatten())
             .args(args)
-            .env("RINGFEED_LOG", self.log_filter())
+            .env_remove("RINGFEED_LOG")
+            .envs(self.log_env())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -720,7 +721,8 @@ impl Cluster {
                 "127.0.0.1:0",
             ])
             .args(&self.router_args)
-            .env("RINGFEED_LOG", self.log_filter())
+            .env_remove("RINGFEED_LOG")
+            .envs(self.log_env())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -841,6 +843,14 @@ impl Cluster {
         self.tls_dir.as_ref().map(|d| d.path())
     }
 
+    /// The router's process id, while it runs.
+    pub fn router_pid(&self) -> Option<u32> {
+        self.router
+            .as_ref()
+            .and_then(|r| r.child.as_ref())
+            .and_then(Child::id)
+    }
+
     /// The router's log.
     pub fn router_log(&self) -> String {
         self.router
@@ -878,12 +888,15 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// The `RINGFEED_LOG` every process gets.
-    fn log_filter(&self) -> String {
-        self.log
+    /// The `RINGFEED_LOG` every process gets; none for an empty filter (the processes'
+    /// `--log` comes from their flags or config file then).
+    fn log_env(&self) -> Option<(&'static str, String)> {
+        let filter = self
+            .log
             .clone()
             .or_else(|| std::env::var("RINGFEED_LOG").ok())
-            .unwrap_or_else(|| "info".into())
+            .unwrap_or_else(|| "info".into());
+        (!filter.is_empty()).then_some(("RINGFEED_LOG", filter))
     }
 }
 

@@ -21,7 +21,10 @@ fn main() -> ExitCode {
         let args = ringfeed_node::certs::CertsArgs::parse_from(
             std::iter::once("ringfeed-node certs".to_owned()).chain(std::env::args().skip(2)),
         );
-        ringfeed_router::init_tracing(ringfeed_router::LogFormat::Text);
+        ringfeed_router::init_tracing(
+            ringfeed_router::LogFormat::Text,
+            &std::env::var("RINGFEED_LOG").unwrap_or_else(|_| "info".into()),
+        );
         return match ringfeed_node::certs::certs(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -35,7 +38,7 @@ fn main() -> ExitCode {
         let args = DrainArgs::parse_from(
             std::iter::once("ringfeed-node drain".to_owned()).chain(std::env::args().skip(2)),
         );
-        ringfeed_router::init_tracing(args.membership.log_format);
+        ringfeed_router::init_tracing(args.membership.log_format, &args.membership.log);
         return match runtime(0).map(|rt| rt.block_on(admin::drain(args))) {
             Some(Ok(())) => ExitCode::SUCCESS,
             Some(Err(e)) => {
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    ringfeed_router::init_tracing(config.membership.log_format);
+    ringfeed_router::init_tracing(config.membership.log_format, &config.membership.log);
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-node: bad configuration: {e}");
         return ExitCode::from(64);

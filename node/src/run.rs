@@ -241,6 +241,7 @@ async fn reload_on_sighup(node: Arc<Node>) {
         tracing::warn!("cannot listen for SIGHUP: settings will not be reloaded");
         return;
     };
+    let mut log = node.config.membership.log.clone();
     loop {
         tokio::select! {
             _ = hups.recv() => {}
@@ -257,10 +258,26 @@ async fn reload_on_sighup(node: Arc<Node>) {
                 tracing::warn!(error = %e, "SIGHUP: the settings did not load; nothing changed")
             }
             Ok(config) => {
-                let changed = node.live.update(&config);
+                let mut changed: Vec<(&str, String, String)> = node
+                    .live
+                    .update(&config)
+                    .into_iter()
+                    .map(|(setting, from, to)| (setting, from.to_string(), to.to_string()))
+                    .collect();
+                if config.membership.log != log {
+                    match ringfeed_router::set_log_filter(&config.membership.log) {
+                        Ok(()) => {
+                            changed.push(("log", log.clone(), config.membership.log.clone()));
+                            log = config.membership.log.clone();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SIGHUP: the log filter did not change")
+                        }
+                    }
+                }
                 if changed.is_empty() {
                     tracing::info!(
-                        "SIGHUP: settings read again; no limit that changes live changed"
+                        "SIGHUP: settings read again; nothing that changes live changed"
                     );
                 }
                 for (setting, from, to) in changed {

@@ -107,9 +107,13 @@ pub struct ClusterArgs {
     #[arg(long, env = "RINGFEED_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     /// How logs are written to stderr: `text` for people, or `json` (one object a line,
-    /// with the fields of the spans it happened in). `RINGFEED_LOG` sets the level.
+    /// with the fields of the spans it happened in).
     #[arg(long, env = "RINGFEED_LOG_FORMAT", value_enum, default_value_t = crate::LogFormat::Text)]
     pub log_format: crate::LogFormat,
+    /// What is logged: a `tracing` filter, a level (`debug`) or per module
+    /// (`ringfeed_node=debug,info`). `SIGHUP` changes it on a running process.
+    #[arg(long, env = "RINGFEED_LOG", default_value = "info")]
+    pub log: String,
 }
 
 impl ClusterArgs {
@@ -121,6 +125,7 @@ impl ClusterArgs {
                 self.cluster
             ));
         }
+        crate::log_filter(&self.log).map_err(|e| format!("--log {:?}: {e}", self.log))?;
         if self.etcd.is_empty() || self.etcd.iter().any(|e| e.is_empty()) {
             return Err("--etcd needs at least one endpoint".into());
         }

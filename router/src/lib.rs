@@ -47,24 +47,45 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr in `format`, filtered by `RINGFEED_LOG` (default `info`). For the
-/// binaries.
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGFEED_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// The filter of every log line, swapped by [`set_log_filter`].
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// `filter` (`--log`) as a `tracing` filter, or why it is not one.
+pub fn log_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())
+}
+
+/// Logs to stderr in `format`, filtered by `filter` (`--log`, `RINGFEED_LOG`; `info`
+/// if it is not a filter). For the binaries.
+pub fn init_tracing(format: LogFormat, filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(
+        log_filter(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    let _ = LOG_FILTER.set(handle);
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        LogFormat::Text => registry
+            .with(layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
             .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
+        LogFormat::Json => registry
+            .with(layer.json().with_current_span(true).with_span_list(true))
             .init(),
     }
+}
+
+/// Changes what is logged from now on (`SIGHUP` with a new `--log`).
+pub fn set_log_filter(filter: &str) -> Result<(), String> {
+    let filter = log_filter(filter)?;
+    LOG_FILTER
+        .get()
+        .ok_or("logging is not set up")?
+        .reload(filter)
+        .map_err(|e| e.to_string())
 }
 
 /// A multi-threaded runtime with `workers` threads (0: tokio's default, one per core).

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    ringfeed_router::init_tracing(config.membership.log_format);
+    ringfeed_router::init_tracing(config.membership.log_format, &config.membership.log);
     if let Err(e) = config.validate() {
         eprintln!("ringfeed-router: bad configuration: {e}");
         return ExitCode::from(64);
@@ -125,6 +125,10 @@ async fn run(
     });
 
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    tasks.spawn(reload_on_sighup(
+        config.membership.log.clone(),
+        shutdown.clone(),
+    ));
     println!("ringfeed-router ready grpc={addr} http=http://{http_addr}");
     tracing::info!(%addr, cluster = %config.membership.cluster, "router serving");
     // `Server::tcp_nodelay` applies only to listeners tonic binds itself: ours is
@@ -173,4 +177,47 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// On `SIGHUP`, reads the settings again (flags, environment, file) and applies what
+/// changes while the router runs: `--log`. The files a setting names (API tokens,
+/// certificates) are watched by their own tasks.
+async fn reload_on_sighup(mut log: String, shutdown: CancellationToken) {
+    use clap::CommandFactory;
+    let Ok(mut hups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: settings will not be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hups.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let reread = ringfeed_router::config::with_config_file(
+            &Config::command(),
+            std::env::args_os().collect(),
+        )
+        .and_then(|argv| Config::try_parse_from(argv).map_err(|e| e.to_string()))
+        .and_then(|config| config.validate().map(|()| config));
+        let config = match reread {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: the settings did not load; nothing changed");
+                continue;
+            }
+        };
+        let to = config.membership.log;
+        if to == log {
+            tracing::info!("SIGHUP: settings read again; nothing that changes live changed");
+            continue;
+        }
+        match ringfeed_router::set_log_filter(&to) {
+            Ok(()) => {
+                tracing::info!(setting = "log", from = %log, to = %to, "SIGHUP: changed");
+                log = to;
+            }
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: the log filter did not change"),
+        }
+    }
 }
