@@ -2,7 +2,9 @@
 //! key through a node that does not own it receives every update once, in order,
 //! while the owner is drained and then the next owner is SIGKILLed (a ledger of every
 //! acknowledged update), and publishes from the page; with WebSocket blocked, it falls
-//! back to Server-Sent Events.
+//! back to Server-Sent Events; in a secure cluster with single-use tickets, it
+//! subscribes with a ticket, gets its presence list, and comes back after a drain with
+//! its resume token.
 
 use std::time::Duration;
 
@@ -198,6 +200,141 @@ async fn with_websocket_blocked_the_page_falls_back_to_server_sent_events() {
             .filter_map(Value::as_u64)
             .collect();
         ensure!(ns == (1..=LAST).collect::<Vec<_>>(), "{ns:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// A gRPC request carrying the secure cluster's API token.
+fn with_token<T>(message: T) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", ringfeed_cluster_tests::SECURE_TOKEN).parse()?,
+    );
+    Ok(request)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tickets_on_a_page_subscribes_with_one_sees_presence_and_resumes_after_a_drain() {
+    bounded(async {
+        const LAST: u64 = 40;
+        // Secure: TLS everywhere, tickets, and each ticket admits one connection, so
+        // the page's reconnect after the drain can only be its resume token's doing.
+        let page = ringfeed_cluster_tests::serve_page(PAGE).await?;
+        let mut cluster = Cluster::builder()
+            .nodes(3)
+            .lease_ttl(2)
+            .secure()
+            .node_args(&["--single-use-tickets", "--allowed-origins", &page])
+            .start()
+            .await?;
+        let tls_dir = cluster.tls_dir().context("a secure cluster")?.to_path_buf();
+        let n1 = cluster.node("n1").http.clone();
+        ensure!(n1.starts_with("https://"), "{n1}");
+        let ring = RingView::fetch(&n1, cluster.ca().as_ref()).await?;
+        let key = owned_by(&ring, "n2", "ticketed");
+        // The application's backend asks for the ticket with its API token.
+        let body =
+            json!({"sub": "alice", "key": key, "ttl_s": 60, "presence": true, "publish": true});
+        let (status, answer) = ringfeed_cluster_tests::http_post(
+            &format!("{n1}/v1/tickets"),
+            &[(
+                "authorization",
+                &format!("Bearer {}", ringfeed_cluster_tests::SECURE_TOKEN),
+            )],
+            &body.to_string(),
+        )
+        .await?;
+        ensure!(status == 200, "POST /v1/tickets: {status} {answer}");
+        let ticket: Value = serde_json::from_str(&answer)?;
+        let ticket = ticket["ticket"].as_str().context("a ticket")?;
+
+        let url = format!(
+            "{page}/?node={}&key={}&ticket={}&presence=1",
+            escape(&n1),
+            escape(&key),
+            escape(ticket)
+        );
+        let driver = tokio::process::Command::new("node")
+            .arg("client.mjs")
+            .args([url.as_str(), &LAST.to_string(), "90000", "publish"])
+            .env("TLS_DIR", &tls_dir)
+            .current_dir(ringfeed_cluster_tests::browser_dir())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                anyhow!(
+                    "cannot run node (scripts/test installs Node.js packages and Chromium): {e}"
+                )
+            })?;
+        // Subscribed: the ticket's subject is present on the owner.
+        let router = cluster.router().await?;
+        ringfeed_cluster_tests::eventually("alice to be present", Duration::from_secs(30), || {
+            let (mut router, key) = (router.clone(), key.clone());
+            async move {
+                let presence = router
+                    .presence(with_token(PresenceRequest { key })?)
+                    .await?
+                    .into_inner();
+                Ok(presence.members.iter().any(|m| m == "alice").then_some(()))
+            }
+        })
+        .await;
+        for n in 1..=LAST {
+            let mut acked = false;
+            for _ in 0..20 {
+                let request = PublishRequest {
+                    idempotency_key: format!("ticketed-{n}"),
+                    ..ringfeed_client::publisher::json(&key, &json!({"n": n}))
+                };
+                if router.clone().publish(with_token(request)?).await.is_ok() {
+                    acked = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            ensure!(acked, "update {n} was never acknowledged");
+            if n == LAST / 2 {
+                cluster
+                    .node_mut("n2")
+                    .terminate(Duration::from_secs(20))
+                    .await?;
+            }
+        }
+        let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
+            .await
+            .context("the driver did not finish")??;
+        let state: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("driver said {}", String::from_utf8_lossy(&out.stdout)))?;
+        ensure!(out.status.success(), "driver failed: {state}");
+        let ns: Vec<u64> = state["ns"]
+            .as_array()
+            .context("ns")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        ensure!(
+            ns == (1..=LAST).collect::<Vec<_>>(),
+            "the page received {ns:?}"
+        );
+        ensure!(state["errors"] == json!([]), "{state}");
+        // It moved off n2 (a second open), which the spent ticket could not have done.
+        let nodes = state["nodes"].as_array().context("nodes")?;
+        ensure!(nodes.len() >= 2, "one connection only: {state}");
+        // Its presence list named its own subject.
+        let presence = state["presence"].as_array().context("presence")?;
+        ensure!(
+            presence.iter().any(|p| p["members"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["id"] == "alice"))),
+            "no presence list with alice: {state}"
+        );
+        ensure!(
+            state["published"].as_u64().is_some_and(|s| s > LAST),
+            "publish from the page: {state}"
+        );
         Ok(())
     })
     .await

@@ -17,12 +17,20 @@ export interface Reset {
   reason: "history_gap" | "epoch_changed" | "seq_ahead";
 }
 
+/** One present connection: the ticket's subject with authentication on, else a
+ * per-connection id. */
+export interface Member {
+  id: string;
+}
+
 export interface Presence {
   type: "presence";
   key: string;
-  members?: string[];
-  joined?: string[];
-  left?: string[];
+  /** The whole list, first. */
+  members?: Member[];
+  /** Then the changes. */
+  joined?: Member[];
+  left?: Member[];
 }
 
 export interface State {
