@@ -2,7 +2,8 @@
 //! a node joining within 2 s and a drain in progress without a reload, and is readable
 //! at a phone's width; the snapshot it is drawn from (`/v1/cluster`, `/v1/dashboard`)
 //! counts every node's keys and connections by transport, is gathered once for every
-//! viewer, and is bounded.
+//! viewer, and is bounded; a member cut off from etcd is shown fenced while its record
+//! lasts.
 //!
 //! Screenshots are saved in `target/test-artifacts/dashboard/`. With
 //! `RINGFEED_UPDATE_DOCS=1` the one after the join becomes `docs/dashboard.png`
@@ -429,4 +430,62 @@ fn member<'a>(snapshot: &'a Value, id: &str) -> Result<&'a Value> {
         .as_array()
         .and_then(|ms| ms.iter().find(|m| m["id"] == id))
         .with_context(|| format!("no member {id} in {snapshot}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_etcd_is_shown_fenced_until_its_record_expires() {
+    bounded(async {
+        // n3 reaches etcd through a proxy the test cuts. With an 8 s lease it fences
+        // itself 6 s after its last keep-alive and its record lasts 2 s more: two
+        // snapshots at least fall in between.
+        let cluster = Cluster::builder()
+            .nodes(3)
+            .lease_ttl(8)
+            .etcd_through_proxy("n3")
+            .start()
+            .await?;
+        let n1 = cluster.node("n1").http.clone();
+        let mut stream = SseStream::open(&format!("{n1}/v1/dashboard"), None).await?;
+        loop {
+            let s = next_snapshot(&mut stream).await?;
+            if member(&s, "n3").is_ok_and(|m| m["node_state"] == "serving") {
+                break;
+            }
+        }
+        cluster.etcd_proxy("n3").cut();
+        let cut = Instant::now();
+        let mut fenced_at = None;
+        loop {
+            ensure!(
+                cut.elapsed() < Duration::from_secs(40),
+                "n3 never left n1's ring"
+            );
+            let s = next_snapshot(&mut stream).await?;
+            match member(&s, "n3") {
+                Err(_) => break,
+                Ok(m) if m["node_state"] == "fenced" => {
+                    // Fenced, while its record still stands on the others' ring.
+                    ensure!(m["state"] == "active" && m["ready"] == false, "{m}");
+                    fenced_at.get_or_insert(cut.elapsed());
+                }
+                Ok(_) => {}
+            }
+        }
+        let fenced_at = fenced_at.context("no snapshot showed n3 fenced")?;
+        println!(
+            "n3 shown fenced {fenced_at:?} after the cut, gone from the ring {:?} after it",
+            cut.elapsed()
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// The next snapshot on a dashboard stream.
+async fn next_snapshot(stream: &mut SseStream) -> Result<Value> {
+    let event = stream
+        .next_within(Duration::from_secs(5))
+        .await?
+        .context("the dashboard stream ended")?;
+    Ok(serde_json::from_str(&event.data)?)
 }
