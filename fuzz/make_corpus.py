@@ -349,6 +349,27 @@ def internal_handoff():
     write(t, "crash-seq-overflow", handoff([snapshot("h", "E1", 2**64 - 2, [e("h", 2**64 - 2)])]))
 
 
+def doc_update():
+    """y-websocket messages as a stock editor sends them (made with yrs 0.28: Y.Text "t"
+    gets "hello", then a deletion; Y.Map "m" gets k=42), and broken ones."""
+    t = "doc_update"
+    h = bytes.fromhex
+    update1 = h("00020f01010100040101740568656c6c6f00")
+    update2 = h("000206000101010102")
+    write(t, "update", update1)
+    write(t, "delete", update2)
+    write(t, "step2-map", h("00010e010101052801016d016b017d2a00"))
+    write(t, "step1-empty", h("00000100"))
+    write(t, "step1-sv", h("000003010106"))
+    write(t, "two-out-of-order", update2 + update1)
+    write(t, "whole-state", h("0002220104010004010174016881010002840102026c6f2801016d016b017d2a0101010102"))
+    write(t, "awareness", h("0119010701157b2275736572223a7b226e616d65223a2261227d7d"))
+    write(t, "awareness-query", h("03"))
+    write(t, "truncated", update1[:-4])
+    write(t, "many-clients-claimed", h("0002") + bytes([0x09, 0xff, 0xff, 0xff, 0x0f, 0x00, 0x00, 0x00, 0x00]))
+    write(t, "empty-update", h("00020200"))
+
+
 if __name__ == "__main__":
     client_frame()
     query_params()
@@ -359,3 +380,4 @@ if __name__ == "__main__":
     internal_deliver()
     internal_replicate()
     internal_handoff()
+    doc_update()

@@ -38,6 +38,10 @@ fn main() -> ExitCode {
         let args = DrainArgs::parse_from(
             std::iter::once("ringfeed-node drain".to_owned()).chain(std::env::args().skip(2)),
         );
+        if let Err(e) = ringfeed_router::log_filter(&args.membership.log) {
+            eprintln!("ringfeed-node drain: bad configuration: --log: {e}");
+            return ExitCode::from(64);
+        }
         ringfeed_router::init_tracing(args.membership.log_format, &args.membership.log);
         return match runtime(0).map(|rt| rt.block_on(admin::drain(args))) {
             Some(Ok(())) => ExitCode::SUCCESS,

@@ -103,7 +103,7 @@ pub struct ClusterArgs {
     pub etcd_password_file: Option<std::path::PathBuf>,
     /// A TOML file of settings, named as the flags without their dashes
     /// (`max-connections = 19000`): a flag beats its environment variable, which beats
-    /// the file, which beats the default. `SIGHUP` makes a node read it again.
+    /// the file, which beats the default. `SIGHUP` makes a process read it again.
     #[arg(long, env = "RINGFEED_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     /// How logs are written to stderr: `text` for people, or `json` (one object a line,

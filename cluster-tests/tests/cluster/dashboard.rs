@@ -188,16 +188,24 @@ async fn the_dashboard_draws_the_ring_and_shows_a_join_and_a_drain_live() {
         )
         .await?;
 
-        // A node joins: drawn within 2 s of it being ready, without a reload.
+        // A node joins: drawn on the ring and listed within 2 s of it being ready,
+        // without a reload (its figures may take one more snapshot: next step).
         cluster.add_node("n3").await?;
         let joined = page
-            .wait("join", Duration::from_secs(2), &shown_active("n3"))
+            .wait(
+                "join",
+                Duration::from_secs(2),
+                "document.querySelector('#ring path[data-member=\"n3\"]') !== null && \
+                 document.querySelector('#members tr[data-member=\"n3\"]') !== null",
+            )
             .await?;
         // Let the figures fill in (a rate needs two snapshots) for the picture.
         page.wait(
             "joined",
             Duration::from_secs(10),
             "document.querySelectorAll('#members tr[data-state=\"active\"]').length === 3 && \
+             document.getElementById('transition').hidden && \
+             document.querySelector('#ring path[data-share=\"n3\"]') !== null && \
              !document.querySelector('#members tr[data-member=\"n3\"] td:nth-child(8)').textContent.includes('–')",
         )
         .await?;
@@ -207,13 +215,34 @@ async fn the_dashboard_draws_the_ring_and_shows_a_join_and_a_drain_live() {
         }
 
         // A drain in progress: a client that ignores its redirect keeps n2's drain open
-        // (it waits for its clients a while), and the page shows it without a reload.
+        // (a drain waits up to 3 s for its clients to leave), and the page shows it
+        // without a reload.
         let ring = RingView::fetch(&n1, None).await?;
         let key = owned_by(&ring, "n2", "stubborn");
         let (stubborn, _) =
             tokio_tungstenite::connect_async(cluster.node("n2").connect_url(&key)).await?;
         let (_write, mut read) = stubborn.split();
         read.next().await.context("no welcome")??;
+        // What n1's dashboard stream says meanwhile, to explain a failure.
+        let mut witness = SseStream::open(&format!("{n1}/v1/dashboard"), None).await?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let watching = {
+            let seen = seen.clone();
+            let started = Instant::now();
+            tokio::spawn(async move {
+                while let Ok(s) = next_snapshot(&mut witness).await {
+                    let n2 = member(&s, "n2").map_or("gone".into(), |m| {
+                        format!("{}/{}", m["state"], m["node_state"])
+                    });
+                    seen.lock().expect("seen").push(format!(
+                        "{:?}: v{} n2 {n2} transition {}",
+                        started.elapsed(),
+                        s["ring_version"],
+                        s["transition"]
+                    ));
+                }
+            })
+        };
         let drained = {
             let n2 = cluster.node_mut("n2");
             let (exit, shown) = tokio::join!(n2.terminate(Duration::from_secs(30)), async {
@@ -229,8 +258,25 @@ async fn the_dashboard_draws_the_ring_and_shows_a_join_and_a_drain_live() {
             });
             let exit = exit?;
             ensure!(exit.success(), "n2 exited with {exit}");
-            shown?
+            shown.with_context(|| {
+                let log = cluster.node("n2").log();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let n1: Vec<String> = cluster
+                    .node("n1")
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("new ring"))
+                    .map(str::to_owned)
+                    .collect();
+                format!(
+                    "n2's last lines (newest first):\n{}\nn1's rings:\n{}\nn1's snapshots:\n{}",
+                    tail.join("\n"),
+                    n1.join("\n"),
+                    seen.lock().expect("seen").join("\n")
+                )
+            })?
         };
+        watching.abort();
         // …and its end: n2 gone, the transition closed.
         page.wait(
             "drained",
@@ -301,6 +347,31 @@ async fn the_cluster_snapshot_counts_every_node_by_transport_and_is_bounded() {
             "GET /dashboard.js {status}"
         );
 
+        // Only the node's own page may read the dashboard: no CORS, whatever the
+        // node's --allowed-origins (here the default, any).
+        let (_, headers, _) = http_request_full(
+            &format!("{n1}/v1/cluster"),
+            &[("origin", "http://elsewhere.example")],
+        )
+        .await?;
+        ensure!(
+            !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("access-control-allow-origin")),
+            "/v1/cluster readable from another origin: {headers:?}"
+        );
+        let (_, headers, _) = http_request_full(
+            &format!("{n1}/v1/ring"),
+            &[("origin", "http://elsewhere.example")],
+        )
+        .await?;
+        ensure!(
+            headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("access-control-allow-origin")),
+            "the other endpoints keep their CORS: {headers:?}"
+        );
+
         // Connections on n3, seen from n1: two WebSockets and an SSE stream.
         let key = owned_by(&ring, "n3", "watched");
         let _ws1 =
@@ -345,8 +416,17 @@ async fn the_cluster_snapshot_counts_every_node_by_transport_and_is_bounded() {
             "{snapshot}"
         );
 
-        // The arcs cover the circle once, in order, and give each member the share the
-        // ring gives it (to the drawing's quarter-degree).
+        // Each member's share is the ring's, exactly; the arcs cover the circle once,
+        // in order, and come close to it (to the drawing's quarter-degree).
+        for (id, share) in ring.ring.shares() {
+            let shown = member(&snapshot, &id.0)?["share"]
+                .as_f64()
+                .context("share")?;
+            ensure!(
+                (shown - share).abs() < 1e-9,
+                "{id:?}: shown {shown}, owns {share}"
+            );
+        }
         let arcs = snapshot["arcs"].as_array().context("arcs")?;
         let mut at = 0.0;
         let mut drawn = std::collections::BTreeMap::<String, f64>::new();
@@ -378,7 +458,7 @@ async fn the_cluster_snapshot_counts_every_node_by_transport_and_is_bounded() {
         let refused = SseStream::open(&format!("{n1}/v1/dashboard"), None).await;
         let refused = refused.err().map(|e| e.to_string()).unwrap_or_default();
         ensure!(refused.contains("503"), "the 33rd dashboard: {refused:?}");
-        // Each viewer gets the same snapshots, about once a second.
+        // A viewer gets the cluster's snapshot.
         let started = Instant::now();
         let mut first = streams[0]
             .next_within(Duration::from_secs(5))
@@ -435,12 +515,12 @@ fn member<'a>(snapshot: &'a Value, id: &str) -> Result<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_cut_off_from_etcd_is_shown_fenced_until_its_record_expires() {
     bounded(async {
-        // n3 reaches etcd through a proxy the test cuts. With an 8 s lease it fences
-        // itself 6 s after its last keep-alive and its record lasts 2 s more: two
+        // n3 reaches etcd through a proxy the test cuts. With a 12 s lease it fences
+        // itself 9 s after its last keep-alive and its record lasts 3 s more: two
         // snapshots at least fall in between.
         let cluster = Cluster::builder()
             .nodes(3)
-            .lease_ttl(8)
+            .lease_ttl(12)
             .etcd_through_proxy("n3")
             .start()
             .await?;

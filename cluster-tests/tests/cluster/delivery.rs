@@ -1173,3 +1173,84 @@ async fn an_idle_key_is_dropped_with_its_replica_and_its_old_epoch_is_reset() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drains_transition_stays_open_until_the_node_has_left() {
+    bounded(async {
+        let mut cluster = Cluster::builder().nodes(3).start().await?;
+        // A client that ignores its redirect keeps n2's drain going a while (a drain
+        // waits up to 3 s for its clients to leave).
+        let mut key = String::new();
+        for i in 0.. {
+            key = format!("long-drain:{i}");
+            if owner_of(&cluster, &key).await? == "n2" {
+                break;
+            }
+        }
+        let (stubborn, _) =
+            tokio_tungstenite::connect_async(cluster.node("n2").connect_url(&key)).await?;
+        let (_write, mut read) = stubborn.split();
+        read.next().await.ok_or_else(|| anyhow!("no welcome"))??;
+
+        let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint.as_str()], None).await?;
+        let record = format!("/ringfeed/{}/nodes/n2", cluster.name);
+        let transition = format!("/ringfeed/{}/transition", cluster.name);
+        let pid = cluster
+            .node("n2")
+            .pid()
+            .ok_or_else(|| anyhow!("n2 has no pid"))?;
+        ensure!(std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?
+            .success());
+        // Both keys read in one transaction (one revision) until n2's record is gone:
+        // while it says draining, the drain's transition stands.
+        let started = Instant::now();
+        let mut draining_reads = 0;
+        loop {
+            ensure!(started.elapsed() < Duration::from_secs(30), "n2 never left");
+            let reply = etcd
+                .txn(etcd_client::Txn::new().and_then([
+                    etcd_client::TxnOp::get(record.as_str(), None),
+                    etcd_client::TxnOp::get(transition.as_str(), None),
+                ]))
+                .await?;
+            let value = |i: usize| -> Option<serde_json::Value> {
+                match reply.op_responses().get(i)? {
+                    etcd_client::TxnOpResponse::Get(get) => {
+                        serde_json::from_slice(get.kvs().first()?.value()).ok()
+                    }
+                    _ => None,
+                }
+            };
+            let (member, open) = (value(0), value(1));
+            match member {
+                None if draining_reads > 0 => break,
+                None => bail!("n2's record went before it was seen draining"),
+                Some(m) if m["state"] == "draining" => {
+                    ensure!(
+                        open.as_ref()
+                            .is_some_and(|t| t["kind"] == "drain" && t["node"] == "n2"),
+                        "n2 still draining, but the transition is {open:?} \
+                         ({draining_reads} reads after the drain began)"
+                    );
+                    draining_reads += 1;
+                }
+                Some(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ensure!(
+            draining_reads >= 10,
+            "the drain lasted {draining_reads} reads"
+        );
+        let exit = cluster
+            .node_mut("n2")
+            .wait_exit(Duration::from_secs(30))
+            .await?;
+        ensure!(exit.success(), "n2 exited with {exit}");
+        drop(read);
+        Ok(())
+    })
+    .await;
+}

@@ -28,6 +28,9 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 /// How long a peer has to answer `Figures` before it is shown unreachable.
 const ASK_TIMEOUT: Duration = Duration::from_millis(600);
 
+/// After a ring change, how long the next snapshot waits for more of them.
+const RING_CHANGE_GAP: Duration = Duration::from_millis(100);
+
 /// Dashboards (streams and one-off reads) a node serves at once.
 pub const MAX_WATCHERS: usize = 32;
 
@@ -151,26 +154,42 @@ impl Dashboard {
     async fn gather(self: Arc<Self>) {
         let mut gathering = Gathering::default();
         let mut views = self.node.membership.subscribe();
-        let mut tick = tokio::time::interval(PERIOD);
+        let mut tick = tokio::time::interval_at(Instant::now() + PERIOD, PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Stops only under the lock `watch` starts it under, so that a new watcher
+        // never finds it stopping; any way out of the loop comes here.
+        let stop = |this: &Dashboard| {
+            let mut running = this.running.lock().unwrap_or_else(|e| e.into_inner());
+            if this.latest.receiver_count() > 0 && !this.node.shutdown.is_cancelled() {
+                return false;
+            }
+            // The next watcher waits for a fresh snapshot, not this old one.
+            this.latest.send_replace(None);
+            *running = false;
+            true
+        };
         loop {
-            {
-                let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-                if self.latest.receiver_count() == 0 || self.node.shutdown.is_cancelled() {
-                    // The next watcher waits for a fresh snapshot, not this old one.
-                    self.latest.send_replace(None);
-                    *running = false;
-                    return;
-                }
+            if stop(&self) {
+                return;
             }
             let snapshot = gathering.snapshot(&self.node).await;
             self.latest.send_replace(Some(snapshot));
             tokio::select! {
                 _ = tick.tick() => {}
-                changed = views.changed() => if changed.is_err() { return },
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // A burst of ring changes makes one snapshot, not one each.
+                    tokio::time::sleep(RING_CHANGE_GAP).await;
+                }
                 _ = self.node.shutdown.cancelled() => {}
             }
         }
+        // The ring's source is gone (the node is stopping): stop for good.
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        self.latest.send_replace(None);
+        *running = false;
     }
 }
 
@@ -179,10 +198,11 @@ impl Dashboard {
 struct Gathering {
     /// A client per peer's gRPC address.
     clients: HashMap<String, NodeClient<Channel>>,
-    /// Each incarnation's published total at the last snapshot, for its rate.
-    published: HashMap<String, (u64, Instant)>,
-    /// The ring drawn last, and its drawing.
-    arcs: Option<(RingId, Value)>,
+    /// Each incarnation's published total at the last snapshot, with its uptime then,
+    /// for its rate (by the member's own clock: when its answer arrived says nothing).
+    published: HashMap<String, (u64, u64)>,
+    /// The ring drawn last, its drawing and each member's share.
+    drawing: Option<(RingId, Value, HashMap<String, f64>)>,
     /// The open transition, and since when it has been seen open.
     transition: Option<(String, Instant)>,
 }
@@ -230,7 +250,7 @@ impl Gathering {
                 }));
                 continue;
             };
-            let per_s = self.rate(&member.incarnation, f.published_total, now);
+            let per_s = self.rate(&member.incarnation, f.published_total, f.uptime_ms);
             let open: u64 = f.connections.values().sum();
             keys += f.keys;
             connections += open;
@@ -262,13 +282,18 @@ impl Gathering {
         hot_rate.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         hot_subs.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let transition = self.transition_json(transition, now);
+        let (arcs, shares) = self.drawing(&view.ring);
+        for shown in &mut shown {
+            let share = shown["id"].as_str().and_then(|id| shares.get(id)).copied();
+            shown["share"] = json!(share);
+        }
         let snapshot = json!({
             "cluster": node.membership.cluster(),
             "node": node.id.0,
             "ring_version": view.version,
             "ring_id": view.ring.id().0,
             "members": shown,
-            "arcs": self.arcs(&view.ring),
+            "arcs": arcs,
             "transition": transition,
             "totals": { "keys": keys, "connections": connections, "updates_per_s": per_s_total },
             "hot": {
@@ -297,25 +322,31 @@ impl Gathering {
     }
 
     /// Updates a second of `incarnation` since the last snapshot (`None` on its first).
-    fn rate(&mut self, incarnation: &str, total: u64, now: Instant) -> Option<f64> {
-        let previous = self
+    fn rate(&mut self, incarnation: &str, total: u64, uptime_ms: u64) -> Option<f64> {
+        let (before, then) = self
             .published
-            .insert(incarnation.to_owned(), (total, now))?;
-        let seconds = now.duration_since(previous.1).as_secs_f64();
-        (seconds > 0.0).then(|| total.saturating_sub(previous.0) as f64 / seconds)
+            .insert(incarnation.to_owned(), (total, uptime_ms))?;
+        let ms = uptime_ms.saturating_sub(then);
+        (ms > 0).then(|| total.saturating_sub(before) as f64 * 1000.0 / ms as f64)
     }
 
     /// The ring drawn as arcs `[member index, from, to]` in turns (0..1, clockwise from
-    /// hash 0), merging neighbouring samples of the same owner; made once per ring.
-    fn arcs(&mut self, ring: &Ring) -> Value {
-        if let Some((id, arcs)) = &self.arcs {
+    /// hash 0), merging neighbouring samples of the same owner, and each active
+    /// member's exact share of the keys; made once per ring.
+    fn drawing(&mut self, ring: &Ring) -> (Value, HashMap<String, f64>) {
+        if let Some((id, arcs, shares)) = &self.drawing {
             if id == ring.id() {
-                return arcs.clone();
+                return (arcs.clone(), shares.clone());
             }
         }
         let arcs = Value::Array(draw(ring));
-        self.arcs = Some((ring.id().clone(), arcs.clone()));
-        arcs
+        let shares: HashMap<String, f64> = ring
+            .shares()
+            .into_iter()
+            .map(|(id, share)| (id.0, share))
+            .collect();
+        self.drawing = Some((ring.id().clone(), arcs.clone(), shares.clone()));
+        (arcs, shares)
     }
 
     /// The transition record, with how long it has been open (as seen from here).

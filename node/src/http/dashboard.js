@@ -84,12 +84,11 @@ function seconds(ms) {
   return ms < 10000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms / 1000)} s`;
 }
 
-/** Each member's share of the ring (the keys it owns), from the drawing. */
+/** Each active member's exact share of the keys (the node computes it from the ring). */
 function shares(snapshot) {
   const out = new Map();
-  for (const [at, from, to] of snapshot.arcs) {
-    const id = snapshot.members[at].id;
-    out.set(id, (out.get(id) || 0) + (to - from));
+  for (const m of snapshot.members) {
+    if (typeof m.share === "number") out.set(m.id, m.share);
   }
   return out;
 }
@@ -175,14 +174,19 @@ function drawTransition(t) {
   if (!t) {
     box.hidden = true;
     delete box.dataset.kind;
+    delete box.dataset.node;
     return;
   }
   box.hidden = false;
-  box.dataset.kind = t.kind;
-  box.dataset.node = t.node;
-  const what = t.kind === "drain" ? `${t.node} is draining` : t.kind === "join" ? `${t.node} is joining` : `${t.kind} by ${t.node}`;
-  box.textContent = `${what}: a planned change open for ${seconds(t.open_ms || 0)}, ` +
-    `from ring version ${t.from_ring_version}. Its keys move with their state and clients.`;
+  const node = t.node ?? "a node";
+  box.dataset.kind = t.kind ?? "";
+  box.dataset.node = t.node ?? "";
+  const what = t.kind === "drain" ? `${node} is draining`
+    : t.kind === "join" ? `${node} is joining`
+    : `a planned change (${t.kind ?? "unknown"}) by ${node}`;
+  const from = t.from_ring_version === undefined ? "" : `, from ring version ${t.from_ring_version}`;
+  box.textContent = `${what}: seen open for ${seconds(t.open_ms || 0)}${from}. ` +
+    "Keys move with their state and clients.";
 }
 
 /** Draws one snapshot (exported for tests and for embedding). */
@@ -205,7 +209,12 @@ export function render(snapshot) {
   document.body.dataset.ringVersion = snapshot.ring_version;
 }
 
-/** Follows the node's dashboard stream; EventSource reconnects by itself. */
+/** How long to wait before opening the stream again after the node refused it. */
+const REOPEN_MS = 5000;
+
+/** Follows the node's dashboard stream. EventSource reconnects by itself after a lost
+ * connection, but not after an answer other than 200 (503: too many dashboards open
+ * on that node): then the stream is opened again a few seconds later. */
 export function follow(url = "/v1/dashboard") {
   const status = $("status");
   const source = new EventSource(url);
@@ -217,7 +226,12 @@ export function follow(url = "/v1/dashboard") {
   });
   source.addEventListener("error", () => {
     status.dataset.state = "lost";
-    status.textContent = "connection lost; retrying…";
+    if (source.readyState === EventSource.CLOSED) {
+      status.textContent = `refused by the node; trying again in ${REOPEN_MS / 1000} s…`;
+      setTimeout(() => follow(url), REOPEN_MS);
+    } else {
+      status.textContent = "connection lost; retrying…";
+    }
   });
   return source;
 }

@@ -331,6 +331,13 @@ async fn cors(
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // The dashboard is for this node's own page: other origins may not read it.
+    if matches!(
+        request.uri().path(),
+        "/" | "/dashboard.js" | "/v1/dashboard" | "/v1/cluster"
+    ) {
+        return next.run(request).await;
+    }
     let origin = request.headers().get(header::ORIGIN).cloned();
     let preflight = request.method() == Method::OPTIONS;
     let mut response = if preflight {

@@ -32,6 +32,7 @@ impl Membership {
             healthy: AtomicBool::new(false),
             last_ok_sent: std::sync::Mutex::new(Instant::now()),
             record: std::sync::Mutex::new(record),
+            joined: std::sync::Mutex::new(String::new()),
         });
         let Some(client) = self.client() else {
             return Err(MembershipError::Fixed);
@@ -64,6 +65,9 @@ struct LeaseState {
     /// cannot expire before this + TTL.
     last_ok_sent: std::sync::Mutex<Instant>,
     record: std::sync::Mutex<Member>,
+    /// The transition record this node's last join wrote: what `end_transition` may
+    /// delete. Its drain's transition is another value, never closed by it.
+    joined: std::sync::Mutex<String>,
 }
 
 impl Registration {
@@ -176,6 +180,7 @@ impl Registration {
         // Joining is a planned change: it opens the transition (only if none is open),
         // attached to the same lease, in the same transaction as the record.
         let transition = self.transition_key();
+        let joined = self.transition_record("join");
         let txn = Txn::new()
             .when([
                 Compare::create_revision(key, CompareOp::Equal, 0),
@@ -185,12 +190,13 @@ impl Registration {
                 TxnOp::put(key, record, Some(PutOptions::new().with_lease(lease))),
                 TxnOp::put(
                     transition.as_str(),
-                    self.transition_record("join"),
+                    joined.as_str(),
                     Some(PutOptions::new().with_lease(lease)),
                 ),
             ]);
         let created = timed(client.txn(txn)).await?.succeeded();
         if created {
+            *self.state.joined.lock().expect("joined lock poisoned") = joined;
             self.state.lease_id.store(lease as u64, Ordering::Relaxed);
             self.answered(sent);
             tracing::info!(%key, lease, "registered");
@@ -332,13 +338,23 @@ impl Registration {
         }
     }
 
-    /// Ends the transition this node opened, if it is still open (another node's is
-    /// left alone).
+    /// Ends the transition this node's join opened, if it is still open. Another
+    /// node's is left alone, and so is this node's drain: that one lasts until the
+    /// node leaves (its record and the transition go with its lease).
     pub async fn end_transition(&self) -> Result<(), MembershipError> {
         let transition = self.transition_key();
         let lease = self.state.lease_id.load(Ordering::Relaxed) as i64;
+        let joined = self
+            .state
+            .joined
+            .lock()
+            .expect("joined lock poisoned")
+            .clone();
         let txn = Txn::new()
-            .when([Compare::lease(transition.as_str(), CompareOp::Equal, lease)])
+            .when([
+                Compare::lease(transition.as_str(), CompareOp::Equal, lease),
+                Compare::value(transition.as_str(), CompareOp::Equal, joined),
+            ])
             .and_then([TxnOp::delete(transition.as_str(), None)]);
         let mut client = self.client.clone();
         if timed(client.txn(txn)).await?.succeeded() {

@@ -1,0 +1,114 @@
+//! A document editor's WebSocket message on `/v1/doc/{name}` (the y-websocket
+//! protocol: sync step 1, sync step 2, update, awareness, awareness query; several may
+//! share a message), read as `http/doc.rs` reads it, and what the owner does with each
+//! update in it: the node's own check (`frames::decode_yjs`), the document
+//! (`state::docs::Room::apply`), the frame it is logged as (`frames::update`, content
+//! type `YJS_UPDATE`), read back as a successor and a snapshot do
+//! (`frames::doc_update`, `protocol::peer::check_update`), and the successor's copy
+//! (`state::docs::ReplicaDoc`).
+//!
+//! Asserts: nothing panics, and nothing runs away in time or memory (libFuzzer's
+//! limits); an update `decode_yjs` accepts is applied or refused with a reason; the
+//! logged frame gives back the same bytes, and a peer accepts it; applying an update
+//! again leaves the document's state as it was; a copy rebuilt from the document's
+//! state alone (as a hand-off or the store rebuilds one) has the same state vector.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ringfeed_node::protocol::frames::{self, PayloadLimits, MAX_JSON_DEPTH, YJS_UPDATE};
+use ringfeed_node::protocol::peer;
+use ringfeed_node::state::docs::{Docs, ReplicaDoc};
+use yrs::encoding::read::Cursor;
+use yrs::sync::{Awareness, Message, MessageReader, SyncMessage};
+use yrs::updates::decoder::{Decode, DecoderV1};
+use yrs::{Doc, ReadTxn, StateVector, Transact};
+
+/// The state vector of a whole-document update (`Room::state`, `ReplicaDoc::state`).
+fn state_vector(state: &[u8]) -> StateVector {
+    let doc = Doc::new();
+    let update = yrs::Update::decode_v1(state).expect("a document's own state decodes");
+    doc.transact_mut()
+        .apply_update(update)
+        .expect("a document's own state applies");
+    let sv = doc.transact().state_vector();
+    sv
+}
+
+fuzz_target!(|data: &[u8]| {
+    let docs = Docs::default();
+    let (room, _) = docs.room("doc:fuzz");
+    let mut awareness = Awareness::new(Doc::new());
+    let limits = PayloadLimits {
+        max_payload: 1 << 20,
+        max_json_depth: MAX_JSON_DEPTH,
+        max_doc_update: 1 << 20,
+    };
+    let mut decoder = DecoderV1::new(Cursor::new(data));
+    let mut applied = Vec::new();
+    for (seq, message) in MessageReader::new(&mut decoder).enumerate() {
+        let Ok(message) = message else {
+            // The editor is closed with 4400; nothing of this message is kept.
+            break;
+        };
+        let update = match message {
+            Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                // Answered with the document's state since `sv`.
+                let _ = room.state();
+                let _ = Doc::new().transact().encode_state_as_update_v1(&sv);
+                continue;
+            }
+            Message::Sync(SyncMessage::SyncStep2(update) | SyncMessage::Update(update)) => {
+                update
+            }
+            Message::Awareness(update) => {
+                let _ = awareness.apply_update_summary(update);
+                continue;
+            }
+            Message::AwarenessQuery => {
+                let _ = awareness.update();
+                continue;
+            }
+            Message::Auth(_) | Message::Custom(..) => continue,
+        };
+        let Ok(decoded) = frames::decode_yjs(&update) else {
+            continue;
+        };
+        if decoded.is_empty() {
+            continue;
+        }
+        // Logged as the key's update frame; a successor and a snapshot read it back.
+        let seq = seq as u64 + 1;
+        let frame = frames::update("doc:fuzz", seq, &update, YJS_UPDATE, limits)
+            .unwrap_or_else(|e| panic!("a decoded update of {} bytes refused: {e}", update.len()));
+        assert_eq!(
+            frames::doc_update(frame.as_str()).as_deref(),
+            Some(&update[..]),
+            "the logged frame gives back other bytes"
+        );
+        if let Err(e) = peer::check_update("doc:fuzz", seq, frame.as_str().as_bytes(), limits) {
+            panic!("a peer refuses the logged frame ({e})");
+        }
+        match room.apply(&update) {
+            Ok(()) => applied.push(update),
+            Err(e) => assert!(!e.is_empty(), "a refusal without a reason"),
+        }
+    }
+    if applied.is_empty() {
+        return;
+    }
+    let state = room.state();
+    // Applying an update again changes nothing.
+    for update in &applied {
+        room.apply(update).expect("it applied once");
+    }
+    assert_eq!(
+        state_vector(&room.state()),
+        state_vector(&state),
+        "applying the updates again changed the document"
+    );
+    // A copy from the state alone is the same document; so is one from every update.
+    let from_state = ReplicaDoc::from_updates([&state[..]]);
+    assert_eq!(state_vector(&from_state.state()), state_vector(&state));
+    let from_log = ReplicaDoc::from_updates(applied.iter().map(Vec::as_slice));
+    assert_eq!(state_vector(&from_log.state()), state_vector(&state));
+});
