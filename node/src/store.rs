@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Mutex as AsyncMutex;
-use yrs::{Doc, ReadTxn, StateVector, Transact};
+use yrs::{Doc, StateVector, Transact};
 
 use crate::config::StoreUrl;
 
@@ -287,9 +287,7 @@ pub fn merge(held: Option<&[u8]>, state: &[u8]) -> Vec<u8> {
             }
         }
     }
-    let merged = doc
-        .transact()
-        .encode_state_as_update_v1(&StateVector::default());
+    let merged = crate::protocol::ysync::encode_state(&doc.transact(), &StateVector::default());
     merged
 }
 
@@ -297,7 +295,7 @@ pub fn merge(held: Option<&[u8]>, state: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use yrs::updates::decoder::Decode;
-    use yrs::{GetString, Text, Update, WriteTxn};
+    use yrs::{GetString, ReadTxn, Text, Update, WriteTxn};
 
     fn text_of(state: &[u8]) -> String {
         let doc = Doc::new();

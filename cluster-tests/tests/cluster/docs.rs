@@ -39,6 +39,10 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
         let url = format!("{server}/{name}");
         let garbage = vec![vec![0x00, 0x02, 0x03, 0xff, 0xff, 0xff]];
         ensure_closed(&url, garbage, 4400).await?;
+        // Ten bytes of awareness claiming 2^34 clients: refused before yrs reserves
+        // room for them (fuzz/corpus/doc_update/crash-awareness-claim).
+        let claim = vec![vec![0x01, 0x08, 0xff, 0xff, 0xff, 0xcd, 0xff, 0x04, 0x00, 0x00]];
+        ensure_closed(&url, claim, 4400).await?;
         let oversized = encode(&YMessage::Sync(SyncMessage::Update(vec![0; 70_000])));
         ensure_closed(&url, vec![oversized], 4413).await?;
         // Each message changes the sender's state (an echo of a state already held
@@ -52,7 +56,7 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
         ensure_closed(&url, flood, 4429).await?;
         let refused =
             super::metric(&cluster.node(&owner).http, "ringfeed_doc_refused_total").await?;
-        ensure!(refused == 3, "ringfeed_doc_refused_total {refused}");
+        ensure!(refused == 4, "ringfeed_doc_refused_total {refused}");
 
         // An ordinary subscriber of the document's key follows its raw updates.
         let connect = ringfeed_client::connect_url(&other.http, &format!("doc:{name}"), None);

@@ -324,6 +324,8 @@ impl Editor {
             ));
         }
         let bad = |reason: String| (CloseCode::BadRequest, reason);
+        crate::protocol::ysync::check(data)
+            .map_err(|e| bad(format!("malformed y-protocol message: {e}")))?;
         let mut decoder = DecoderV1::new(Cursor::new(data));
         let reader = MessageReader::new(&mut decoder);
         let mut handled = Handled {
@@ -334,7 +336,8 @@ impl Editor {
         for message in reader {
             match message.map_err(|e| bad(format!("malformed y-protocol message: {e}")))? {
                 Message::Sync(SyncMessage::SyncStep1(sv)) => {
-                    let update = awareness.doc().transact().encode_state_as_update_v1(&sv);
+                    let update =
+                        crate::protocol::ysync::encode_state(&awareness.doc().transact(), &sv);
                     handled
                         .replies
                         .push(encode(&Message::Sync(SyncMessage::SyncStep2(update))));

@@ -8,3 +8,4 @@ pub mod params;
 pub mod peer;
 pub mod redirect;
 pub mod ticket;
+pub mod ysync;
