@@ -41,7 +41,9 @@ async fn two_stock_y_websocket_clients_through_two_nodes_converge_on_one_documen
         ensure_closed(&url, garbage, 4400).await?;
         // Ten bytes of awareness claiming 2^34 clients: refused before yrs reserves
         // room for them (fuzz/corpus/doc_update/crash-awareness-claim).
-        let claim = vec![vec![0x01, 0x08, 0xff, 0xff, 0xff, 0xcd, 0xff, 0x04, 0x00, 0x00]];
+        let claim = vec![vec![
+            0x01, 0x08, 0xff, 0xff, 0xff, 0xcd, 0xff, 0x04, 0x00, 0x00,
+        ]];
         ensure_closed(&url, claim, 4400).await?;
         let oversized = encode(&YMessage::Sync(SyncMessage::Update(vec![0; 70_000])));
         ensure_closed(&url, vec![oversized], 4413).await?;
