@@ -58,7 +58,7 @@ pub fn update(
         return Err(PayloadError::ContentTypeTooLong(content_type.len()));
     }
     if is_doc_update(key, content_type) {
-        decode_yjs(data).map_err(PayloadError::BadDocUpdate)?;
+        super::ysync::check_update(data).map_err(PayloadError::BadDocUpdate)?;
     }
     let mut out = String::with_capacity(update_capacity(key, data.len(), content_type));
     out.push_str(r#"{"type":"update","key":"#);
