@@ -129,30 +129,7 @@ pub fn is_doc_update(key: &str, content_type: &str) -> bool {
             .eq_ignore_ascii_case(YJS_UPDATE)
 }
 
-/// Decodes a Yjs update (v1) from untrusted bytes. yrs reserves room for as many
-/// clients as the update's first number claims before reading them, and a few bytes
-/// can claim billions; each client takes at least three bytes, so a claim the bytes
-/// cannot hold is refused first. (Block counts are reserved without being touched, and
-/// a reservation that cannot be made is an error, not an abort.)
-pub fn decode_yjs(data: &[u8]) -> Result<yrs::Update, String> {
-    use yrs::updates::decoder::Decode;
-    let (mut clients, mut shift, mut read) = (0u64, 0u32, 0usize);
-    for &byte in data.iter().take(5) {
-        clients |= u64::from(byte & 0x7f) << shift;
-        shift += 7;
-        read += 1;
-        if byte & 0x80 == 0 {
-            break;
-        }
-    }
-    if clients.saturating_mul(3) > (data.len() - read) as u64 {
-        return Err(format!(
-            "an update claiming {clients} clients in {} bytes",
-            data.len()
-        ));
-    }
-    yrs::Update::decode_v1(data).map_err(|e| e.to_string())
-}
+pub use super::ysync::decode_yjs;
 
 /// The Yjs update an `update` frame made by [`update`] carries, if it carries one
 /// (a frame of a `doc:` key whose content type is [`YJS_UPDATE`]).
