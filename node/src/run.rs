@@ -235,7 +235,6 @@ fn serve_internal(
 /// applies what can change while the node runs ([`crate::node::LiveLimits`]), logging
 /// each change; a file that does not parse or validate changes nothing.
 async fn reload_on_sighup(node: Arc<Node>) {
-    use clap::{CommandFactory, Parser};
     let Ok(mut hups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::warn!("cannot listen for SIGHUP: settings will not be reloaded");
@@ -247,13 +246,7 @@ async fn reload_on_sighup(node: Arc<Node>) {
             _ = hups.recv() => {}
             _ = node.shutdown.cancelled() => return,
         }
-        let reread = ringfeed_router::config::with_config_file(
-            &Config::command(),
-            std::env::args_os().collect(),
-        )
-        .and_then(|argv| Config::try_parse_from(argv).map_err(|e| e.to_string()))
-        .and_then(|config| config.validate().map(|()| config));
-        match reread {
+        match ringfeed_router::config::reread(Config::validate) {
             Err(e) => {
                 tracing::warn!(error = %e, "SIGHUP: the settings did not load; nothing changed")
             }

@@ -268,6 +268,17 @@ impl Config {
     }
 }
 
+/// The settings as they are now (flags, environment, the file), validated: what a
+/// process reads again on `SIGHUP`.
+pub fn reread<C: clap::Parser>(
+    validate: impl FnOnce(&C) -> Result<(), String>,
+) -> Result<C, String> {
+    let argv = with_config_file(&C::command(), std::env::args_os().collect())?;
+    let config = C::try_parse_from(argv).map_err(|e| e.to_string())?;
+    validate(&config)?;
+    Ok(config)
+}
+
 /// The command line a binary runs with once its config file is read: `argv`, plus
 /// `--name value` for every setting of the file (`--config FILE`, or `RINGFEED_CONFIG`)
 /// that neither `argv` nor the environment sets. So a flag beats its environment

@@ -183,7 +183,6 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
 /// changes while the router runs: `--log`. The files a setting names (API tokens,
 /// certificates) are watched by their own tasks.
 async fn reload_on_sighup(mut log: String, shutdown: CancellationToken) {
-    use clap::CommandFactory;
     let Ok(mut hups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::warn!("cannot listen for SIGHUP: settings will not be reloaded");
@@ -194,13 +193,7 @@ async fn reload_on_sighup(mut log: String, shutdown: CancellationToken) {
             _ = hups.recv() => {}
             _ = shutdown.cancelled() => return,
         }
-        let reread = ringfeed_router::config::with_config_file(
-            &Config::command(),
-            std::env::args_os().collect(),
-        )
-        .and_then(|argv| Config::try_parse_from(argv).map_err(|e| e.to_string()))
-        .and_then(|config| config.validate().map(|()| config));
-        let config = match reread {
+        let config = match ringfeed_router::config::reread(Config::validate) {
             Ok(config) => config,
             Err(e) => {
                 tracing::warn!(error = %e, "SIGHUP: the settings did not load; nothing changed");

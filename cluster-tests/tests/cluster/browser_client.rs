@@ -14,29 +14,25 @@ use ringfeed_cluster_tests::{connect_router, http_get, Cluster};
 use ringfeed_proto::v1::{PresenceRequest, PublishRequest};
 use serde_json::{json, Value};
 
-use super::bounded;
+use super::{bounded, numbers, owned_by, with_token};
 
 const PAGE: &str = include_str!("../../browser/client.html");
-
-/// A key that `owner` owns.
-fn owned_by(ring: &RingView, owner: &str, prefix: &str) -> String {
-    (0..)
-        .map(|i| format!("{prefix}:{i}"))
-        .find(|k| ring.owner(k).is_some_and(|m| m.id.0 == owner))
-        .expect("some key")
-}
 
 fn escape(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Starts the driver on the page for `key` from `node`; it ends once `n = last` arrived.
+/// Starts the driver on the page for `key` from `node`; it ends once `n = last` arrived,
+/// then (with `publish`) publishes from the page. With `tls` (a secure cluster's
+/// certificates) Chromium trusts the nodes' keys.
 fn drive(
     page: &str,
     node: &str,
     key: &str,
     last: u64,
     extra: &[&str],
+    publish: bool,
+    tls: Option<&std::path::Path>,
 ) -> Result<tokio::process::Child> {
     let url = format!(
         "{page}/?node={}&key={}{}",
@@ -44,21 +40,31 @@ fn drive(
         escape(key),
         extra.concat()
     );
-    tokio::process::Command::new("node")
+    let mut command = tokio::process::Command::new("node");
+    command
         .arg("client.mjs")
         .args([url.as_str(), &last.to_string(), "90000"])
-        .args(if extra.is_empty() {
-            vec!["publish"]
-        } else {
-            vec![]
-        })
+        .args(publish.then_some("publish"))
         .current_dir(ringfeed_cluster_tests::browser_dir())
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            anyhow!("cannot run node (scripts/test installs Node.js packages and Chromium): {e}")
-        })
+        .kill_on_drop(true);
+    if let Some(dir) = tls {
+        command.env("TLS_DIR", dir);
+    }
+    command.spawn().map_err(|e| {
+        anyhow!("cannot run node (scripts/test installs Node.js packages and Chromium): {e}")
+    })
+}
+
+/// What the driver says of the page once it ended (bounded); it must have succeeded.
+async fn finish(driver: tokio::process::Child) -> Result<Value> {
+    let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
+        .await
+        .context("the driver did not finish")??;
+    let state: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("driver said {}", String::from_utf8_lossy(&out.stdout)))?;
+    ensure!(out.status.success(), "driver failed: {state}");
+    Ok(state)
 }
 
 /// Waits until the page has subscribed (the key's presence lists it).
@@ -112,7 +118,7 @@ async fn a_page_with_client_js_misses_nothing_across_a_drain_and_a_kill_and_publ
         let ring = RingView::fetch(&cluster.nodes[0].http, None).await?;
         let key = owned_by(&ring, "n2", "page");
         let page = ringfeed_cluster_tests::serve_page(PAGE).await?;
-        let driver = drive(&page, &cluster.node("n1").http, &key, LAST, &[])?;
+        let driver = drive(&page, &cluster.node("n1").http, &key, LAST, &[], true, None)?;
         subscribed(&cluster, &key).await?;
         let router = cluster.router_grpc();
         for n in 1..=LAST {
@@ -137,28 +143,13 @@ async fn a_page_with_client_js_misses_nothing_across_a_drain_and_a_kill_and_publ
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
-            .await
-            .context("the driver did not finish")??;
-        let state: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("driver said {}", String::from_utf8_lossy(&out.stdout)))?;
-        ensure!(out.status.success(), "driver failed: {state}");
-        let ns: Vec<u64> = state["ns"]
-            .as_array()
-            .context("ns")?
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect();
+        let state = finish(driver).await?;
+        let ns = numbers(&state, "ns");
         ensure!(
             ns == (1..=LAST).collect::<Vec<_>>(),
             "the page received {ns:?}"
         );
-        let seqs: Vec<u64> = state["seqs"]
-            .as_array()
-            .context("seqs")?
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect();
+        let seqs = numbers(&state, "seqs");
         ensure!(
             seqs.windows(2).all(|w| w[1] == w[0] + 1),
             "seqs with a gap: {seqs:?}"
@@ -181,38 +172,27 @@ async fn with_websocket_blocked_the_page_falls_back_to_server_sent_events() {
         let ring = RingView::fetch(&cluster.nodes[0].http, None).await?;
         let key = owned_by(&ring, "n2", "sse-page");
         let page = ringfeed_cluster_tests::serve_page(PAGE).await?;
-        let driver = drive(&page, &cluster.node("n1").http, &key, LAST, &["&blockws=1"])?;
+        let driver = drive(
+            &page,
+            &cluster.node("n1").http,
+            &key,
+            LAST,
+            &["&blockws=1"],
+            false,
+            None,
+        )?;
         subscribed(&cluster, &key).await?;
         let router = cluster.router_grpc();
         for n in 1..=LAST {
             publish_acked(&router, &key, n).await?;
         }
-        let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
-            .await
-            .context("the driver did not finish")??;
-        let state: Value = serde_json::from_slice(&out.stdout)?;
-        ensure!(out.status.success(), "driver failed: {state}");
+        let state = finish(driver).await?;
         ensure!(state["transports"] == json!(["sse"]), "{state}");
-        let ns: Vec<u64> = state["ns"]
-            .as_array()
-            .context("ns")?
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect();
+        let ns = numbers(&state, "ns");
         ensure!(ns == (1..=LAST).collect::<Vec<_>>(), "{ns:?}");
         Ok(())
     })
     .await
-}
-
-/// A gRPC request carrying the secure cluster's API token.
-fn with_token<T>(message: T) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", ringfeed_cluster_tests::SECURE_TOKEN).parse()?,
-    );
-    Ok(request)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,25 +230,8 @@ async fn with_tickets_on_a_page_subscribes_with_one_sees_presence_and_resumes_af
         let ticket: Value = serde_json::from_str(&answer)?;
         let ticket = ticket["ticket"].as_str().context("a ticket")?;
 
-        let url = format!(
-            "{page}/?node={}&key={}&ticket={}&presence=1",
-            escape(&n1),
-            escape(&key),
-            escape(ticket)
-        );
-        let driver = tokio::process::Command::new("node")
-            .arg("client.mjs")
-            .args([url.as_str(), &LAST.to_string(), "90000", "publish"])
-            .env("TLS_DIR", &tls_dir)
-            .current_dir(ringfeed_cluster_tests::browser_dir())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                anyhow!(
-                    "cannot run node (scripts/test installs Node.js packages and Chromium): {e}"
-                )
-            })?;
+        let ticket = format!("&ticket={}&presence=1", escape(ticket));
+        let driver = drive(&page, &n1, &key, LAST, &[&ticket], true, Some(&tls_dir))?;
         // Subscribed: the ticket's subject is present on the owner.
         let router = cluster.router().await?;
         ringfeed_cluster_tests::eventually("alice to be present", Duration::from_secs(30), || {
@@ -303,18 +266,8 @@ async fn with_tickets_on_a_page_subscribes_with_one_sees_presence_and_resumes_af
                     .await?;
             }
         }
-        let out = tokio::time::timeout(Duration::from_secs(100), driver.wait_with_output())
-            .await
-            .context("the driver did not finish")??;
-        let state: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("driver said {}", String::from_utf8_lossy(&out.stdout)))?;
-        ensure!(out.status.success(), "driver failed: {state}");
-        let ns: Vec<u64> = state["ns"]
-            .as_array()
-            .context("ns")?
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect();
+        let state = finish(driver).await?;
+        let ns = numbers(&state, "ns");
         ensure!(
             ns == (1..=LAST).collect::<Vec<_>>(),
             "the page received {ns:?}"

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{bounded, owner_of};
+use super::{bounded, numbers, owner_of, with_token};
 
 const PAGE: &str = include_str!("../../browser/wss.html");
 
@@ -128,27 +128,8 @@ async fn ticket(node: &str, sub: &str, query: &str) -> Result<String> {
     Ok(answer["ticket"].as_str().context("a ticket")?.to_owned())
 }
 
-/// A gRPC request carrying the API token.
-fn with_token<T>(message: T) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {SECURE_TOKEN}").parse()?);
-    Ok(request)
-}
-
 fn escape(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// `state[field]` as a list of numbers (absent or another type: empty).
-fn numbers(state: &Value, field: &str) -> Vec<u64> {
-    state[field]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, ChildStdout};
 
-use super::bounded;
+use super::{bounded, owned_by};
 
 /// Where the screenshots go.
 fn artifacts() -> PathBuf {
@@ -106,14 +106,6 @@ impl Page {
             .with_context(|| format!("eval said {answer}"))?;
         Ok(serde_json::from_str(value)?)
     }
-}
-
-/// A key that `owner` owns on `ring`.
-fn owned_by(ring: &RingView, owner: &str, prefix: &str) -> String {
-    (0..)
-        .map(|i| format!("{prefix}:{i}"))
-        .find(|k| ring.owner(k).is_some_and(|m| m.id.0 == owner))
-        .expect("some key")
 }
 
 /// The page shows `id` drawn on the ring and listed active.

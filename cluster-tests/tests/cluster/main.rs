@@ -71,3 +71,31 @@ pub async fn metric(http: &str, name: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .ok_or_else(|| anyhow!("no {name} in /metrics"))
 }
+
+/// A key that `owner` owns on `ring`: the first `{prefix}:{i}` it owns.
+pub fn owned_by(ring: &ringfeed_client::routing::RingView, owner: &str, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}:{i}"))
+        .find(|k| ring.owner(k).is_some_and(|m| m.id.0 == owner))
+        .expect("some key")
+}
+
+/// A gRPC request carrying a secure cluster's API token.
+pub fn with_token<T>(message: T) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", ringfeed_cluster_tests::SECURE_TOKEN).parse()?,
+    );
+    Ok(request)
+}
+
+/// `state[field]` as a list of numbers (absent or another type: empty).
+pub fn numbers(state: &serde_json::Value, field: &str) -> Vec<u64> {
+    state[field]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect()
+}

@@ -156,20 +156,8 @@ impl Dashboard {
         let mut views = self.node.membership.subscribe();
         let mut tick = tokio::time::interval_at(Instant::now() + PERIOD, PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Stops only under the lock `watch` starts it under, so that a new watcher
-        // never finds it stopping; any way out of the loop comes here.
-        let stop = |this: &Dashboard| {
-            let mut running = this.running.lock().unwrap_or_else(|e| e.into_inner());
-            if this.latest.receiver_count() > 0 && !this.node.shutdown.is_cancelled() {
-                return false;
-            }
-            // The next watcher waits for a fresh snapshot, not this old one.
-            this.latest.send_replace(None);
-            *running = false;
-            true
-        };
         loop {
-            if stop(&self) {
+            if self.stop(false) {
                 return;
             }
             let snapshot = gathering.snapshot(&self.node).await;
@@ -178,7 +166,9 @@ impl Dashboard {
                 _ = tick.tick() => {}
                 changed = views.changed() => {
                     if changed.is_err() {
-                        break;
+                        // The ring's source is gone (the node is stopping).
+                        self.stop(true);
+                        return;
                     }
                     // A burst of ring changes makes one snapshot, not one each.
                     tokio::time::sleep(RING_CHANGE_GAP).await;
@@ -186,10 +176,21 @@ impl Dashboard {
                 _ = self.node.shutdown.cancelled() => {}
             }
         }
-        // The ring's source is gone (the node is stopping): stop for good.
+    }
+
+    /// Stops the gathering if nobody watches or the node stops (or at once, when
+    /// `anyway`); whether it stopped. It decides under the lock `watch` starts it
+    /// under, so a new watcher never finds it stopping.
+    fn stop(&self, anyway: bool) -> bool {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let watched = self.latest.receiver_count() > 0 && !self.node.shutdown.is_cancelled();
+        if watched && !anyway {
+            return false;
+        }
+        // The next watcher waits for a fresh snapshot, not this old one.
         self.latest.send_replace(None);
         *running = false;
+        true
     }
 }
 

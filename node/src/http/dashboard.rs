@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderValue};
 
 use crate::cluster::figures::{Dashboard, Watch};
 use crate::node::Node;
@@ -67,22 +67,13 @@ pub(super) async fn stream(
     let Ok(watch) = dashboard.watch() else {
         return unavailable("too many dashboards open on this node", 5);
     };
-    let body = axum::body::Body::from_stream(futures_util::stream::unfold(
+    super::sse::event_stream(axum::body::Body::from_stream(futures_util::stream::unfold(
         (node, watch, true),
         |(node, mut watch, first)| async move {
             let chunk = next_event(&node, &mut watch, first).await?;
             Some((Ok::<_, Infallible>(chunk), (node, watch, false)))
         },
-    ));
-    let mut response = (StatusCode::OK, body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    )))
 }
 
 /// The next chunk of a dashboard stream: the snapshot made since the last one (only

@@ -97,10 +97,13 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
         _permit: permit,
         _held: Held::new(&node, Transport::Sse),
     };
-    let body = Body::from_stream(futures_util::stream::unfold(
-        stream,
-        EventStream::next_chunk,
-    ));
+    Ok(event_stream(Body::from_stream(
+        futures_util::stream::unfold(stream, EventStream::next_chunk),
+    )))
+}
+
+/// A `text/event-stream` answer of `body`, neither cached nor buffered by a proxy.
+pub(super) fn event_stream(body: Body) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -109,7 +112,7 @@ async fn serve(node: Arc<Node>, request: Request) -> Result<Response, ApiError> 
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    response
 }
 
 /// `welcome`, the reset, the replay — as one chunk.
